@@ -1,0 +1,45 @@
+# fastsr developer commands. `make demo` and `make test` work from a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines: pin the CPU build of torch (plain `torch` would pull a multi-GB CUDA build).
+# GPU machines that already have torch: the venv sees the system torch and keeps it.
+TORCH_PIN ?= torch==2.13.0
+FASTSR_RESULTS ?= benchmarks/results
+
+.PHONY: venv demo test bench gpu-check lint clean
+
+$(BIN)/python:
+	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+		echo "using the system's CUDA torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q "$(TORCH_PIN)"; \
+	fi
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/fastsr demo --out out/demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/python -m pytest benchmarks --benchmark-only
+
+gpu-check: venv
+	mkdir -p $(FASTSR_RESULTS)
+	$(BIN)/fastsr info --build
+	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest benchmarks --benchmark-only \
+		--benchmark-json=$(FASTSR_RESULTS)/gpu-$$(date +%Y%m%d-%H%M%S).json
+
+lint: venv
+	$(BIN)/ruff check fastsr kernels tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks out

@@ -1,0 +1,32 @@
+"""fastsr: fast SRGAN super-resolution for PyTorch.
+
+Importing fastsr is light: the Triton kernels and the C++ extension load on first use.
+"""
+
+from __future__ import annotations
+
+from . import functional, metrics, nn
+from .backend import (
+    BackendUnavailableError,
+    available_backends,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+from .models import Discriminator, SRResNet, load_model, save_model
+
+__version__ = "0.1.0"
+
+
+def upscale(image, model=None, **kwargs):
+    """Upscale a PIL image, an (H, W, C) uint8/uint16 array or an (N, C, H, W) float tensor;
+    returns the same kind. See :func:`fastsr.upscale.upscale_image`."""
+    from .upscale import upscale_image
+
+    return upscale_image(image, model, **kwargs)
+
+
+__all__ = [
+    "BackendUnavailableError", "Discriminator", "SRResNet", "available_backends", "functional", "get_backend",
+    "load_model", "metrics", "nn", "save_model", "set_backend", "upscale", "use_backend", "__version__",
+]

@@ -1,0 +1,113 @@
+"""Backend registry: which implementation of the fused ops serves a call.
+
+Three backends implement the same op set (see DESIGN.md):
+
+* ``torch``  - plain PyTorch composition (:mod:`fastsr.reference`), the oracle; always there.
+* ``triton`` - Triton kernels (:mod:`fastsr.kernels`); CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` runs the Triton interpreter.
+* ``cpp``    - the C++/CUDA extension (:mod:`fastsr.ext`), built on first use.
+
+``"auto"`` picks per call from the tensor's device: CUDA -> triton, cpp, torch; CPU -> cpp, torch.
+A backend the user names explicitly is never silently replaced: if it cannot serve the call,
+:class:`BackendUnavailableError` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import warnings
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "triton", "cpp")
+_MODULES = {"torch": "fastsr.reference", "triton": "fastsr.kernels", "cpp": "fastsr.ext"}
+_AUTO_ORDER = {"cuda": ("triton", "cpp", "torch"), "cpu": ("cpp", "torch")}
+
+_selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastsr_backend", default=None)
+_global_choice: str | None = None
+_warned_fallback: set[str] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """The named backend cannot serve this call; the message says why."""
+
+
+def _check_name(name: str) -> str:
+    name = name.lower()
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def _module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError:
+        return None
+
+
+def availability(name: str, device_type: str = "cpu") -> tuple[bool, str]:
+    """Whether backend ``name`` can run ops on ``device_type`` tensors, and if not, why.
+
+    Checking may import triton or build the C++ extension (cached after the first time).
+    """
+    name = _check_name(name)
+    if name == "auto":
+        return True, "auto picks a backend per call"
+    module = _module(name)
+    if module is None:
+        return False, f"backend {name!r} is not installed (module {_MODULES[name]} missing)"
+    return module.availability(device_type)
+
+
+def available_backends(device_type: str | None = None) -> list[str]:
+    """Backends that can run on ``device_type`` ("cpu" or "cuda"; default: cuda if present)."""
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return [name for name in BACKENDS if availability(name, device_type)[0]]
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend ("auto", "torch", "triton" or "cpp")."""
+    global _global_choice
+    _global_choice = _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: run the ops inside the block on backend ``name`` (thread/task local)."""
+    token = _selected.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _selected.reset(token)
+
+
+def get_backend() -> str:
+    """The backend in effect: ``use_backend`` > ``set_backend`` > ``FASTSR_BACKEND`` > "auto"."""
+    return _selected.get() or _global_choice or _check_name(os.environ.get("FASTSR_BACKEND", "auto"))
+
+
+def resolve(name: str | None, tensor: torch.Tensor) -> ModuleType:
+    """The backend module that serves a call on ``tensor`` (``name=None``: the one in effect)."""
+    name = _check_name(name) if name is not None else get_backend()
+    device_type = "cuda" if tensor.is_cuda else "cpu"
+    if name != "auto":
+        ok, why = availability(name, device_type)
+        if not ok:
+            raise BackendUnavailableError(f"backend {name!r} is unavailable for {device_type} tensors: {why}")
+        return _module(name)
+    for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
+        ok, why = availability(candidate, device_type)
+        if ok:
+            return _module(candidate)
+        if candidate == "cpp" and _module("cpp") is not None and candidate not in _warned_fallback:
+            # The extension exists but did not build: say so once, then keep going.
+            _warned_fallback.add(candidate)
+            warnings.warn(f"fastsr: C++ backend unavailable ({why}); using the next backend", stacklevel=3)
+    return _module("torch")

@@ -1,0 +1,145 @@
+"""Training data: HR image folders -> random HR crops -> bicubic LR, with augmentation.
+
+The LR images are made exactly as :mod:`fastsr.evaluate` makes them (antialiased bicubic,
+MATLAB ``imresize``-like, then rounded to 8 bits as a real LR image would be), so training
+and evaluation see the same degradation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+log = logging.getLogger("fastsr")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+
+# Photos shipped in scikit-image, split once and for all: the default model never sees HELD_OUT.
+HELD_OUT_PHOTOS = ("astronaut", "coffee", "rocket")
+TRAIN_PHOTOS = (
+    "chelsea", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle",
+    "camera", "moon", "coins", "brick", "grass", "gravel", "clock", "text", "page", "cell",
+)
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """Image files under ``root``, searched recursively, in a stable order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB (grayscale is replicated, alpha dropped)."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
+        return np.asarray(im.convert("RGB"))
+
+
+def to_float(image: np.ndarray) -> torch.Tensor:
+    """(H, W, C) uint8 -> (1, C, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Round a [0, 1] float image to the 8-bit grid (what saving it as PNG would do)."""
+    return x.clamp(0.0, 1.0).mul(255.0).round().div(255.0)
+
+
+def bicubic_downscale(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """(N, C, H, W) HR in [0, 1] -> (N, C, H//scale, W//scale) LR: antialiased bicubic, 8-bit."""
+    h, w = hr.shape[-2] // scale, hr.shape[-1] // scale
+    hr = hr[..., : h * scale, : w * scale]
+    return quantize(F.interpolate(hr.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False))
+
+
+def bicubic_upscale(lr: torch.Tensor, scale: int) -> torch.Tensor:
+    """The bicubic baseline: (N, C, h, w) -> (N, C, h*scale, w*scale), clamped to [0, 1]."""
+    return F.interpolate(lr.float(), scale_factor=scale, mode="bicubic", align_corners=False).clamp(0.0, 1.0)
+
+
+def export_skimage_photos(out_dir: str | os.PathLike, names: tuple[str, ...] = TRAIN_PHOTOS) -> list[Path]:
+    """Write photos shipped in scikit-image as PNG files into ``out_dir`` (no download)."""
+    import skimage.data
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in names:
+        image = getattr(skimage.data, name)()
+        images = image[:2] if isinstance(image, tuple) else (image,)  # stereo pair: both views
+        for i, im in enumerate(images):
+            path = out_dir / (f"{name}.png" if len(images) == 1 else f"{name}_{i}.png")
+            Image.fromarray(np.asarray(im)).save(path)
+            written.append(path)
+    return written
+
+
+class RandomCrops:
+    """Random HR crops with flips, rot90 and (optionally) a random colour-channel permutation.
+
+    All randomness comes from one ``torch.Generator`` whose state is part of
+    :meth:`state_dict`, so a resumed run draws exactly the crops it would have drawn.
+    Images smaller than the crop and unreadable files are skipped with a warning.
+    """
+
+    def __init__(self, root: str | os.PathLike, crop: int, scale: int, *, permute_channels: bool = True,
+                 seed: int = 0) -> None:
+        if crop % scale:
+            raise ValueError(f"crop ({crop}) must be a multiple of scale ({scale})")
+        self.crop, self.scale, self.permute_channels = crop, scale, permute_channels
+        self.images: list[torch.Tensor] = []
+        self.skipped: dict[str, str] = {}
+        paths = find_images(root)
+        if not paths:
+            raise ValueError(f"no images (png/jpg/tif/bmp/webp) found under {root}")
+        for path in paths:
+            try:
+                image = load_rgb(path)
+            except (OSError, ValueError) as exc:
+                self.skipped[str(path)] = f"unreadable ({exc})"
+                continue
+            if min(image.shape[:2]) < crop:
+                self.skipped[str(path)] = f"smaller than the {crop}px crop ({image.shape[1]}x{image.shape[0]})"
+                continue
+            self.images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous())
+        for path, why in self.skipped.items():
+            log.warning("skipping %s: %s", path, why)
+        if not self.images:
+            raise ValueError(f"none of the {len(paths)} images under {root} is usable (see warnings)")
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator))
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch: (LR (B, 3, crop/scale, crop/scale), HR (B, 3, crop, crop)), float32 in [0, 1]."""
+        crops = []
+        for _ in range(batch_size):
+            image = self.images[self._randint(len(self.images))]
+            top = self._randint(image.shape[1] - self.crop + 1)
+            left = self._randint(image.shape[2] - self.crop + 1)
+            crop = image[:, top : top + self.crop, left : left + self.crop]
+            if self._randint(2):
+                crop = crop.flip(-1)
+            crop = torch.rot90(crop, self._randint(4), dims=(-2, -1))
+            if self.permute_channels:
+                crop = crop[torch.randperm(3, generator=self.generator)]
+            crops.append(crop)
+        hr = torch.stack(crops).float().div_(255.0)
+        return bicubic_downscale(hr, self.scale), hr
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

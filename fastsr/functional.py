@@ -1,0 +1,120 @@
+"""The fused SRGAN ops. Each validates its inputs, then dispatches to a backend.
+
+``backend=None`` uses the backend in effect (:func:`fastsr.get_backend`); ``"auto"`` picks per
+call from the tensor's device. All ops accept fp32, fp16 and bf16 (fp32 accumulation) and
+fp64 (for ``gradcheck``), in NCHW or channels_last memory format.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import resolve
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_image_batch(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp32/fp16/bf16/fp64), got {t.dtype}")
+
+
+def _check_slope(slope: torch.Tensor, channels: int) -> None:
+    if slope.numel() not in (1, channels):
+        raise ValueError(f"slope must have 1 or {channels} elements (one per output channel), got {slope.numel()}")
+
+
+def conv2d_prelu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    slope: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    *,
+    shuffle: int = 1,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``y = prelu(pixel_shuffle(conv2d(x, weight, bias, stride 1, 'same' padding), shuffle), slope) + residual``.
+
+    Shapes: ``x`` (N, C_in, H, W); ``weight`` (C_out, C_in, K, K) with odd K; ``bias`` (C_out,);
+    output (N, C_out / shuffle**2, H * shuffle, W * shuffle). ``slope`` has 1 or C_out / shuffle**2
+    elements (``None``: no activation; ReLU is slope 0, LeakyReLU a fixed slope). ``residual``
+    has the output's shape and is added after the activation. Output dtype = ``x.dtype``.
+    """
+    _check_image_batch("x", x)
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0:
+        raise ValueError(f"weight must be (C_out, C_in, K, K) with odd K, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight expects {weight.shape[1]} input channels but x has {x.shape[1]}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if shuffle < 1 or weight.shape[0] % (shuffle * shuffle):
+        raise ValueError(f"C_out={weight.shape[0]} is not divisible by shuffle**2 = {shuffle * shuffle}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    n, _, h, w = x.shape
+    out_shape = (n, weight.shape[0] // (shuffle * shuffle), h * shuffle, w * shuffle)
+    if slope is not None:
+        _check_slope(slope, out_shape[1])
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
+    return resolve(backend, x).conv2d_prelu(x, weight, bias, slope, residual, shuffle)
+
+
+def pixel_shuffle_prelu(
+    x: torch.Tensor, slope: torch.Tensor, upscale_factor: int = 2, *, backend: str | None = None
+) -> torch.Tensor:
+    """``prelu(pixel_shuffle(x, r), slope)``: (N, C*r*r, H, W) -> (N, C, H*r, W*r)."""
+    _check_image_batch("x", x)
+    r = upscale_factor
+    if r < 1 or x.shape[1] % (r * r):
+        raise ValueError(f"channels ({x.shape[1]}) must be divisible by upscale_factor**2 = {r * r}")
+    _check_slope(slope, x.shape[1] // (r * r))
+    return resolve(backend, x).pixel_shuffle_prelu(x, slope, r)
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    _check_image_batch("first image batch", a)
+    _check_image_batch("second image batch", b)
+    if a.shape != b.shape:
+        raise ValueError(f"image batches differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+
+
+def mse(a: torch.Tensor, b: torch.Tensor, reduction: str = "mean", *, backend: str | None = None) -> torch.Tensor:
+    """Mean squared error in one pass. ``"mean"``: a scalar; ``"none"``: one value per image, (N,).
+
+    Accumulates in fp32 (fp64 for fp64 inputs) and returns that dtype.
+    """
+    _check_pair(a, b)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return resolve(backend, a).mse(a, b, reduction)
+
+
+def psnr(
+    sr: torch.Tensor,
+    hr: torch.Tensor,
+    data_range: float = 1.0,
+    y_channel: bool = False,
+    crop_border: int = 0,
+    reduction: str = "none",
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """PSNR in dB per image, (N,) (``reduction="mean"``: their mean).
+
+    ``y_channel`` compares the BT.601 luma (MATLAB ``rgb2ycbcr``) of RGB inputs; ``crop_border``
+    pixels are dropped on each side first (the SR protocol crops ``scale``).
+    """
+    _check_pair(sr, hr)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if y_channel and sr.shape[1] != 3:
+        raise ValueError(f"y_channel=True needs RGB images (3 channels), got {sr.shape[1]}")
+    if crop_border < 0 or 2 * crop_border >= min(sr.shape[-2:]):
+        raise ValueError(f"crop_border={crop_border} leaves nothing of a {sr.shape[-2]}x{sr.shape[-1]} image")
+    return resolve(backend, sr).psnr(sr, hr, float(data_range), bool(y_channel), int(crop_border), reduction)

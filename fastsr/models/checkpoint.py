@@ -1,0 +1,85 @@
+"""fastsr's model file: safetensors weights with the architecture config in the metadata.
+
+Loading never unpickles anything, so a model file from a stranger cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .discriminator import Discriminator
+from .srresnet import SRResNet
+
+FORMAT = "fastsr-model-v1"
+_ARCHS = {"srresnet": SRResNet, "discriminator": Discriminator}
+# Embedded models: name -> file shipped in fastsr/models/weights/.
+EMBEDDED = {"default": "srresnet_x4_default.safetensors"}
+
+
+class ModelFileError(ValueError):
+    """A model file is missing, unreadable or not in a format fastsr knows."""
+
+
+def build_model(config: dict) -> nn.Module:
+    """Instantiate the architecture described by ``config`` (as stored in a model file)."""
+    config = dict(config)
+    arch = config.pop("arch", None)
+    if arch not in _ARCHS:
+        raise ModelFileError(f"unknown architecture {arch!r}; known: {', '.join(_ARCHS)}")
+    return _ARCHS[arch](**config)
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
+    """Write ``model`` (its ``config`` and state dict) to ``path``, atomically.
+
+    ``dtype`` (e.g. ``torch.float16``) stores the floating tensors at that precision.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"{type(model).__name__} has no .config; only fastsr models can be saved")
+    tensors = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        tensors[key] = value.contiguous()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def embedded_path(name: str) -> Path:
+    return Path(str(resources.files("fastsr.models") / "weights" / EMBEDDED[name]))
+
+
+def load_model(name_or_path: str | os.PathLike = "default", *, device: str | torch.device = "cpu") -> nn.Module:
+    """Load an embedded model by name (``"default"``) or a fastsr model file; returns it in eval mode."""
+    path = embedded_path(str(name_or_path)) if str(name_or_path) in EMBEDDED else Path(name_or_path)
+    if not path.is_file():
+        known = ", ".join(EMBEDDED)
+        raise ModelFileError(f"model file not found: {path} (embedded models: {known})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ModelFileError(f"{path}: not a readable safetensors model file ({exc})") from None
+    if metadata.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a fastsr model file (metadata format={metadata.get('format')!r})")
+    model = build_model(json.loads(metadata["config"]))
+    reference = model.state_dict()
+    tensors = {k: v.to(reference[k].dtype) if k in reference else v for k, v in tensors.items()}
+    model.load_state_dict(tensors)
+    return model.to(device).eval()

@@ -1,0 +1,62 @@
+"""The ``torch`` backend: each fused op as a plain PyTorch composition.
+
+These functions are the oracle every other backend is tested against, so they stay
+obviously correct rather than fast. Inputs are validated in :mod:`fastsr.functional`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# ITU-R BT.601 luma as MATLAB's rgb2ycbcr computes it, for RGB in [0, 1] and Y in [0, 1].
+Y_WEIGHTS = (65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0)
+Y_OFFSET = 16.0 / 255.0
+
+
+def availability(device_type: str) -> tuple[bool, str]:
+    return True, "plain PyTorch, always available"
+
+
+def conv2d_prelu(x, weight, bias, slope, residual, shuffle):
+    y = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)
+    if shuffle > 1:
+        y = F.pixel_shuffle(y, shuffle)
+    if slope is not None:
+        y = F.prelu(y, slope.to(y.dtype))
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def pixel_shuffle_prelu(x, slope, upscale_factor):
+    return F.prelu(F.pixel_shuffle(x, upscale_factor), slope.to(x.dtype))
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Reductions accumulate in fp32 (fp64 stays fp64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mse(a, b, reduction):
+    acc = accumulation_dtype(a.dtype)
+    per_image = (a.to(acc) - b.to(acc)).square().flatten(1).mean(dim=1)
+    return per_image if reduction == "none" else per_image.mean()
+
+
+def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB in [0, 1] -> (N, 1, H, W) luma in [16/255, 235/255] (MATLAB rgb2ycbcr)."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return Y_WEIGHTS[0] * r + Y_WEIGHTS[1] * g + Y_WEIGHTS[2] * b + Y_OFFSET
+
+
+def psnr(sr, hr, data_range, y_channel, crop_border, reduction):
+    acc = accumulation_dtype(sr.dtype)
+    sr, hr = sr.to(acc) / data_range, hr.to(acc) / data_range
+    if crop_border:
+        sr = sr[..., crop_border:-crop_border, crop_border:-crop_border]
+        hr = hr[..., crop_border:-crop_border, crop_border:-crop_border]
+    if y_channel:
+        sr, hr = rgb_to_y(sr), rgb_to_y(hr)
+    per_image = 10.0 * torch.log10(1.0 / mse(sr, hr, "none"))
+    return per_image if reduction == "none" else per_image.mean()
