@@ -60,7 +60,7 @@ def availability(name: str, device_type: str = "cpu") -> tuple[bool, str]:
     if name == "auto":
         return True, "auto picks a backend per call"
     module = _module(name)
-    if module is None:
+    if module is None or not hasattr(module, "availability"):
         return False, f"backend {name!r} is not installed (module {_MODULES[name]} missing)"
     return module.availability(device_type)
 

@@ -1,0 +1,1 @@
+"""One module per ``fastsr`` subcommand: ``HELP``, ``add_arguments(parser)``, ``run(args)``."""

@@ -1,0 +1,6 @@
+"""Errors that mean "the user asked for something wrong": the CLI prints them as one line."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (file, shape, dtype, mode, option). Printed without a
+    traceback by the CLI, exit status 2. Library code raises more specific subclasses."""
