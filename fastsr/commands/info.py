@@ -1,0 +1,46 @@
+"""Show fastsr's environment: versions, devices, and which backends are available (and why not).
+
+--build also builds the C++ extension now if it has not been built (otherwise it builds on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+HELP = "versions, devices and available backends"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--build", action="store_true", help="build the C++ extension now if needed, and report")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import __version__
+    from ..backend import BACKENDS, availability, get_backend
+
+    print(f"fastsr {__version__}   python {platform.python_version()}   torch {torch.__version__}")
+    try:
+        import importlib.metadata as md
+
+        print(f"triton {md.version('triton')}")
+    except Exception:
+        print("triton not installed")
+    cuda = torch.cuda.is_available()
+    devices = [f"cpu ({torch.get_num_threads()} threads)"]
+    if cuda:
+        devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    print("devices: " + ", ".join(devices))
+    print(f"backend in effect: {get_backend()}")
+    device_types = ["cpu", "cuda"] if cuda else ["cpu"]
+    if not args.build:
+        print("(the cpp backend builds on first use; 'fastsr info --build' builds it now)")
+    for name in BACKENDS:
+        for device_type in device_types:
+            if name == "cpp" and not args.build:
+                continue
+            ok, why = availability(name, device_type)
+            print(f"  {name:<7} {device_type:<5} {'available' if ok else 'unavailable'}: {why}")
+    return 0

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+import fastsr
+from fastsr.models.checkpoint import EMBEDDED, ModelFileError, embedded_path
+
+
+def test_save_load_round_trip(tmp_path):
+    model = fastsr.SRResNet(scale=2, num_blocks=2, channels=16)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_()
+    path = tmp_path / "m.safetensors"
+    fastsr.save_model(model, path)
+    loaded = fastsr.load_model(path)
+    assert not loaded.training and loaded.config == model.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    assert not list(tmp_path.glob(".*tmp*")), "no temporary file left behind"
+
+
+def test_save_in_fp16_loads_as_fp32(tmp_path):
+    model = fastsr.SRResNet(scale=2, num_blocks=1, channels=8)
+    fastsr.save_model(model, tmp_path / "m.safetensors", dtype=torch.float16)
+    loaded = fastsr.load_model(tmp_path / "m.safetensors")
+    w = loaded.head.conv.weight
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, model.head.conv.weight.half().float())
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model at all", b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage"])
+def test_bad_model_files_give_clear_errors(tmp_path, content):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError, match="bad.safetensors"):
+        fastsr.load_model(path)
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(ModelFileError, match="model file not found"):
+        fastsr.load_model(tmp_path / "nope.safetensors")
+
+
+def test_embedded_default_model_loads():
+    if not embedded_path("default").is_file():
+        pytest.fail(f"the embedded default model {EMBEDDED['default']} is missing from the package")
+    model = fastsr.load_model("default")
+    assert isinstance(model, fastsr.SRResNet) and model.scale == 4 and not model.training
+    with torch.inference_mode():
+        assert model(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
