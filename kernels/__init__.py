@@ -1,0 +1,75 @@
+"""The ``triton`` backend of :mod:`fastsr.functional` (ships as ``fastsr.kernels``).
+
+Each op has its own module (``conv_prelu``, ``pixel_shuffle_prelu``, ``mse``) holding the
+``@triton.jit`` kernels, host launchers and a ``torch.autograd.Function``. This module is the
+backend contract: :func:`availability` and the four ops with the positional signatures of
+:mod:`fastsr.reference`. Triton itself is imported only when an op runs, so ``import fastsr``
+stays light and the interpreter switch (``TRITON_INTERPRET=1``) can still be set before that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+_INTERPRETER_HINT = (
+    "triton runs on CUDA tensors; set TRITON_INTERPRET=1 before importing triton to run its interpreter on CPU"
+)
+
+
+def availability(device_type: str) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on ``device_type`` ("cuda" or "cpu") tensors, and why not."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install triton; Linux only)"
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is available to this PyTorch build"
+        return True, "compiled Triton kernels on CUDA"
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "Triton interpreter on CPU (TRITON_INTERPRET=1): correct but slow"
+        return False, _INTERPRETER_HINT
+    return False, f"triton has no support for {device_type!r} tensors"
+
+
+def conv2d_prelu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    slope: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    shuffle: int,
+) -> torch.Tensor:
+    """Fused conv2d ('same', stride 1) + bias + pixel shuffle + PReLU + residual; see
+    :func:`fastsr.functional.conv2d_prelu`. Output (N, C_out/shuffle**2, H*shuffle, W*shuffle),
+    x's dtype and memory format; differentiable in x, weight, bias, slope and residual."""
+    from .conv_prelu import ConvPReLUFunction
+
+    return ConvPReLUFunction.apply(x, weight, bias, slope, residual, int(shuffle))
+
+
+def pixel_shuffle_prelu(x: torch.Tensor, slope: torch.Tensor, upscale_factor: int) -> torch.Tensor:
+    """``prelu(pixel_shuffle(x, r), slope)``: (N, C*r*r, H, W) -> (N, C, H*r, W*r), x's dtype."""
+    from .pixel_shuffle_prelu import PixelShufflePReLUFunction
+
+    return PixelShufflePReLUFunction.apply(x, slope, int(upscale_factor))
+
+
+def mse(a: torch.Tensor, b: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Mean squared error, one pass: (N,) per image for ``"none"``, a scalar for ``"mean"``;
+    fp32 (fp64 for fp64 inputs); differentiable in both inputs."""
+    from .mse import MSEFunction
+
+    return MSEFunction.apply(a, b, reduction)
+
+
+def psnr(
+    sr: torch.Tensor, hr: torch.Tensor, data_range: float, y_channel: bool, crop_border: int, reduction: str
+) -> torch.Tensor:
+    """PSNR in dB, (N,) for ``"none"`` or their mean; Y channel and crop border fused into the
+    one pass; fp32 (fp64 for fp64 inputs). Not differentiable (a metric)."""
+    from .mse import psnr as _psnr
+
+    return _psnr(sr, hr, data_range, y_channel, crop_border, reduction)

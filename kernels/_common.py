@@ -1,0 +1,94 @@
+"""Helpers shared by the Triton kernels: interpreter detection, dtype choices, and the
+upstream-gradient loader that folds PReLU backward and pixel-unshuffle into a load.
+
+Index convention used by every kernel here: a 4-D image tensor is described by its
+strides in (n, h, w, c) order, whatever its memory format, so NCHW and channels_last
+tensors go through the same code. ``tensor.stride()`` is (n, c, h, w); :func:`nhwc_strides`
+reorders it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def nhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """Strides of a (N, C, H, W) tensor in (n, h, w, c) order."""
+    sn, sc, sh, sw = t.stride()
+    return sn, sh, sw, sc
+
+
+def like_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when ``x`` is stored channels_last (and not also plain contiguous), else NCHW."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32, except fp64 stays fp64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc_dtype(dtype: torch.dtype):
+    """The Triton accumulation dtype matching :func:`acc_dtype`."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision. fp32/fp64 use exact IEEE products (no TF32 rounding) so the
+    fp32 path is as accurate as the reference; 16-bit inputs use the tensor-core default."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def check_interpreter_dtype(dtype: torch.dtype) -> None:
+    """The interpreter cannot run ``tl.dot`` on bf16 (numpy has no bfloat16): say so clearly."""
+    if dtype == torch.bfloat16 and interpreting():
+        raise TypeError(
+            "the Triton interpreter (TRITON_INTERPRET=1) cannot run bf16 tl.dot; "
+            "use fp32/fp16 on CPU, or a CUDA GPU for bf16"
+        )
+
+
+@triton.jit
+def _load_upstream_grad(
+    g_ptr, z_ptr, slope_ptr,
+    n, h, w, co, mask,
+    sgn, sgh, sgw, sgc,
+    szn, szh, szw, szc,
+    slope_stride,
+    R: tl.constexpr,
+    HAS_SLOPE: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Gradient w.r.t. the pre-shuffle, pre-activation conv output at (n, h, w, co).
+
+    ``n, h, w, co`` are broadcastable int tensors indexing the conv output *before* pixel
+    shuffle (co in [0, C_out)); the upstream gradient ``g`` and the saved pre-activation ``z``
+    live in the shuffled output (n, co // R**2, h*R + i, w*R + j), so the un-shuffle happens
+    in the address computation. Returns ``(dz, g * min(z, 0))``; the second term summed per
+    output channel is the PReLU slope gradient (zeros when there is no activation).
+    """
+    sub = co % (R * R)
+    oc = co // (R * R)
+    yh = h * R + sub // R
+    yw = w * R + sub % R
+    g = tl.load(g_ptr + n * sgn + yh * sgh + yw * sgw + oc * sgc, mask=mask, other=0.0).to(ACC)
+    if HAS_SLOPE:
+        z = tl.load(z_ptr + n * szn + yh * szh + yw * szw + oc * szc, mask=mask, other=0.0).to(ACC)
+        s = tl.load(slope_ptr + oc * slope_stride, mask=mask, other=0.0).to(ACC)
+        dz = tl.where(z > 0, g, g * s)
+        neg = g * tl.minimum(z, 0.0)
+    else:
+        dz = g
+        neg = tl.zeros_like(g)
+    return dz, neg

@@ -1,0 +1,410 @@
+"""Fused conv2d (stride 1, 'same') + bias + pixel shuffle + PReLU + residual, forward and backward.
+
+Forward: one implicit-GEMM kernel, M = N*H*W output pixels, N = C_out, K = KS*KS*C_in.
+The reduction index is flattened over (kh, kw, c) with c fastest, so the 9x9 head with
+C_in = 3 is 243 reduction elements (four BLOCK_K = 64 steps) instead of 81 mostly masked
+per-tap iterations, and for C_in = 64 each BLOCK_K = 64 step is one tap with contiguous
+channels (a vector load in channels_last). 'same' padding is a load mask, never a padded copy.
+The epilogue (bias, pixel-shuffle address, PReLU, residual add, cast) runs on the fp32
+accumulator before the single store.
+
+Backward (all Triton):
+* input gradient: the same implicit GEMM over (kh, kw, co) reading the weights flipped and
+  transposed by index arithmetic; the upstream gradient is loaded through
+  :func:`_load_upstream_grad`, which un-shuffles and applies the PReLU derivative on the fly;
+* weight gradient: a split-K GEMM over output pixels, dW[co, (kh, kw, c)] = dz^T @ im2col(x),
+  whose programs with pid_n == 0 also emit the bias and PReLU-slope partial sums (the dz tile is
+  already in registers); partials are summed on the host in a fixed order (deterministic);
+* residual gradient: the upstream gradient itself.
+
+Saved for backward: x, weight, slope and (only with an activation) the pre-activation output z.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    _load_upstream_grad,
+    acc_dtype,
+    check_interpreter_dtype,
+    dot_precision,
+    interpreting,
+    like_memory_format,
+    nhwc_strides,
+    tl_acc_dtype,
+)
+
+
+def _configs(shapes: list[tuple[int, int, int, int, int]], interpret_shape: tuple[int, int, int]) -> list[triton.Config]:
+    """GPU: a small config space (num_warps <= 4: Inductor's flattened conv loop is known to give
+    wrong results with 8 warps). Interpreter: one config with the largest blocks, because the
+    interpreter's cost is per program instance and loop iteration, not per element."""
+    if interpreting():
+        bm, bn, bk = interpret_shape
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+_FWD_CONFIGS = _configs(
+    [(128, 64, 64, 4, 3), (128, 128, 32, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 32, 64, 4, 4),
+     (256, 64, 32, 4, 3)],
+    (128, 64, 64),
+)
+# Weight gradient: M = C_out, N = KS*KS*C_in, K = pixels (BLOCK_K must divide _SPLIT_QUANTUM).
+_WGRAD_CONFIGS = _configs(
+    [(64, 64, 64, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (32, 64, 128, 4, 3)],
+    (64, 64, 128),
+)
+_SPLIT_QUANTUM = 256
+
+
+@triton.jit
+def _conv_prelu_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, slope_ptr, res_ptr, out_ptr, z_ptr,
+    N, H, W, C_in, C_out,
+    sxn, sxh, sxw, sxc,
+    swo, swi, swh, sww,
+    son, soh, sow, soc,
+    srn, srh, srw, src,
+    szn, szh, szw, szc,
+    slope_stride,
+    KS: tl.constexpr, R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SLOPE: tl.constexpr, HAS_RES: tl.constexpr, STORE_Z: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    PAD: tl.constexpr = KS // 2
+    pid_m = tl.program_id(0).to(tl.int64)  # int64: N*H*W*C can pass 2**31 (gigapixel tiles)
+    pid_n = tl.program_id(1)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < N * H * W
+    n = offs_m // (H * W)
+    rem = offs_m % (H * W)
+    oh = rem // W
+    ow = rem % W
+    x_base = n * sxn  # (BLOCK_M,) int64
+
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_mask = co < C_out
+
+    K_TOTAL = KS * KS * C_in
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K_TOTAL, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < K_TOTAL
+        c = k % C_in
+        tap = k // C_in
+        kh = tap // KS
+        kw = tap % KS
+        ih = oh[:, None] + kh[None, :] - PAD
+        iw = ow[:, None] + kw[None, :] - PAD
+        a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_ptr + x_base[:, None] + ih * sxh + iw * sxw + c[None, :] * sxc, mask=a_mask, other=0.0)
+        b_off = co[None, :] * swo + c[:, None] * swi + kh[:, None] * swh + kw[:, None] * sww
+        b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & co_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+
+    # Epilogue, in registers: bias -> pixel-shuffle address -> (save z) -> PReLU -> + residual -> cast.
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=co_mask, other=0.0).to(ACC)[None, :]
+    sub = co % (R * R)
+    oc = co // (R * R)
+    yh = oh[:, None] * R + (sub // R)[None, :]
+    yw = ow[:, None] * R + (sub % R)[None, :]
+    mask = m_mask[:, None] & co_mask[None, :]
+    nn = n[:, None]
+    ocb = oc[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + nn * szn + yh * szh + yw * szw + ocb * szc, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    if HAS_SLOPE:
+        s = tl.load(slope_ptr + oc * slope_stride, mask=co_mask, other=0.0).to(ACC)
+        acc = tl.where(acc > 0, acc, acc * s[None, :])
+    if HAS_RES:
+        acc += tl.load(res_ptr + nn * srn + yh * srh + yw * srw + ocb * src, mask=mask, other=0.0).to(ACC)
+    tl.store(out_ptr + nn * son + yh * soh + yw * sow + ocb * soc, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_prelu_bwd_input_kernel(
+    g_ptr, z_ptr, slope_ptr, w_ptr, dx_ptr,
+    N, H, W, C_in, C_out,
+    sgn, sgh, sgw, sgc,
+    szn, szh, szw, szc,
+    swo, swi, swh, sww,
+    sdn, sdh, sdw, sdc,
+    slope_stride,
+    KS: tl.constexpr, R: tl.constexpr, HAS_SLOPE: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx[n, h, w, c] = sum_{kh, kw, co} dz[n, h + PAD - kh, w + PAD - kw, co] * W[co, c, kh, kw]:
+    a 'same' conv of dz with the flipped, transposed weights; M = input pixels, N = C_in,
+    K = KS*KS*C_out flattened over (kh, kw, co)."""
+    PAD: tl.constexpr = KS // 2
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < N * H * W
+    n = offs_m // (H * W)
+    rem = offs_m % (H * W)
+    ih = rem // W
+    iw = rem % W
+
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_mask = ci < C_in
+
+    K_TOTAL = KS * KS * C_out
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K_TOTAL, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < K_TOTAL
+        co = k % C_out
+        tap = k // C_out
+        kh = tap // KS
+        kw = tap % KS
+        oh = ih[:, None] + PAD - kh[None, :]
+        ow = iw[:, None] + PAD - kw[None, :]
+        a_mask = m_mask[:, None] & k_mask[None, :] & (oh >= 0) & (oh < H) & (ow >= 0) & (ow < W)
+        dz, _ = _load_upstream_grad(
+            g_ptr, z_ptr, slope_ptr, n[:, None], oh, ow, co[None, :], a_mask,
+            sgn, sgh, sgw, sgc, szn, szh, szw, szc, slope_stride, R, HAS_SLOPE, ACC,
+        )
+        b_off = co[:, None] * swo + ci[None, :] * swi + kh[:, None] * swh + kw[:, None] * sww
+        b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & ci_mask[None, :], other=0.0)
+        # dz is rounded to the weight dtype for the tensor-core product, as the reference does.
+        acc = tl.dot(dz.to(b.dtype), b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+
+    mask = m_mask[:, None] & ci_mask[None, :]
+    off = n[:, None] * sdn + ih[:, None] * sdh + iw[:, None] * sdw + ci[None, :] * sdc
+    tl.store(dx_ptr + off, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_prelu_bwd_weight_kernel(
+    g_ptr, z_ptr, slope_ptr, x_ptr, dw_ptr, db_ptr, dslope_ptr,
+    N, H, W, C_in, C_out, PIX_PER_SPLIT,
+    sgn, sgh, sgw, sgc,
+    szn, szh, szw, szc,
+    sxn, sxh, sxw, sxc,
+    slope_stride,
+    KS: tl.constexpr, R: tl.constexpr, HAS_SLOPE: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Split-K partial of dW[co, (kh, kw, c)] = sum_p dz[p, co] * x[p + (kh, kw) - PAD, c] over the
+    pixels p of split ``pid_s``, into dw_ptr[pid_s, co, k]. Programs with pid_n == 0 also write the
+    per-channel partial sums of dz (bias grad) and of g*min(z, 0) (slope grad) into
+    db_ptr / dslope_ptr[pid_s, co]."""
+    PAD: tl.constexpr = KS // 2
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2).to(tl.int64)
+
+    co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    co_mask = co < C_out
+    k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    K_TOTAL = KS * KS * C_in
+    k_mask = k < K_TOTAL
+    c = k % C_in
+    tap = k // C_in
+    kh = tap // KS
+    kw = tap % KS
+
+    M = N * H * W
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    db = tl.zeros((BLOCK_M,), dtype=ACC)
+    dslope = tl.zeros((BLOCK_M,), dtype=ACC)
+    start = pid_s * PIX_PER_SPLIT
+    for p0 in range(0, PIX_PER_SPLIT, BLOCK_K):
+        p = start + p0 + tl.arange(0, BLOCK_K)  # int64 pixel index
+        p_mask = p < M
+        n = p // (H * W)
+        rem = p % (H * W)
+        h = rem // W
+        w = rem % W
+        dz_mask = co_mask[:, None] & p_mask[None, :]
+        dz, neg = _load_upstream_grad(
+            g_ptr, z_ptr, slope_ptr, n[None, :], h[None, :], w[None, :], co[:, None], dz_mask,
+            sgn, sgh, sgw, sgc, szn, szh, szw, szc, slope_stride, R, HAS_SLOPE, ACC,
+        )
+        db += tl.sum(dz, axis=1)
+        dslope += tl.sum(neg, axis=1)
+        ih = h[:, None] + kh[None, :] - PAD
+        iw = w[:, None] + kw[None, :] - PAD
+        x_mask = p_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xt = tl.load(x_ptr + n[:, None] * sxn + ih * sxh + iw * sxw + c[None, :] * sxc, mask=x_mask, other=0.0)
+        acc = tl.dot(dz.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+
+    out_off = pid_s * C_out * K_TOTAL + co[:, None] * K_TOTAL + k[None, :]
+    tl.store(dw_ptr + out_off, acc, mask=co_mask[:, None] & k_mask[None, :])
+    first = pid_n == 0
+    tl.store(db_ptr + pid_s * C_out + co, db, mask=co_mask & first)
+    tl.store(dslope_ptr + pid_s * C_out + co, dslope, mask=co_mask & first)
+
+
+_fwd = triton.autotune(_FWD_CONFIGS, key=["C_in", "C_out", "KS", "R"])(_conv_prelu_fwd_kernel)
+_bwd_input = triton.autotune(_FWD_CONFIGS, key=["C_in", "C_out", "KS", "R"])(_conv_prelu_bwd_input_kernel)
+_bwd_weight = triton.autotune(_WGRAD_CONFIGS, key=["C_in", "C_out", "KS", "R"])(_conv_prelu_bwd_weight_kernel)
+
+
+def _slope_stride(slope: torch.Tensor | None) -> int:
+    """0 broadcasts a single slope to every channel; 1 indexes a per-channel slope."""
+    return 0 if slope is None or slope.numel() == 1 else slope.stride(0)
+
+
+def conv_prelu_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    slope: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    shuffle: int,
+    store_preactivation: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the fused forward kernel.
+
+    x (N, C_in, H, W); weight (C_out, C_in, K, K); bias (C_out,) or None; slope (1,) or
+    (C_out / shuffle**2,) or None; residual like the output or None. Returns the output
+    (N, C_out / shuffle**2, H*shuffle, W*shuffle) in x's dtype and memory format, and, when
+    ``store_preactivation`` and there is an activation, the pre-activation z (same shape, for
+    the PReLU backward; else None).
+    """
+    check_interpreter_dtype(x.dtype)
+    n, c_in, h, w = x.shape
+    c_out, ks = weight.shape[0], weight.shape[-1]
+    r = shuffle
+    out_shape = (n, c_out // (r * r), h * r, w * r)
+    fmt = like_memory_format(x)
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    store_z = store_preactivation and slope is not None
+    z = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt) if store_z else out
+    res = residual if residual is not None else out
+    slope_arg = slope if slope is not None else out
+    bias_arg = bias if bias is not None else out
+
+    def grid(meta):
+        return triton.cdiv(n * h * w, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
+
+    _fwd[grid](
+        x, weight, bias_arg, slope_arg, res, out, z,
+        n, h, w, c_in, c_out,
+        *nhwc_strides(x), *weight.stride(), *nhwc_strides(out), *nhwc_strides(res), *nhwc_strides(z),
+        _slope_stride(slope),
+        KS=ks, R=r, HAS_BIAS=bias is not None, HAS_SLOPE=slope is not None, HAS_RES=residual is not None,
+        STORE_Z=store_z, ACC=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+    )
+    return out, (z if store_z else None)
+
+
+def _weight_grad_splits(pixels: int, tiles: int, device: torch.device) -> int:
+    """Pixels per split-K chunk for the weight gradient: enough programs to fill the GPU
+    (about 4 per SM), at least 1024 pixels each; a single chunk under the interpreter."""
+    if interpreting() or device.type != "cuda":
+        return triton.cdiv(pixels, _SPLIT_QUANTUM) * _SPLIT_QUANTUM
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(triton.cdiv(4 * sms, tiles), triton.cdiv(pixels, 1024)))
+    chunk = triton.cdiv(pixels, splits)
+    return triton.cdiv(chunk, _SPLIT_QUANTUM) * _SPLIT_QUANTUM
+
+
+def conv_prelu_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    slope: torch.Tensor | None,
+    z: torch.Tensor | None,
+    shuffle: int,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (dx, dweight, dbias, dslope) for the flags ``needs`` (same order).
+
+    grad_out has the forward output's shape; z is the saved pre-activation (None without an
+    activation). dbias and dslope are summed from fp32 per-split partials in a fixed order.
+    """
+    need_x, need_w, need_b, need_s = needs
+    n, c_in, h, w = x.shape
+    c_out, ks = weight.shape[0], weight.shape[-1]
+    r = shuffle
+    has_slope = slope is not None
+    z_arg = z if z is not None else grad_out
+    slope_arg = slope if has_slope else grad_out
+    common = dict(KS=ks, R=r, HAS_SLOPE=has_slope, ACC=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype))
+    dx = dw = db = dslope = None
+
+    if need_x:
+        dx = torch.empty_like(x, memory_format=like_memory_format(x))
+
+        def grid_x(meta):
+            return triton.cdiv(n * h * w, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"])
+
+        _bwd_input[grid_x](
+            grad_out, z_arg, slope_arg, weight, dx,
+            n, h, w, c_in, c_out,
+            *nhwc_strides(grad_out), *nhwc_strides(z_arg), *weight.stride(), *nhwc_strides(dx),
+            _slope_stride(slope), **common,
+        )
+
+    if need_w or need_b or need_s:
+        pixels = n * h * w
+        k_total = ks * ks * c_in
+        chunk = _weight_grad_splits(pixels, triton.cdiv(c_out, 64) * triton.cdiv(k_total, 64), x.device)
+        splits = triton.cdiv(pixels, chunk)
+        acc = acc_dtype(x.dtype)
+        dw_part = torch.empty((splits, c_out, k_total), dtype=acc, device=x.device)
+        db_part = torch.empty((splits, c_out), dtype=acc, device=x.device)
+        ds_part = torch.empty((splits, c_out), dtype=acc, device=x.device)
+
+        def grid_w(meta):
+            return triton.cdiv(c_out, meta["BLOCK_M"]), triton.cdiv(k_total, meta["BLOCK_N"]), splits
+
+        _bwd_weight[grid_w](
+            grad_out, z_arg, slope_arg, x, dw_part, db_part, ds_part,
+            n, h, w, c_in, c_out, chunk,
+            *nhwc_strides(grad_out), *nhwc_strides(z_arg), *nhwc_strides(x),
+            _slope_stride(slope), **common,
+        )
+        if need_w:
+            # (C_out, (kh, kw, c)) -> (C_out, C_in, KH, KW)
+            dw = dw_part.sum(0).view(c_out, ks, ks, c_in).permute(0, 3, 1, 2).to(weight.dtype)
+            dw = dw.contiguous(memory_format=like_memory_format(weight))
+        if need_b:
+            db = db_part.sum(0)
+        if need_s:
+            per_co = ds_part.sum(0)
+            dslope = per_co.view(-1, r * r).sum(1) if slope.numel() > 1 else per_co.sum().view(1)
+    return dx, dw, db, dslope
+
+
+class ConvPReLUFunction(torch.autograd.Function):
+    """Autograd wrapper: forward saves x, weight, slope and (with an activation) the pre-activation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, slope, residual, shuffle):
+        needs_grad = any(ctx.needs_input_grad[:4])
+        out, z = conv_prelu_forward(x, weight, bias, slope, residual, shuffle, store_preactivation=needs_grad)
+        ctx.shuffle = shuffle
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.slope_dtype = None if slope is None else slope.dtype
+        ctx.save_for_backward(x, weight, slope, z)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, slope, z = ctx.saved_tensors
+        need_x, need_w, need_b, need_s, need_r = ctx.needs_input_grad[:5]
+        dx, dw, db, dslope = conv_prelu_backward(
+            grad_out, x, weight, slope, z, ctx.shuffle, (need_x, need_w, need_b, need_s and slope is not None)
+        )
+        if db is not None:
+            db = db.to(ctx.bias_dtype)
+        if dslope is not None:
+            dslope = dslope.to(ctx.slope_dtype)
+        return dx, dw, db, dslope, (grad_out if need_r else None), None
