@@ -245,9 +245,9 @@ def _conv_prelu_bwd_weight_kernel(
 
     out_off = pid_s * C_out * K_TOTAL + co[:, None] * K_TOTAL + k[None, :]
     tl.store(dw_ptr + out_off, acc, mask=co_mask[:, None] & k_mask[None, :])
-    first = pid_n == 0
-    tl.store(db_ptr + pid_s * C_out + co, db, mask=co_mask & first)
-    tl.store(dslope_ptr + pid_s * C_out + co, dslope, mask=co_mask & first)
+    if pid_n == 0:
+        tl.store(db_ptr + pid_s * C_out + co, db, mask=co_mask)
+        tl.store(dslope_ptr + pid_s * C_out + co, dslope, mask=co_mask)
 
 
 _fwd = triton.autotune(_FWD_CONFIGS, key=["C_in", "C_out", "KS", "R"])(_conv_prelu_fwd_kernel)
