@@ -95,19 +95,37 @@ def get_backend() -> str:
 
 def resolve(name: str | None, tensor: torch.Tensor) -> ModuleType:
     """The backend module that serves a call on ``tensor`` (``name=None``: the one in effect)."""
-    name = _check_name(name) if name is not None else get_backend()
     device_type = "cuda" if tensor.is_cuda else "cpu"
+    return _LOADED[_resolve_name(name, device_type)]
+
+
+# Backend modules already picked by _resolve_name; a plain dict lookup torch.compile can trace.
+_LOADED: dict[str, ModuleType] = {}
+
+
+# torch.compile cannot trace ContextVar.get or importlib, so the choice is made in Python and its
+# result (a backend name) is a constant of the compiled graph: the backend in effect at compile time.
+def _resolve_name(name: str | None, device_type: str) -> str:
+    name = _check_name(name) if name is not None else get_backend()
     if name != "auto":
         ok, why = availability(name, device_type)
         if not ok:
             raise BackendUnavailableError(f"backend {name!r} is unavailable for {device_type} tensors: {why}")
-        return _module(name)
+        _LOADED[name] = _module(name)
+        return name
     for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
         ok, why = availability(candidate, device_type)
         if ok:
-            return _module(candidate)
+            _LOADED[candidate] = _module(candidate)
+            return candidate
         if candidate == "cpp" and _module("cpp") is not None and candidate not in _warned_fallback:
             # The extension exists but did not build: say so once, then keep going.
             _warned_fallback.add(candidate)
-            warnings.warn(f"fastsr: C++ backend unavailable ({why}); using the next backend", stacklevel=3)
-    return _module("torch")
+            warnings.warn(f"fastsr: C++ backend unavailable ({why}); using the next backend", stacklevel=4)
+    _LOADED["torch"] = _module("torch")
+    return "torch"
+
+
+# This is what torch.compiler.assume_constant_result(_resolve_name) does; calling that would import
+# torch._dynamo (and with it triton) at `import fastsr`, which must stay light.
+_resolve_name._dynamo_marked_constant = True  # type: ignore[attr-defined]
