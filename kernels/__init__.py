@@ -1,10 +1,12 @@
 """The ``triton`` backend of :mod:`fastsr.functional` (ships as ``fastsr.kernels``).
 
-Each op has its own module (``conv_prelu``, ``pixel_shuffle_prelu``, ``mse``) holding the
+Each op has its own module (``conv_prelu``, ``shuffle_prelu``, ``mse_psnr``) holding the
 ``@triton.jit`` kernels, host launchers and a ``torch.autograd.Function``. This module is the
 backend contract: :func:`availability` and the four ops with the positional signatures of
 :mod:`fastsr.reference`. Triton itself is imported only when an op runs, so ``import fastsr``
 stays light and the interpreter switch (``TRITON_INTERPRET=1``) can still be set before that.
+The submodules are deliberately not named after the ops: importing ``fastsr.kernels.mse`` would
+rebind the package attribute ``mse`` from the function to the submodule.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def conv2d_prelu(
 
 def pixel_shuffle_prelu(x: torch.Tensor, slope: torch.Tensor, upscale_factor: int) -> torch.Tensor:
     """``prelu(pixel_shuffle(x, r), slope)``: (N, C*r*r, H, W) -> (N, C, H*r, W*r), x's dtype."""
-    from .pixel_shuffle_prelu import PixelShufflePReLUFunction
+    from .shuffle_prelu import PixelShufflePReLUFunction
 
     return PixelShufflePReLUFunction.apply(x, slope, int(upscale_factor))
 
@@ -60,7 +62,7 @@ def pixel_shuffle_prelu(x: torch.Tensor, slope: torch.Tensor, upscale_factor: in
 def mse(a: torch.Tensor, b: torch.Tensor, reduction: str) -> torch.Tensor:
     """Mean squared error, one pass: (N,) per image for ``"none"``, a scalar for ``"mean"``;
     fp32 (fp64 for fp64 inputs); differentiable in both inputs."""
-    from .mse import MSEFunction
+    from .mse_psnr import MSEFunction
 
     return MSEFunction.apply(a, b, reduction)
 
@@ -70,6 +72,6 @@ def psnr(
 ) -> torch.Tensor:
     """PSNR in dB, (N,) for ``"none"`` or their mean; Y channel and crop border fused into the
     one pass; fp32 (fp64 for fp64 inputs). Not differentiable (a metric)."""
-    from .mse import psnr as _psnr
+    from .mse_psnr import psnr as _psnr
 
     return _psnr(sr, hr, data_range, y_channel, crop_border, reduction)

@@ -1,0 +1,161 @@
+"""MSE and PSNR in one pass over both image batches, plus the MSE backward.
+
+``_sq_err_partial_kernel`` reads each pixel of both images once (optionally cropped, optionally
+converted to BT.601 luma as MATLAB's rgb2ycbcr does) and writes one fp32 (fp64 for fp64
+inputs) partial sum of squared differences per (image, block). The host then sums the
+partials of each image in a fixed order, so results are deterministic run to run (no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastsr.reference import Y_OFFSET, Y_WEIGHTS
+
+from ._common import acc_dtype, interpreting, nhwc_strides, tl_acc_dtype
+
+# Pixels per program. GPU: 2048 pixels x C channels in flight per program with 8 warps
+# (a streaming reduction, no dot: the num_warps caveat of the conv loop does not apply).
+_BLOCK = 8192 if interpreting() else 2048
+_NUM_WARPS = 8
+
+
+@triton.jit
+def _sq_err_partial_kernel(
+    a_ptr, b_ptr, part_ptr,
+    C, CROP, HC, WC,
+    san, sah, saw, sac,
+    sbn, sbh, sbw, sbc,
+    inv_range,
+    Y_CHANNEL: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, Y_OFF: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """part[n, pid_b] = sum over the block's pixels of the cropped (HC, WC) window starting at
+    (CROP, CROP) of (a - b)**2 over channels, or of (Y(a) - Y(b))**2 with Y_CHANNEL."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1)
+    p = pid_b * BLOCK + tl.arange(0, BLOCK)
+    mask = p < HC * WC
+    h = p // WC + CROP
+    w = p % WC + CROP
+    a_pix = a_ptr + pid_n * san + h.to(tl.int64) * sah + w * saw
+    b_pix = b_ptr + pid_n * sbn + h.to(tl.int64) * sbh + w * sbw
+    if Y_CHANNEL:
+        # Scale by 1/data_range first, as the reference does, then the MATLAB luma.
+        ya = (W0 * (tl.load(a_pix, mask=mask, other=0.0).to(ACC) * inv_range)
+              + W1 * (tl.load(a_pix + sac, mask=mask, other=0.0).to(ACC) * inv_range)
+              + W2 * (tl.load(a_pix + 2 * sac, mask=mask, other=0.0).to(ACC) * inv_range) + Y_OFF)
+        yb = (W0 * (tl.load(b_pix, mask=mask, other=0.0).to(ACC) * inv_range)
+              + W1 * (tl.load(b_pix + sbc, mask=mask, other=0.0).to(ACC) * inv_range)
+              + W2 * (tl.load(b_pix + 2 * sbc, mask=mask, other=0.0).to(ACC) * inv_range) + Y_OFF)
+        d = tl.where(mask, ya - yb, 0.0)
+        total = tl.sum(d * d, axis=0)
+    else:
+        acc = tl.zeros((BLOCK,), dtype=ACC)
+        # Step the pointers one channel plane at a time: pointer arithmetic is 64-bit, whereas
+        # c * sac could overflow int32 in a gigapixel image.
+        for _ in range(C):
+            va = tl.load(a_pix, mask=mask, other=0.0).to(ACC) * inv_range
+            vb = tl.load(b_pix, mask=mask, other=0.0).to(ACC) * inv_range
+            d = va - vb
+            acc += d * d
+            a_pix += sac
+            b_pix += sbc
+        total = tl.sum(acc, axis=0)
+    tl.store(part_ptr + pid_n * tl.num_programs(1) + pid_b, total)
+
+
+@triton.jit
+def _mse_bwd_kernel(
+    a_ptr, b_ptr, scale_ptr, da_ptr, db_ptr,
+    C, H, W,
+    san, sah, saw, sac,
+    sbn, sbh, sbw, sbc,
+    sdn, sdh, sdw, sdc,
+    sen, seh, sew, sec,
+    HAS_DA: tl.constexpr, HAS_DB: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """da = scale[n] * (a - b), db = -da, with scale[n] = 2 * dL/dmse_n / (C*H*W)."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    i = pid_b * BLOCK + tl.arange(0, BLOCK)
+    mask = i < C * H * W
+    c = i // (H * W)
+    rem = i % (H * W)
+    h = rem // W
+    w = rem % W
+    va = tl.load(a_ptr + pid_n * san + h * sah + w * saw + c * sac, mask=mask, other=0.0).to(ACC)
+    vb = tl.load(b_ptr + pid_n * sbn + h * sbh + w * sbw + c * sbc, mask=mask, other=0.0).to(ACC)
+    g = tl.load(scale_ptr + pid_n).to(ACC) * (va - vb)
+    if HAS_DA:
+        tl.store(da_ptr + pid_n * sdn + h * sdh + w * sdw + c * sdc, g.to(da_ptr.dtype.element_ty), mask=mask)
+    if HAS_DB:
+        tl.store(db_ptr + pid_n * sen + h * seh + w * sew + c * sec, (-g).to(db_ptr.dtype.element_ty), mask=mask)
+
+
+def squared_error_sums(
+    a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, y_channel: bool = False, crop_border: int = 0
+) -> tuple[torch.Tensor, int]:
+    """Per-image sums of squared differences, (N,) in fp32 (fp64 for fp64 inputs), and the number
+    of values each sum covers. a, b: (N, C, H, W), any memory format."""
+    n, c, h, w = a.shape
+    hc, wc = h - 2 * crop_border, w - 2 * crop_border
+    blocks = triton.cdiv(hc * wc, _BLOCK)
+    acc = acc_dtype(a.dtype)
+    part = torch.empty((n, blocks), dtype=acc, device=a.device)
+    _sq_err_partial_kernel[(n, blocks)](
+        a, b, part, c, crop_border, hc, wc, *nhwc_strides(a), *nhwc_strides(b), 1.0 / data_range,
+        Y_CHANNEL=y_channel, W0=Y_WEIGHTS[0], W1=Y_WEIGHTS[1], W2=Y_WEIGHTS[2], Y_OFF=Y_OFFSET,
+        ACC=tl_acc_dtype(a.dtype), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+    )
+    return part.sum(1), (1 if y_channel else c) * hc * wc
+
+
+def mse_backward(
+    grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, needs: tuple[bool, bool]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of the per-image MSE (N,) w.r.t. a and b given ``grad`` (N,), in the inputs' dtypes."""
+    n, c, h, w = a.shape
+    scale = (grad.to(acc_dtype(a.dtype)) * (2.0 / (c * h * w))).contiguous()
+    da = torch.empty_like(a) if needs[0] else None
+    db = torch.empty_like(b) if needs[1] else None
+    da_arg = da if da is not None else a
+    db_arg = db if db is not None else b
+    grid = (n, triton.cdiv(c * h * w, _BLOCK))
+    _mse_bwd_kernel[grid](
+        a, b, scale, da_arg, db_arg, c, h, w,
+        *nhwc_strides(a), *nhwc_strides(b), *nhwc_strides(da_arg), *nhwc_strides(db_arg),
+        HAS_DA=needs[0], HAS_DB=needs[1], ACC=tl_acc_dtype(a.dtype), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+    )
+    return da, db
+
+
+class MSEFunction(torch.autograd.Function):
+    """mse(a, b, reduction) with a Triton backward; saves a and b."""
+
+    @staticmethod
+    def forward(ctx, a, b, reduction):
+        sums, count = squared_error_sums(a, b)
+        per_image = sums / count
+        ctx.reduction = reduction
+        ctx.save_for_backward(a, b)
+        return per_image if reduction == "none" else per_image.mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        n = a.shape[0]
+        per_image = grad.expand(n) / n if ctx.reduction == "mean" else grad
+        da, db = mse_backward(per_image, a, b, ctx.needs_input_grad[:2])
+        return da, db, None
+
+
+def psnr(
+    sr: torch.Tensor, hr: torch.Tensor, data_range: float, y_channel: bool, crop_border: int, reduction: str
+) -> torch.Tensor:
+    """PSNR in dB per image (N,) or their mean; fp32 (fp64 for fp64 inputs)."""
+    sums, count = squared_error_sums(sr, hr, data_range, y_channel, crop_border)
+    per_image = 10.0 * torch.log10(1.0 / (sums / count))
+    return per_image if reduction == "none" else per_image.mean()
