@@ -87,16 +87,22 @@ def export_skimage_photos(out_dir: str | os.PathLike, names: tuple[str, ...] = T
 class RandomCrops:
     """Random HR crops with flips, rot90 and (optionally) a random colour-channel permutation.
 
-    All randomness comes from one ``torch.Generator`` whose state is part of
-    :meth:`state_dict`, so a resumed run draws exactly the crops it would have drawn.
-    Images smaller than the crop and unreadable files are skipped with a warning.
+    Every crop is drawn from its own ``torch.Generator`` seeded from ``(seed, step, index)``,
+    where ``index`` is the crop's place in the global batch of that step. So the data position
+    of a run is just its step: resuming needs no sampler state, DataLoader workers can build
+    batches in any order, and DDP ranks (each taking a slice of the global batch) together see
+    exactly the batch a single process would.
+    Images smaller than the crop and unreadable files are skipped with a warning and counted
+    in :attr:`skipped`; a folder without any image, or without a usable one, is an error.
     """
 
     def __init__(self, root: str | os.PathLike, crop: int, scale: int, *, permute_channels: bool = True,
                  seed: int = 0) -> None:
         if crop % scale:
             raise ValueError(f"crop ({crop}) must be a multiple of scale ({scale})")
-        self.crop, self.scale, self.permute_channels = crop, scale, permute_channels
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.crop, self.scale, self.permute_channels, self.seed = crop, scale, permute_channels, seed
         self.images: list[torch.Tensor] = []
         self.skipped: dict[str, str] = {}
         paths = find_images(root)
@@ -114,32 +120,49 @@ class RandomCrops:
             self.images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous())
         for path, why in self.skipped.items():
             log.warning("skipping %s: %s", path, why)
+        if self.skipped:
+            log.warning("skipped %d of %d images under %s", len(self.skipped), len(paths), root)
         if not self.images:
             raise ValueError(f"none of the {len(paths)} images under {root} is usable (see warnings)")
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(high, (1,), generator=self.generator))
+    def _generator(self, step: int, index: int) -> torch.Generator:
+        # SeedSequence mixes the three integers into well-spread, independent seeds.
+        words = np.random.SeedSequence([self.seed, step, index]).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
 
-    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch: (LR (B, 3, crop/scale, crop/scale), HR (B, 3, crop, crop)), float32 in [0, 1]."""
-        crops = []
-        for _ in range(batch_size):
-            image = self.images[self._randint(len(self.images))]
-            top = self._randint(image.shape[1] - self.crop + 1)
-            left = self._randint(image.shape[2] - self.crop + 1)
-            crop = image[:, top : top + self.crop, left : left + self.crop]
-            if self._randint(2):
-                crop = crop.flip(-1)
-            crop = torch.rot90(crop, self._randint(4), dims=(-2, -1))
-            if self.permute_channels:
-                crop = crop[torch.randperm(3, generator=self.generator)]
-            crops.append(crop)
-        hr = torch.stack(crops).float().div_(255.0)
+    def crop_at(self, step: int, index: int) -> torch.Tensor:
+        """Crop number ``index`` of ``step``'s global batch: (3, crop, crop) uint8."""
+        g = self._generator(step, index)
+        randint = lambda high: int(torch.randint(high, (1,), generator=g))  # noqa: E731
+        image = self.images[randint(len(self.images))]
+        top = randint(image.shape[1] - self.crop + 1)
+        left = randint(image.shape[2] - self.crop + 1)
+        crop = image[:, top : top + self.crop, left : left + self.crop]
+        if randint(2):
+            crop = crop.flip(-1)
+        crop = torch.rot90(crop, randint(4), dims=(-2, -1))
+        if self.permute_channels:
+            crop = crop[torch.randperm(3, generator=g)]
+        return crop
+
+    def batch(self, step: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crops ``start .. start+count-1`` of ``step``'s global batch:
+        (LR (count, 3, crop/scale, crop/scale), HR (count, 3, crop, crop)), float32 in [0, 1]."""
+        hr = torch.stack([self.crop_at(step, start + i) for i in range(count)]).float().div_(255.0)
         return bicubic_downscale(hr, self.scale), hr
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+class StepBatches(torch.utils.data.Dataset):
+    """Dataset indexed by training step: item ``step`` is this rank's slice of that step's batch.
+
+    Use with ``DataLoader(batch_size=None, sampler=range(first_step, last_step))``.
+    """
+
+    def __init__(self, crops: RandomCrops, start: int, count: int) -> None:
+        self.crops, self.start, self.count = crops, start, count
+
+    def __len__(self) -> int:
+        return 2**62  # indexed by step, unbounded
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.crops.batch(step, self.start, self.count)
