@@ -47,7 +47,8 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
 
 def to_float(image: np.ndarray) -> torch.Tensor:
     """(H, W, C) uint8 -> (1, C, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    # np.array copies: PIL-backed arrays are read-only, which torch.from_numpy warns about.
+    return torch.from_numpy(np.array(image, order="C")).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,8 @@ global batch, split evenly over the ranks; only rank 0 writes files. BatchNorm s
 synchronised over the ranks (``--sync-bn``, the default), so N ranks train the same model as
 one process with the whole batch would; torch's own ``SyncBatchNorm`` is GPU-only, so fastsr
 uses :class:`SyncBatchNorm2d` (all-reduce of the per-channel sums, differentiable) on every device.
+``--no-sync-bn`` keeps per-rank statistics (cheaper; then N ranks x B/N crops is not the same
+training as one process with B crops).
 """
 
 from __future__ import annotations
@@ -134,11 +136,28 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum) over the default process group: the gradient of a
+    global sum with respect to each rank's contribution is the all-reduced incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch over all DDP ranks.
 
     Works on any device and process-group backend (gloo included): the per-channel sums are
-    all-reduced with the differentiable ``torch.distributed.nn.functional.all_reduce``, so the
+    all-reduced with a differentiable all-reduce (:class:`_AllReduceSum`), so the
     backward pass gets the cross-rank terms right. Two passes (mean, then centred squares) for
     the variance, as numerically safe as the single-process BatchNorm. Without an initialised
     process group (or in eval mode) it is a plain BatchNorm2d; state dict keys are unchanged.
@@ -147,8 +166,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         self._check_input_dim(x)
         xf = x.float()
         dims = (0, 2, 3)
