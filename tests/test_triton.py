@@ -1,0 +1,345 @@
+"""The ``triton`` backend against the ``torch`` reference.
+
+Without CUDA these run through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+on small odd shapes in fp32 and fp16 (the interpreter cannot run bf16 tl.dot); with CUDA the same
+tests run compiled kernels on the GPU, plus the ``gpu``-marked bf16 and >2**31-element cases.
+
+Tolerance rule (DESIGN.md): |ours - ref64| <= 2 * |torch_same_dtype - ref64| + atol, elementwise,
+where ref64 is the reference in float64 and torch_same_dtype the reference in the tested dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import fastsr
+from fastsr import functional as ops
+from fastsr import reference as ref
+
+kernels = importlib.import_module("fastsr.kernels")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16]
+# atol relative to the largest reference magnitude: about one fp16 ulp there, and for fp32 a
+# margin for reduction-order differences (K up to 2304 products).
+ATOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
+
+
+def assert_within_rule(name: str, ours: torch.Tensor, ref64: torch.Tensor, same: torch.Tensor, dtype) -> None:
+    """DESIGN.md tolerance rule, elementwise, with a message naming the worst element."""
+    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}"
+    ours64, same64 = ours.detach().double(), same.detach().double()
+    atol = ATOL[dtype] * max(1.0, ref64.abs().max().item())
+    err = (ours64 - ref64).abs()
+    bound = 2 * (same64 - ref64).abs() + atol
+    bad = err > bound
+    if bad.any():
+        i = (err - bound).argmax()
+        raise AssertionError(
+            f"{name} ({dtype}): {int(bad.sum())} of {bad.numel()} elements outside the tolerance rule; "
+            f"worst: ours err {err.flatten()[i]:.3g} > bound {bound.flatten()[i]:.3g} (torch err "
+            f"{(same64 - ref64).abs().flatten()[i]:.3g}, atol {atol:.3g})"
+        )
+
+
+def _fmt(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t.contiguous()
+
+
+def _conv_inputs(n, c_in, c_out, h, w, k, shuffle, bias, slope, residual, dtype, channels_last, seed=0):
+    """Random conv2d_prelu inputs in float64 on DEVICE (cast per test); weights scaled ~1/sqrt(fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    oc = c_out // (shuffle * shuffle)
+    x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64)
+    wt = torch.randn(c_out, c_in, k, k, generator=g, dtype=torch.float64) / (c_in * k * k) ** 0.5
+    b = torch.randn(c_out, generator=g, dtype=torch.float64) * 0.1 if bias else None
+    s = {"scalar": torch.tensor([0.2], dtype=torch.float64),
+         "channel": torch.rand(oc, generator=g, dtype=torch.float64) - 0.5, None: None}[slope]
+    r = torch.randn(n, oc, h * shuffle, w * shuffle, generator=g, dtype=torch.float64) if residual else None
+    out = []
+    for t in (x, wt, b, s, r):
+        if t is not None:
+            t = t.to(DEVICE)
+            t = _fmt(t, channels_last) if t.dim() == 4 else t
+        out.append(t)
+    return out
+
+
+def _cast(ts, dtype):
+    return [None if t is None else t.to(dtype) for t in ts]
+
+
+# (n, C_in, C_out, H, W, k, shuffle, bias, slope, residual): the SRResNet layers and odd extras.
+CONV_CASES = [
+    (1, 3, 64, 7, 13, 9, 1, True, "scalar", False),     # head: 9x9, C_in = 3
+    (3, 64, 3, 7, 13, 9, 1, True, None, False),         # tail: 9x9 to 3 channels, no activation
+    (3, 64, 64, 7, 13, 3, 1, False, "channel", True),   # body conv + residual
+    (1, 64, 256, 7, 13, 3, 2, True, "scalar", False),   # upsample: conv + shuffle 2 + PReLU
+    (3, 5, 17, 31, 17, 3, 1, True, "channel", True),    # odd channels, prime-ish sizes
+    (1, 5, 68, 31, 17, 3, 2, False, "channel", True),   # shuffle 2 into 17 channels + residual
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "n{}_ci{}_co{}_{}x{}_k{}_r{}_b{}_s{}_res{}".format(*c))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv2d_prelu_forward(case, channels_last, dtype):
+    ins = _conv_inputs(*case, dtype, channels_last)
+    shuffle = case[6]
+    ref64 = ref.conv2d_prelu(*ins, shuffle)
+    same = ref.conv2d_prelu(*_cast(ins, dtype), shuffle)
+    ours = ops.conv2d_prelu(*_cast(ins, dtype), shuffle=shuffle, backend="triton")
+    assert ours.dtype == dtype
+    assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert_within_rule("conv2d_prelu", ours, ref64, same, dtype)
+
+
+GRAD_CASES = [
+    (3, 5, 17, 7, 13, 3, 1, True, "channel", True),
+    (1, 3, 8, 7, 13, 9, 1, True, "scalar", False),
+    (1, 6, 16, 7, 13, 3, 2, True, "channel", True),
+    (2, 64, 3, 5, 7, 9, 1, False, None, False),
+]
+
+
+def _grads(fn, ins, grad_out):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in ins]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "n{}_ci{}_co{}_{}x{}_k{}_r{}_b{}_s{}_res{}".format(*c))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv2d_prelu_gradients(case, channels_last, dtype):
+    ins = _conv_inputs(*case, dtype, channels_last)
+    shuffle = case[6]
+    n, _, c_out, h, w = case[:5]
+    g = torch.randn(n, c_out // shuffle**2, h * shuffle, w * shuffle, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    g = _fmt(g, channels_last)
+    ref64 = _grads(lambda *a: ref.conv2d_prelu(*a, shuffle), ins, g)
+    same = _grads(lambda *a: ref.conv2d_prelu(*a, shuffle), _cast(ins, dtype), g)
+    ours = _grads(lambda *a: ops.conv2d_prelu(*a, shuffle=shuffle, backend="triton"), _cast(ins, dtype), g)
+    for name, o, r64, s in zip(("x", "weight", "bias", "slope", "residual"), ours, ref64, same):
+        if r64 is None:
+            assert o is None
+            continue
+        assert o.dtype == dtype, f"grad of {name} has dtype {o.dtype}"
+        assert_within_rule(f"d{name}", o, r64, s, dtype)
+
+
+@pytest.mark.parametrize("k,shuffle,slope,residual", [(3, 1, "channel", True), (3, 2, "channel", True),
+                                                      (5, 2, "scalar", False), (9, 1, None, False)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_conv2d_prelu_gradcheck(k, shuffle, slope, residual, channels_last):
+    # fp64 tl.dot runs in the interpreter (numpy matmul) and on the GPU with IEEE precision.
+    ins = _conv_inputs(2, 3, 4 * shuffle, 4, 5, k, shuffle, True, slope, residual, torch.float64, channels_last)
+    leaves = [None if t is None else t.requires_grad_() for t in ins]
+
+    def fn(*a):
+        return ops.conv2d_prelu(*a, shuffle=shuffle, backend="triton")
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("slope_kind,r", [("scalar", 2), ("channel", 2), ("channel", 3)])
+def test_pixel_shuffle_prelu_forward_and_gradients(slope_kind, r, dtype, channels_last):
+    gen = torch.Generator().manual_seed(0)
+    x = _fmt(torch.randn(3, 5 * r * r, 7, 13, generator=gen, dtype=torch.float64).to(DEVICE), channels_last)
+    s = (torch.tensor([0.2], dtype=torch.float64) if slope_kind == "scalar"
+         else torch.rand(5, generator=gen, dtype=torch.float64) - 0.5).to(DEVICE)
+    g = torch.randn(3, 5, 7 * r, 13 * r, generator=gen, dtype=torch.float64).to(DEVICE)
+    ref64 = ref.pixel_shuffle_prelu(x, s, r)
+    same = ref.pixel_shuffle_prelu(x.to(dtype), s.to(dtype), r)
+    ours = ops.pixel_shuffle_prelu(x.to(dtype), s.to(dtype), r, backend="triton")
+    assert ours.dtype == dtype
+    assert_within_rule("pixel_shuffle_prelu", ours, ref64, same, dtype)
+    grads64 = _grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), [x, s], g)
+    grads_same = _grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), _cast([x, s], dtype), g)
+    grads = _grads(lambda a, b: ops.pixel_shuffle_prelu(a, b, r, backend="triton"), _cast([x, s], dtype), g)
+    for name, o, r64, sm in zip(("x", "slope"), grads, grads64, grads_same):
+        assert_within_rule(f"d{name}", o, r64, sm, dtype)
+
+
+def test_pixel_shuffle_prelu_gradcheck():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 3, 5, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    s = (torch.rand(2, generator=gen, dtype=torch.float64) - 0.5).to(DEVICE).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: ops.pixel_shuffle_prelu(a, b, 2, backend="triton"), (x, s), fast_mode=True)
+
+
+def _image_pair(n, c, h, w, channels_last, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.rand(n, c, h, w, generator=gen, dtype=torch.float64)
+    b = (a + 0.05 * torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    return _fmt(a.to(DEVICE), channels_last), _fmt(b.to(DEVICE), channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("shape", [(1, 3, 31, 17), (3, 5, 7, 13)])
+def test_mse_forward_and_gradients(shape, reduction, dtype, channels_last):
+    a, b = _image_pair(*shape, channels_last)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ref64 = ref.mse(a, b, reduction)
+    same = ref.mse(a.to(dtype), b.to(dtype), reduction)
+    ours = ops.mse(a.to(dtype), b.to(dtype), reduction, backend="triton")
+    assert ours.dtype == acc and ours.shape == same.shape
+    assert_within_rule("mse", ours, ref64, same, acc)
+    g = torch.rand(ours.shape, dtype=torch.float64).to(DEVICE) + 0.5
+    grads64 = _grads(lambda p, q: ref.mse(p, q, reduction), [a, b], g)
+    grads_same = _grads(lambda p, q: ref.mse(p, q, reduction), _cast([a, b], dtype), g)
+    grads = _grads(lambda p, q: ops.mse(p, q, reduction, backend="triton"), _cast([a, b], dtype), g)
+    for name, o, r64, sm in zip(("a", "b"), grads, grads64, grads_same):
+        assert o.dtype == dtype
+        assert_within_rule(f"d{name}", o, r64, sm, dtype)
+
+
+def test_mse_gradcheck():
+    a, b = _image_pair(2, 3, 5, 4, False)
+    a.requires_grad_(), b.requires_grad_()
+    for reduction in ("none", "mean"):
+        assert torch.autograd.gradcheck(lambda p, q: ops.mse(p, q, reduction, backend="triton"), (a, b), fast_mode=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("y_channel,crop_border,data_range", [(False, 0, 1.0), (True, 0, 1.0), (True, 4, 255.0),
+                                                              (False, 3, 255.0)])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_psnr(y_channel, crop_border, data_range, reduction, dtype, channels_last):
+    a, b = _image_pair(3, 3, 31, 17, channels_last)
+    a, b = a * data_range, b * data_range
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    args = (data_range, y_channel, crop_border, reduction)
+    ref64 = ref.psnr(a, b, *args)
+    same = ref.psnr(a.to(dtype), b.to(dtype), *args)
+    ours = ops.psnr(a.to(dtype), b.to(dtype), *args, backend="triton")
+    assert ours.dtype == acc and ours.shape == same.shape
+    assert_within_rule("psnr", ours, ref64, same, acc)
+
+
+def test_mse_psnr_are_deterministic():
+    a, b = _image_pair(2, 3, 127, 131, True)
+    a, b = a.float(), b.float()
+    first = (ops.mse(a, b, "none", backend="triton"), ops.psnr(a, b, y_channel=True, backend="triton"))
+    second = (ops.mse(a, b, "none", backend="triton"), ops.psnr(a, b, y_channel=True, backend="triton"))
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+
+
+def test_srresnet_forward_backward_matches_torch_backend():
+    """A whole SRGAN generator (train mode: BN batch statistics, so the unfused-BN path) on the
+    triton backend: output and every parameter gradient within the rule against the torch backend."""
+    torch.manual_seed(0)
+    model64 = fastsr.SRResNet(scale=4, num_blocks=2).double().to(DEVICE)
+    for p in model64.parameters():  # non-trivial BN / PReLU parameters so every path matters
+        p.data.add_(0.05 * torch.randn_like(p))
+    model32 = fastsr.SRResNet(scale=4, num_blocks=2).to(DEVICE)
+    model32.load_state_dict({k: v.float() for k, v in model64.state_dict().items()})
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 6, 7, generator=gen, dtype=torch.float64).to(DEVICE)
+    g = torch.randn(2, 3, 24, 28, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    def run(model, backend, dtype):
+        model.zero_grad()
+        with fastsr.use_backend(backend):
+            out = model(x.to(dtype))
+            out.backward(g.to(dtype))
+        return out, {k: p.grad for k, p in model.named_parameters()}
+
+    out64, grads64 = run(model64, "torch", torch.float64)
+    out_same, grads_same = run(model32, "torch", torch.float32)
+    ours, grads = run(model32, "triton", torch.float32)
+    assert_within_rule("SRResNet output", ours, out64, out_same, torch.float32)
+    for name in grads64:
+        assert_within_rule(f"SRResNet grad {name}", grads[name], grads64[name], grads_same[name], torch.float32)
+    # eval mode: BatchNorm folded, every layer one fused op
+    model64.eval(), model32.eval()
+    with torch.no_grad():
+        with fastsr.use_backend("torch"):
+            e64, e_same = model64(x), model32(x.float())
+        with fastsr.use_backend("triton"):
+            e_ours = model32(x.float())
+    assert_within_rule("SRResNet eval output", e_ours, e64, e_same, torch.float32)
+
+
+def test_availability_contract(monkeypatch):
+    ok, why = kernels.availability("cpu")
+    assert ok == (kernels.os.environ.get("TRITON_INTERPRET") == "1"), why
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, why = kernels.availability("cpu")
+    assert not ok and "TRITON_INTERPRET=1" in why
+    ok, why = kernels.availability("cuda")
+    assert ok == torch.cuda.is_available(), why
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter limitation only applies on CPU")
+def test_bf16_under_interpreter_is_a_clear_error():
+    x = torch.randn(1, 3, 5, 5, dtype=torch.bfloat16)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="interpreter"):
+        ops.conv2d_prelu(x, w, backend="triton")
+
+
+# ---------------------------------------------------------------- GPU only (compiled kernels)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CONV_CASES[:4], ids=lambda c: "ci{1}_co{2}_k{5}_r{6}".format(*c))
+def test_conv2d_prelu_bf16_forward_and_gradients(case):
+    dtype = torch.bfloat16
+    ins = _conv_inputs(*case, dtype, True)
+    shuffle = case[6]
+    assert_within_rule("conv2d_prelu bf16", ops.conv2d_prelu(*_cast(ins, dtype), shuffle=shuffle, backend="triton"),
+                       ref.conv2d_prelu(*ins, shuffle), ref.conv2d_prelu(*_cast(ins, dtype), shuffle), dtype)
+    n, _, c_out, h, w = case[:5]
+    g = torch.randn(n, c_out // shuffle**2, h * shuffle, w * shuffle, dtype=torch.float64, device=DEVICE)
+    ref64 = _grads(lambda *a: ref.conv2d_prelu(*a, shuffle), ins, g)
+    same = _grads(lambda *a: ref.conv2d_prelu(*a, shuffle), _cast(ins, dtype), g)
+    ours = _grads(lambda *a: ops.conv2d_prelu(*a, shuffle=shuffle, backend="triton"), _cast(ins, dtype), g)
+    for name, o, r64, s in zip(("x", "weight", "bias", "slope", "residual"), ours, ref64, same):
+        if r64 is not None:
+            assert_within_rule(f"bf16 d{name}", o, r64, s, dtype)
+
+
+@pytest.mark.gpu
+def test_bf16_pixel_shuffle_and_metrics():
+    dtype = torch.bfloat16
+    a, b = _image_pair(3, 12, 33, 17, True)
+    s = torch.rand(3, dtype=torch.float64, device=DEVICE)
+    assert_within_rule("pixel_shuffle_prelu bf16", ops.pixel_shuffle_prelu(a.to(dtype), s.to(dtype), 2, backend="triton"),
+                       ref.pixel_shuffle_prelu(a, s, 2), ref.pixel_shuffle_prelu(a.to(dtype), s.to(dtype), 2), dtype)
+    assert_within_rule("mse bf16", ops.mse(a.to(dtype), b.to(dtype), "none", backend="triton"),
+                       ref.mse(a, b, "none"), ref.mse(a.to(dtype), b.to(dtype), "none"), torch.float32)
+
+
+@pytest.mark.gpu
+def test_over_2_31_elements():
+    """int64 offsets: a conv whose input and output each hold > 2**31 elements, checked against
+    the reference on the last rows/columns (the farthest offsets), and mse over > 2**31 elements."""
+    dtype = torch.bfloat16
+    n, c, h, w = 1, 8, 16400, 16400  # 2.15e9 elements each, 4.3 GB in bf16
+    assert n * c * h * w > 2**31
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(n, c, h, w, device=DEVICE, dtype=dtype, generator=gen)
+    wt = torch.randn(c, c, 3, 3, device=DEVICE, dtype=dtype, generator=gen) * 0.2
+    out = ops.conv2d_prelu(x, wt, None, torch.tensor([0.1], device=DEVICE, dtype=dtype), backend="triton")
+    corner = x[..., -34:, -34:].double()
+    expected = ref.conv2d_prelu(corner, wt.double(), None, torch.tensor([0.1], device=DEVICE, dtype=torch.float64),
+                                None, 1)[..., 1:, 1:]
+    torch.testing.assert_close(out[..., -33:, -33:].double(), expected, rtol=2e-2, atol=2e-2)
+    del out
+    y = x.clone()
+    y[0, -1, -1, -1] += 1.0  # one differing element at the very last offset
+    diff = (y[0, -1, -1, -1].double() - x[0, -1, -1, -1].double()) ** 2
+    got = ops.mse(x, y, "none", backend="triton")
+    torch.testing.assert_close(got.double(), diff.view(1) / x.numel(), rtol=1e-3, atol=0)
