@@ -15,6 +15,10 @@ from .backend import (
 )
 from .models import Discriminator, SRResNet, load_model, save_model
 
+# Importing the submodule binds the attribute fastsr.upscale to it; the function defined below
+# rebinds the name, so fastsr.upscale is the function (the module stays in sys.modules).
+from .upscale import upscale_file  # noqa: E402
+
 __version__ = "0.1.0"
 
 
@@ -28,5 +32,5 @@ def upscale(image, model=None, **kwargs):
 
 __all__ = [
     "BackendUnavailableError", "Discriminator", "SRResNet", "available_backends", "functional", "get_backend",
-    "load_model", "metrics", "nn", "save_model", "set_backend", "upscale", "use_backend", "__version__",
+    "load_model", "metrics", "nn", "save_model", "set_backend", "upscale", "upscale_file", "use_backend", "__version__",
 ]

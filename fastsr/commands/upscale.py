@@ -1,0 +1,77 @@
+"""Upscale an image file of any size with an SRGAN model, tile by tile in bounded memory.
+
+The output equals whole-image inference: each tile is computed with a halo of at least the
+model's receptive field and only its centre is kept. Large images stream from a tiled TIFF,
+zarr or .npy input into a tiled BigTIFF or zarr output; PNG/JPEG work for images that fit in
+memory. The output is written under a hidden temporary name and renamed when complete;
+finished tiles are recorded next to it, so an interrupted run continues with --resume.
+
+Inputs:  .tif/.tiff (tiled or stripped, BigTIFF too), .zarr, .npy, .png, .jpg, ...
+         8 or 16 bit; gray, gray+alpha, RGB, RGBA (alpha is upscaled with bicubic)
+Outputs: .tif (tiled BigTIFF), .zarr (v3), .png/.jpg/.webp (up to 268 Mpixel)
+
+Examples:
+  fastsr upscale photo.png photo_x4.png
+  fastsr upscale scan.tif scan_x4.tif --tile 512 --compression jpeg --pyramid
+  fastsr upscale scan.tif scan_x4.tif --resume          # after an interruption
+  torchrun --nproc_per_node=4 -m fastsr upscale scan.tif scan_x4.tif --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+
+HELP = "upscale an image (any size: tiled, streaming, resumable)"
+
+
+def _halo(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of pixels, got {value!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="input image")
+    p.add_argument("dst", metavar="DST", help="output image; the format follows the suffix")
+    p.add_argument("--model", default="default",
+                   help="embedded model name or a fastsr model file (default: default, an x4 SRResNet)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="compute dtype (default: fp32)")
+    p.add_argument("--tile", type=int, default=512, metavar="N",
+                   help="tile size in input pixels (default: 512); smaller uses less memory, halos cost more")
+    p.add_argument("--halo", type=_halo, default="auto", metavar="auto|N",
+                   help="input pixels of context around each tile (default: auto = the model's receptive "
+                        "field, which makes tiled output equal whole-image output)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="tiles per model call (default: 1 on CPU, 4 on CUDA)")
+    p.add_argument("--compression", default="zstd", choices=["none", "deflate", "zstd", "jpeg"],
+                   help="TIFF tile compression (default: zstd; deflate is the most widely readable)")
+    p.add_argument("--pyramid", action="store_true", help="add half-resolution levels to a TIFF output (SubIFDs)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run with the same arguments from its finished tiles")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cpp"],
+                   help="kernel backend (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..backend import BackendUnavailableError
+    from ..upscale import upscale_file
+
+    if args.tile is not None and args.tile < 1:
+        raise UserError(f"--tile must be a positive number of pixels, got {args.tile}")
+    try:
+        out = upscale_file(args.src, args.dst, args.model, tile=args.tile, halo=args.halo,
+                           batch_size=args.batch_size, device=args.device, dtype=args.dtype, resume=args.resume,
+                           compression=args.compression, pyramid=args.pyramid, progress=not args.quiet,
+                           backend=args.backend)
+    except BackendUnavailableError as exc:
+        raise UserError(str(exc)) from None
+    if not args.quiet:
+        print(f"wrote {out}")
+    return 0

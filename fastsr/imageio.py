@@ -1,0 +1,449 @@
+"""Image readers and writers for images of any size.
+
+Readers never load a whole large image: tiled or stripped TIFF / BigTIFF are read by region
+through tifffile's zarr interface (only the tiles or strips a region touches are decoded),
+zarr arrays and ``.npy`` files (memory-mapped) by slicing. Pillow formats (PNG, JPEG, ...)
+are decoded whole, up to Pillow's decompression-bomb limit, beyond which the error suggests
+converting to a tiled TIFF.
+
+Writers are fed tile by tile: a tiled BigTIFF (optionally with pyramid levels) is written
+from an iterator of tiles in row-major order; a zarr v3 array is written chunk by chunk.
+PNG / JPEG / WebP outputs are assembled in memory, so they are limited to what fits.
+
+Every image is (H, W, C) with C = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA), dtype uint8 or uint16.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+COMPRESSIONS = ("none", "deflate", "zstd", "jpeg")
+# A whole-image (Pillow) output must fit in memory with room to spare: at most this many pixels.
+PILLOW_MAX_OUTPUT_PIXELS = 1 << 28
+
+
+class ImageReadError(UserError):
+    """The input image is missing, unreadable, empty or corrupt."""
+
+
+class UnsupportedImageError(UserError):
+    """The input image has a mode, dtype or layout fastsr does not handle."""
+
+
+class ImageTooLargeError(UserError):
+    """The image is too large for the requested whole-image format."""
+
+
+class ImageWriteError(UserError):
+    """The output cannot be written (directory, format, disk space)."""
+
+
+def mode_of(channels: int) -> str:
+    return MODES[channels]
+
+
+class ImageSource:
+    """A readable image: ``height``, ``width``, ``channels``, ``dtype`` and ``read(y0, y1, x0, x1)``
+    returning an (y1 - y0, x1 - x0, channels) array. Reads touch only the requested region."""
+
+    def __init__(self, path: str, array, height: int, width: int, channels: int, dtype: np.dtype,
+                 read: Callable[[int, int, int, int], np.ndarray], closer: Callable[[], None] | None = None,
+                 kind: str = "") -> None:
+        self.path, self.array, self.height, self.width = path, array, height, width
+        self.channels, self.dtype, self._read, self._closer, self.kind = channels, np.dtype(dtype), read, closer, kind
+
+    @property
+    def mode(self) -> str:
+        return mode_of(self.channels)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.height, self.width, self.channels
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Region [y0, y1) x [x0, x1) as a C-contiguous (h, w, C) array of ``dtype``."""
+        return np.ascontiguousarray(self._read(y0, y1, x0, x1))
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
+
+    def __enter__(self) -> ImageSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.path}: {self.width}x{self.height} {self.mode} {self.dtype}>"
+
+
+def _check_layout(path: str, shape: tuple[int, ...], dtype: np.dtype, what: str) -> tuple[int, int, int]:
+    if len(shape) not in (2, 3):
+        raise UnsupportedImageError(f"{path}: {what} has shape {tuple(shape)}; expected (H, W) or (H, W, C)")
+    height, width = shape[0], shape[1]
+    channels = 1 if len(shape) == 2 else shape[2]
+    if height == 0 or width == 0 or channels == 0:
+        raise ImageReadError(f"{path}: {what} has zero size (shape {tuple(shape)})")
+    if channels not in MODES:
+        raise UnsupportedImageError(f"{path}: {what} has {channels} channels (shape {tuple(shape)}); "
+                                    "fastsr handles 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA)")
+    if np.dtype(dtype) not in DTYPES:
+        raise UnsupportedImageError(f"{path}: {what} has dtype {np.dtype(dtype)}; fastsr handles uint8 and uint16")
+    return height, width, channels
+
+
+def array_source(array, path: str = "<array>", kind: str = "array", closer=None) -> ImageSource:
+    """Wrap an (H, W) or (H, W, C) array-like that supports slicing (numpy, memmap, zarr)."""
+    height, width, channels = _check_layout(path, tuple(array.shape), array.dtype, kind)
+    if len(array.shape) == 2:
+        read = lambda y0, y1, x0, x1: np.asarray(array[y0:y1, x0:x1])[..., None]
+    else:
+        read = lambda y0, y1, x0, x1: np.asarray(array[y0:y1, x0:x1])
+    return ImageSource(path, array, height, width, channels, array.dtype, read, closer, kind)
+
+
+def _open_tiff(path: str) -> ImageSource:
+    import tifffile
+    import zarr
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as exc:
+        raise ImageReadError(f"{path}: not a readable TIFF file ({exc})") from None
+    try:
+        if not tif.series:
+            raise ImageReadError(f"{path}: TIFF file contains no image")
+        series = tif.series[0]
+        axes, shape = series.axes, series.shape
+        # Level 0 of series 0 as a zarr array whose chunks are the TIFF's tiles or strips.
+        arr = zarr.open_array(series.aszarr(level=0), mode="r")
+    except UserError:
+        tif.close()
+        raise
+    except Exception as exc:
+        tif.close()
+        raise ImageReadError(f"{path}: cannot read TIFF image ({exc})") from None
+    # Index away singleton axes (pages, Z, T, ...) and keep Y, X and one sample axis (S or C).
+    index, kept = [], []
+    for i, (ax, n) in enumerate(zip(axes, shape, strict=True)):
+        if ax in "YX" or (ax in "SC" and not any(axes[j] in "SC" for j in kept)):
+            index.append(slice(None))
+            kept.append(i)
+        elif n == 1:
+            index.append(0)
+        else:
+            tif.close()
+            raise UnsupportedImageError(f"{path}: TIFF series has axes {axes} and shape {tuple(shape)}; "
+                                        "fastsr reads 2-D images (YX, YXS or SYX)")
+    kept_axes = "".join(axes[i] for i in kept)
+    if "Y" not in kept_axes or "X" not in kept_axes:
+        tif.close()
+        raise UnsupportedImageError(f"{path}: TIFF series has axes {axes}; no Y and X axes")
+    order = [kept_axes.index("Y"), kept_axes.index("X")] + [k for k, a in enumerate(kept_axes) if a not in "YX"]
+    out_shape = tuple(shape[kept[k]] for k in order)
+    height, width, channels = _check_layout(path, out_shape, arr.dtype, f"TIFF {series.kind} image")
+
+    def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        sel = list(index)
+        sel[axes.index("Y")] = slice(y0, y1)
+        sel[axes.index("X")] = slice(x0, x1)
+        block = np.asarray(arr[tuple(sel)]).transpose(order)
+        return block if block.ndim == 3 else block[..., None]
+
+    return ImageSource(path, arr, height, width, channels, arr.dtype, read, tif.close, "TIFF")
+
+
+def _open_pillow(path: str) -> ImageSource:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            # Above Pillow's bomb limit, refuse clearly instead of decoding gigabytes.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                fmt, mode, size = im.format, im.mode, im.size
+                im.load()
+                array = _pil_to_array(path, im)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageTooLargeError(
+            f"{path}: {fmt} image of {size[0]}x{size[1]} pixels is too large to decode whole "
+            f"(limit {Image.MAX_IMAGE_PIXELS // 10**6} Mpixel); convert it to a tiled BigTIFF, e.g. "
+            "'vips tiffsave IN OUT.tif --tile --bigtiff' or 'gdal_translate -co TILED=YES -co BIGTIFF=YES IN OUT.tif'"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not an image file Pillow can read (is it really {Path(path).suffix}?)") from None
+    except UserError:
+        raise
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: cannot decode image, the file may be truncated or corrupt ({exc})") from None
+    del mode
+    return array_source(array, path, kind=fmt or "image")
+
+
+def _pil_to_array(path: str, im) -> np.ndarray:
+    """(H, W, C) uint8/uint16 array of a loaded PIL image."""
+    mode = im.mode
+    if mode == "1":
+        im = im.convert("L")
+    elif mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode == "PA":
+        im = im.convert("RGBA")
+    elif mode in ("I;16", "I;16L", "I;16B", "I"):
+        array = np.asarray(im)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise UnsupportedImageError(f"{path}: 32-bit integer image (mode {mode}) with values outside 0..65535")
+        return array.astype(np.uint16)[..., None]
+    elif mode not in ("L", "LA", "RGB", "RGBA"):
+        raise UnsupportedImageError(f"{path}: unsupported image mode {mode!r} ({im.size[0]}x{im.size[1]}); "
+                                    "fastsr handles L, LA, RGB, RGBA (8 or 16 bit); convert it to RGB first")
+    array = np.asarray(im)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def open_image(path: str | os.PathLike) -> ImageSource:
+    """Open ``path`` for region reads: TIFF/BigTIFF, a zarr array (directory), a ``.npy`` file
+    (memory-mapped), or any Pillow format (decoded whole). Raises :class:`ImageReadError` /
+    :class:`UnsupportedImageError` / :class:`ImageTooLargeError` with the file name."""
+    path = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(f"{path}: no such file")
+    if p.is_dir():
+        if (p / "zarr.json").exists() or (p / ".zarray").exists():
+            return _open_zarr(path)
+        raise ImageReadError(f"{path}: is a directory, not an image (nor a zarr array)")
+    if not os.access(path, os.R_OK):
+        raise ImageReadError(f"{path}: permission denied")
+    if p.stat().st_size == 0:
+        raise ImageReadError(f"{path}: file is empty (0 bytes)")
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    if magic[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return _open_tiff(path)
+    if magic.startswith(b"\x93NUMPY"):
+        try:
+            array = np.load(path, mmap_mode="r")
+        except Exception as exc:
+            raise ImageReadError(f"{path}: cannot read .npy file ({exc})") from None
+        return array_source(array, path, kind=".npy array")
+    if p.suffix.lower() in TIFF_SUFFIXES:
+        raise ImageReadError(f"{path}: not a TIFF file (bad header {magic[:4]!r})")
+    return _open_pillow(path)
+
+
+def _open_zarr(path: str) -> ImageSource:
+    import zarr
+
+    try:
+        array = zarr.open_array(path, mode="r")
+    except Exception as exc:
+        raise ImageReadError(f"{path}: cannot open zarr array ({exc})") from None
+    return array_source(array, path, kind="zarr array")
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """"tiff", "zarr" or "pillow" from the output file name; UserError for anything else."""
+    suffix = Path(path).suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        return "tiff"
+    if suffix == ".zarr":
+        return "zarr"
+    if suffix in PILLOW_SUFFIXES:
+        return "pillow"
+    raise ImageWriteError(f"{path}: unknown output format {suffix or '(no suffix)'!r}; use .tif (tiled BigTIFF), "
+                          f".zarr, or one of {', '.join(PILLOW_SUFFIXES)} for images that fit in memory")
+
+
+def check_output(dst: str | os.PathLike, *, shape: tuple[int, int, int], dtype: np.dtype, compression: str) -> str:
+    """Validate that an image of ``shape`` (H, W, C) and ``dtype`` can be written to ``dst``
+    with ``compression``; returns the format. Raises :class:`ImageWriteError` /
+    :class:`ImageTooLargeError` before any work is done."""
+    fmt = output_format(dst)
+    height, width, channels = shape
+    dtype = np.dtype(dtype)
+    if compression not in COMPRESSIONS:
+        raise ImageWriteError(f"unknown compression {compression!r}; choose from {', '.join(COMPRESSIONS)}")
+    if fmt == "pillow":
+        suffix = Path(dst).suffix.lower()
+        if height * width > PILLOW_MAX_OUTPUT_PIXELS:
+            raise ImageTooLargeError(
+                f"{dst}: output of {width}x{height} pixels is too large for {suffix} (whole-image format, limit "
+                f"{PILLOW_MAX_OUTPUT_PIXELS // 10**6} Mpixel); write a tiled BigTIFF (.tif) or a .zarr instead")
+        if dtype == np.uint16 and (channels != 1 or suffix != ".png"):
+            raise UnsupportedImageError(f"{dst}: cannot write a 16-bit {mode_of(channels)} image as {suffix}; "
+                                        "write a .tif (16-bit RGB/RGBA) instead")
+        if suffix in (".jpg", ".jpeg") and channels in (2, 4):
+            raise UnsupportedImageError(f"{dst}: JPEG has no alpha channel; write .png or .tif for a "
+                                        f"{mode_of(channels)} image")
+    if fmt == "tiff" and compression == "jpeg" and (dtype != np.uint8 or channels not in (1, 3)):
+        raise UnsupportedImageError(f"{dst}: JPEG compression in TIFF needs 8-bit gray or RGB, not "
+                                    f"{dtype} {mode_of(channels)}; use --compression zstd or deflate")
+    d = Path(dst).resolve().parent
+    if not d.is_dir():
+        raise ImageWriteError(f"{dst}: output directory {d} does not exist")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ImageWriteError(f"{dst}: output directory {d} is not writable")
+    return fmt
+
+
+def estimate_output_bytes(shape: tuple[int, int, int], dtype: np.dtype, fmt: str, compression: str) -> int:
+    """A conservative estimate of the disk space an output needs (final file + the resumable
+    tile store it is assembled from). Compressed sizes assume photo-like content: lossless
+    compression of upscaled images (smooth at pixel scale) rarely exceeds 60% of raw."""
+    raw = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    ratio = {"none": 1.0, "deflate": 0.6, "zstd": 0.6, "jpeg": 0.15}[compression]
+    store = 0.6 * raw  # the zstd-compressed tile store (removed at the end, except for .zarr outputs)
+    final = 0 if fmt == "zarr" else (0.6 if fmt == "pillow" else ratio) * raw
+    return int(store + final)
+
+
+def check_disk_space(dst: str | os.PathLike, needed: int) -> None:
+    d = Path(dst).resolve().parent
+    free = shutil.disk_usage(d).free
+    if needed > free:
+        raise ImageWriteError(f"{dst}: not enough disk space in {d}: the output needs about {needed / 2**30:.1f} GiB, "
+                              f"{free / 2**30:.1f} GiB free")
+
+
+def temp_path(dst: str | os.PathLike, tag: str = "tmp") -> Path:
+    """A hidden temporary name in the destination's folder (same file system, so the final
+    rename is atomic), keeping the suffix so format detection by name still works."""
+    dst = Path(dst)
+    return dst.with_name(f".{dst.stem}.fastsr-{tag}-{os.getpid()}{dst.suffix}")
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def commit_path(tmp: Path, dst: Path) -> None:
+    """Move a finished temporary output to its final name (atomic for files)."""
+    if tmp.is_dir() and dst.exists():
+        remove_path(dst)  # os.replace cannot replace a non-empty directory
+    os.replace(tmp, dst)
+
+
+def create_zarr(path: str | os.PathLike, shape: tuple[int, int, int], chunks: tuple[int, int, int],
+                dtype: np.dtype, mode: str = "w"):
+    """A zarr v3 array on disk, zstd-compressed chunks (fast, lossless). ``mode="a"`` opens an
+    existing one. Chunk-aligned writes from several workers need no locks."""
+    import zarr
+    from zarr.codecs import BytesCodec, ZstdCodec
+
+    if mode == "a":
+        return zarr.open_array(str(path), mode="r+")
+    return zarr.create_array(str(path), shape=shape, chunks=chunks, dtype=np.dtype(dtype),
+                             serializer=BytesCodec(), compressors=ZstdCodec(level=1), zarr_format=3,
+                             fill_value=0, overwrite=True)
+
+
+def iter_chunks(array, block: tuple[int, int]) -> Iterator[np.ndarray]:
+    """(bh, bw, C) blocks of an (H, W, C) array-like in row-major order (edge blocks smaller)."""
+    height, width = array.shape[:2]
+    for y in range(0, height, block[0]):
+        for x in range(0, width, block[1]):
+            yield np.asarray(array[y:y + block[0], x:x + block[1]])
+
+
+def _downsample2(block: np.ndarray) -> np.ndarray:
+    """2x2 box filter (rounded mean) of an (h, w, C) block; odd edges repeat the last pixel."""
+    h, w = block.shape[:2]
+    if h % 2 or w % 2:
+        block = np.pad(block, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    b = block.astype(np.uint32)
+    s = b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2]
+    return ((s + 2) // 4).astype(block.dtype)
+
+
+def build_pyramid(base, folder: Path, block: int, min_size: int) -> list:
+    """Downsampled levels (each half the previous) of a zarr ``base`` array, as zarr arrays in
+    ``folder``, until the longer side is at most ``min_size``. Works block by block."""
+    levels, prev = [], base
+    while max(prev.shape[:2]) > min_size:
+        h, w, c = prev.shape
+        shape = (-(-h // 2), -(-w // 2), c)
+        level = create_zarr(folder / f"level{len(levels) + 1}.zarr", shape, (block, block, c), prev.dtype)
+        for y in range(0, shape[0], block):
+            for x in range(0, shape[1], block):
+                level[y:y + block, x:x + block] = _downsample2(np.asarray(prev[2 * y:2 * y + 2 * block,
+                                                                               2 * x:2 * x + 2 * block]))
+        levels.append(level)
+        prev = level
+    return levels
+
+
+def write_tiff(path: str | os.PathLike, base, *, tile: int, compression: str = "zstd", levels: tuple = ()) -> None:
+    """Write the (H, W, C) array-like ``base`` (e.g. a zarr array) as a tiled BigTIFF, reading
+    it one ``tile`` x ``tile`` block at a time in row-major order, plus ``levels`` as reduced-
+    resolution SubIFDs (a pyramid viewers can use)."""
+    import tifffile
+
+    if tile % 16:
+        raise ImageWriteError(f"{path}: TIFF tiles must be a multiple of 16 pixels, got {tile}")
+    codec = {"none": None, "deflate": "zlib", "zstd": "zstd", "jpeg": "jpeg"}[compression]
+    height, width, channels = base.shape
+    photometric = "rgb" if channels >= 3 else "minisblack"
+    extrasamples = ("unassalpha",) if channels in (2, 4) else None
+    predictor = compression in ("deflate", "zstd")  # horizontal differencing: smaller lossless files
+
+    def write_level(tif, array, **kwargs):
+        h, w, c = array.shape
+        tif.write(iter_chunks(array, (tile, tile)), shape=(h, w, c) if c > 1 else (h, w),
+                  dtype=array.dtype, tile=(tile, tile), photometric=photometric, compression=codec,
+                  predictor=predictor, extrasamples=extrasamples, planarconfig="contig", **kwargs)
+
+    if channels == 1:
+        base = _Squeeze(base)
+        levels = tuple(_Squeeze(level) for level in levels)
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        write_level(tif, base, subifds=len(levels) or None, metadata=None, software="fastsr")
+        for level in levels:
+            write_level(tif, level, subfiletype=1, metadata=None)
+
+
+class _Squeeze:
+    """View an (H, W, 1) array-like as (H, W) for TIFF gray images."""
+
+    def __init__(self, array) -> None:
+        self.array, self.dtype = array, array.dtype
+        self.shape = (array.shape[0], array.shape[1], 1)
+
+    def __getitem__(self, key):
+        return np.asarray(self.array[key])[..., 0]
+
+
+def write_pillow(path: str | os.PathLike, array: np.ndarray, fmt: str | None = None) -> None:
+    """Write an (H, W, C) uint8 (or uint16 gray) array with Pillow."""
+    from PIL import Image
+
+    if array.dtype == np.uint16:
+        im = Image.fromarray(array[..., 0].astype(np.uint16), mode="I;16")
+    else:
+        im = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array, mode=mode_of(array.shape[2]))
+    kwargs = {"quality": 95} if (fmt or Path(path).suffix.lower().lstrip(".")) in ("jpg", "jpeg", "JPEG") else {}
+    im.save(path, format=fmt, **kwargs)
+
+
+def pillow_format(dst: str | os.PathLike) -> str:
+    return {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}[Path(dst).suffix.lower()]

@@ -1,0 +1,188 @@
+"""Receptive field, tile plans and exact stitching for tiled upscaling.
+
+A convolutional upscaler's output pixel depends only on the input pixels within its
+receptive field. If each tile is run on a *window* that extends the tile's *core* by at
+least that radius on every side (or reaches the image border, where the model sees the
+same zero padding as in a whole-image run), the core of the tile's output is the same as
+the whole-image output at those pixels (up to float rounding). Stitching keeps only the
+cores, so there are no seams to blend.
+
+All windows of a plan have the same shape: near the borders the window slides inwards
+rather than shrinking, so tiles can be batched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+
+class ReceptiveFieldError(ValueError):
+    """The model contains a layer whose receptive field fastsr cannot derive."""
+
+
+def _conv_radius(conv: nn.Conv2d) -> int:
+    if conv.stride != (1, 1):
+        raise ReceptiveFieldError(f"strided convolution {conv} is not supported for tiling")
+    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
+    return max(dh * (kh - 1) // 2, dw * (kw - 1) // 2)
+
+
+def _layers(module: nn.Module) -> Iterator[tuple[str, int]]:
+    """Yield ("conv", radius) and ("up", factor) for the spatial layers of ``module``, in
+    registration order (which is forward order for fastsr's models and for nn.Sequential)."""
+    from .nn import ConvPReLU
+
+    if isinstance(module, ConvPReLU):
+        yield "conv", _conv_radius(module.conv)
+        if module.shuffle > 1:  # the pixel shuffle is fused into the conv op
+            yield "up", module.shuffle
+    elif isinstance(module, nn.Conv2d):
+        yield "conv", _conv_radius(module)
+    elif isinstance(module, nn.PixelShuffle):
+        yield "up", module.upscale_factor
+    elif isinstance(module, nn.Upsample):
+        factor = module.scale_factor
+        if module.mode != "nearest" or factor is None or float(factor) != int(factor):
+            raise ReceptiveFieldError(f"only integer nearest upsampling is supported for tiling, got {module}")
+        yield "up", int(factor)
+    elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d, nn.ConvTranspose2d, nn.Unfold)):
+        raise ReceptiveFieldError(f"{type(module).__name__} is not supported for tiling")
+    else:
+        for child in module.children():
+            yield from _layers(child)
+
+
+def _layer_list(model: nn.Module) -> list[tuple[str, int]]:
+    return list(_layers(model))
+
+
+def model_scale(model: nn.Module) -> int:
+    """The model's integer upscaling factor: its ``scale`` attribute, else the product of its
+    upsampling layers."""
+    scale = getattr(model, "scale", None)
+    if scale is not None:
+        return int(scale)
+    return math.prod(f for kind, f in _layer_list(model) if kind == "up")
+
+
+def receptive_field(model: nn.Module) -> int:
+    """Receptive-field radius of ``model`` in input (LR) pixels, derived from its layers.
+
+    Walks the layers backwards from one output pixel of each sub-pixel phase, growing an
+    integer interval: a k x k conv adds k // 2 on each side at its own resolution, an
+    upsampling by r maps output positions [lo, hi] to input positions [lo // r, hi // r].
+    The radius is the largest distance from the LR pixel that contains the output pixel.
+    Residual branches are covered because every conv on the longest path is counted
+    (an upper bound for branches that skip some of them). SRResNet x4 gives 40.
+    """
+    layers = _layer_list(model)
+    scale = math.prod(f for kind, f in layers if kind == "up")
+    radius = 0
+    for phase in range(scale):
+        lo = hi = phase
+        for kind, value in reversed(layers):
+            if kind == "conv":
+                lo, hi = lo - value, hi + value
+            else:
+                lo, hi = lo // value, hi // value
+        radius = max(radius, -lo, hi)
+    return radius
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: its index in row-major order, its core (the input pixels it produces output
+    for) and its window (the input pixels the model reads), both as (y0, y1, x0, x1)."""
+
+    index: int
+    row: int
+    col: int
+    core: tuple[int, int, int, int]
+    window: tuple[int, int, int, int]
+
+    def output_box(self, scale: int) -> tuple[int, int, int, int]:
+        """Where the core's output goes in the full output image, (y0, y1, x0, x1)."""
+        y0, y1, x0, x1 = self.core
+        return y0 * scale, y1 * scale, x0 * scale, x1 * scale
+
+    def output_crop(self, scale: int) -> tuple[slice, slice]:
+        """Slices that cut the core's output out of the window's output (rows, cols)."""
+        y0, y1, x0, x1 = self.core
+        wy0, _, wx0, _ = self.window
+        return (slice((y0 - wy0) * scale, (y1 - wy0) * scale), slice((x0 - wx0) * scale, (x1 - wx0) * scale))
+
+
+def _window(start: int, stop: int, size: int, length: int, halo: int) -> tuple[int, int]:
+    # A window of `size` pixels around [start, stop), slid inside [0, length) at the borders.
+    w0 = min(max(start - halo, 0), length - size)
+    return w0, w0 + size
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tiles of ``tile`` x ``tile`` input pixels on a (height, width) image, each read with a
+    ``halo``-pixel margin. ``window_shape`` is the same for every tile (batchable)."""
+
+    height: int
+    width: int
+    tile: int
+    halo: int
+    scale: int
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"cannot tile an empty image of {self.height}x{self.width} pixels")
+        if self.tile < 1 or self.halo < 0:
+            raise ValueError(f"tile must be >= 1 and halo >= 0, got tile={self.tile}, halo={self.halo}")
+
+    @property
+    def rows(self) -> int:
+        return -(-self.height // self.tile)
+
+    @property
+    def cols(self) -> int:
+        return -(-self.width // self.tile)
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def window_shape(self) -> tuple[int, int]:
+        return min(self.tile + 2 * self.halo, self.height), min(self.tile + 2 * self.halo, self.width)
+
+    @property
+    def output_shape(self) -> tuple[int, int]:
+        return self.height * self.scale, self.width * self.scale
+
+    def tile_at(self, index: int) -> Tile:
+        row, col = divmod(index, self.cols)
+        y0, x0 = row * self.tile, col * self.tile
+        y1, x1 = min(y0 + self.tile, self.height), min(x0 + self.tile, self.width)
+        wh, ww = self.window_shape
+        wy = _window(y0, y1, wh, self.height, self.halo)
+        wx = _window(x0, x1, ww, self.width, self.halo)
+        return Tile(index, row, col, (y0, y1, x0, x1), (wy[0], wy[1], wx[0], wx[1]))
+
+    def __iter__(self) -> Iterator[Tile]:
+        return (self.tile_at(i) for i in range(len(self)))
+
+    def batches(self, batch_size: int) -> list[range]:
+        """Tile indices in fixed groups of ``batch_size`` (row-major). The groups do not depend
+        on what has been done already, so a resumed run computes every tile in the same batch
+        as an uninterrupted one (bitwise-identical results)."""
+        n = len(self)
+        return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+    def input_pixels_computed(self) -> int:
+        """Input pixels the model processes, halos included (for throughput accounting)."""
+        wh, ww = self.window_shape
+        return len(self) * wh * ww
+
+
+def plan_tiles(height: int, width: int, *, tile: int, halo: int, scale: int) -> TilePlan:
+    """Plan tiles for an image; see :class:`TilePlan`."""
+    return TilePlan(height, width, tile, halo, scale)
