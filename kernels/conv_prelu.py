@@ -38,7 +38,7 @@ from ._common import (
 )
 
 
-def _configs(shapes: list[tuple[int, int, int, int, int]], interpret_shape: tuple[int, int, int]) -> list[triton.Config]:
+def _configs(shapes: list[tuple[int, ...]], interpret_shape: tuple[int, int, int]) -> list[triton.Config]:
     """GPU: a small config space (num_warps <= 4: Inductor's flattened conv loop is known to give
     wrong results with 8 warps). Interpreter: one config with the largest blocks, because the
     interpreter's cost is per program instance and loop iteration, not per element."""
