@@ -17,9 +17,11 @@ from torch import nn
 
 from .discriminator import Discriminator
 from .srresnet import SRResNet
+from .variants import MSRResNet, PeerSRResNet
 
 FORMAT = "fastsr-model-v1"
-_ARCHS = {"srresnet": SRResNet, "discriminator": Discriminator}
+_ARCHS = {"srresnet": SRResNet, "discriminator": Discriminator, "msrresnet": MSRResNet,
+          "peer_srresnet": PeerSRResNet}
 # Embedded models: name -> file shipped in fastsr/models/weights/.
 EMBEDDED = {"default": "srresnet_x4_default.safetensors"}
 
@@ -65,11 +67,20 @@ def embedded_path(name: str) -> Path:
 
 
 def load_model(name_or_path: str | os.PathLike = "default", *, device: str | torch.device = "cpu") -> nn.Module:
-    """Load an embedded model by name (``"default"``) or a fastsr model file; returns it in eval mode."""
+    """Load an embedded model by name (``"default"``) or a model file; returns it in eval mode.
+
+    Besides fastsr's own files, generator checkpoints of other SRGAN code bases (``.pth``, ``.pt``,
+    ``.pth.tar``, safetensors without fastsr metadata) are detected and converted; see
+    :mod:`fastsr.models.peers`.
+    """
+    from . import peers  # peers imports this module
+
     path = embedded_path(str(name_or_path)) if str(name_or_path) in EMBEDDED else Path(name_or_path)
     if not path.is_file():
         known = ", ".join(EMBEDDED)
         raise ModelFileError(f"model file not found: {path} (embedded models: {known})")
+    if peers.is_torch_file(path):
+        return peers.load_checkpoint(path).to(device)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -77,7 +88,7 @@ def load_model(name_or_path: str | os.PathLike = "default", *, device: str | tor
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ModelFileError(f"{path}: not a readable safetensors model file ({exc})") from None
     if metadata.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: not a fastsr model file (metadata format={metadata.get('format')!r})")
+        return peers.convert_checkpoint(tensors, path).to(device)
     model = build_model(json.loads(metadata["config"]))
     reference = model.state_dict()
     tensors = {k: v.to(reference[k].dtype) if k in reference else v for k, v in tensors.items()}

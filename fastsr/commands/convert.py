@@ -1,0 +1,52 @@
+"""Convert a generator checkpoint of another SRGAN code base into fastsr's model file.
+
+Detected from the checkpoint's keys, with sizes and scale read from the tensor shapes:
+  Lornatang SRGAN-PyTorch (SRResNet/SRGAN generator, .pth.tar)  -> SRResNet + clamp to [0, 1]
+  BasicSR MSRResNet (x2/x3/x4; params or params_ema)             -> MSRResNet
+  leftthomas SRGAN generator (block1 ... block8)                  -> SRResNet + (tanh + 1) / 2
+  a fastsr SRResNet state dict (e.g. runs/NAME/checkpoint.pt)    -> SRResNet
+Checkpoints load with torch.load(weights_only=True): nothing in them is executed. EMA weights
+are used when the checkpoint has them (--no-ema: the raw weights).
+
+Example:
+  fastsr convert SRGAN_x4-SRGAN_ImageNet.pth.tar srgan_x4.safetensors
+  fastsr upscale --model srgan_x4.safetensors photo.png photo_x4.png
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "convert another SRGAN code base's checkpoint to a fastsr model file"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="checkpoint file (.pth, .pt, .pth.tar, .safetensors)")
+    p.add_argument("dst", metavar="DST", help="fastsr model file to write (.safetensors)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA ones")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="precision of the stored weights (default: fp32)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ..errors import UserError
+    from ..models import save_model
+    from ..models.checkpoint import FORMAT, ModelFileError
+    from ..models.peers import load_checkpoint
+
+    src = Path(args.src)
+    if not src.is_file():
+        raise UserError(f"checkpoint not found: {src}")
+    try:
+        model = load_checkpoint(src, prefer_ema=not args.no_ema)
+    except ModelFileError as exc:
+        raise UserError(str(exc)) from None
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    save_model(model, args.dst, dtype=dtype)
+    config = ", ".join(f"{k}={v}" for k, v in model.config.items())
+    print(f"wrote {args.dst} ({FORMAT}: {config})")
+    return 0
