@@ -13,6 +13,7 @@ from .backend import (
     set_backend,
     use_backend,
 )
+from .fuse import fuse  # the function; it shadows the submodule name (import fastsr.fuse for its classes)
 from .models import Discriminator, SRResNet, load_model, save_model
 
 # Importing the submodule binds the attribute fastsr.upscale to it; the function defined below
@@ -31,6 +32,6 @@ def upscale(image, model=None, **kwargs):
 
 
 __all__ = [
-    "BackendUnavailableError", "Discriminator", "SRResNet", "available_backends", "functional", "get_backend",
+    "BackendUnavailableError", "Discriminator", "SRResNet", "available_backends", "functional", "fuse", "get_backend",
     "load_model", "metrics", "nn", "save_model", "set_backend", "upscale", "upscale_file", "use_backend", "__version__",
 ]
