@@ -1,0 +1,47 @@
+// Helpers shared by the CPU and CUDA glue of the fastsr extension (torch headers allowed here,
+// never in csrc/cuda/*.cu).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace fastsr {
+
+// The memory format every op produces: channels_last when the input is channels_last (and not
+// also plain contiguous, which happens for C == 1 or H == W == 1), else NCHW. fastsr/ext.py's
+// fake (meta) implementations mirror this rule exactly, so torch.compile sees the real strides.
+inline at::MemoryFormat output_format(const at::Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
+                                                                                  : at::MemoryFormat::Contiguous;
+}
+
+inline bool is_channels_last(at::MemoryFormat f) { return f == at::MemoryFormat::ChannelsLast; }
+
+// Slope of a (P)ReLU as one value per channel in the accumulation dtype (fp64 for fp64, else
+// fp32), contiguous: kernels index it by channel without caring whether it was shared.
+inline at::Tensor per_channel_slope(const at::Tensor& slope, int64_t channels, at::ScalarType acc) {
+  TORCH_CHECK(slope.numel() == 1 || slope.numel() == channels, "fastsr: slope must have 1 or ", channels,
+              " elements, got ", slope.numel());
+  return slope.to(acc).reshape({-1}).expand({channels}).contiguous();
+}
+
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline void check_4d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "fastsr: ", name, " must be a 4-D (N, C, H, W) tensor, got ", t.dim(), " dims");
+}
+
+// 'same' convolution, stride 1, as every fastsr op uses it (odd square kernels).
+inline at::Tensor conv_same(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
+              "fastsr: weight must be (C_out, C_in, K, K) with odd K, got ", weight.sizes());
+  const int64_t p = weight.size(2) / 2;
+  return at::convolution(x, weight, bias, {1, 1}, {p, p}, {1, 1}, false, {0, 0}, 1);
+}
+
+// Y = sum_c Y_WEIGHTS[c] * rgb[c] + offset (MATLAB rgb2ycbcr on [0, 1] data); the offset cancels
+// in a difference, which is all the reductions need. Same numbers as fastsr/reference.py.
+constexpr double kYWeights[3] = {65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0};
+
+}  // namespace fastsr

@@ -1,0 +1,20 @@
+// fastsr's own CPU convolution for layers with very few output channels (the SRResNet tail,
+// 64 -> 3 channels, 9x9, at the output resolution), where oneDNN's kernels, vectorised over
+// output channels, leave most vector lanes empty.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace fastsr::cpu {
+
+// Whether few_out_conv serves this (x, weight) pair: fp32, 1..4 output channels and a reduction
+// per output row (K * C_in) of at least one full vector.
+bool few_out_conv_applies(const at::Tensor& x, const at::Tensor& weight);
+
+// conv2d(x, weight, bias, stride 1, 'same' padding) -> (N, C_out, H, W) in memory format `fmt`.
+at::Tensor few_out_conv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        at::MemoryFormat fmt);
+
+}  // namespace fastsr::cpu

@@ -1,0 +1,435 @@
+// CPU kernels of the fastsr ops: at::parallel_for over rows, at::vec::Vectorized inner loops on
+// the contiguous (fp32) cases, scalar loops elsewhere. Layouts: NCHW or channels_last (NHWC),
+// decided by common.h's output_format(); every kernel handles both.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../common.h"
+#include "conv_cpu.h"
+
+namespace fastsr {
+namespace {
+
+using at::vec::Vectorized;
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+template <typename A>
+inline A prelu(A v, A s) {
+  return v > A(0) ? v : v * s;
+}
+
+// dst[i] = prelu(src[i], slope) + res[i] for a contiguous run. The slope is one value (s0) or,
+// when `slopes` is set, one per element (the channels of one NHWC pixel). dst may alias src.
+template <typename T>
+void prelu_run(const T* src, bool activate, const acc_t<T>* slopes, acc_t<T> s0, const T* res, T* dst, int64_t len) {
+  using A = acc_t<T>;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    using V = Vectorized<float>;
+    const V zero(0.f), s0v(s0);
+    for (; i + V::size() <= len; i += V::size()) {
+      V v = V::loadu(src + i);
+      if (activate) {
+        const V s = slopes ? V::loadu(slopes + i) : s0v;
+        v = V::blendv(v * s, v, v > zero);
+      }
+      if (res) v = v + V::loadu(res + i);
+      v.store(dst + i);
+    }
+  }
+  for (; i < len; ++i) {
+    A v = static_cast<A>(src[i]);
+    if (activate) v = prelu(v, slopes ? slopes[i] : s0);
+    if (res) v += static_cast<A>(res[i]);
+    dst[i] = static_cast<T>(v);
+  }
+}
+
+// Visits every element of pixel_shuffle(x, r) once: fn(out_offset, in_offset, channel), where x
+// is (N, C*r*r, H, W) and the output (N, C, H*r, W*r), both contiguous in the same format.
+// Rows of the output are spread over threads; fn may use at::get_thread_num().
+template <typename F>
+void for_each_shuffled(int64_t N, int64_t C, int64_t H, int64_t W, int64_t r, bool cl, const F& fn) {
+  const int64_t OH = H * r, OW = W * r, CP = C * r * r;
+  if (cl) {
+    at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / OH, oh = row % OH, h = oh / r, i = oh % r;
+        for (int64_t w = 0; w < W; ++w) {
+          for (int64_t j = 0; j < r; ++j) {
+            const int64_t src = ((n * H + h) * W + w) * CP + i * r + j;
+            const int64_t dst = (row * OW + w * r + j) * C;
+            for (int64_t c = 0; c < C; ++c) fn(dst + c, src + c * r * r, c);
+          }
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, N * C * OH, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / (C * OH), c = (row / OH) % C, oh = row % OH, h = oh / r, i = oh % r;
+        for (int64_t j = 0; j < r; ++j) {
+          const int64_t src = ((n * CP + c * r * r + i * r + j) * H + h) * W;
+          const int64_t dst = row * OW + j;
+          for (int64_t w = 0; w < W; ++w) fn(dst + w * r, src + w, c);
+        }
+      }
+    });
+  }
+}
+
+template <typename T>
+void shuffle_prelu_kernel(const T* x, const acc_t<T>* slope, const T* res, T* out, int64_t N, int64_t C, int64_t H,
+                          int64_t W, int64_t r, bool cl) {
+  using A = acc_t<T>;
+  const bool activate = slope != nullptr;
+  if (r == 1) {
+    // No shuffle: a purely elementwise pass (in place when out == x), vectorised per row.
+    if (cl) {
+      at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          for (int64_t w = 0; w < W; ++w) {
+            const int64_t off = (row * W + w) * C;
+            prelu_run<T>(x + off, activate, slope, A(0), res ? res + off : nullptr, out + off, C);
+          }
+        }
+      });
+    } else {
+      at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t off = plane * H * W;
+          const A s = activate ? slope[plane % C] : A(0);
+          prelu_run<T>(x + off, activate, nullptr, s, res ? res + off : nullptr, out + off, H * W);
+        }
+      });
+    }
+    return;
+  }
+  for_each_shuffled(N, C, H, W, r, cl, [&](int64_t dst, int64_t src, int64_t c) {
+    A v = static_cast<A>(x[src]);
+    if (activate) v = prelu(v, slope[c]);
+    if (res) v += static_cast<A>(res[dst]);
+    out[dst] = static_cast<T>(v);
+  });
+}
+
+// The shared epilogue: prelu(pixel_shuffle(pre, r), slope) + residual in one pass over memory.
+// `pre` is consumed: with r == 1 the result is written over it.
+at::Tensor epilogue(at::Tensor pre, const std::optional<at::Tensor>& slope, const std::optional<at::Tensor>& residual,
+                    int64_t r, at::MemoryFormat fmt, bool may_overwrite) {
+  const int64_t N = pre.size(0), CP = pre.size(1), H = pre.size(2), W = pre.size(3);
+  TORCH_CHECK(r >= 1 && CP % (r * r) == 0, "fastsr: ", CP, " channels are not divisible by shuffle**2 = ", r * r);
+  const int64_t C = CP / (r * r);
+  pre = pre.contiguous(fmt);  // a no-op for the convolution outputs, which follow x's format
+  if (!slope && !residual && r == 1) return pre;
+  at::Tensor out = (r == 1 && may_overwrite) ? pre : at::empty({N, C, H * r, W * r}, pre.options(), fmt);
+  at::Tensor res;
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == out.sizes(), "fastsr: residual must have shape ", out.sizes(), ", got ",
+                residual->sizes());
+    res = residual->to(pre.scalar_type()).contiguous(fmt);
+  }
+  const auto acc = acc_type(pre.scalar_type());
+  at::Tensor s = slope ? per_channel_slope(*slope, C, acc) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "fastsr_shuffle_prelu", [&] {
+    shuffle_prelu_kernel<scalar_t>(pre.const_data_ptr<scalar_t>(), s.defined() ? s.const_data_ptr<acc_t<scalar_t>>() : nullptr,
+                                   res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
+                                   out.mutable_data_ptr<scalar_t>(), N, C, H, W, r, is_channels_last(fmt));
+  });
+  return out;
+}
+
+at::Tensor conv2d_prelu_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& slope, const std::optional<at::Tensor>& residual,
+                            int64_t shuffle) {
+  check_4d(x, "x");
+  const auto fmt = output_format(x);
+  // The bias goes into the convolution (oneDNN adds it in-register); activation, residual and the
+  // pixel-shuffle store are the single pass over the conv output. Convs with very few output
+  // channels (the 64 -> 3 tail) use fastsr's own direct kernel, vectorised over pixels.
+  at::Tensor pre = cpu::few_out_conv_applies(x, weight) ? cpu::few_out_conv(x, weight, bias, fmt)
+                                                         : conv_same(x, weight, bias);
+  return epilogue(std::move(pre), slope, residual, shuffle, fmt, /*may_overwrite=*/true);
+}
+
+at::Tensor shuffle_prelu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& slope,
+                             const std::optional<at::Tensor>& residual, int64_t r) {
+  check_4d(x, "x");
+  const auto fmt = output_format(x);
+  if (!slope && !residual && r == 1) return x.contiguous(fmt).clone(fmt);  // an op never returns its input
+  return epilogue(x, slope, residual, r, fmt, /*may_overwrite=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor> shuffle_prelu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                              const std::optional<at::Tensor>& slope, int64_t r) {
+  check_4d(x, "x");
+  const auto fmt = output_format(x);
+  const int64_t N = x.size(0), CP = x.size(1), H = x.size(2), W = x.size(3), C = CP / (r * r);
+  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor g = grad_out.to(x.scalar_type()).contiguous(fmt);
+  TORCH_CHECK(g.sizes() == at::IntArrayRef({N, C, H * r, W * r}), "fastsr: grad_out has shape ", g.sizes());
+  at::Tensor grad_x = at::empty_like(xc, fmt);
+  if (!slope) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastsr_unshuffle", [&] {
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
+      for_each_shuffled(N, C, H, W, r, is_channels_last(fmt), [&](int64_t dst, int64_t src, int64_t) { gx[src] = gp[dst]; });
+    });
+    return {grad_x, at::empty({0}, x.options())};
+  }
+  const auto acc = acc_type(x.scalar_type());
+  const at::Tensor s = per_channel_slope(*slope, C, acc);
+  at::Tensor grad_slope;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastsr_shuffle_prelu_backward", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const A* sp = s.const_data_ptr<A>();
+    scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
+    // Per-thread partial sums of the slope gradient, added up after the parallel pass.
+    const int64_t threads = at::get_num_threads();
+    std::vector<double> partial(threads * C, 0.0);
+    for_each_shuffled(N, C, H, W, r, is_channels_last(fmt), [&](int64_t dst, int64_t src, int64_t c) {
+      const A v = static_cast<A>(xp[src]), gv = static_cast<A>(gp[dst]);
+      gx[src] = static_cast<scalar_t>(v > A(0) ? gv : sp[c] * gv);
+      if (!(v > A(0))) partial[at::get_thread_num() * C + c] += static_cast<double>(v * gv);
+    });
+    at::Tensor total = at::zeros({C}, x.options().dtype(at::kDouble));
+    double* tp = total.mutable_data_ptr<double>();
+    for (int64_t t = 0; t < threads; ++t)
+      for (int64_t c = 0; c < C; ++c) tp[c] += partial[t * C + c];
+    grad_slope = slope->numel() == 1 ? total.sum().reshape(slope->sizes()) : total.reshape(slope->sizes());
+  });
+  return {grad_x, grad_slope.to(slope->scalar_type())};
+}
+
+// ---------------------------------------------------------------------------------------------
+// mse / psnr: one pass, per-row partial sums (fp32 vectors inside a block, fp64 across blocks).
+
+template <typename T>
+double sq_diff_sum(const T* a, const T* b, int64_t len) {
+  double total = 0.0;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    using V = Vectorized<float>;
+    constexpr int64_t kBlock = 64 * V::size();  // fp32 partial sums stay short, then go to fp64
+    while (i + 4 * V::size() <= len) {
+      V s0(0.f), s1(0.f), s2(0.f), s3(0.f);
+      const int64_t stop = std::min(len, i + kBlock);
+      for (; i + 4 * V::size() <= stop; i += 4 * V::size()) {
+        const V d0 = V::loadu(a + i) - V::loadu(b + i);
+        const V d1 = V::loadu(a + i + V::size()) - V::loadu(b + i + V::size());
+        const V d2 = V::loadu(a + i + 2 * V::size()) - V::loadu(b + i + 2 * V::size());
+        const V d3 = V::loadu(a + i + 3 * V::size()) - V::loadu(b + i + 3 * V::size());
+        s0 = at::vec::fmadd(d0, d0, s0);
+        s1 = at::vec::fmadd(d1, d1, s1);
+        s2 = at::vec::fmadd(d2, d2, s2);
+        s3 = at::vec::fmadd(d3, d3, s3);
+      }
+      total += static_cast<double>(at::vec::vec_reduce_all<float>(std::plus<V>(), (s0 + s1) + (s2 + s3)));
+    }
+  }
+  for (; i < len; ++i) {
+    const double d = static_cast<double>(a[i]) - static_cast<double>(b[i]);
+    total += d * d;
+  }
+  return total;
+}
+
+// Sum over one row of squared luma differences; the three colour samples of pixel p are at
+// x[c * cstride + p * pstride].
+template <typename T>
+double y_sq_diff_sum(const T* a, const T* b, int64_t npix, int64_t pstride, int64_t cstride) {
+  using A = acc_t<T>;
+  const A w0 = A(kYWeights[0]), w1 = A(kYWeights[1]), w2 = A(kYWeights[2]);
+  double total = 0.0;
+  int64_t p = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (pstride == 1) {
+      using V = Vectorized<float>;
+      const V v0(w0), v1(w1), v2(w2);
+      while (p + V::size() <= npix) {
+        V s(0.f);
+        const int64_t stop = std::min(npix, p + 64 * V::size());
+        for (; p + V::size() <= stop; p += V::size()) {
+          const V d0 = V::loadu(a + p) - V::loadu(b + p);
+          const V d1 = V::loadu(a + cstride + p) - V::loadu(b + cstride + p);
+          const V d2 = V::loadu(a + 2 * cstride + p) - V::loadu(b + 2 * cstride + p);
+          const V dy = at::vec::fmadd(d2, v2, at::vec::fmadd(d1, v1, d0 * v0));
+          s = at::vec::fmadd(dy, dy, s);
+        }
+        total += static_cast<double>(at::vec::vec_reduce_all<float>(std::plus<V>(), s));
+      }
+    }
+  }
+  for (; p < npix; ++p) {
+    const int64_t o = p * pstride;
+    const A dy = w0 * (static_cast<A>(a[o]) - static_cast<A>(b[o])) +
+                 w1 * (static_cast<A>(a[o + cstride]) - static_cast<A>(b[o + cstride])) +
+                 w2 * (static_cast<A>(a[o + 2 * cstride]) - static_cast<A>(b[o + 2 * cstride]));
+    total += static_cast<double>(dy) * static_cast<double>(dy);
+  }
+  return total;
+}
+
+// Geometry of the region the reductions cover: the image minus `crop` pixels on each side.
+struct Region {
+  int64_t N, C, H, W, crop, h, w;  // h, w: cropped extent
+  bool cl, y;
+  int64_t offset(int64_t n, int64_t c, int64_t hh, int64_t ww) const {  // hh, ww: in the full image
+    return cl ? ((n * H + hh) * W + ww) * C + c : ((n * C + c) * H + hh) * W + ww;
+  }
+  int64_t count() const { return (y ? 1 : C) * h * w; }
+};
+
+Region make_region(const at::Tensor& a, const at::Tensor& b, bool y_channel, int64_t crop, at::MemoryFormat fmt) {
+  check_4d(a, "a");
+  TORCH_CHECK(a.sizes() == b.sizes(), "fastsr: image batches differ in shape: ", a.sizes(), " vs ", b.sizes());
+  const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3);
+  TORCH_CHECK(!y_channel || C == 3, "fastsr: y_channel needs RGB images (3 channels), got ", C);
+  TORCH_CHECK(crop >= 0 && 2 * crop < H && 2 * crop < W, "fastsr: crop_border=", crop, " leaves nothing of a ", H,
+              "x", W, " image");
+  return Region{N, C, H, W, crop, H - 2 * crop, W - 2 * crop, is_channels_last(fmt), y_channel};
+}
+
+at::Tensor mse_per_image_cpu(const at::Tensor& a, const at::Tensor& b, double scale, bool y_channel, int64_t crop) {
+  const auto fmt = output_format(a);
+  const Region g = make_region(a, b, y_channel, crop, fmt);
+  const at::Tensor ac = a.contiguous(fmt), bc = b.to(a.scalar_type()).contiguous(fmt);
+  // One "row" is a contiguous run: an NHWC image row, or one channel's row of an NCHW image
+  // (with y_channel, NCHW rows cover the three planes at once).
+  const int64_t rows_per_image = (g.cl || g.y) ? g.h : g.C * g.h;
+  std::vector<double> partial(g.N * rows_per_image);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "fastsr_mse", [&] {
+    const scalar_t* ap = ac.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bc.const_data_ptr<scalar_t>();
+    at::parallel_for(0, g.N * rows_per_image, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / rows_per_image, k = row % rows_per_image;
+        const int64_t c = (g.cl || g.y) ? 0 : k / g.h, hh = g.crop + k % g.h;
+        const int64_t o = g.offset(n, c, hh, g.crop);
+        if (!g.y) {
+          partial[row] = sq_diff_sum(ap + o, bp + o, g.cl ? g.w * g.C : g.w);
+        } else if (g.cl) {
+          partial[row] = y_sq_diff_sum(ap + o, bp + o, g.w, /*pstride=*/3, /*cstride=*/1);
+        } else {
+          partial[row] = y_sq_diff_sum(ap + o, bp + o, g.w, /*pstride=*/1, /*cstride=*/g.H * g.W);
+        }
+      }
+    });
+  });
+  const auto acc = acc_type(a.scalar_type());
+  at::Tensor out = at::empty({g.N}, a.options().dtype(at::kDouble));
+  double* op = out.mutable_data_ptr<double>();
+  const double norm = scale * scale / static_cast<double>(g.count());
+  for (int64_t n = 0; n < g.N; ++n) {
+    double s = 0.0;
+    for (int64_t k = 0; k < rows_per_image; ++k) s += partial[n * rows_per_image + k];
+    op[n] = s * norm;
+  }
+  return out.to(acc);
+}
+
+at::Tensor mse_per_image_backward_cpu(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, double scale,
+                                      bool y_channel, int64_t crop) {
+  const auto fmt = output_format(a);
+  const Region g = make_region(a, b, y_channel, crop, fmt);
+  const at::Tensor ac = a.contiguous(fmt), bc = b.to(a.scalar_type()).contiguous(fmt);
+  TORCH_CHECK(grad.numel() == g.N, "fastsr: grad must have one value per image (", g.N, "), got ", grad.numel());
+  // d mean(((a - b) * s)^2) / da = 2 s^2 (a - b) / count, times the upstream gradient per image.
+  const at::Tensor coef = grad.to(at::kDouble).contiguous() * (2.0 * scale * scale / static_cast<double>(g.count()));
+  const double* cp = coef.const_data_ptr<double>();
+  at::Tensor out = at::zeros_like(ac, fmt);  // zero in the cropped border
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "fastsr_mse_backward", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* ap = ac.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.N * g.h, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / g.h, hh = g.crop + row % g.h;
+        const A k = static_cast<A>(cp[n]);
+        for (int64_t ww = g.crop; ww < g.crop + g.w; ++ww) {
+          if (g.y) {
+            A dy = A(0);
+            for (int64_t c = 0; c < 3; ++c) {
+              const int64_t o = g.offset(n, c, hh, ww);
+              dy += A(kYWeights[c]) * (static_cast<A>(ap[o]) - static_cast<A>(bp[o]));
+            }
+            for (int64_t c = 0; c < 3; ++c) op[g.offset(n, c, hh, ww)] = static_cast<scalar_t>(k * dy * A(kYWeights[c]));
+          } else {
+            for (int64_t c = 0; c < g.C; ++c) {
+              const int64_t o = g.offset(n, c, hh, ww);
+              op[o] = static_cast<scalar_t>(k * (static_cast<A>(ap[o]) - static_cast<A>(bp[o])));
+            }
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// to_uint8: clamp to [0, 1], scale by 255, round half to even (the default FP rounding mode that
+// nearbyint uses), NaN -> 0. Computed in fp32 (fp64 for fp64 input).
+
+template <typename T>
+inline uint8_t quantize(T x) {
+  using A = acc_t<T>;
+  A v = static_cast<A>(x);
+  v = v > A(0) ? (v < A(1) ? v : A(1)) : A(0);  // NaN fails both tests -> 0
+  return static_cast<uint8_t>(std::nearbyint(v * A(255)));
+}
+
+at::Tensor to_uint8_cpu(const at::Tensor& x) {
+  check_4d(x, "x");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto fmt = output_format(x);
+  const at::Tensor xc = x.contiguous(fmt);
+  at::Tensor out = at::empty({N, H, W, C}, x.options().dtype(at::kByte));
+  uint8_t* op = out.mutable_data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastsr_to_uint8", [&] {
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    if (is_channels_last(fmt)) {  // same element order: a flat elementwise pass
+      at::parallel_for(0, N * H * W * C, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) op[i] = quantize(xp[i]);
+      });
+    } else {  // NCHW -> NHWC: read each plane row contiguously, write interleaved
+      at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t n = row / H, h = row % H;
+          uint8_t* dst = op + row * W * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t* src = xp + ((n * C + c) * H + h) * W;
+            for (int64_t w = 0; w < W; ++w) dst[w * C + c] = quantize(src[w]);
+          }
+        }
+      });
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastsr, CPU, m) {
+  m.impl("conv2d_prelu", &conv2d_prelu_cpu);
+  m.impl("shuffle_prelu", &shuffle_prelu_cpu);
+  m.impl("shuffle_prelu_backward", &shuffle_prelu_backward_cpu);
+  m.impl("mse_per_image", &mse_per_image_cpu);
+  m.impl("mse_per_image_backward", &mse_per_image_backward_cpu);
+  m.impl("to_uint8", &to_uint8_cpu);
+}
+
+}  // namespace fastsr

@@ -1,0 +1,22 @@
+// Operator schemas of the fastsr extension. Device kernels are registered per dispatch key in
+// cpu/ops_cpu.cpp and (CUDA builds only) cuda/ops_cuda.cpp; fake (meta) kernels and autograd are
+// registered from Python in fastsr/ext.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastsr, m) {
+  // prelu(pixel_shuffle(conv2d(x, weight, bias, 'same'), shuffle), slope) + residual.
+  m.def("conv2d_prelu(Tensor x, Tensor weight, Tensor? bias, Tensor? slope, Tensor? residual, int shuffle) -> Tensor");
+  // prelu(pixel_shuffle(x, r), slope) + residual: the epilogue alone (pixel_shuffle_prelu when
+  // residual is None; the backward of conv2d_prelu recomputes the conv and reuses it).
+  m.def("shuffle_prelu(Tensor x, Tensor? slope, Tensor? residual, int r) -> Tensor");
+  // Backward of shuffle_prelu w.r.t. x and slope: (grad_x, grad_slope); grad_slope has slope's
+  // shape (a 0-element tensor when slope is None).
+  m.def("shuffle_prelu_backward(Tensor grad_out, Tensor x, Tensor? slope, int r) -> (Tensor, Tensor)");
+  // Per-image mean of ((a - b) * scale)**2 over the image minus a crop border, on the BT.601 luma
+  // when y_channel; (N,) in fp32 (fp64 for fp64 inputs).
+  m.def("mse_per_image(Tensor a, Tensor b, float scale, bool y_channel, int crop) -> Tensor");
+  // d(mse_per_image)/da given the (N,) upstream gradient; d/db is its negation.
+  m.def("mse_per_image_backward(Tensor grad, Tensor a, Tensor b, float scale, bool y_channel, int crop) -> Tensor");
+  // Float (N, C, H, W) in [0, 1] -> uint8 (N, H, W, C): clamp, * 255, round half to even.
+  m.def("to_uint8(Tensor x) -> Tensor");
+}
