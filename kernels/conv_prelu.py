@@ -51,17 +51,43 @@ def _configs(shapes: list[tuple[int, ...]], interpret_shape: tuple[int, int, int
     ]
 
 
+# Every reduction-over-(kh, kw, c) block size divides _TAP_QUANTUM, so "channels % _TAP_QUANTUM == 0"
+# means every block lies inside one tap (TAP_ALIGNED) whatever config the autotuner picks.
+_TAP_QUANTUM = 64
 _FWD_CONFIGS = _configs(
     [(128, 64, 64, 4, 3), (128, 128, 32, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 32, 64, 4, 4),
      (256, 64, 32, 4, 3)],
     (128, 64, 64),
 )
-# Weight gradient: M = C_out, N = KS*KS*C_in, K = pixels (BLOCK_K must divide _SPLIT_QUANTUM).
+# Weight gradient: M = C_out, N = KS*KS*C_in (BLOCK_N divides _TAP_QUANTUM), K = pixels
+# (BLOCK_K divides _SPLIT_QUANTUM).
 _WGRAD_CONFIGS = _configs(
-    [(64, 64, 64, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (32, 64, 128, 4, 3)],
+    [(64, 64, 64, 4, 3), (128, 64, 32, 4, 3), (64, 32, 128, 4, 3), (32, 64, 128, 4, 3)],
     (64, 64, 128),
 )
 _SPLIT_QUANTUM = 256
+
+
+@triton.jit
+def _k_block_coords(k0, C, K_TOTAL, KS: tl.constexpr, BLOCK: tl.constexpr, TAP_ALIGNED: tl.constexpr):
+    """(c, kh, kw, mask) of the reduction block k0 + [0, BLOCK) of a K axis flattened as
+    (kh, kw, c), c fastest. With TAP_ALIGNED (C a multiple of BLOCK) the block lies inside one tap:
+    kh, kw are uniform and c is contiguous, which the compiler can see (vector loads in
+    channels_last); otherwise every element decodes its own tap (small C, e.g. the 9x9 head)."""
+    if TAP_ALIGNED:
+        tap = k0 // C
+        c = k0 % C + tl.arange(0, BLOCK)
+        kh = tl.full((BLOCK,), 0, tl.int32) + tap // KS
+        kw = tl.full((BLOCK,), 0, tl.int32) + tap % KS
+        mask = tl.full((BLOCK,), 1, tl.int1)
+    else:
+        k = k0 + tl.arange(0, BLOCK)
+        c = k % C
+        tap = k // C
+        kh = tap // KS
+        kw = tap % KS
+        mask = k < K_TOTAL
+    return c, kh, kw, mask
 
 
 @triton.jit
@@ -74,7 +100,7 @@ def _conv_prelu_fwd_kernel(
     srn, srh, srw, src,
     szn, szh, szw, szc,
     slope_stride,
-    KS: tl.constexpr, R: tl.constexpr,
+    KS: tl.constexpr, R: tl.constexpr, TAP_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SLOPE: tl.constexpr, HAS_RES: tl.constexpr, STORE_Z: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -97,12 +123,7 @@ def _conv_prelu_fwd_kernel(
     K_TOTAL = KS * KS * C_in
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K_TOTAL, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < K_TOTAL
-        c = k % C_in
-        tap = k // C_in
-        kh = tap // KS
-        kw = tap % KS
+        c, kh, kw, k_mask = _k_block_coords(k0, C_in, K_TOTAL, KS, BLOCK_K, TAP_ALIGNED)
         ih = oh[:, None] + kh[None, :] - PAD
         iw = ow[:, None] + kw[None, :] - PAD
         a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -140,7 +161,7 @@ def _conv_prelu_bwd_input_kernel(
     swo, swi, swh, sww,
     sdn, sdh, sdw, sdc,
     slope_stride,
-    KS: tl.constexpr, R: tl.constexpr, HAS_SLOPE: tl.constexpr,
+    KS: tl.constexpr, R: tl.constexpr, HAS_SLOPE: tl.constexpr, TAP_ALIGNED: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -164,12 +185,7 @@ def _conv_prelu_bwd_input_kernel(
     K_TOTAL = KS * KS * C_out
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K_TOTAL, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < K_TOTAL
-        co = k % C_out
-        tap = k // C_out
-        kh = tap // KS
-        kw = tap % KS
+        co, kh, kw, k_mask = _k_block_coords(k0, C_out, K_TOTAL, KS, BLOCK_K, TAP_ALIGNED)
         oh = ih[:, None] + PAD - kh[None, :]
         ow = iw[:, None] + PAD - kw[None, :]
         a_mask = m_mask[:, None] & k_mask[None, :] & (oh >= 0) & (oh < H) & (ow >= 0) & (ow < W)
@@ -195,7 +211,7 @@ def _conv_prelu_bwd_weight_kernel(
     szn, szh, szw, szc,
     sxn, sxh, sxw, sxc,
     slope_stride,
-    KS: tl.constexpr, R: tl.constexpr, HAS_SLOPE: tl.constexpr,
+    KS: tl.constexpr, R: tl.constexpr, HAS_SLOPE: tl.constexpr, TAP_ALIGNED: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -210,13 +226,9 @@ def _conv_prelu_bwd_weight_kernel(
 
     co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     co_mask = co < C_out
-    k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     K_TOTAL = KS * KS * C_in
-    k_mask = k < K_TOTAL
-    c = k % C_in
-    tap = k // C_in
-    kh = tap // KS
-    kw = tap % KS
+    k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c, kh, kw, k_mask = _k_block_coords(pid_n * BLOCK_N, C_in, K_TOTAL, KS, BLOCK_N, TAP_ALIGNED)
 
     M = N * H * W
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -298,8 +310,9 @@ def conv_prelu_forward(
         n, h, w, c_in, c_out,
         *nhwc_strides(x), *weight.stride(), *nhwc_strides(out), *nhwc_strides(res), *nhwc_strides(z),
         _slope_stride(slope),
-        KS=ks, R=r, HAS_BIAS=bias is not None, HAS_SLOPE=slope is not None, HAS_RES=residual is not None,
-        STORE_Z=store_z, ACC=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+        KS=ks, R=r, TAP_ALIGNED=c_in % _TAP_QUANTUM == 0,
+        HAS_BIAS=bias is not None, HAS_SLOPE=slope is not None, HAS_RES=residual is not None, STORE_Z=store_z,
+        ACC=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
     )
     return out, (z if store_z else None)
 
@@ -349,7 +362,7 @@ def conv_prelu_backward(
             grad_out, z_arg, slope_arg, weight, dx,
             n, h, w, c_in, c_out,
             *nhwc_strides(grad_out), *nhwc_strides(z_arg), *weight.stride(), *nhwc_strides(dx),
-            _slope_stride(slope), **common,
+            _slope_stride(slope), TAP_ALIGNED=c_out % _TAP_QUANTUM == 0, **common,
         )
 
     if need_w or need_b or need_s:
@@ -369,7 +382,7 @@ def conv_prelu_backward(
             grad_out, z_arg, slope_arg, x, dw_part, db_part, ds_part,
             n, h, w, c_in, c_out, chunk,
             *nhwc_strides(grad_out), *nhwc_strides(z_arg), *nhwc_strides(x),
-            _slope_stride(slope), **common,
+            _slope_stride(slope), TAP_ALIGNED=c_in % _TAP_QUANTUM == 0, **common,
         )
         if need_w:
             # (C_out, (kh, kw, c)) -> (C_out, C_in, KH, KW)
