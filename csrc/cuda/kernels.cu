@@ -1,0 +1,284 @@
+// CUDA kernels of the fastsr ops. CUDA headers only (no torch), so this file compiles with plain
+// `nvcc -c` on machines without a GPU or a CUDA build of torch (tests/test_cpp.py does that for
+// sm_80 and sm_90). Offsets are int64: gigapixel tensors pass 2**31 elements.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "launch.h"
+
+namespace fastsr::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 65535LL * 8;  // grid-stride loops cover the rest
+// BT.601 luma weights as in fastsr/reference.py (MATLAB rgb2ycbcr on [0, 1] data).
+__constant__ double kYWeights[3] = {65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0};
+
+// Element type <-> accumulation type.
+template <typename T>
+struct Acc {
+  using type = float;
+  __device__ static float load(T v) { return static_cast<float>(v); }
+  __device__ static T store(float v) { return static_cast<T>(v); }
+};
+template <>
+struct Acc<double> {
+  using type = double;
+  __device__ static double load(double v) { return v; }
+  __device__ static double store(double v) { return v; }
+};
+template <>
+struct Acc<__half> {
+  using type = float;
+  __device__ static float load(__half v) { return __half2float(v); }
+  __device__ static __half store(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Acc<__nv_bfloat16> {
+  using type = float;
+  __device__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+};
+
+__host__ __device__ inline int64_t offset(const Shape& s, int64_t n, int64_t c, int64_t h, int64_t w) {
+  return s.channels_last ? ((n * s.H + h) * s.W + w) * s.C + c : ((n * s.C + c) * s.H + h) * s.W + w;
+}
+
+// Decodes a linear index in memory order of shape s into (n, c, h, w).
+__device__ inline void decode(const Shape& s, int64_t i, int64_t& n, int64_t& c, int64_t& h, int64_t& w) {
+  if (s.channels_last) {
+    c = i % s.C;
+    i /= s.C;
+    w = i % s.W;
+    i /= s.W;
+    h = i % s.H;
+    n = i / s.H;
+  } else {
+    w = i % s.W;
+    i /= s.W;
+    h = i % s.H;
+    i /= s.H;
+    c = i % s.C;
+    n = i / s.C;
+  }
+}
+
+inline unsigned blocks_for(int64_t n) {
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(b < 1 ? 1 : (b > kMaxBlocks ? kMaxBlocks : b));
+}
+
+#define FASTSR_GRID_STRIDE(i, total)                                                            \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (total); \
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+template <typename T>
+__global__ void shuffle_prelu_fwd_kernel(const T* __restrict__ x, const typename Acc<T>::type* __restrict__ slope,
+                                         const T* __restrict__ res, T* __restrict__ out, Shape in, Shape os,
+                                         int64_t r) {
+  using A = typename Acc<T>::type;
+  const int64_t total = os.N * os.C * os.H * os.W;
+  FASTSR_GRID_STRIDE(i, total) {
+    int64_t n, c, oh, ow;
+    decode(os, i, n, c, oh, ow);
+    const int64_t src = offset(in, n, c * r * r + (oh % r) * r + ow % r, oh / r, ow / r);
+    A v = Acc<T>::load(x[src]);
+    if (slope != nullptr && !(v > A(0))) v *= slope[c];
+    if (res != nullptr) v += Acc<T>::load(res[i]);
+    out[i] = Acc<T>::store(v);
+  }
+}
+
+template <typename T>
+__global__ void shuffle_prelu_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x,
+                                         const typename Acc<T>::type* __restrict__ slope, T* __restrict__ grad_x,
+                                         typename Acc<T>::type* __restrict__ grad_slope, Shape in, Shape os,
+                                         int64_t r) {
+  using A = typename Acc<T>::type;
+  const int64_t total = in.N * in.C * in.H * in.W;
+  FASTSR_GRID_STRIDE(i, total) {
+    int64_t n, cp, h, w;
+    decode(in, i, n, cp, h, w);
+    const int64_t c = cp / (r * r), k = cp % (r * r);
+    const A gv = Acc<T>::load(g[offset(os, n, c, h * r + k / r, w * r + k % r)]);
+    if (slope == nullptr) {
+      grad_x[i] = Acc<T>::store(gv);
+      continue;
+    }
+    const A v = Acc<T>::load(x[i]);
+    if (v > A(0)) {
+      grad_x[i] = Acc<T>::store(gv);
+    } else {
+      grad_x[i] = Acc<T>::store(slope[c] * gv);
+      // One atomic per non-positive element: simple and correct; channels are few and spread.
+      if (v * gv != A(0)) atomicAdd(grad_slope + c, v * gv);
+    }
+  }
+}
+
+// Region element e of image n: (c, h, w) of the cropped region in memory-friendly order.
+__device__ inline int64_t region_offset(const Shape& s, int64_t n, int64_t e, int64_t crop, int64_t rh, int64_t rw,
+                                        int64_t channels) {
+  int64_t c, h, w;
+  if (s.channels_last) {
+    c = e % channels;
+    e /= channels;
+    w = e % rw;
+    h = e / rw;
+  } else {
+    w = e % rw;
+    e /= rw;
+    h = e % rh;
+    c = e / rh;
+  }
+  return offset(s, n, c, h + crop, w + crop);
+}
+
+template <typename T>
+__global__ void squared_error_kernel(const T* __restrict__ a, const T* __restrict__ b, double* __restrict__ sums,
+                                     Shape s, int64_t crop, bool y_channel) {
+  using A = typename Acc<T>::type;
+  const int64_t n = blockIdx.y, rh = s.H - 2 * crop, rw = s.W - 2 * crop;
+  const int64_t channels = y_channel ? 1 : s.C, total = channels * rh * rw;
+  const int64_t cstep = s.channels_last ? 1 : s.H * s.W;  // offset between colour samples of a pixel
+  double acc = 0.0;
+  FASTSR_GRID_STRIDE(e, total) {
+    const int64_t o = region_offset(s, n, e, crop, rh, rw, channels);
+    A d;
+    if (y_channel) {
+      d = A(0);
+      for (int c = 0; c < 3; ++c)
+        d += A(kYWeights[c]) * (Acc<T>::load(a[o + c * cstep]) - Acc<T>::load(b[o + c * cstep]));
+    } else {
+      d = Acc<T>::load(a[o]) - Acc<T>::load(b[o]);
+    }
+    acc += static_cast<double>(d) * static_cast<double>(d);
+  }
+  // Block reduction: warp shuffles, then one value per warp through shared memory.
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
+  __shared__ double warp_sums[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_sums[warp] = acc;
+  __syncthreads();
+  if (warp == 0) {
+    acc = lane < static_cast<int>(blockDim.x / 32) ? warp_sums[lane] : 0.0;
+    for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
+    if (lane == 0) atomicAdd(sums + n, acc);
+  }
+}
+
+template <typename T>
+__global__ void squared_error_bwd_kernel(const typename Acc<T>::type* __restrict__ coef, const T* __restrict__ a,
+                                         const T* __restrict__ b, T* __restrict__ grad_a, Shape s, int64_t crop,
+                                         bool y_channel) {
+  using A = typename Acc<T>::type;
+  const int64_t total = s.N * s.C * s.H * s.W;
+  FASTSR_GRID_STRIDE(i, total) {
+    int64_t n, c, h, w;
+    decode(s, i, n, c, h, w);
+    if (h < crop || h >= s.H - crop || w < crop || w >= s.W - crop) {
+      grad_a[i] = Acc<T>::store(A(0));
+      continue;
+    }
+    A d;
+    if (y_channel) {
+      d = A(0);
+      for (int k = 0; k < 3; ++k) {
+        const int64_t o = offset(s, n, k, h, w);
+        d += A(kYWeights[k]) * (Acc<T>::load(a[o]) - Acc<T>::load(b[o]));
+      }
+      d *= A(kYWeights[c]);
+    } else {
+      d = Acc<T>::load(a[i]) - Acc<T>::load(b[i]);
+    }
+    grad_a[i] = Acc<T>::store(coef[n] * d);
+  }
+}
+
+template <typename T>
+__global__ void to_uint8_kernel(const T* __restrict__ x, uint8_t* __restrict__ out, Shape s) {
+  using A = typename Acc<T>::type;
+  const int64_t total = s.N * s.C * s.H * s.W;
+  FASTSR_GRID_STRIDE(i, total) {  // i walks the (N, H, W, C) output
+    const int64_t c = i % s.C, w = (i / s.C) % s.W, h = (i / (s.C * s.W)) % s.H, n = i / (s.C * s.W * s.H);
+    A v = Acc<T>::load(x[offset(s, n, c, h, w)]);
+    v = v > A(0) ? (v < A(1) ? v : A(1)) : A(0);  // NaN fails both tests -> 0
+    out[i] = static_cast<uint8_t>(rint(v * A(255)));  // rint: round half to even
+  }
+}
+
+// Runs f with the element type named by dtype.
+template <typename F>
+cudaError_t dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat64: f(double{}); break;
+    case DType::kFloat16: f(__half{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t shuffle_prelu_forward(DType dtype, const void* x, const void* slope, const void* res, void* out, Shape in,
+                                  int64_t r, cudaStream_t stream) {
+  const Shape os{in.N, in.C / (r * r), in.H * r, in.W * r, in.channels_last};
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    shuffle_prelu_fwd_kernel<T><<<blocks_for(os.N * os.C * os.H * os.W), kThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const A*>(slope), static_cast<const T*>(res), static_cast<T*>(out), in,
+        os, r);
+  });
+}
+
+cudaError_t shuffle_prelu_backward(DType dtype, const void* grad_out, const void* x, const void* slope, void* grad_x,
+                                   void* grad_slope_acc, Shape in, int64_t r, cudaStream_t stream) {
+  const Shape os{in.N, in.C / (r * r), in.H * r, in.W * r, in.channels_last};
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    shuffle_prelu_bwd_kernel<T><<<blocks_for(in.N * in.C * in.H * in.W), kThreads, 0, stream>>>(
+        static_cast<const T*>(grad_out), static_cast<const T*>(x), static_cast<const A*>(slope),
+        static_cast<T*>(grad_x), static_cast<A*>(grad_slope_acc), in, os, r);
+  });
+}
+
+cudaError_t squared_error_sums(DType dtype, const void* a, const void* b, double* sums, Shape s, int64_t crop,
+                               bool y_channel, cudaStream_t stream) {
+  const int64_t per_image = (y_channel ? 1 : s.C) * (s.H - 2 * crop) * (s.W - 2 * crop);
+  int64_t bx = (per_image + kThreads * 8 - 1) / (kThreads * 8);  // ~8 elements per thread, rest by striding
+  bx = bx < 1 ? 1 : (bx > 4096 ? 4096 : bx);
+  if (s.N > 65535) return cudaErrorInvalidValue;  // grid.y limit; the glue splits larger batches
+  const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(s.N));
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    squared_error_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(a), static_cast<const T*>(b), sums, s,
+                                                           crop, y_channel);
+  });
+}
+
+cudaError_t squared_error_backward(DType dtype, const void* coef, const void* a, const void* b, void* grad_a, Shape s,
+                                   int64_t crop, bool y_channel, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    squared_error_bwd_kernel<T><<<blocks_for(s.N * s.C * s.H * s.W), kThreads, 0, stream>>>(
+        static_cast<const A*>(coef), static_cast<const T*>(a), static_cast<const T*>(b), static_cast<T*>(grad_a), s,
+        crop, y_channel);
+  });
+}
+
+cudaError_t to_uint8(DType dtype, const void* x, uint8_t* out, Shape s, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    to_uint8_kernel<T><<<blocks_for(s.N * s.C * s.H * s.W), kThreads, 0, stream>>>(static_cast<const T*>(x), out, s);
+  });
+}
+
+}  // namespace fastsr::cuda

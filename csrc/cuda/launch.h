@@ -1,0 +1,46 @@
+// Launch functions of the fastsr CUDA kernels (csrc/cuda/kernels.cu). Plain C++ over raw
+// pointers and a stream, so kernels.cu includes CUDA headers only and compiles with `nvcc -c`
+// anywhere; the torch glue (ops_cuda.cpp) checks tensors and calls these.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace fastsr::cuda {
+
+// Element types of the tensors passed as void*. Accumulation ("acc") is fp64 for kFloat64 and
+// fp32 for everything else; slopes and per-image sums are passed in that type.
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// Geometry shared by all kernels: x is (N, C, H, W) contiguous in NCHW, or in NHWC when
+// channels_last.
+struct Shape {
+  int64_t N, C, H, W;
+  bool channels_last;
+};
+
+// out = prelu(pixel_shuffle(x, r), slope) + res. x: (N, C*r*r, H, W) as `in`; out, res:
+// (N, C, H*r, W*r), same format. slope: C acc values or nullptr (no activation); res may be null.
+cudaError_t shuffle_prelu_forward(DType dtype, const void* x, const void* slope, const void* res, void* out,
+                                  Shape in, int64_t r, cudaStream_t stream);
+
+// Backward of shuffle_prelu: grad_x (like x) and, when slope is set, grad_slope_acc (C acc values,
+// zeroed by the caller) accumulates sum(grad * min(x, 0)) per channel.
+cudaError_t shuffle_prelu_backward(DType dtype, const void* grad_out, const void* x, const void* slope, void* grad_x,
+                                   void* grad_slope_acc, Shape in, int64_t r, cudaStream_t stream);
+
+// sums[n] (fp64, zeroed by the caller) += sum over the cropped region of image n of (a - b)^2,
+// or of the BT.601 luma difference squared when y_channel (C == 3).
+cudaError_t squared_error_sums(DType dtype, const void* a, const void* b, double* sums, Shape s, int64_t crop,
+                               bool y_channel, cudaStream_t stream);
+
+// grad_a = coef[n] * (a - b) inside the region (luma-weighted when y_channel), 0 in the border.
+// coef: N acc values.
+cudaError_t squared_error_backward(DType dtype, const void* coef, const void* a, const void* b, void* grad_a, Shape s,
+                                   int64_t crop, bool y_channel, cudaStream_t stream);
+
+// out (N, H, W, C) uint8 = round_half_even(clamp(x, 0, 1) * 255), NaN -> 0.
+cudaError_t to_uint8(DType dtype, const void* x, uint8_t* out, Shape s, cudaStream_t stream);
+
+}  // namespace fastsr::cuda
