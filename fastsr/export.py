@@ -48,6 +48,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = 17, e
         # The ops' argument checks compare shapes in Python; the tracer warns that these become
         # constants, which is right for checks that passed on the example input.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # The deprecation notices are about the exporter choice below, which is deliberate.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         # dynamo=False: the TorchScript-based exporter, which needs no onnxscript package.
         torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: dims, OUTPUT_NAME: out_dims}, opset_version=opset,

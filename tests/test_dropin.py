@@ -256,6 +256,43 @@ def test_fuse_walks_modules_that_do_not_trace():
         assert_close_to_reference(fused(x), model, x)
 
 
+class _FunctionalForms(nn.Module):
+    """Patterns written with functions and methods; a constant multiplier; a broadcast addition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, C, 5, padding=2, bias=False)
+        self.b = nn.Conv2d(C, 4 * C, 3, padding="same")
+        self.c = nn.Conv2d(C, 4 * C, 3, padding=1)
+        self.d = nn.Conv2d(4 * C, C, 1)
+        self.offset = nn.Parameter(torch.randn(1, C, 1, 1))
+
+    def forward(self, x):
+        y = F.leaky_relu(self.a(x), 0.3)
+        z = F.relu(F.pixel_shuffle(self.b(y), 2))
+        z = self.c(z).relu() * 0.5 + F.interpolate(torch.cat([y] * 4, 1), scale_factor=2)
+        return self.d(z) + self.offset  # broadcast: must stay a plain addition
+
+
+def test_fuse_functional_forms_multiplier_and_broadcast_skip():
+    model = randomize(_FunctionalForms(), 13)
+    fused = fastsr.fuse(model)
+    layers = {name: m for name, m in fused.named_modules() if isinstance(m, FusedConv2d)}
+    assert set(layers) == {"a", "b", "c", "d"}
+    assert layers["a"].activation == "leaky_relu" and layers["b"].shuffle == 2 and layers["b"].activation == "relu"
+    assert fused_skips(fused) == 2  # c's interpolate skip; d's (1, C, 1, 1) offset falls back at run time
+    x = torch.rand(2, 3, 7, 9)
+    with fastsr.use_backend("torch"), torch.no_grad():
+        assert_close_to_reference(fused(x), model, x)
+    # EDSR/BasicSR res_scale != 1 is folded into the second conv
+    block = randomize(BasicSRResidualBlockNoBN(C, res_scale=0.2), 14)
+    fused_block = fastsr.fuse(block)
+    assert fused_skips(fused_block) == 1
+    features = torch.randn(2, C, 7, 9)
+    with fastsr.use_backend("torch"), torch.no_grad():
+        assert_close_to_reference(fused_block(features), block, features)
+
+
 def test_fuse_keeps_fastsr_models_and_float64():
     model = fastsr.SRResNet(scale=2, num_blocks=2, channels=C).eval()
     randomize(model, 2)
@@ -382,7 +419,8 @@ def test_convert_command(tmp_path, capsys):
 def test_torch_compile_fullgraph_on_the_torch_backend():
     torch._dynamo.reset()
     models = [randomize(fastsr.SRResNet(scale=2, num_blocks=1, channels=8), 10),
-              randomize(MSRResNet(scale=3, num_blocks=1, channels=8), 11)]
+              randomize(MSRResNet(scale=3, num_blocks=1, channels=8), 11),
+              fastsr.fuse(randomize(LornatangSRResNet(scale=2, c=8, blocks=1), 12))]
     x = torch.rand(1, 3, 10, 9)
     with fastsr.use_backend("torch"), torch.no_grad():
         for model in models:
@@ -403,4 +441,5 @@ def test_onnx_export_dynamic_height_and_width(tmp_path, capsys):
     for shape in [(1, 3, 16, 16), (2, 3, 13, 7)]:  # neither is the 32x32 export example
         x = torch.rand(shape)
         (y,) = session.run(None, {"lr": x.numpy()})
-        assert_close_to_reference(torch.from_numpy(y), model, x)
+        with fastsr.use_backend("torch"):  # the reference: the plain PyTorch composition
+            assert_close_to_reference(torch.from_numpy(y), model, x)
