@@ -228,10 +228,14 @@ def _fuse_graph(gm: fx.GraphModule) -> int:
     """Replace every pattern in ``gm``'s graph by a FusedConv2d; returns how many."""
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    # Parameters the forward reads directly (``self.conv.weight``): such a conv keeps its place.
+    read_attrs = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
     erased: set[fx.Node] = set()
     count = 0
     for node in list(gm.graph.nodes):
         if node in erased or node.op != "call_module" or calls[node.target] != 1:
+            continue
+        if any(attr.startswith(node.target + ".") for attr in read_attrs):
             continue
         if not _plain_conv(modules[node.target]) or len(node.args) != 1 or node.kwargs:
             continue
