@@ -440,9 +440,10 @@ class Trainer:
             self.d_sched.load_state_dict(state["d_scheduler"])
 
     def parameter_checksum(self) -> torch.Tensor:
-        """(2,) float64: sum and sum of squares of every trainable weight (G, D, EMA), to compare ranks."""
+        """(2,) float64: sum and sum of squares of every trainable weight (G, D and G's EMA), to compare
+        ranks. Buffers are left out: without --sync-bn the BatchNorm running statistics are per rank."""
         tensors = [p for m in (self.generator, self.discriminator) if m is not None for p in m.parameters()]
-        tensors += list(self.ema.state.values())
+        tensors += [self.ema.state[name] for name, _ in self.generator.named_parameters()]
         flat = torch.cat([t.detach().double().flatten() for t in tensors if t.is_floating_point()])
         return torch.stack([flat.sum(), flat.square().sum()])
 
