@@ -25,6 +25,8 @@ def availability(device_type: str) -> tuple[bool, str]:
     """Whether the Triton kernels can run on ``device_type`` ("cuda" or "cpu") tensors, and why not."""
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed (pip install triton; Linux only)"
+    if not hasattr(torch.library, "wrap_triton"):
+        return False, f"the triton backend needs torch >= 2.6 (torch.library.wrap_triton); this is {torch.__version__}"
     if device_type == "cuda":
         if not torch.cuda.is_available():
             return False, "no CUDA device is available to this PyTorch build"
@@ -47,8 +49,14 @@ def conv2d_prelu(
     """Fused conv2d ('same', stride 1) + bias + pixel shuffle + PReLU + residual; see
     :func:`fastsr.functional.conv2d_prelu`. Output (N, C_out/shuffle**2, H*shuffle, W*shuffle),
     x's dtype and memory format; differentiable in x, weight, bias, slope and residual."""
-    from .conv_prelu import ConvPReLUFunction
+    from .conv_prelu import ConvPReLUFunction, conv2d_prelu_op
 
+    if torch.compiler.is_compiling():
+        # Under torch.compile: the torch.library triton_op, which Dynamo/Inductor trace as one op.
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, slope)
+        )
+        return conv2d_prelu_op(x, weight, bias, slope, residual, int(shuffle), needs_grad)[0]
     return ConvPReLUFunction.apply(x, weight, bias, slope, residual, int(shuffle))
 
 

@@ -18,6 +18,11 @@ Backward (all Triton):
 * residual gradient: the upstream gradient itself.
 
 Saved for backward: x, weight, slope and (only with an activation) the pre-activation output z.
+
+Two front doors share the launchers: ``ConvPReLUFunction`` (eager autograd) and the
+``torch.library.triton_op`` pair ``fastsr_triton::conv2d_prelu`` / ``conv2d_prelu_backward`` with
+``register_autograd``, which ``torch.compile(fullgraph=True)`` can trace (the kernels are
+launched through ``wrap_triton``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from ._common import (
     _load_upstream_grad,
@@ -305,7 +311,8 @@ def conv_prelu_forward(
     def grid(meta):
         return triton.cdiv(n * h * w, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
 
-    _fwd[grid](
+    # wrap_triton: the same launch works eagerly and when traced inside the triton_op below.
+    wrap_triton(_fwd)[grid](
         x, weight, bias_arg, slope_arg, res, out, z,
         n, h, w, c_in, c_out,
         *nhwc_strides(x), *weight.stride(), *nhwc_strides(out), *nhwc_strides(res), *nhwc_strides(z),
@@ -358,7 +365,7 @@ def conv_prelu_backward(
         def grid_x(meta):
             return triton.cdiv(n * h * w, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"])
 
-        _bwd_input[grid_x](
+        wrap_triton(_bwd_input)[grid_x](
             grad_out, z_arg, slope_arg, weight, dx,
             n, h, w, c_in, c_out,
             *nhwc_strides(grad_out), *nhwc_strides(z_arg), *weight.stride(), *nhwc_strides(dx),
@@ -378,7 +385,7 @@ def conv_prelu_backward(
         def grid_w(meta):
             return triton.cdiv(c_out, meta["BLOCK_M"]), triton.cdiv(k_total, meta["BLOCK_N"]), splits
 
-        _bwd_weight[grid_w](
+        wrap_triton(_bwd_weight)[grid_w](
             grad_out, z_arg, slope_arg, x, dw_part, db_part, ds_part,
             n, h, w, c_in, c_out, chunk,
             *nhwc_strides(grad_out), *nhwc_strides(z_arg), *nhwc_strides(x),
@@ -421,3 +428,71 @@ class ConvPReLUFunction(torch.autograd.Function):
         if dslope is not None:
             dslope = dslope.to(ctx.slope_dtype)
         return dx, dw, db, dslope, (grad_out if need_r else None), None
+
+
+# ---------------------------------------------------------------- torch.library ops (torch.compile)
+
+
+@triton_op("fastsr_triton::conv2d_prelu", mutates_args=())
+def conv2d_prelu_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    slope: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    shuffle: int,
+    store_preactivation: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Traceable forward: (output, pre-activation z or an empty tensor). Custom ops cannot return
+    None, so "no z" is a 0-element tensor."""
+    out, z = conv_prelu_forward(x, weight, bias, slope, residual, shuffle, store_preactivation)
+    return out, (z if z is not None else x.new_empty(0))
+
+
+@triton_op("fastsr_triton::conv2d_prelu_backward", mutates_args=())
+def conv2d_prelu_backward_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    slope: torch.Tensor | None,
+    z: torch.Tensor | None,
+    shuffle: int,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+    need_s: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Traceable backward: (dx, dweight, dbias, dslope), each a 0-element tensor when not needed."""
+    grads = conv_prelu_backward(grad_out, x, weight, slope, z, shuffle, (need_x, need_w, need_b, need_s))
+    return tuple(g if g is not None else x.new_empty(0, dtype=torch.float32) for g in grads)
+
+
+def _op_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, slope, _residual, shuffle, _store = inputs
+    z = output[1]
+    ctx.shuffle = shuffle
+    ctx.has_slope = slope is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.slope_dtype = None if slope is None else slope.dtype
+    ctx.save_for_backward(x, weight, slope, z if z.numel() else None)
+
+
+def _op_backward(ctx, grad_out, _grad_z):
+    x, weight, slope, z = ctx.saved_tensors
+    need_x, need_w, need_b, need_s, need_r = ctx.needs_input_grad[:5]
+    need_s = need_s and ctx.has_slope
+    dx, dw, db, dslope = torch.ops.fastsr_triton.conv2d_prelu_backward(
+        grad_out, x, weight, slope, z, ctx.shuffle, need_x, need_w, need_b, need_s
+    )
+    return (
+        dx if need_x else None,
+        dw if need_w else None,
+        db.to(ctx.bias_dtype) if need_b else None,
+        dslope.to(ctx.slope_dtype) if need_s else None,
+        grad_out if need_r else None,
+        None,
+        None,
+    )
+
+
+conv2d_prelu_op.register_autograd(_op_backward, setup_context=_op_setup_context)
