@@ -2,8 +2,9 @@
 
 ``_sq_err_partial_kernel`` reads each pixel of both images once (optionally cropped, optionally
 converted to BT.601 luma as MATLAB's rgb2ycbcr does) and writes one fp32 (fp64 for fp64
-inputs) partial sum of squared differences per (image, block). The host then sums the
-partials of each image in a fixed order, so results are deterministic run to run (no atomics).
+inputs) partial sum of squared differences per (image, block). ``_finish_kernel`` (one program)
+then sums each image's partials in a fixed order and turns them into MSE or PSNR, and their
+mean: two launches per call in all, deterministic run to run (no atomics).
 """
 
 from __future__ import annotations
@@ -68,6 +69,31 @@ def _sq_err_partial_kernel(
 
 
 @triton.jit
+def _finish_kernel(
+    part_ptr, out_ptr, N, BLOCKS, inv_count,
+    PSNR: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """out[n] = mse_n = sum(part[n, :]) * inv_count, or 10 * log10(1 / mse_n) with PSNR;
+    with MEAN, out[0] = the mean over images instead. A single program: the sums are tiny."""
+    total = tl.sum(tl.zeros((BLOCK,), dtype=ACC), axis=0)
+    for n in range(N):
+        acc = tl.zeros((BLOCK,), dtype=ACC)
+        for b0 in range(0, BLOCKS, BLOCK):
+            idx = b0 + tl.arange(0, BLOCK)
+            acc += tl.load(part_ptr + n * BLOCKS + idx, mask=idx < BLOCKS, other=0.0)
+        value = tl.sum(acc, axis=0) * inv_count
+        if PSNR:
+            # 10 * log10(1 / mse) = -10 * log10(2) * log2(mse)
+            value = -3.010299956639812 * tl.log2(value)
+        if MEAN:
+            total += value
+        else:
+            tl.store(out_ptr + n, value)
+    if MEAN:
+        tl.store(out_ptr, total / N)
+
+
+@triton.jit
 def _mse_bwd_kernel(
     a_ptr, b_ptr, scale_ptr, da_ptr, db_ptr,
     C, H, W,
@@ -95,11 +121,19 @@ def _mse_bwd_kernel(
         tl.store(db_ptr + pid_n * sen + h * seh + w * sew + c * sec, (-g).to(db_ptr.dtype.element_ty), mask=mask)
 
 
-def squared_error_sums(
-    a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, y_channel: bool = False, crop_border: int = 0
-) -> tuple[torch.Tensor, int]:
-    """Per-image sums of squared differences, (N,) in fp32 (fp64 for fp64 inputs), and the number
-    of values each sum covers. a, b: (N, C, H, W), any memory format."""
+def reduce_squared_error(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    data_range: float = 1.0,
+    y_channel: bool = False,
+    crop_border: int = 0,
+    psnr: bool = False,
+    reduction: str = "none",
+) -> torch.Tensor:
+    """MSE (or PSNR in dB with ``psnr``) per image, (N,), or their mean for ``reduction="mean"``,
+    in fp32 (fp64 for fp64 inputs). a, b: (N, C, H, W), any memory format; ``y_channel`` compares
+    the BT.601 luma of RGB inputs; ``crop_border`` pixels are dropped on each side."""
     n, c, h, w = a.shape
     hc, wc = h - 2 * crop_border, w - 2 * crop_border
     blocks = triton.cdiv(hc * wc, _BLOCK)
@@ -110,7 +144,14 @@ def squared_error_sums(
         Y_CHANNEL=y_channel, W0=Y_WEIGHTS[0], W1=Y_WEIGHTS[1], W2=Y_WEIGHTS[2], Y_OFF=Y_OFFSET,
         ACC=tl_acc_dtype(a.dtype), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
     )
-    return part.sum(1), (1 if y_channel else c) * hc * wc
+    mean = reduction == "mean"
+    out = torch.empty(() if mean else (n,), dtype=acc, device=a.device)
+    count = (1 if y_channel else c) * hc * wc
+    _finish_kernel[(1,)](
+        part, out, n, blocks, 1.0 / count,
+        PSNR=psnr, MEAN=mean, ACC=tl_acc_dtype(a.dtype), BLOCK=1024, num_warps=4,
+    )
+    return out
 
 
 def mse_backward(
@@ -137,11 +178,9 @@ class MSEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, reduction):
-        sums, count = squared_error_sums(a, b)
-        per_image = sums / count
         ctx.reduction = reduction
         ctx.save_for_backward(a, b)
-        return per_image if reduction == "none" else per_image.mean()
+        return reduce_squared_error(a, b, reduction=reduction)
 
     @staticmethod
     def backward(ctx, grad):
@@ -156,6 +195,6 @@ def psnr(
     sr: torch.Tensor, hr: torch.Tensor, data_range: float, y_channel: bool, crop_border: int, reduction: str
 ) -> torch.Tensor:
     """PSNR in dB per image (N,) or their mean; fp32 (fp64 for fp64 inputs)."""
-    sums, count = squared_error_sums(sr, hr, data_range, y_channel, crop_border)
-    per_image = 10.0 * torch.log10(1.0 / (sums / count))
-    return per_image if reduction == "none" else per_image.mean()
+    return reduce_squared_error(
+        sr, hr, data_range=data_range, y_channel=y_channel, crop_border=crop_border, psnr=True, reduction=reduction
+    )
