@@ -89,7 +89,10 @@ def test_conv2d_prelu(benchmark, case, impl, mode):
     torch.manual_seed(0)
     oc = c_out // (r * r)
     x = torch.randn(n, c_in, h, w, device=DEVICE, dtype=DTYPE).contiguous(memory_format=CL)
-    wt = (torch.randn(c_out, c_in, k, k, device=DEVICE, dtype=DTYPE) / math.sqrt(c_in * k * k))
+    # channels_last weights too, as model.to(memory_format=torch.channels_last) gives
+    wt = (torch.randn(c_out, c_in, k, k, device=DEVICE, dtype=DTYPE) / math.sqrt(c_in * k * k)).contiguous(
+        memory_format=CL
+    )
     b = torch.randn(c_out, device=DEVICE, dtype=DTYPE) if has_bias else None
     s = torch.tensor([0.25], device=DEVICE, dtype=DTYPE)
     res = torch.randn(n, oc, h * r, w * r, device=DEVICE, dtype=DTYPE).contiguous(memory_format=CL) if has_res else None
