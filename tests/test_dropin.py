@@ -372,6 +372,16 @@ def test_leftthomas_generator(tmp_path):
     assert model.config["output"] == "tanh" and model.config["num_blocks"] == 5
 
 
+def test_fastsr_training_checkpoint(tmp_path):
+    raw = randomize(fastsr.SRResNet(scale=2, num_blocks=3, channels=8), 15)
+    ema = randomize(fastsr.SRResNet(scale=2, num_blocks=3, channels=8), 16)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"version": 1, "stage": "pretrain", "model": raw.state_dict(), "ema": ema.state_dict(),
+                "optimizer": {"state": {}, "param_groups": []}}, path)
+    model = _check_converted(path, ema, fastsr.SRResNet, 2, tmp_path)
+    assert model.config["num_blocks"] == 3 and model.config["channels"] == 8
+
+
 def test_unknown_or_partial_checkpoints_list_the_keys(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.rand(3), "decoder.bias": torch.rand(3)}, path)
