@@ -1,12 +1,15 @@
 """Triton backend vs PyTorch eager vs ``torch.compile(mode="max-autotune")`` on a GPU.
 
-Cases (bf16, channels_last, as the issue's performance goals): conv2d_prelu 64->64 3x3 (+PReLU,
-+residual) on 16 x 96x96; the upsample conv 64->256 3x3 + pixel shuffle 2 + PReLU on 16 x 96x96;
-mse / psnr on 16 x 3 x 2048x2048; the whole SRResNet x4 on a 512x512 input. Each in forward and
-forward+backward (psnr: forward only, it is a metric). ``extra_info`` holds output Mpixel/s, GB/s
-of the minimal logical traffic (each input read once, each output written once) and TFLOP/s
-(conv FLOPs, 2 per multiply-add; backward counted as 2x forward). CUDA is synchronised inside the
-timed function. Run with ``pytest benchmarks/test_triton_ops.py --benchmark-only``.
+Cases (bf16, channels_last, as in the issue's performance goals):
+* conv2d_prelu 64->64 3x3 + PReLU + residual on 16 x 96x96;
+* the upsample conv 64->256 3x3 + pixel shuffle 2 + PReLU on 16 x 96x96;
+* pixel_shuffle_prelu on 16 x 256 x 96x96;
+* mse / psnr on 16 x 3 x 2048x2048 (psnr: forward only, it is a metric);
+* the whole SRResNet x4 on a 512x512 input.
+Each in forward and forward+backward. ``extra_info`` holds output Mpixel/s, GB/s of the minimal
+logical traffic (each input read once, each output written once) and TFLOP/s (conv FLOPs, 2 per
+multiply-add; backward counted as 2x forward). CUDA is synchronised inside the timed function.
+Run with ``pytest benchmarks/test_triton_ops.py --benchmark-only``.
 """
 
 from __future__ import annotations
@@ -114,6 +117,23 @@ def test_conv2d_prelu(benchmark, case, impl, mode):
         bytes_moved, flops = fwd_bytes + (2 * out_elems + 2 * x.numel() + wt.numel()) * elem, 3 * fwd_flops
     _timed(benchmark, _step(fn, [x, wt, b, s, res], mode), group=f"{case}-{mode}", impl=impl, mode=mode,
            pixels=n * h * r * w * r, bytes_moved=bytes_moved, flops=flops)
+
+
+# ---------------------------------------------------------------- pixel_shuffle_prelu
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pixel_shuffle_prelu(benchmark, impl, mode):
+    torch.manual_seed(0)
+    x = torch.randn(16, 256, 96, 96, device=DEVICE, dtype=DTYPE).contiguous(memory_format=CL)
+    s = torch.rand(64, device=DEVICE, dtype=DTYPE)
+    fn = _op(impl, lambda t, a: ops.pixel_shuffle_prelu(t, a, 2, backend="triton"),
+             lambda t, a: ref.pixel_shuffle_prelu(t, a, 2))
+    elem_bytes = x.numel() * x.element_size()
+    bytes_moved = 2 * elem_bytes if mode == "forward" else 5 * elem_bytes  # bwd: read g, x; write dx
+    _timed(benchmark, _step(fn, [x, s], mode), group=f"pixel_shuffle_prelu-{mode}", impl=impl, mode=mode,
+           pixels=16 * 192 * 192, bytes_moved=bytes_moved, flops=0)
 
 
 # ---------------------------------------------------------------- mse / psnr
