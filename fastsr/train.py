@@ -99,6 +99,7 @@ class TrainConfig:
     sync_bn: bool = True
     backend: str = "auto"
     stop_at: int | None = None  # save and stop at this step (time-limited jobs); schedule still uses steps
+    compile: bool = False  # torch.compile the generator, discriminator and VGG features
 
 
 class EMA:
@@ -344,6 +345,14 @@ class Trainer:
             self.g_train = nn.parallel.DistributedDataParallel(self.generator, device_ids=ids)
             if self.gan:
                 self.d_train = nn.parallel.DistributedDataParallel(self.discriminator, device_ids=ids)
+        # The discriminator as the generator step calls it: outside DDP (see step()).
+        self.d_plain: nn.Module | None = self.discriminator
+        if cfg.compile:
+            self.g_train = torch.compile(self.g_train)
+            if self.gan:
+                self.d_train, self.d_plain = torch.compile(self.d_train), torch.compile(self.discriminator)
+                if self.content.features is not None:
+                    self.content.features = torch.compile(self.content.features)
         self.loss_names = (["loss", "content", "adversarial", "d_real", "d_fake"] if self.gan else ["loss"])
 
     # -- one step ---------------------------------------------------------------------------
@@ -361,7 +370,7 @@ class Trainer:
             # G's gradients are wanted here, and D's DDP reducer must see exactly one backward.
             self.discriminator.requires_grad_(False)
             with amp():
-                fake_logits = self.discriminator(sr)
+                fake_logits = self.d_plain(sr)
                 content = self.content(sr, hr)
             adversarial = losses.adversarial_loss(fake_logits, real=True)
             g_loss = cfg.content_weight * content + cfg.adv_weight * adversarial

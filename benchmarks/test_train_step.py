@@ -1,0 +1,110 @@
+"""One SRGAN training step (the real :class:`fastsr.train.Trainer` step) per backend vs eager and
+torch.compile.
+
+* ``gan``: generator step (VGG19 conv5_4 content + adversarial loss, backward, Adam) and
+  discriminator step (real and fake, BCE-with-logits, backward, Adam); fp32.
+* ``pretrain``: the generator step alone (pixel MSE), the part the fused ops speed up.
+
+Full size is the paper's: batch 16 of 96x96 HR crops (24x24 LR) at x4, SRResNet 16x64, D 64,
+full-width VGG19 (random weights: the timing does not depend on their values). On a CPU this
+is many seconds a step, so the CPU run uses batch 4 of 48x48 crops (``extra_info["reduced"]``).
+"Eager" is fastsr's ``torch`` backend: the fused ops as plain PyTorch ops, no fusion.
+Compare timings only within one run on one machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastsr
+from fastsr import losses
+from fastsr.train import TrainConfig, Trainer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BATCH, CROP = (16, 96) if DEVICE == "cuda" else (4, 48)
+REDUCED = "" if DEVICE == "cuda" else "CPU: batch 4 of 48x48 HR crops instead of 16 of 96x96"
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.fixture(scope="module")
+def vgg_weights(tmp_path_factory):
+    """Full-size VGG19 in torchvision's layout, random weights (Kaiming scale)."""
+    gen = torch.Generator().manual_seed(0)
+    widths = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
+    state, c_in = {}, 3
+    for name, (index, _) in losses.vgg19_layer_indices().items():
+        c_out = widths[int(name[4])]
+        state[f"features.{index}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=gen) * (2 / (9 * c_in)) ** 0.5
+        state[f"features.{index}.bias"] = torch.zeros(c_out)
+        c_in = c_out
+    path = tmp_path_factory.mktemp("vgg") / "vgg19.pth"
+    torch.save(state, path)
+    return str(path)
+
+
+def _trainer(stage: str, vgg: str, compile_: bool) -> Trainer:
+    torch.manual_seed(0)
+    cfg = TrainConfig(data="", out="", stage=stage, batch_size=BATCH, crop=CROP, device=DEVICE,
+                      content_loss="vgg", vgg_weights=vgg, compile=compile_, warmup_steps=0)
+    if stage == "gan":
+        # The gan stage refuses to start from scratch; a fresh generator's weights do for timing.
+        cfg.init = _fresh_generator_file(vgg)
+    return Trainer(cfg, torch.device(DEVICE))
+
+
+def _fresh_generator_file(vgg: str) -> str:
+    from pathlib import Path
+
+    path = Path(vgg).with_name("srresnet.safetensors")
+    if not path.exists():
+        fastsr.save_model(fastsr.SRResNet(4), path)
+    return str(path)
+
+
+def _run(benchmark, trainer: Trainer, backend: str, label: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    hr = torch.rand(BATCH, 3, CROP, CROP, generator=gen)
+    lr = torch.nn.functional.avg_pool2d(hr, 4)
+
+    def step():
+        with fastsr.use_backend(backend):
+            values = trainer.step(lr, hr)
+        _sync()
+        return values
+
+    step()  # warm-up (and compilation) outside the timed rounds
+    values = benchmark.pedantic(step, rounds=3 if DEVICE == "cpu" else 10, warmup_rounds=1)
+    assert torch.isfinite(values).all()
+    seconds = benchmark.stats.stats.mean
+    benchmark.extra_info.update({
+        "what": label, "stage": trainer.cfg.stage, "device": DEVICE, "batch": BATCH, "hr_crop": CROP,
+        "dtype": "float32", "steps_per_s": 1 / seconds, "hr_mpix_per_s": BATCH * CROP * CROP / 1e6 / seconds,
+        "reduced": REDUCED,
+    })
+
+
+STAGES = ["pretrain", "gan"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
+def test_train_step_backend(benchmark, vgg_weights, stage, backend):
+    ok, why = fastsr.backend.availability(backend, DEVICE)
+    if not ok:
+        pytest.skip(f"backend {backend} unavailable on {DEVICE}: {why}")
+    if backend == "triton" and DEVICE == "cpu":
+        pytest.skip("the Triton interpreter is a correctness tool, far too slow to benchmark")
+    benchmark.group = f"train-step-{stage}"
+    label = "eager (fastsr[torch])" if backend == "torch" else f"fastsr[{backend}]"
+    _run(benchmark, _trainer(stage, vgg_weights, False), backend, label)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_train_step_torch_compile(benchmark, vgg_weights, stage):
+    benchmark.group = f"train-step-{stage}"
+    _run(benchmark, _trainer(stage, vgg_weights, True), "torch", "torch.compile(fastsr[torch])")
