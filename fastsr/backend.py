@@ -59,10 +59,25 @@ def availability(name: str, device_type: str = "cpu") -> tuple[bool, str]:
     name = _check_name(name)
     if name == "auto":
         return True, "auto picks a backend per call"
+    key = (name, device_type)
+    if key not in _availability_cache:
+        _availability_cache[key] = _check_availability(name, device_type)
+    return _availability_cache[key]
+
+
+# Availability is decided once per process: a backend does not appear or vanish mid-run, and
+# re-checking on every op call would cost time (and could start a build in the middle of a job).
+_availability_cache: dict[tuple[str, str], tuple[bool, str]] = {}
+
+
+def _check_availability(name: str, device_type: str) -> tuple[bool, str]:
     module = _module(name)
     if module is None or not hasattr(module, "availability"):
         return False, f"backend {name!r} is not installed (module {_MODULES[name]} missing)"
-    return module.availability(device_type)
+    try:
+        return module.availability(device_type)
+    except Exception as exc:  # a broken check must not take a user's job down with it
+        return False, f"checking backend {name!r} failed: {type(exc).__name__}: {exc}"
 
 
 def available_backends(device_type: str | None = None) -> list[str]:
