@@ -216,8 +216,10 @@ def _match_chain(conv_node: fx.Node, modules: dict, calls: Counter) -> tuple[_Ch
     residual = None
     if node is not None and _is_call(node, _ADD_FUNCTIONS, ("add", "add_")):
         other = _other_operand(node, nodes[-1])
-        # an in-place method add_ must be called on the chain's output, or it would mutate the skip tensor
-        in_place_on_skip = node.op == "call_method" and node.target == "add_" and node.args[0] is not nodes[-1]
+        # an in-place add (``+=``, add_) must update the chain's output: one that updates the skip
+        # tensor changes a value other code may read afterwards
+        in_place = node.target in (operator.iadd, "add_")
+        in_place_on_skip = in_place and node.args[0] is not nodes[-1]
         if isinstance(other, fx.Node) and not in_place_on_skip:
             residual = other
             nodes.append(node)
@@ -302,6 +304,15 @@ def _fuse_sequential(seq: nn.Sequential) -> int:
     return count
 
 
+def _check_no_lost_updates(graph: fx.Graph) -> None:
+    """fx records ``a += b`` on a traced tensor as ``a + b`` bound to the name ``a``; where the
+    tensor is also read through another name, the sum goes unused and the trace computes something
+    else than the model. An unused operator result is the sign: refuse such a trace."""
+    for node in graph.nodes:
+        if node.op == "call_function" and not node.users and getattr(node.target, "__module__", None) == "_operator":
+            raise ValueError(f"the trace drops the result of {node.format_node()} (an in-place update of an alias?)")
+
+
 def _fuse_module(m: nn.Module, name: str) -> tuple[nn.Module, int]:
     if isinstance(m, ConvPReLU):
         return m, 0
@@ -316,6 +327,7 @@ def _fuse_module(m: nn.Module, name: str) -> tuple[nn.Module, int]:
     else:
         try:
             gm = fx.GraphModule(m, _Tracer().trace(m), class_name=type(m).__name__)
+            _check_no_lost_updates(gm.graph)
         except Exception as exc:  # fx raises many types (TraceError, TypeError, ...) for untraceable code
             log.debug("fuse: %s (%s) does not trace (%s); walking its children", name or "model",
                       type(m).__name__, exc)
