@@ -175,13 +175,12 @@ def _open_pillow(path: str) -> ImageSource:
             # Above Pillow's bomb limit, refuse clearly instead of decoding gigabytes.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                fmt, mode, size = im.format, im.mode, im.size
+                fmt = im.format
                 im.load()
                 array = _pil_to_array(path, im)
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageTooLargeError(
-            f"{path}: {fmt} image of {size[0]}x{size[1]} pixels is too large to decode whole "
-            f"(limit {Image.MAX_IMAGE_PIXELS // 10**6} Mpixel); convert it to a tiled BigTIFF, e.g. "
+            f"{path}: too large to decode whole ({str(exc).split(',')[0]}); convert it to a tiled BigTIFF, e.g. "
             "'vips tiffsave IN OUT.tif --tile --bigtiff' or 'gdal_translate -co TILED=YES -co BIGTIFF=YES IN OUT.tif'"
         ) from None
     except UnidentifiedImageError:
@@ -190,7 +189,6 @@ def _open_pillow(path: str) -> ImageSource:
         raise
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: cannot decode image, the file may be truncated or corrupt ({exc})") from None
-    del mode
     return array_source(array, path, kind=fmt or "image")
 
 
@@ -437,10 +435,7 @@ def write_pillow(path: str | os.PathLike, array: np.ndarray, fmt: str | None = N
     """Write an (H, W, C) uint8 (or uint16 gray) array with Pillow."""
     from PIL import Image
 
-    if array.dtype == np.uint16:
-        im = Image.fromarray(array[..., 0].astype(np.uint16), mode="I;16")
-    else:
-        im = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array, mode=mode_of(array.shape[2]))
+    im = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)  # mode from shape and dtype
     kwargs = {"quality": 95} if (fmt or Path(path).suffix.lower().lstrip(".")) in ("jpg", "jpeg", "JPEG") else {}
     im.save(path, format=fmt, **kwargs)
 

@@ -260,9 +260,7 @@ def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | Non
         return out if array.ndim == 3 else out[..., 0]
     from PIL import Image
 
-    if out.dtype == np.uint16:
-        return Image.fromarray(out[..., 0], mode="I;16")
-    return Image.fromarray(out[..., 0] if out.shape[2] == 1 else out, mode=imageio.mode_of(out.shape[2]))
+    return Image.fromarray(out[..., 0] if out.shape[2] == 1 else out)  # mode from shape and dtype
 
 
 def _upscale_tensor(up: Upscaler, x: torch.Tensor, tile, halo, batch_size: int) -> torch.Tensor:
@@ -511,6 +509,8 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
                         resume=resume, rank=rank, world=world)
         try:
             n = len(plan.batches(int(batch_size)))
+            if work.done and rank == 0:
+                log.info("resuming: %d of %d batches of tiles already done", len(work.done), n)
             groups = [g for g in range(rank, n, world) if g not in work.done]
             _pipeline(up, source, plan, groups, int(batch_size), work, progress and rank == 0)
         except UserError:

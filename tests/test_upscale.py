@@ -1,0 +1,422 @@
+"""fastsr.upscale / upscale_file / `fastsr upscale`: kinds of input, file formats, streaming in
+bounded memory, resume after kill -9, thread safety, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import fastsr
+from fastsr.cli import main as cli_main
+from fastsr.errors import UserError
+
+BACKEND = "torch"
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "FASTSR_BACKEND": "torch"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    fastsr.save_model(fastsr.SRResNet(scale=4, num_blocks=1, channels=8), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_file):
+    return fastsr.load_model(tiny_model_file)
+
+
+def photo(h: int = 64, w: int = 80) -> np.ndarray:
+    from skimage import data
+
+    return np.ascontiguousarray(data.chelsea()[60:60 + h, 100:100 + w])
+
+
+def no_leftovers(folder: Path, keep: set[str]) -> None:
+    extra = {p.name for p in folder.iterdir()} - keep
+    assert not extra, f"files left behind: {extra}"
+
+
+# ----------------------------------------------------------------------------- in-memory API
+
+
+def test_kinds_in_same_kind_out(model):
+    rgb = photo()
+    out = fastsr.upscale(rgb, model, backend=BACKEND)
+    assert out.shape == (256, 320, 3) and out.dtype == np.uint8
+    pil = fastsr.upscale(Image.fromarray(rgb), model, backend=BACKEND)
+    assert pil.mode == "RGB" and pil.size == (320, 256)
+    assert np.array_equal(np.asarray(pil), out)
+    x = torch.from_numpy(rgb).permute(2, 0, 1).double() / 255  # (C, H, W), float64 in -> float64 out
+    t = fastsr.upscale(x, model, backend=BACKEND)
+    assert t.shape == (3, 256, 320) and t.dtype == torch.float64
+    assert np.abs(np.round(t.clamp(0, 1).permute(1, 2, 0).numpy() * 255) - out).max() <= 1
+
+
+def test_gray_16bit_and_alpha(model):
+    rgb = photo(32, 40)
+    gray16 = (rgb[..., 0].astype(np.uint16) * 257)
+    out16 = fastsr.upscale(gray16, model, backend=BACKEND)
+    assert out16.shape == (128, 160) and out16.dtype == np.uint16
+    # Gray is run as RGB and averaged: equal to the mean of the RGB result of the replicated image.
+    rep = fastsr.upscale(torch.from_numpy(gray16 / 65535.0).float()[None, None].expand(1, 3, -1, -1), model,
+                         backend=BACKEND)
+    assert np.abs(out16.astype(float) - np.round(rep.mean(1)[0].clamp(0, 1).numpy() * 65535)).max() <= 1
+    pil16 = fastsr.upscale(Image.fromarray(gray16), model, backend=BACKEND)
+    assert pil16.mode in ("I;16", "I") and pil16.size == (160, 128)
+
+    alpha = np.linspace(0, 255, 32 * 40).reshape(32, 40).astype(np.uint8)
+    rgba = np.dstack([rgb, alpha])
+    out = fastsr.upscale(Image.fromarray(rgba, "RGBA"), model, backend=BACKEND)
+    assert out.mode == "RGBA"
+    out = np.asarray(out)
+    assert np.array_equal(out[..., :3], fastsr.upscale(rgb, model, backend=BACKEND))  # colour: the model
+    bicubic = F.interpolate(torch.from_numpy(alpha)[None, None].float() / 255, scale_factor=4, mode="bicubic",
+                            align_corners=False).clamp(0, 1)[0, 0].numpy() * 255
+    assert np.abs(out[..., 3] - np.round(bicubic)).max() <= 1  # alpha: bicubic
+
+
+def test_bad_in_memory_inputs(model):
+    with pytest.raises(UserError, match="dtype float32"):
+        fastsr.upscale(np.zeros((8, 8, 3), np.float32), model)
+    with pytest.raises(UserError, match="zero size"):
+        fastsr.upscale(np.zeros((0, 8, 3), np.uint8), model)
+    with pytest.raises(UserError, match="5 channels"):
+        fastsr.upscale(np.zeros((8, 8, 5), np.uint8), model)
+    with pytest.raises(UserError, match="unsupported image mode 'CMYK'"):
+        fastsr.upscale(Image.new("CMYK", (8, 8)), model)
+    with pytest.raises(UserError, match="tensor input"):
+        fastsr.upscale(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), model)
+    with pytest.raises(UserError, match="dtype"):
+        fastsr.upscale(photo(8, 8), model, dtype="fp64")
+
+
+def test_thread_safe(model):
+    images = [photo(24 + 8 * i, 40) for i in range(4)]
+    expected = [fastsr.upscale(im, model, backend=BACKEND, tile=16) for im in images]
+    results: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        results[i] = fastsr.upscale(images[i], model, backend=BACKEND, tile=16)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        assert np.array_equal(results[i], expected[i])
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@pytest.mark.parametrize("src_kind,dst_suffix", [("tiled-tiff", ".tif"), ("stripped-tiff", ".zarr"), ("npy", ".png"),
+                                                  ("zarr", ".tif"), ("png", ".png")])
+def test_file_formats_match_in_memory(tmp_path, model, src_kind, dst_suffix):
+    image = photo(50, 70)
+    if src_kind == "tiled-tiff":
+        src = tmp_path / "in.tif"
+        tifffile.imwrite(src, image, tile=(16, 16), compression="zlib", photometric="rgb")
+    elif src_kind == "stripped-tiff":
+        src = tmp_path / "in.tif"
+        tifffile.imwrite(src, image, rowsperstrip=7, photometric="rgb")
+    elif src_kind == "npy":
+        src = tmp_path / "in.npy"
+        np.save(src, image)
+    elif src_kind == "zarr":
+        from fastsr.imageio import create_zarr
+
+        src = tmp_path / "in.zarr"
+        create_zarr(src, image.shape, (16, 16, 3), np.uint8)[...] = image
+    else:
+        src = tmp_path / "in.png"
+        Image.fromarray(image).save(src)
+    dst = tmp_path / f"out{dst_suffix}"
+    fastsr.upscale_file(src, dst, model, tile=20, progress=False, backend=BACKEND)
+    expected = fastsr.upscale(image, model, tile=20, backend=BACKEND)
+    if dst_suffix == ".tif":
+        with tifffile.TiffFile(dst) as tif:
+            assert tif.is_bigtiff and tif.pages[0].is_tiled and tif.pages[0].tilelength == 80
+            got = tif.asarray()
+    elif dst_suffix == ".zarr":
+        import zarr
+
+        arr = zarr.open_array(dst, mode="r")
+        assert arr.chunks == (80, 80, 3)
+        got = arr[...]
+    else:
+        got = np.asarray(Image.open(dst))
+    assert np.array_equal(got, expected)
+    no_leftovers(tmp_path, {src.name, dst.name})
+
+
+@pytest.mark.parametrize("compression", ["none", "deflate", "zstd", "jpeg"])
+def test_tiff_compression_16bit_and_pyramid(tmp_path, model, compression):
+    image = photo(40, 52)
+    if compression != "jpeg":
+        image = image.astype(np.uint16) * 257  # 16-bit stays 16-bit
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    tifffile.imwrite(src, image, photometric="rgb")
+    fastsr.upscale_file(src, dst, model, tile=16, progress=False, compression=compression, pyramid=True,
+                        backend=BACKEND)
+    expected = fastsr.upscale(image, model, tile=16, backend=BACKEND)
+    with tifffile.TiffFile(dst) as tif:
+        levels = tif.series[0].levels
+        got = tif.asarray()
+        assert [lv.shape[:2] for lv in levels] == [(160, 208), (80, 104), (40, 52)]  # down to one 64-pixel tile
+        level1 = levels[1].asarray()
+    assert got.dtype == image.dtype
+    if compression == "jpeg":
+        assert np.abs(got.astype(int) - expected).mean() < 4  # lossy
+    else:
+        assert np.array_equal(got, expected)
+        e = expected.astype(np.int64)
+        box = (e[0::2, 0::2] + e[1::2, 0::2] + e[0::2, 1::2] + e[1::2, 1::2] + 2) // 4
+        assert np.array_equal(level1, box)
+
+
+def test_cli_end_to_end_on_a_photo(tmp_path, tiny_model_file, model):
+    from skimage import data
+
+    src, dst = tmp_path / "astronaut.png", tmp_path / "astronaut_x4.png"
+    image = data.astronaut()[:96, :128]
+    Image.fromarray(image).save(src)
+    r = subprocess.run([sys.executable, "-m", "fastsr", "upscale", str(src), str(dst), "--model", str(tiny_model_file),
+                        "--tile", "48", "--backend", "torch"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Mpx/s" in r.stderr  # the progress bar with throughput
+    got = np.asarray(Image.open(dst))
+    assert np.array_equal(got, fastsr.upscale(image, model, backend=BACKEND))
+    no_leftovers(tmp_path, {src.name, dst.name})
+
+
+def test_cli_help_reads_well():
+    r = subprocess.run([sys.executable, "-m", "fastsr", "upscale", "--help"], capture_output=True, text=True,
+                       env=ENV, timeout=120)
+    assert r.returncode == 0
+    for option in ("--tile", "--halo", "--batch-size", "--compression", "--pyramid", "--resume", "--model",
+                   "--device", "--dtype", "--backend", "receptive field"):
+        assert option in r.stdout
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that claims width x height pixels (IHDR) with no data: cheap to make, huge to decode."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
+    """(name, [src, dst], expected message part)."""
+    good = tmp / "good.png"
+    Image.fromarray(photo(16, 16)).save(good)
+    (tmp / "text.png").write_text("this is not an image\n")
+    (tmp / "empty.png").write_bytes(b"")
+    data = good.read_bytes()
+    (tmp / "truncated.png").write_bytes(data[: len(data) // 2])
+    np.save(tmp / "zero.npy", np.zeros((0, 16, 3), np.uint8))
+    Image.new("CMYK", (16, 16)).save(tmp / "cmyk.jpg")
+    tifffile.imwrite(tmp / "float.tif", np.zeros((16, 16, 3), np.float32), photometric="rgb")
+    _png_header_only(tmp / "huge.png", 40000, 40000)
+    # Sparse .npy files: huge logical size, no disk used.
+    np.lib.format.open_memmap(tmp / "big.npy", mode="w+", dtype=np.uint8, shape=(20000, 20000, 3)).flush()
+    np.lib.format.open_memmap(tmp / "giant.npy", mode="w+", dtype=np.uint8, shape=(300000, 300000, 3)).flush()
+    unwritable = "/proc/1" if os.geteuid() == 0 else str(tmp / "ro")
+    if os.geteuid() != 0:
+        os.mkdir(unwritable, 0o555)
+    return [
+        ("missing", [str(tmp / "missing.png"), str(tmp / "o.png")], "no such file"),
+        ("text file named .png", [str(tmp / "text.png"), str(tmp / "o.png")], "not an image file"),
+        ("empty file", [str(tmp / "empty.png"), str(tmp / "o.png")], "empty (0 bytes)"),
+        ("truncated png", [str(tmp / "truncated.png"), str(tmp / "o.png")], "truncated"),
+        ("zero-size image", [str(tmp / "zero.npy"), str(tmp / "o.tif")], "zero size"),
+        ("unsupported mode", [str(tmp / "cmyk.jpg"), str(tmp / "o.png")], "mode 'CMYK'"),
+        ("unsupported dtype", [str(tmp / "float.tif"), str(tmp / "o.tif")], "dtype float32"),
+        ("input too large for Pillow", [str(tmp / "huge.png"), str(tmp / "o.tif")], "convert it to a tiled BigTIFF"),
+        ("output too large for PNG", [str(tmp / "big.npy"), str(tmp / "o.png")], "too large for .png"),
+        ("not enough disk space", [str(tmp / "giant.npy"), str(tmp / "o.tif")], "not enough disk space"),
+        ("output is the input", [str(good), str(good)], "is the input file"),
+        ("output directory missing", [str(good), str(tmp / "nodir" / "o.png")], "does not exist"),
+        ("unwritable output directory", [str(good), unwritable + "/o.png"], "not writable"),
+        ("unknown output format", [str(good), str(tmp / "o.xyz")], "unknown output format"),
+        ("tile not matching TIFF", [str(good), str(tmp / "o.tif"), "--tile", "5"], "multiple of 16"),
+    ]
+
+
+def test_bad_inputs_clear_one_line_errors(tmp_path, tiny_model_file, capsys):
+    cases = _bad_cases(tmp_path)
+    before = {p.name for p in tmp_path.iterdir()}
+    for name, args, message in cases:
+        argv = ["upscale", *args[:2], "--model", str(tiny_model_file), "--quiet", *args[2:]]
+        code = cli_main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, f"{name}: exit {code}"
+        assert err.startswith("fastsr: error: ") and "\n" not in err, f"{name}: {err!r}"
+        assert message in err, f"{name}: {err!r}"
+        no_leftovers(tmp_path, before)
+
+
+def test_bad_input_exit_status_without_traceback(tmp_path, tiny_model_file):
+    (tmp_path / "text.png").write_text("hello\n")
+    r = subprocess.run([sys.executable, "-m", "fastsr", "upscale", str(tmp_path / "text.png"), str(tmp_path / "o.png"),
+                        "--model", str(tiny_model_file)], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"fastsr: error: {tmp_path / 'text.png'}: not an image file Pillow can "
+                                             "read (is it really .png?)"]
+    no_leftovers(tmp_path, {"text.png"})
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_after_kill_9(tmp_path, tiny_model_file, model):
+    from skimage import data
+
+    image = np.ascontiguousarray(data.coffee()[:120, :160])
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    tifffile.imwrite(src, image, tile=(32, 32), photometric="rgb")
+    args = [sys.executable, "-m", "fastsr", "upscale", str(src), str(dst), "--model", str(tiny_model_file),
+            "--tile", "16", "--backend", "torch", "--quiet"]
+    work = tmp_path / f".{dst.name}.fastsr-partial"
+    proc = subprocess.Popen(args, env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        files = list(work.glob("done.rank*.txt"))
+        done = len(files[0].read_text().splitlines()) if files else 0
+        if done >= 5:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not dst.exists()  # nothing under the final name
+    assert json.loads((work / "header.json").read_text())["tile"] == 16
+    r = subprocess.run(args + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    resumed = int(r.stderr.split("resuming: ")[1].split(" of ")[0])
+    assert resumed >= done  # the batches finished before the kill were not computed again
+    assert not work.exists()
+    with tifffile.TiffFile(dst) as tif:
+        got = tif.asarray()
+    uninterrupted = tmp_path / "ref.tif"
+    fastsr.upscale_file(src, uninterrupted, model, tile=16, progress=False, backend=BACKEND)
+    assert np.array_equal(got, tifffile.imread(uninterrupted))
+    # A resume with other settings is refused rather than mixing tiles of two runs.
+    proc = subprocess.Popen(args, env=ENV, stderr=subprocess.DEVNULL)
+    while not list(work.glob("done.rank*.txt")) and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(UserError, match="other settings"):
+        fastsr.upscale_file(src, dst, model, tile=32, resume=True, progress=False, backend=BACKEND)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+MEMORY_SCRIPT = r"""
+import resource, sys, time
+import numpy as np, torch
+from torch import nn
+import fastsr
+
+class Tiny(nn.Sequential):  # cheap x4 model: the test is about the pipeline, not the model
+    scale = 4
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 3, 3, padding=1), nn.Upsample(scale_factor=4, mode="nearest"))
+
+torch.manual_seed(0)
+model = Tiny().eval()
+src, dst, tile = sys.argv[1], sys.argv[2], int(sys.argv[3])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.time()
+fastsr.upscale_file(src, dst, model, tile=tile, progress=False, backend="torch", compression="none")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(base * 1024, peak * 1024, time.time() - t)
+"""
+
+
+def make_synthetic_tiff(path: Path, size: int, tile: int = 256) -> None:
+    """A size x size RGB tiled BigTIFF written tile by tile (never whole in memory)."""
+    yy, xx = np.mgrid[0:tile, 0:tile]
+
+    def tiles():
+        for y in range(0, size, tile):
+            for x in range(0, size, tile):
+                r = ((yy + y) * 7 // 13 + (xx + x) // 5) % 256
+                g = ((xx + x) * 3 // 7 + y // 64) % 256
+                b = ((yy + y) // 3 + xx * 2) % 256
+                yield np.stack([r, g, b], -1).astype(np.uint8)
+
+    tifffile.imwrite(path, tiles(), shape=(size, size, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                     compression="zstd", bigtiff=True)
+
+
+def _memory_run(tmp_path: Path, size: int, tile: int, timeout: int) -> None:
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    make_synthetic_tiff(src, size)
+    script = tmp_path / "run.py"
+    script.write_text(MEMORY_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(src), str(dst), str(tile)], capture_output=True, text=True,
+                       env=ENV, timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    base, peak, seconds = map(float, r.stdout.split())
+    out_bytes = (4 * size) ** 2 * 3
+    # Holding the output (or even a quarter of it) would break this bound: a few rows of tiles only.
+    assert peak - base < min(400e6, out_bytes / 4), f"peak RSS grew by {(peak - base) / 1e6:.0f} MB"
+    print(f"{size}^2 -> {4 * size}^2: {seconds:.1f} s, peak RSS +{(peak - base) / 1e6:.0f} MB "
+          f"(output {out_bytes / 1e6:.0f} MB)")
+    # Spot checks of the output against the model run directly on small regions.
+    from torch import nn
+
+    conv = None
+    with tifffile.TiffFile(dst) as tif:
+        assert tif.series[0].shape == (4 * size, 4 * size, 3)
+        out = tif.series[0].aszarr()
+        import zarr
+
+        out = zarr.open_array(out, mode="r")
+        with tifffile.TiffFile(src) as tin:
+            inp = zarr.open_array(tin.series[0].aszarr(), mode="r")
+            torch.manual_seed(0)
+            conv = nn.Conv2d(3, 3, 3, padding=1)
+            for y, x in [(0, 0), (size // 2 + 3, size // 3 + 7), (size - 8, size - 8)]:
+                patch = torch.from_numpy(np.asarray(inp[max(y - 1, 0):y + 9, max(x - 1, 0):x + 9])).permute(2, 0, 1)
+                with torch.no_grad():
+                    ref = conv(patch[None].float() / 255).clamp(0, 1).mul(255).round()[0].permute(1, 2, 0).numpy()
+                ref = ref[(y > 0):(y > 0) + 8, (x > 0):(x > 0) + 8].repeat(4, 0).repeat(4, 1)
+                got = np.asarray(out[4 * y:4 * y + 32, 4 * x:4 * x + 32])
+                # Interior pixels of the patch are exact; rounding may differ by one level.
+                assert np.abs(got[4:-4, 4:-4].astype(int) - ref[4:-4, 4:-4]).max() <= 1
+
+
+def test_memory_bounded_4k_to_16k(tmp_path):
+    _memory_run(tmp_path, 4096, 512, timeout=300)
+
+
+@pytest.mark.slow
+def test_memory_bounded_16k_to_64k(tmp_path):
+    _memory_run(tmp_path, 16384, 512, timeout=3600)
