@@ -81,8 +81,10 @@ def _build_plan() -> dict:
     digest = hashlib.sha256()
     for key in (torch.__version__, str(torch.version.cuda), " ".join(cflags), str(with_cuda), sys.version):
         digest.update(key.encode())
-    # Every file under csrc/ counts (headers included), not just the compiled ones.
-    for path in sorted(p for p in root.rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")):
+    # The compiled files and every header they may include (the CUDA ones only in CUDA builds).
+    sources = _sources(with_cuda)
+    headers = [p for p in root.rglob("*.h") if with_cuda or "cuda" not in p.relative_to(root).parts]
+    for path in sorted(set(sources) | set(headers)):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     name = f"fastsr_ext_{digest.hexdigest()[:16]}"
@@ -90,8 +92,7 @@ def _build_plan() -> dict:
         base = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "fastsr"
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastsr" / "extensions"
-    return {"name": name, "build_dir": base / name, "with_cuda": with_cuda, "cflags": cflags,
-            "sources": _sources(with_cuda)}
+    return {"name": name, "build_dir": base / name, "with_cuda": with_cuda, "cflags": cflags, "sources": sources}
 
 
 def _missing_tools() -> str | None:

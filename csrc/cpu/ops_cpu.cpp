@@ -55,34 +55,34 @@ void prelu_run(const T* src, bool activate, const acc_t<T>* slopes, acc_t<T> s0,
   }
 }
 
-// Visits every element of pixel_shuffle(x, r) once: fn(out_offset, in_offset, channel), where x
-// is (N, C*r*r, H, W) and the output (N, C, H*r, W*r), both contiguous in the same format.
-// Rows of the output are spread over threads; fn may use at::get_thread_num().
+// Visits pixel_shuffle(x, r) once, as contiguous-ish runs: fn(thread, Run) for x (N, C*r*r, H, W)
+// and the output (N, C, H*r, W*r), both contiguous in the same format. Element k of a run is
+// out[out + k * out_step] <- x[in + k * in_step], output channel c0 + k * c_step. Output rows are
+// spread over threads; `thread` indexes per-thread scratch (at::get_thread_num(), once per chunk).
+struct Run {
+  int64_t out, out_step, in, in_step, len, c0, c_step;
+};
+
 template <typename F>
 void for_each_shuffled(int64_t N, int64_t C, int64_t H, int64_t W, int64_t r, bool cl, const F& fn) {
-  const int64_t OH = H * r, OW = W * r, CP = C * r * r;
-  if (cl) {
+  const int64_t OH = H * r, OW = W * r, CP = C * r * r, rr = r * r;
+  if (cl) {  // a run is the C channels of one output pixel (reads strided by r*r)
     at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
+      const int thread = at::get_thread_num();
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / OH, oh = row % OH, h = oh / r, i = oh % r;
-        for (int64_t w = 0; w < W; ++w) {
-          for (int64_t j = 0; j < r; ++j) {
-            const int64_t src = ((n * H + h) * W + w) * CP + i * r + j;
-            const int64_t dst = (row * OW + w * r + j) * C;
-            for (int64_t c = 0; c < C; ++c) fn(dst + c, src + c * r * r, c);
-          }
-        }
+        for (int64_t w = 0; w < W; ++w)
+          for (int64_t j = 0; j < r; ++j)
+            fn(thread, Run{(row * OW + w * r + j) * C, 1, ((n * H + h) * W + w) * CP + i * r + j, rr, C, 0, 1});
       }
     });
-  } else {
+  } else {  // a run is one input row of one sub-pixel plane (writes strided by r)
     at::parallel_for(0, N * C * OH, 1, [&](int64_t begin, int64_t end) {
+      const int thread = at::get_thread_num();
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / (C * OH), c = (row / OH) % C, oh = row % OH, h = oh / r, i = oh % r;
-        for (int64_t j = 0; j < r; ++j) {
-          const int64_t src = ((n * CP + c * r * r + i * r + j) * H + h) * W;
-          const int64_t dst = row * OW + j;
-          for (int64_t w = 0; w < W; ++w) fn(dst + w * r, src + w, c);
-        }
+        for (int64_t j = 0; j < r; ++j)
+          fn(thread, Run{row * OW + j, r, ((n * CP + c * rr + i * r + j) * H + h) * W, 1, W, c, 0});
       }
     });
   }
@@ -115,11 +115,26 @@ void shuffle_prelu_kernel(const T* x, const acc_t<T>* slope, const T* res, T* ou
     }
     return;
   }
-  for_each_shuffled(N, C, H, W, r, cl, [&](int64_t dst, int64_t src, int64_t c) {
-    A v = static_cast<A>(x[src]);
-    if (activate) v = prelu(v, slope[c]);
-    if (res) v += static_cast<A>(res[dst]);
-    out[dst] = static_cast<T>(v);
+  // Pixel shuffle: out[n, c, h*r+i, w*r+j] = x[n, c*r*r + i*r + j, h, w], run by run. The
+  // layout is a compile-time constant inside the loop (unit steps known, slope hoisted in NCHW)
+  // and the pointers are local and restrict, so the compiler vectorises it.
+  auto body = [&](auto layout, const Run& run) {
+    constexpr bool kCL = decltype(layout)::value;
+    const int64_t in_step = kCL ? run.in_step : 1, out_step = kCL ? 1 : run.out_step;
+    const T* __restrict__ src = x + run.in;
+    const T* __restrict__ rp = res ? res + run.out : nullptr;
+    T* __restrict__ dst = out + run.out;
+    const A* __restrict__ s = slope ? slope + run.c0 : nullptr;
+    const A s0 = s ? s[0] : A(0);
+    for (int64_t k = 0; k < run.len; ++k) {
+      A v = static_cast<A>(src[k * in_step]);
+      if (s) v = prelu(v, kCL ? s[k] : s0);
+      if (rp) v += static_cast<A>(rp[k * out_step]);
+      dst[k * out_step] = static_cast<T>(v);
+    }
+  };
+  for_each_shuffled(N, C, H, W, r, cl, [&](int, const Run& run) {
+    if (cl) body(std::true_type{}, run); else body(std::false_type{}, run);
   });
 }
 
@@ -183,7 +198,9 @@ std::tuple<at::Tensor, at::Tensor> shuffle_prelu_backward_cpu(const at::Tensor& 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastsr_unshuffle", [&] {
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
       scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
-      for_each_shuffled(N, C, H, W, r, is_channels_last(fmt), [&](int64_t dst, int64_t src, int64_t) { gx[src] = gp[dst]; });
+      for_each_shuffled(N, C, H, W, r, is_channels_last(fmt), [&](int, const Run& run) {
+        for (int64_t k = 0; k < run.len; ++k) gx[run.in + k * run.in_step] = gp[run.out + k * run.out_step];
+      });
     });
     return {grad_x, at::empty({0}, x.options())};
   }
@@ -199,10 +216,27 @@ std::tuple<at::Tensor, at::Tensor> shuffle_prelu_backward_cpu(const at::Tensor& 
     // Per-thread partial sums of the slope gradient, added up after the parallel pass.
     const int64_t threads = at::get_num_threads();
     std::vector<double> partial(threads * C, 0.0);
-    for_each_shuffled(N, C, H, W, r, is_channels_last(fmt), [&](int64_t dst, int64_t src, int64_t c) {
-      const A v = static_cast<A>(xp[src]), gv = static_cast<A>(gp[dst]);
-      gx[src] = static_cast<scalar_t>(v > A(0) ? gv : sp[c] * gv);
-      if (!(v > A(0))) partial[at::get_thread_num() * C + c] += static_cast<double>(v * gv);
+    // As in the forward: the layout is a compile-time constant inside the loop.
+    auto body = [&](auto layout, int thread, const Run& run) {
+      constexpr bool kCL = decltype(layout)::value;
+      const int64_t in_step = kCL ? run.in_step : 1, out_step = kCL ? 1 : run.out_step;
+      const scalar_t* __restrict__ xr = xp + run.in;
+      const scalar_t* __restrict__ gr = gp + run.out;
+      scalar_t* __restrict__ gxr = gx + run.in;
+      const A* __restrict__ sr = sp + run.c0;
+      double* __restrict__ acc = partial.data() + thread * C + run.c0;
+      double plane_acc = 0.0;  // NCHW: the whole run is one channel
+      for (int64_t k = 0; k < run.len; ++k) {
+        const A v = static_cast<A>(xr[k * in_step]), gv = static_cast<A>(gr[k * out_step]);
+        const bool pos = v > A(0);
+        gxr[k * in_step] = static_cast<scalar_t>(pos ? gv : sr[kCL ? k : 0] * gv);
+        const double contribution = pos ? 0.0 : static_cast<double>(v * gv);
+        if (kCL) acc[k] += contribution; else plane_acc += contribution;
+      }
+      if (!kCL) acc[0] += plane_acc;
+    };
+    for_each_shuffled(N, C, H, W, r, is_channels_last(fmt), [&](int thread, const Run& run) {
+      if (is_channels_last(fmt)) body(std::true_type{}, thread, run); else body(std::false_type{}, thread, run);
     });
     at::Tensor total = at::zeros({C}, x.options().dtype(at::kDouble));
     double* tp = total.mutable_data_ptr<double>();
