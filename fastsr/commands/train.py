@@ -67,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..backend import BackendUnavailableError
     from ..train import TrainConfig, TrainingError, train
 
     cfg = TrainConfig(
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         path = train(cfg)
-    except (TrainingError, FileNotFoundError, ValueError) as exc:
+    except (TrainingError, BackendUnavailableError, FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 wrote it
         print(f"exported the EMA generator to {path}")
