@@ -5,7 +5,7 @@ Importing fastsr is light: the Triton kernels and the C++ extension load on firs
 
 from __future__ import annotations
 
-from . import functional, metrics, nn
+from . import functional, metrics, nn, optimize  # optimize: a callable module, fastsr.optimize(model)
 from .backend import (
     BackendUnavailableError,
     available_backends,
@@ -33,5 +33,6 @@ def upscale(image, model=None, **kwargs):
 
 __all__ = [
     "BackendUnavailableError", "Discriminator", "SRResNet", "available_backends", "functional", "fuse", "get_backend",
-    "load_model", "metrics", "nn", "save_model", "set_backend", "upscale", "upscale_file", "use_backend", "__version__",
+    "load_model", "metrics", "nn", "optimize", "save_model", "set_backend", "upscale", "upscale_file", "use_backend",
+    "__version__",
 ]

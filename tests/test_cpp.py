@@ -143,7 +143,7 @@ def test_conv2d_prelu_gradients(case, channels_last, dtype):
     ref64 = _grads(lambda *a: ref.conv2d_prelu(*a, shuffle), ins, g)
     same = _grads(lambda *a: ref.conv2d_prelu(*a, shuffle), _cast(ins, dtype), g)
     ours = _grads(lambda *a: ops.conv2d_prelu(*a, shuffle=shuffle, backend="cpp"), _cast(ins, dtype), g)
-    for name, o, r64, s in zip(("x", "weight", "bias", "slope", "residual"), ours, ref64, same):
+    for name, o, r64, s in zip(("x", "weight", "bias", "slope", "residual"), ours, ref64, same, strict=True):
         if r64 is None:
             assert o is None
             continue
@@ -181,6 +181,7 @@ def test_pixel_shuffle_prelu_forward_and_gradients(slope_kind, r, channels_last,
         _grads(lambda a, b: ops.pixel_shuffle_prelu(a, b, r, backend="cpp"), _cast([x, slope], dtype), grad),
         _grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), [x, slope], grad),
         _grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), _cast([x, slope], dtype), grad),
+        strict=True,
     ):
         assert o.dtype == dtype
         assert_within_rule(f"d{name}", o, r64, s, dtype)
@@ -214,7 +215,7 @@ def test_mse_forward_and_gradients(shape, reduction, channels_last, dtype):
     grads64 = _grads(lambda p, q: ref.mse(p, q, reduction), [a, b], g)
     grads_same = _grads(lambda p, q: ref.mse(p, q, reduction), _cast([a, b], dtype), g)
     grads = _grads(lambda p, q: ops.mse(p, q, reduction, backend="cpp"), _cast([a, b], dtype), g)
-    for name, o, r64, s in zip("ab", grads, grads64, grads_same):
+    for name, o, r64, s in zip("ab", grads, grads64, grads_same, strict=True):
         assert o.dtype == dtype
         assert_within_rule(f"dmse/d{name}", o, r64, s, dtype)
 
@@ -343,7 +344,7 @@ def test_srresnet_forward_backward_matches_torch_backend(train):
     ref64, same, ours = run(model, torch.float64, "torch"), run(model, torch.float32, "torch"), run(
         model, torch.float32, "cpp")
     names = ["out", "dx"] + [f"d{n}" for n, _ in model.named_parameters()]
-    for name, o, r64, s in zip(names, ours, ref64, same):
+    for name, o, r64, s in zip(names, ours, ref64, same, strict=True):
         assert_within_rule(name, o, r64, s, torch.float32)
 
 
@@ -377,7 +378,7 @@ def test_fuse_for_inference_matches_unfused(channels_last_input):
     with torch.no_grad(), fastsr.use_backend("torch"):
         expected64 = copy.deepcopy(model).double()(x.double())
         expected = model(x)
-    fused = optimize(copy.deepcopy(model))
+    fused = fastsr.optimize(copy.deepcopy(model))  # the callable module, = fuse_for_inference
     assert optimize is fuse_for_inference and not fused.training
     convs = [m for m in fused.modules() if isinstance(m, fastsr.nn.ConvPReLU)]
     assert all(m.bn is None for m in convs) and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
