@@ -61,16 +61,19 @@ def _configs(shapes: list[tuple[int, ...]], interpret_shape: tuple[int, int, int
 # means every block lies inside one tap (TAP_ALIGNED) whatever config the autotuner picks.
 _TAP_QUANTUM = 64
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_N = 16 (the tl.dot minimum) is for the
-# 64 -> 3 tail conv, whose N = 3 would waste most of a wider tile.
+# 64 -> 3 tail conv, whose N = 3 would waste most of a wider tile. The last, small config is for
+# fp32/fp64 ("ieee" FMA dots): compiled for sm_90, their large tiles need more shared memory than
+# an H100 has, and the autotuner drops configs that fail with OutOfResources.
 _FWD_CONFIGS = _configs(
     [(128, 64, 64, 4, 3), (128, 128, 32, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 32, 64, 4, 4),
-     (256, 64, 32, 4, 3), (128, 16, 64, 4, 4), (256, 16, 64, 4, 3)],
+     (256, 64, 32, 4, 3), (128, 16, 64, 4, 4), (256, 16, 64, 4, 3), (32, 32, 32, 4, 1)],
     (128, 64, 64),
 )
 # Weight gradient: M = C_out (BLOCK_M = 16 for the 3-channel tail), N = KS*KS*C_in (BLOCK_N divides
 # _TAP_QUANTUM), K = pixels (BLOCK_K divides _SPLIT_QUANTUM).
 _WGRAD_CONFIGS = _configs(
-    [(64, 64, 64, 4, 3), (128, 64, 32, 4, 3), (64, 32, 128, 4, 3), (32, 64, 128, 4, 3), (16, 64, 128, 4, 3)],
+    [(64, 64, 64, 4, 3), (128, 64, 32, 4, 3), (64, 32, 128, 4, 3), (32, 64, 128, 4, 3), (16, 64, 128, 4, 3),
+     (32, 32, 32, 4, 1)],
     (64, 64, 128),
 )
 _SPLIT_QUANTUM = 256
