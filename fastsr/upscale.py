@@ -393,7 +393,7 @@ def _pipeline(up: Upscaler, source: ImageSource, plan: TilePlan, groups: list[in
     s = plan.scale
     area = lambda t: (t.core[1] - t.core[0]) * (t.core[3] - t.core[2])
     total = sum(area(plan.tile_at(i)) for g in groups for i in batches[g])
-    bar = tqdm(total=round(total * s * s / 1e6, 3), unit="Mpx", disable=not progress, dynamic_ncols=True,
+    bar = tqdm(total=total * s * s / 1e6, unit="Mpx", disable=not progress, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_noinv_fmt}]")
 
     def reader() -> None:

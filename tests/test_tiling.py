@@ -14,6 +14,15 @@ from fastsr.tiling import TilePlan, model_scale, plan_tiles, receptive_field
 BACKEND = "torch"  # tiling is backend-independent; the reference backend keeps these tests deterministic
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread is faster than two on a busy machine (no OpenMP barriers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random-init model in eval mode with every BN active (SRResNet zero-inits the last BN of
     each block, which would make the blocks identities and hide part of the receptive field)."""

@@ -26,7 +26,17 @@ from fastsr.cli import main as cli_main
 from fastsr.errors import UserError
 
 BACKEND = "torch"
-ENV = {**os.environ, "OMP_NUM_THREADS": "2", "FASTSR_BACKEND": "torch"}
+# One thread: on a shared 2-core machine, 2-thread OpenMP ops wait for descheduled peers (16x slower here).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FASTSR_BACKEND": "torch"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread is faster than two on a busy machine (no OpenMP barriers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
