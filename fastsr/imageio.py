@@ -374,14 +374,23 @@ def _downsample2(block: np.ndarray) -> np.ndarray:
     return ((s + 2) // 4).astype(block.dtype)
 
 
+def pyramid_shapes(shape: tuple[int, int, int], min_size: int) -> list[tuple[int, int, int]]:
+    """Shapes of the levels below ``shape`` (each half the previous, rounded up) until the
+    longer side is at most ``min_size``."""
+    shapes = []
+    h, w, c = shape
+    while max(h, w) > min_size:
+        h, w = -(-h // 2), -(-w // 2)
+        shapes.append((h, w, c))
+    return shapes
+
+
 def build_pyramid(base, folder: Path, block: int, min_size: int) -> list:
     """Downsampled levels (each half the previous) of a zarr ``base`` array, as zarr arrays in
     ``folder``, until the longer side is at most ``min_size``. Works block by block."""
     levels, prev = [], base
-    while max(prev.shape[:2]) > min_size:
-        h, w, c = prev.shape
-        shape = (-(-h // 2), -(-w // 2), c)
-        level = create_zarr(folder / f"level{len(levels) + 1}.zarr", shape, (block, block, c), prev.dtype)
+    for shape in pyramid_shapes(tuple(base.shape), min_size):
+        level = create_zarr(folder / f"level{len(levels) + 1}.zarr", shape, (block, block, shape[2]), prev.dtype)
         for y in range(0, shape[0], block):
             for x in range(0, shape[1], block):
                 level[y:y + block, x:x + block] = _downsample2(np.asarray(prev[2 * y:2 * y + 2 * block,
@@ -391,10 +400,12 @@ def build_pyramid(base, folder: Path, block: int, min_size: int) -> list:
     return levels
 
 
-def write_tiff(path: str | os.PathLike, base, *, tile: int, compression: str = "zstd", levels: tuple = ()) -> None:
+def write_tiff(path: str | os.PathLike, base, *, tile: int, compression: str = "zstd", levels=(),
+               num_levels: int | None = None) -> None:
     """Write the (H, W, C) array-like ``base`` (e.g. a zarr array) as a tiled BigTIFF, reading
     it one ``tile`` x ``tile`` block at a time in row-major order, plus ``levels`` as reduced-
-    resolution SubIFDs (a pyramid viewers can use)."""
+    resolution SubIFDs (a pyramid viewers can use). ``levels`` may be a callable returning
+    them, called once the base is written (``num_levels`` then says how many there will be)."""
     import tifffile
 
     if tile % 16:
@@ -404,19 +415,20 @@ def write_tiff(path: str | os.PathLike, base, *, tile: int, compression: str = "
     photometric = "rgb" if channels >= 3 else "minisblack"
     extrasamples = ("unassalpha",) if channels in (2, 4) else None
     predictor = compression in ("deflate", "zstd")  # horizontal differencing: smaller lossless files
+    if num_levels is None:
+        num_levels = len(levels)
 
     def write_level(tif, array, **kwargs):
         h, w, c = array.shape
+        if c == 1:
+            array = _Squeeze(array)
         tif.write(iter_chunks(array, (tile, tile)), shape=(h, w, c) if c > 1 else (h, w),
                   dtype=array.dtype, tile=(tile, tile), photometric=photometric, compression=codec,
                   predictor=predictor, extrasamples=extrasamples, planarconfig="contig", **kwargs)
 
-    if channels == 1:
-        base = _Squeeze(base)
-        levels = tuple(_Squeeze(level) for level in levels)
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        write_level(tif, base, subifds=len(levels) or None, metadata=None, software="fastsr")
-        for level in levels:
+        write_level(tif, base, subifds=num_levels or None, metadata=None, software="fastsr")
+        for level in (levels() if callable(levels) else levels):
             write_level(tif, level, subfiletype=1, metadata=None)
 
 

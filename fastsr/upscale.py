@@ -383,7 +383,7 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
 
 
 def _pipeline(up: Upscaler, source: ImageSource, plan: TilePlan, groups: list[int], batch_size: int,
-              work: _WorkDir, progress: bool) -> None:
+              work: _WorkDir, progress: bool, on_written=None) -> None:
     from tqdm import tqdm
 
     batches = plan.batches(batch_size)
@@ -427,6 +427,8 @@ def _pipeline(up: Upscaler, source: ImageSource, plan: TilePlan, groups: list[in
                     y0, y1, x0, x1 = t.output_box(s)
                     work.store[y0:y1, x0:x1] = o[t.output_crop(s)]
                 work.mark(g)
+                if on_written is not None:
+                    on_written(t.index for t in tiles)
                 bar.update(sum(map(area, tiles)) * s * s / 1e6)
         except BaseException as exc:  # noqa: B036 - handed to the calling thread
             failures.append(exc)
@@ -460,6 +462,71 @@ def _pipeline(up: Upscaler, source: ImageSource, plan: TilePlan, groups: list[in
         bar.close()
     if failures:
         raise failures[0]
+
+
+class _TileTracker:
+    """Which output tiles are in the store; lets the TIFF assembler wait for the next one, so
+    the final file is encoded while the model still runs (instead of in a pass at the end)."""
+
+    def __init__(self, plan: TilePlan, done_groups: set[int], batch_size: int) -> None:
+        self.done = np.zeros(len(plan), dtype=bool)
+        for g in done_groups:
+            self.done[list(plan.batches(batch_size)[g])] = True
+        self.cols, self.tile = plan.cols, plan.tile * plan.scale
+        self.cond = threading.Condition()
+        self.aborted = False
+
+    def add(self, indices) -> None:
+        with self.cond:
+            self.done[list(indices)] = True
+            self.cond.notify_all()
+
+    def abort(self) -> None:
+        with self.cond:
+            self.aborted = True
+            self.cond.notify_all()
+
+    def wait(self, index: int) -> None:
+        with self.cond:
+            while not self.done[index]:
+                if self.aborted:
+                    raise RuntimeError("tile pipeline stopped")
+                self.cond.wait()
+
+
+class _WaitingArray:
+    """The tile store as an array whose reads wait until the tile-aligned block is written."""
+
+    def __init__(self, store, tracker: _TileTracker) -> None:
+        self.store, self.tracker = store, tracker
+        self.shape, self.dtype = store.shape, store.dtype
+
+    def __getitem__(self, key):
+        rows, cols = key[0], key[1]
+        self.tracker.wait((rows.start // self.tracker.tile) * self.tracker.cols + cols.start // self.tracker.tile)
+        return self.store[key]
+
+
+class _Assembler(threading.Thread):
+    """Writes the TIFF output from the tile store in row-major order while tiles are produced."""
+
+    def __init__(self, work: _WorkDir, tracker: _TileTracker, tmp: Path, out_tile: int, compression: str,
+                 pyramid: bool) -> None:
+        super().__init__(name="fastsr-tiff", daemon=True)
+        self.work, self.tracker, self.tmp = work, tracker, tmp
+        self.out_tile, self.compression, self.pyramid = out_tile, compression, pyramid
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            store = self.work.store
+            levels = (lambda: imageio.build_pyramid(store, self.work.path, self.out_tile, self.out_tile)) \
+                if self.pyramid else ()
+            num = len(imageio.pyramid_shapes(tuple(store.shape), self.out_tile)) if self.pyramid else 0
+            imageio.write_tiff(self.tmp, _WaitingArray(store, self.tracker), tile=self.out_tile,
+                               compression=self.compression, levels=levels, num_levels=num)
+        except BaseException as exc:  # noqa: B036 - reported by upscale_file
+            self.error = exc
 
 
 def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, tile: int = 512,
@@ -507,22 +574,40 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
         work_path = dst_path.with_name(f".{dst_path.name}{WORK_SUFFIX}")
         work = _WorkDir(work_path, header, out_shape, (out_tile, out_tile, source.channels), source.dtype,
                         resume=resume, rank=rank, world=world)
+        assembler = None
+        if fmt == "tiff" and world == 1:
+            # Encode the TIFF while the model runs; with several ranks, rank 0 does it at the end.
+            tracker = _TileTracker(plan, work.done, int(batch_size))
+            assembler = _Assembler(work, tracker, imageio.temp_path(dst_path), out_tile, compression, pyramid)
+            assembler.start()
         try:
             n = len(plan.batches(int(batch_size)))
             if work.done and rank == 0:
                 log.info("resuming: %d of %d batches of tiles already done", len(work.done), n)
             groups = [g for g in range(rank, n, world) if g not in work.done]
-            _pipeline(up, source, plan, groups, int(batch_size), work, progress and rank == 0)
-        except UserError:
+            _pipeline(up, source, plan, groups, int(batch_size), work, progress and rank == 0,
+                      on_written=tracker.add if assembler else None)
+        except BaseException as exc:
             work.close()
-            if world == 1:
-                imageio.remove_path(work_path)
-            raise
-        except BaseException:
-            work.close()
-            log.warning("stopped; the finished tiles are kept in %s: rerun with --resume to continue", work_path)
+            if assembler is not None:
+                tracker.abort()
+                assembler.join()
+                imageio.remove_path(assembler.tmp)
+            if isinstance(exc, UserError):
+                if world == 1:
+                    imageio.remove_path(work_path)
+            else:
+                log.warning("stopped; the finished tiles are kept in %s: rerun with --resume to continue", work_path)
             raise
         work.close()
+    if assembler is not None:
+        assembler.join()
+        if assembler.error is not None:
+            imageio.remove_path(assembler.tmp)
+            raise assembler.error
+        imageio.commit_path(assembler.tmp, dst_path)
+        imageio.remove_path(work_path)
+        return dst_path
     _barrier(world)
     if rank == 0:
         _finish(work, work_path, dst_path, fmt, out_tile, compression, pyramid)
