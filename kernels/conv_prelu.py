@@ -6,7 +6,8 @@ C_in = 3 is 243 reduction elements (four BLOCK_K = 64 steps) instead of 81 mostl
 per-tap iterations, and for C_in = 64 each BLOCK_K = 64 step is one tap with contiguous
 channels (a vector load in channels_last). 'same' padding is a load mask, never a padded copy.
 The epilogue (bias, pixel-shuffle address, PReLU, residual add, cast) runs on the fp32
-accumulator before the single store.
+accumulator before the single store. The pixel count M is passed from the host (Triton types an
+int argument >= 2**31 as int64) and pixel offsets are int64, so gigapixel tensors index correctly.
 
 Backward (all Triton):
 * input gradient: the same implicit GEMM over (kh, kw, co) reading the weights flipped and
@@ -104,7 +105,7 @@ def _k_block_coords(k0, C, K_TOTAL, KS: tl.constexpr, BLOCK: tl.constexpr, TAP_A
 @triton.jit
 def _conv_prelu_fwd_kernel(
     x_ptr, w_ptr, b_ptr, slope_ptr, res_ptr, out_ptr, z_ptr,
-    N, H, W, C_in, C_out,
+    M, H, W, C_in, C_out,
     sxn, sxh, sxw, sxc,
     swo, swi, swh, sww,
     son, soh, sow, soc,
@@ -121,7 +122,7 @@ def _conv_prelu_fwd_kernel(
     pid_n = tl.program_id(1)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < N * H * W
+    m_mask = offs_m < M
     n = offs_m // (H * W)
     rem = offs_m % (H * W)
     oh = rem // W
@@ -166,7 +167,7 @@ def _conv_prelu_fwd_kernel(
 @triton.jit
 def _conv_prelu_bwd_input_kernel(
     g_ptr, z_ptr, slope_ptr, w_ptr, dx_ptr,
-    N, H, W, C_in, C_out,
+    M, H, W, C_in, C_out,
     sgn, sgh, sgw, sgc,
     szn, szh, szw, szc,
     swo, swi, swh, sww,
@@ -184,7 +185,7 @@ def _conv_prelu_bwd_input_kernel(
     pid_n = tl.program_id(1)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < N * H * W
+    m_mask = offs_m < M
     n = offs_m // (H * W)
     rem = offs_m % (H * W)
     ih = rem // W
@@ -217,7 +218,7 @@ def _conv_prelu_bwd_input_kernel(
 @triton.jit
 def _conv_prelu_bwd_weight_kernel(
     g_ptr, z_ptr, slope_ptr, x_ptr, dw_ptr, db_ptr, dslope_ptr,
-    N, H, W, C_in, C_out, PIX_PER_SPLIT,
+    M, H, W, C_in, C_out, PIX_PER_SPLIT,
     sgn, sgh, sgw, sgc,
     szn, szh, szw, szc,
     sxn, sxh, sxw, sxc,
@@ -241,7 +242,6 @@ def _conv_prelu_bwd_weight_kernel(
     k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c, kh, kw, k_mask = _k_block_coords(pid_n * BLOCK_N, C_in, K_TOTAL, KS, BLOCK_N, TAP_ALIGNED)
 
-    M = N * H * W
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     db = tl.zeros((BLOCK_M,), dtype=ACC)
     dslope = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -319,7 +319,7 @@ def conv_prelu_forward(
     # wrap_triton: the same launch works eagerly and when traced inside the triton_op below.
     wrap_triton(_fwd)[grid](
         x, weight, bias_arg, slope_arg, res, out, z,
-        n, h, w, c_in, c_out,
+        n * h * w, h, w, c_in, c_out,
         *nhwc_strides(x), *weight.stride(), *nhwc_strides(out), *nhwc_strides(res), *nhwc_strides(z),
         _slope_stride(slope),
         KS=ks, R=r, TAP_ALIGNED=c_in % _TAP_QUANTUM == 0,
@@ -372,7 +372,7 @@ def conv_prelu_backward(
 
         wrap_triton(_bwd_input)[grid_x](
             grad_out, z_arg, slope_arg, weight, dx,
-            n, h, w, c_in, c_out,
+            n * h * w, h, w, c_in, c_out,
             *nhwc_strides(grad_out), *nhwc_strides(z_arg), *weight.stride(), *nhwc_strides(dx),
             _slope_stride(slope), TAP_ALIGNED=c_out % _TAP_QUANTUM == 0, **common,
         )
@@ -392,7 +392,7 @@ def conv_prelu_backward(
 
         wrap_triton(_bwd_weight)[grid_w](
             grad_out, z_arg, slope_arg, x, dw_part, db_part, ds_part,
-            n, h, w, c_in, c_out, chunk,
+            n * h * w, h, w, c_in, c_out, chunk,
             *nhwc_strides(grad_out), *nhwc_strides(z_arg), *nhwc_strides(x),
             _slope_stride(slope), TAP_ALIGNED=c_in % _TAP_QUANTUM == 0, **common,
         )

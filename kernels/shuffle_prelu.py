@@ -22,7 +22,7 @@ _BLOCK_P, _BLOCK_C = (256, 64) if interpreting() else (64, 32)
 @triton.jit
 def _pixel_shuffle_prelu_fwd_kernel(
     x_ptr, slope_ptr, out_ptr,
-    N, H, W, C_in,
+    M, H, W, C_in,
     sxn, sxh, sxw, sxc,
     son, soh, sow, soc,
     slope_stride,
@@ -32,7 +32,7 @@ def _pixel_shuffle_prelu_fwd_kernel(
     pid_c = tl.program_id(1)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     ci = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_mask = p < N * H * W
+    p_mask = p < M
     ci_mask = ci < C_in
     n = (p // (H * W))[:, None]
     rem = p % (H * W)
@@ -52,7 +52,7 @@ def _pixel_shuffle_prelu_fwd_kernel(
 @triton.jit
 def _pixel_shuffle_prelu_bwd_kernel(
     g_ptr, x_ptr, slope_ptr, dx_ptr, ds_ptr,
-    N, H, W, C_in,
+    M, H, W, C_in,
     sgn, sgh, sgw, sgc,
     sxn, sxh, sxw, sxc,
     sdn, sdh, sdw, sdc,
@@ -65,7 +65,7 @@ def _pixel_shuffle_prelu_bwd_kernel(
     pid_c = tl.program_id(1)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     ci = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_mask = p < N * H * W
+    p_mask = p < M
     ci_mask = ci < C_in
     n = (p // (H * W))[:, None]
     rem = p % (H * W)
@@ -96,7 +96,7 @@ def pixel_shuffle_prelu_forward(x: torch.Tensor, slope: torch.Tensor, r: int) ->
                       memory_format=like_memory_format(x))
     grid = (triton.cdiv(n * h * w, _BLOCK_P), triton.cdiv(c_in, _BLOCK_C))
     _pixel_shuffle_prelu_fwd_kernel[grid](
-        x, slope, out, n, h, w, c_in, *nhwc_strides(x), *nhwc_strides(out), _slope_stride(slope),
+        x, slope, out, n * h * w, h, w, c_in, *nhwc_strides(x), *nhwc_strides(out), _slope_stride(slope),
         R=r, ACC=tl_acc_dtype(x.dtype), BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, num_warps=4,
     )
     return out
@@ -111,7 +111,7 @@ def pixel_shuffle_prelu_backward(
     dx = torch.empty_like(x, memory_format=like_memory_format(x))
     ds_part = torch.empty((blocks, c_in), dtype=acc_dtype(x.dtype), device=x.device)
     _pixel_shuffle_prelu_bwd_kernel[(blocks, triton.cdiv(c_in, _BLOCK_C))](
-        grad_out, x, slope, dx, ds_part, n, h, w, c_in,
+        grad_out, x, slope, dx, ds_part, n * h * w, h, w, c_in,
         *nhwc_strides(grad_out), *nhwc_strides(x), *nhwc_strides(dx), _slope_stride(slope),
         R=r, ACC=tl_acc_dtype(x.dtype), BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, num_warps=4,
     )

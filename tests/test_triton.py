@@ -412,7 +412,8 @@ def build(fn, ptr_dtypes, consts, num_warps=4, num_stages=3):
         elif name in ptr_dtypes:
             sig[name] = "*" + ptr_dtypes[name]
         else:
-            sig[name] = "fp32" if name.startswith("inv_") else "i32"
+            # M (pixel count) as int64: the type Triton gives it for tensors past 2**31 pixels
+            sig[name] = "fp32" if name.startswith("inv_") else "i64" if name == "M" else "i32"
     triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": num_warps, "num_stages": num_stages})
 
