@@ -457,3 +457,23 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_non_contiguous_views():
+    """Strides are passed through, so sliced views work without a copy (and without reading out
+    of bounds, which the interpreter would not catch as an error but as wrong values)."""
+    gen = torch.Generator().manual_seed(3)
+    big = torch.randn(3, 7, 11, 19, generator=gen, dtype=torch.float64).to(DEVICE)
+    x = big[:, 1:6, 2:9, 3:16]  # (3, 5, 7, 13), no dense layout
+    wt = torch.randn(17, 5, 3, 3, generator=gen, dtype=torch.float64).to(DEVICE) / 6
+    res_big = torch.randn(3, 13, 7, 17, generator=gen, dtype=torch.float64).to(DEVICE)
+    res = res_big.transpose(1, 3)[:, :17]  # (3, 17, 7, 13), channel stride 1 in an odd layout
+    s = torch.rand(17, generator=gen, dtype=torch.float64).to(DEVICE)
+    ins = [x, wt, None, s, res]
+    ref64 = ref.conv2d_prelu(*ins, 1)
+    same = ref.conv2d_prelu(*_cast(ins, torch.float32), 1)
+    ours = ops.conv2d_prelu(*_cast(ins, torch.float32), backend="triton")
+    assert_within_rule("conv2d_prelu on views", ours, ref64, same, torch.float32)
+    a, b = big[:, :3, 0:10:2, 1:], big[:, 3:6, 1:11:2, :-1]
+    assert_within_rule("mse on views", ops.mse(a.float(), b.float(), "none", backend="triton"),
+                       ref.mse(a, b, "none"), ref.mse(a.float(), b.float(), "none"), torch.float32)
