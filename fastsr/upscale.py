@@ -548,6 +548,9 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
     if src_path.resolve() == dst_path.resolve():
         raise ImageWriteError(f"output path {dst} is the input file; choose another output name")
     imageio.output_format(dst_path)
+    rank, world = _dist_info()
+    if world > 1 and resolve_device(device).type == "cuda" and torch.device(device or "cuda").index is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"  # one GPU per rank
     up = Upscaler(model, device=device, dtype=dtype, backend=backend)
     if batch_size is None:
         batch_size = 4 if up.device.type == "cuda" else 1
@@ -565,7 +568,6 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
             raise UpscaleError(f"--tile {tile} gives output tiles of {out_tile} pixels; TIFF tiles must be a multiple "
                                f"of 16 pixels: use --tile {good} or another multiple of {16 // np.gcd(16, up.scale)}")
         imageio.check_disk_space(dst_path, imageio.estimate_output_bytes(out_shape, source.dtype, fmt, compression))
-        rank, world = _dist_info()
         st = src_path.stat()
         header = {"version": 1, "src": str(src_path.resolve()), "src_size": st.st_size, "src_mtime_ns": st.st_mtime_ns,
                   "model": model_digest(up.source), "tile": tile, "halo": plan.halo, "batch_size": int(batch_size),

@@ -430,3 +430,22 @@ def test_memory_bounded_4k_to_16k(tmp_path):
 @pytest.mark.slow
 def test_memory_bounded_16k_to_64k(tmp_path):
     _memory_run(tmp_path, 16384, 512, timeout=3600)
+
+
+# ----------------------------------------------------------------------------- scale-out
+
+
+def test_torchrun_two_cpu_processes(tmp_path, tiny_model_file, model):
+    """Two ranks (gloo) share the batches, write disjoint chunks of one store; rank 0 writes the TIFF."""
+    image = photo(72, 96)
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    tifffile.imwrite(src, image, tile=(32, 32), photometric="rgb")
+    env = {**ENV, "FASTSR_DIST_BACKEND": "gloo"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "fastsr", "upscale", str(src), str(dst), "--model", str(tiny_model_file), "--tile", "16",
+                        "--batch-size", "2", "--backend", "torch", "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    expected = fastsr.upscale(image, model, tile=16, backend=BACKEND)
+    assert np.array_equal(tifffile.imread(dst), expected)
+    no_leftovers(tmp_path, {src.name, dst.name})

@@ -20,6 +20,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..errors import UserError
 
@@ -72,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
                            backend=args.backend)
     except BackendUnavailableError as exc:
         raise UserError(str(exc)) from None
-    if not args.quiet:
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # started by upscale_file under torchrun
+            dist.destroy_process_group()
+    if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {out}")
     return 0
