@@ -321,13 +321,6 @@ def check_disk_space(dst: str | os.PathLike, needed: int) -> None:
                               f"{free / 2**30:.1f} GiB free")
 
 
-def temp_path(dst: str | os.PathLike, tag: str = "tmp") -> Path:
-    """A hidden temporary name in the destination's folder (same file system, so the final
-    rename is atomic), keeping the suffix so format detection by name still works."""
-    dst = Path(dst)
-    return dst.with_name(f".{dst.stem}.fastsr-{tag}-{os.getpid()}{dst.suffix}")
-
-
 def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

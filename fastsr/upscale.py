@@ -580,7 +580,9 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
         if fmt == "tiff" and world == 1:
             # Encode the TIFF while the model runs; with several ranks, rank 0 does it at the end.
             tracker = _TileTracker(plan, work.done, int(batch_size))
-            assembler = _Assembler(work, tracker, imageio.temp_path(dst_path), out_tile, compression, pyramid)
+            # Inside the work folder: a run killed while writing leaves nothing beside the output.
+            assembler = _Assembler(work, tracker, work_path / f"output{dst_path.suffix}", out_tile, compression,
+                                   pyramid)
             assembler.start()
         try:
             n = len(plan.batches(int(batch_size)))
@@ -624,7 +626,7 @@ def _finish(work: _WorkDir, work_path: Path, dst: Path, fmt: str, out_tile: int,
         imageio.commit_path(work.store_path, dst)
         imageio.remove_path(work_path)
         return
-    tmp = imageio.temp_path(dst)
+    tmp = work_path / f"output{dst.suffix}"  # same folder as dst: the rename is atomic
     try:
         if fmt == "tiff":
             levels = imageio.build_pyramid(work.store, work_path, out_tile, out_tile) if pyramid else ()

@@ -334,6 +334,7 @@ def test_resume_after_kill_9(tmp_path, tiny_model_file, model):
     uninterrupted = tmp_path / "ref.tif"
     fastsr.upscale_file(src, uninterrupted, model, tile=16, progress=False, backend=BACKEND)
     assert np.array_equal(got, tifffile.imread(uninterrupted))
+    no_leftovers(tmp_path, {src.name, dst.name, uninterrupted.name})
     # A resume with other settings is refused rather than mixing tiles of two runs.
     proc = subprocess.Popen(args, env=ENV, stderr=subprocess.DEVNULL)
     while not list(work.glob("done.rank*.txt")) and proc.poll() is None:
