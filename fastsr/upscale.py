@@ -147,7 +147,12 @@ class Upscaler:
         net = copy.deepcopy(source).eval().to(self.device)
         net = _fuse(net).to(self.device, self.dtype)
         self.net = net.to(memory_format=torch.channels_last)
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.stream = None
+        if self.device.type == "cuda":
+            # Batches run on their own stream (copies overlap other threads' work); it must see
+            # the weights that were just copied on the default stream.
+            self.stream = torch.cuda.Stream(self.device)
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def halo(self, halo: int | str, channels: int) -> int:
         """The halo for ``halo`` ("auto" = the receptive field; bicubic alpha needs 2)."""
