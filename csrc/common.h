@@ -3,6 +3,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 
 #include <optional>
 
@@ -14,6 +17,13 @@ namespace fastsr {
 inline at::MemoryFormat output_format(const at::Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
                                                                                   : at::MemoryFormat::Contiguous;
+}
+
+// Grain size for at::parallel_for over items of `work` elements each: small tensors run on the
+// calling thread. Without it every tiny op (gradcheck, small batches) opens an OpenMP region,
+// which on a busy machine waits for a descheduled thread each time.
+inline int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work));
 }
 
 inline bool is_channels_last(at::MemoryFormat f) { return f == at::MemoryFormat::ChannelsLast; }

@@ -108,7 +108,7 @@ void conv_rows(const float* in, const float* wt, const float* bias, const Geomet
   // they stay in L1 while a whole output row of blocks streams past (the full 9x9x64x3 kernel
   // is 62 KiB, more than L1); each group adds its partial sums into the row buffer.
   const int64_t group = std::max<int64_t>(1, 16384 / (CO * g.run() * static_cast<int64_t>(sizeof(float))));
-  at::parallel_for(0, N * g.H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * g.H, grain_for(g.W * g.run() * CO), [&](int64_t begin, int64_t end) {
     std::vector<float> row(g.W * CO);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.H, oh = r % g.H;

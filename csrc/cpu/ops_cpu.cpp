@@ -67,7 +67,7 @@ template <typename F>
 void for_each_shuffled(int64_t N, int64_t C, int64_t H, int64_t W, int64_t r, bool cl, const F& fn) {
   const int64_t OH = H * r, OW = W * r, CP = C * r * r, rr = r * r;
   if (cl) {  // a run is the C channels of one output pixel (reads strided by r*r)
-    at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * OH, grain_for(OW * C), [&](int64_t begin, int64_t end) {
       const int thread = at::get_thread_num();
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / OH, oh = row % OH, h = oh / r, i = oh % r;
@@ -77,7 +77,7 @@ void for_each_shuffled(int64_t N, int64_t C, int64_t H, int64_t W, int64_t r, bo
       }
     });
   } else {  // a run is one input row of one sub-pixel plane (writes strided by r)
-    at::parallel_for(0, N * C * OH, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * C * OH, grain_for(OW), [&](int64_t begin, int64_t end) {
       const int thread = at::get_thread_num();
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / (C * OH), c = (row / OH) % C, oh = row % OH, h = oh / r, i = oh % r;
@@ -96,7 +96,7 @@ void shuffle_prelu_kernel(const T* x, const acc_t<T>* slope, const T* res, T* ou
   if (r == 1) {
     // No shuffle: a purely elementwise pass (in place when out == x), vectorised per row.
     if (cl) {
-      at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           for (int64_t w = 0; w < W; ++w) {
             const int64_t off = (row * W + w) * C;
@@ -105,7 +105,7 @@ void shuffle_prelu_kernel(const T* x, const acc_t<T>* slope, const T* res, T* ou
         }
       });
     } else {
-      at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, N * C, grain_for(H * W), [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t off = plane * H * W;
           const A s = activate ? slope[plane % C] : A(0);
@@ -347,7 +347,7 @@ at::Tensor mse_per_image_cpu(const at::Tensor& a, const at::Tensor& b, double sc
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "fastsr_mse", [&] {
     const scalar_t* ap = ac.const_data_ptr<scalar_t>();
     const scalar_t* bp = bc.const_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * rows_per_image, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.N * rows_per_image, grain_for(g.w * g.C), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / rows_per_image, k = row % rows_per_image;
         const int64_t c = (g.cl || g.y) ? 0 : k / g.h, hh = g.crop + k % g.h;
@@ -389,7 +389,7 @@ at::Tensor mse_per_image_backward_cpu(const at::Tensor& grad, const at::Tensor& 
     const scalar_t* ap = ac.const_data_ptr<scalar_t>();
     const scalar_t* bp = bc.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.h, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.N * g.h, grain_for(g.w * g.C), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / g.h, hh = g.crop + row % g.h;
         const A k = static_cast<A>(cp[n]);
@@ -436,11 +436,11 @@ at::Tensor to_uint8_cpu(const at::Tensor& x) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastsr_to_uint8", [&] {
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     if (is_channels_last(fmt)) {  // same element order: a flat elementwise pass
-      at::parallel_for(0, N * H * W * C, 4096, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, N * H * W * C, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) op[i] = quantize(xp[i]);
       });
     } else {  // NCHW -> NHWC: read each plane row contiguously, write interleaved
-      at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           const int64_t n = row / H, h = row % H;
           uint8_t* dst = op + row * W * C;
