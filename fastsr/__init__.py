@@ -5,7 +5,7 @@ Importing fastsr is light: the Triton kernels and the C++ extension load on firs
 
 from __future__ import annotations
 
-from . import functional, metrics, nn, optimize  # optimize: a callable module, fastsr.optimize(model)
+from . import functional, metrics, nn
 from .backend import (
     BackendUnavailableError,
     available_backends,
@@ -15,6 +15,7 @@ from .backend import (
 )
 from .fuse import fuse  # the function; it shadows the submodule name (import fastsr.fuse for its classes)
 from .models import Discriminator, SRResNet, load_model, save_model
+from .optimize import fuse_for_inference as optimize  # fastsr.optimize(model): fold BN, channels_last
 
 # Importing the submodule binds the attribute fastsr.upscale to it; the function defined below
 # rebinds the name, so fastsr.upscale is the function (the module stays in sys.modules).

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import functional
-from .reference import accumulation_dtype, rgb_to_y
+from .reference import protocol_view
 
 
 def psnr(sr: torch.Tensor, hr: torch.Tensor, *, crop_border: int = 0, y_channel: bool = True,
@@ -32,17 +32,11 @@ def ssim(sr: torch.Tensor, hr: torch.Tensor, *, crop_border: int = 0, y_channel:
     """SSIM per image, (N,): 11x11 Gaussian window (sigma 1.5), 'valid' region, as MATLAB's
     reference code, BasicSR and ``skimage.metrics.structural_similarity(gaussian_weights=True,
     sigma=1.5, use_sample_covariance=False)`` compute it. Multi-channel images average channels."""
-    acc = accumulation_dtype(sr.dtype)
-    sr, hr = sr.to(acc) / data_range, hr.to(acc) / data_range
-    if crop_border:
-        sr = sr[..., crop_border:-crop_border, crop_border:-crop_border]
-        hr = hr[..., crop_border:-crop_border, crop_border:-crop_border]
-    if y_channel:
-        sr, hr = rgb_to_y(sr), rgb_to_y(hr)
+    sr, hr = (protocol_view(t, data_range, y_channel, crop_border) for t in (sr, hr))
     n, c, h, w = sr.shape
     if min(h, w) < 11:
         raise ValueError(f"SSIM needs images of at least 11x11 after cropping, got {h}x{w}")
-    window = _gaussian_window(acc, sr.device)
+    window = _gaussian_window(sr.dtype, sr.device)
     x, y = sr.reshape(n * c, 1, h, w), hr.reshape(n * c, 1, h, w)
     mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
     var_x = F.conv2d(x * x, window) - mu_x**2

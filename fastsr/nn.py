@@ -68,7 +68,8 @@ class ConvPReLU(nn.Module):
             bias = None if bias is None else bias.to(x.dtype)
             return ops.conv2d_prelu(x, weight.to(x.dtype), bias, slope, residual, shuffle=self.shuffle)
         # Training BatchNorm needs the statistics of the whole conv output before normalising.
-        y = ops.conv2d_prelu(x, self.conv.weight.to(x.dtype), None if self.conv.bias is None else self.conv.bias.to(x.dtype))
+        bias = None if self.conv.bias is None else self.conv.bias.to(x.dtype)
+        y = ops.conv2d_prelu(x, self.conv.weight.to(x.dtype), bias)
         y = self.bn(y)
         if self.shuffle > 1:
             y = F.pixel_shuffle(y, self.shuffle)

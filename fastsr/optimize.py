@@ -1,6 +1,6 @@
 """Inference-time model rewriting: BatchNorm folding and channels_last.
 
-``fuse_for_inference(model)`` (also callable as ``fastsr.optimize(model)``) folds every eval-mode
+``fuse_for_inference(model)`` (exported as ``fastsr.optimize(model)``) folds every eval-mode
 BatchNorm of a :class:`fastsr.nn.ConvPReLU` into its convolution for good: the conv is replaced
 by one whose weight is scaled per output channel and whose bias absorbs the BatchNorm shift, and
 the BatchNorm is dropped, so each layer is one fused ``conv2d_prelu`` call with no per-call
@@ -9,9 +9,6 @@ the CPU convolutions and the ``cpp`` epilogues are fastest in).
 """
 
 from __future__ import annotations
-
-import sys
-import types
 
 import torch
 from torch import nn
@@ -39,17 +36,3 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
             module.conv = conv
             module.bn = None
     return model.eval().to(memory_format=torch.channels_last)
-
-
-optimize = fuse_for_inference
-
-
-class _CallableModule(types.ModuleType):
-    """``fastsr.optimize(model)`` calls :func:`fuse_for_inference`, while ``fastsr.optimize`` stays
-    this module (``fastsr.optimize.fuse_for_inference`` keeps working for code that imports it)."""
-
-    def __call__(self, model: nn.Module) -> nn.Module:
-        return fuse_for_inference(model)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -50,13 +50,16 @@ def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
     return Y_WEIGHTS[0] * r + Y_WEIGHTS[1] * g + Y_WEIGHTS[2] * b + Y_OFFSET
 
 
-def psnr(sr, hr, data_range, y_channel, crop_border, reduction):
-    acc = accumulation_dtype(sr.dtype)
-    sr, hr = sr.to(acc) / data_range, hr.to(acc) / data_range
+def protocol_view(x: torch.Tensor, data_range: float, y_channel: bool, crop_border: int) -> torch.Tensor:
+    """What an SR metric compares: ``x`` in the accumulation dtype, scaled to [0, 1], with
+    ``crop_border`` pixels dropped on each side, then reduced to luma if ``y_channel``."""
+    x = x.to(accumulation_dtype(x.dtype)) / data_range
     if crop_border:
-        sr = sr[..., crop_border:-crop_border, crop_border:-crop_border]
-        hr = hr[..., crop_border:-crop_border, crop_border:-crop_border]
-    if y_channel:
-        sr, hr = rgb_to_y(sr), rgb_to_y(hr)
+        x = x[..., crop_border:-crop_border, crop_border:-crop_border]
+    return rgb_to_y(x) if y_channel else x
+
+
+def psnr(sr, hr, data_range, y_channel, crop_border, reduction):
+    sr, hr = (protocol_view(t, data_range, y_channel, crop_border) for t in (sr, hr))
     per_image = 10.0 * torch.log10(1.0 / mse(sr, hr, "none"))
     return per_image if reduction == "none" else per_image.mean()

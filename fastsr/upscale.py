@@ -108,16 +108,10 @@ def _load(model: nn.Module | str | os.PathLike | None) -> nn.Module:
 
 
 def _fuse(net: nn.Module) -> nn.Module:
-    """fastsr.optimize.fuse_for_inference (BN folding, channels_last) when that module exists."""
-    try:
-        from . import optimize
-    except ImportError:
-        return net
-    fuse = getattr(optimize, "fuse_for_inference", None)
-    if fuse is None:
-        return net
-    fused = fuse(net)
-    return net if fused is None else fused
+    """BatchNorm folded into the convs and channels_last (fastsr.optimize) for fastsr models."""
+    from .optimize import fuse_for_inference
+
+    return fuse_for_inference(net)
 
 
 def model_digest(model: nn.Module) -> str:

@@ -14,7 +14,7 @@ HELP = "upscale held-out photos from scikit-image and compare with bicubic"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="out/demo", help="folder for the LR, bicubic and upscaled images (default: out/demo)")
+    p.add_argument("--out", default="out/demo", help="folder for the LR, bicubic and upscaled images")
     p.add_argument("--model", default="default", help="model name or file (default: the embedded default model)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 

@@ -35,12 +35,19 @@ def run(args: argparse.Namespace) -> int:
     print("devices: " + ", ".join(devices))
     print(f"backend in effect: {get_backend()}")
     device_types = ["cpu", "cuda"] if cuda else ["cpu"]
-    if not args.build:
-        print("(the cpp backend builds on first use; 'fastsr info --build' builds it now)")
+    from .. import ext
+
+    state = ext.build_info(build=args.build)
+    if state["built"] is None:
+        print(f"C++ extension: {'built, cached in' if state['cached'] else 'not built yet, will build into'} "
+              f"{state['build_dir']} ('fastsr info --build' builds and checks it now)")
+    else:
+        print(f"C++ extension: {'built' if state['built'] else 'build failed'} in {state['build_dir']}"
+              f" (CUDA part: {'yes' if state['with_cuda'] else 'no'})")
     for name in BACKENDS:
         for device_type in device_types:
-            if name == "cpp" and not args.build:
-                continue
+            if name == "cpp" and state["built"] is None:
+                continue  # checking would build it; --build asks for that
             ok, why = availability(name, device_type)
             print(f"  {name:<7} {device_type:<5} {'available' if ok else 'unavailable'}: {why}")
     return 0

@@ -1,3 +1,4 @@
+# Shared by tests/ and benchmarks/.
 import os
 
 import torch
