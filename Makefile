@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 FASTSR_RESULTS ?= benchmarks/results
 
-.PHONY: venv demo test bench gpu-check lint clean
+.PHONY: venv demo test bench gpu-check lint clean default-model
 
 $(BIN)/python:
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
@@ -37,6 +37,12 @@ gpu-check: venv
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest benchmarks --benchmark-only \
 		--benchmark-json=$(FASTSR_RESULTS)/gpu-$$(date +%Y%m%d-%H%M%S).json
+
+# Retrain the embedded default model from photos shipped in scikit-image (hours of CPU; resumable).
+default-model: venv
+	$(BIN)/python -c "from fastsr.data import *; export_skimage_photos('data/train'); export_skimage_photos('data/val', HELD_OUT_PHOTOS)"
+	$(BIN)/fastsr train --data data/train --val data/val --out runs/default --steps 16000 --batch-size 16 --crop 96 \
+		--lr 4e-4 --warmup-steps 300 --loss l1 --amp bf16 --save-every 500 $(if $(wildcard runs/default/checkpoint.pt),--resume)
 
 lint: venv
 	$(BIN)/ruff check fastsr kernels tests benchmarks
