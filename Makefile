@@ -11,13 +11,20 @@ FASTSR_RESULTS ?= benchmarks/results
 
 $(BIN)/python:
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
-		echo "using the system's CUDA torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+		echo "using the system's CUDA torch"; $(PYTHON) -m venv --system-site-packages $(VENV) && touch $(VENV)/.system-torch; \
 	else \
 		$(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q "$(TORCH_PIN)"; \
 	fi
 
+# GPU machines may have no network: there, install fastsr without resolving dependencies, plus any
+# wheels carried in .whl/ (e.g. zarr and imagecodecs, which the GPU image lacks).
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e ".[dev]"
+	@if [ -f $(VENV)/.system-torch ]; then \
+		if [ -d .whl ]; then $(BIN)/pip install -q --no-index --no-deps .whl/*.whl; fi; \
+		$(BIN)/pip install -q --no-deps --no-build-isolation -e .; \
+	else \
+		$(BIN)/pip install -q -e ".[dev]"; \
+	fi
 	@touch $@
 
 venv: $(VENV)/.installed

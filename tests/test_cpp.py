@@ -24,7 +24,7 @@ import fastsr
 from fastsr import ext
 from fastsr import functional as ops
 from fastsr import reference as ref
-from fastsr.optimize import fuse_for_inference, optimize
+from fastsr.optimize import fuse_for_inference
 
 DTYPES = [torch.float32, torch.bfloat16]
 # atol relative to the largest reference magnitude (see DESIGN.md): a margin for reduction-order
@@ -380,8 +380,8 @@ def test_fuse_for_inference_matches_unfused(channels_last_input):
     with torch.no_grad(), fastsr.use_backend("torch"):
         expected64 = copy.deepcopy(model).double()(x.double())
         expected = model(x)
-    fused = fastsr.optimize(copy.deepcopy(model))  # the callable module, = fuse_for_inference
-    assert optimize is fuse_for_inference and not fused.training
+    fused = fastsr.optimize(copy.deepcopy(model))  # fastsr.optimize is fuse_for_inference
+    assert fastsr.optimize is fuse_for_inference and not fused.training
     convs = [m for m in fused.modules() if isinstance(m, fastsr.nn.ConvPReLU)]
     assert all(m.bn is None for m in convs) and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     assert all(m.conv.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
