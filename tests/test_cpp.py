@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerance import assert_within_rule, cast, fmt, grads
 
 import fastsr
 from fastsr import ext
@@ -29,7 +30,6 @@ from fastsr.optimize import fuse_for_inference
 DTYPES = [torch.float32, torch.bfloat16]
 # atol relative to the largest reference magnitude (see DESIGN.md): a margin for reduction-order
 # differences in fp32 (K up to 5184 products), about one ulp at that magnitude in bf16.
-ATOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float64: 1e-12}
 CSRC = Path(ext.__file__).resolve().parent.parent / "csrc"
 
 
@@ -38,30 +38,6 @@ def built():
     ok, why = ext.availability("cpu")
     if not ok:
         pytest.skip(f"the C++ extension did not build here: {why}")
-
-
-def assert_within_rule(name, ours, ref64, same, dtype):
-    """DESIGN.md tolerance rule, elementwise, with a message naming the worst element."""
-    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}"
-    ours64, same64 = ours.detach().double(), same.detach().double()
-    atol = ATOL[dtype] * max(1.0, ref64.abs().max().item())
-    err = (ours64 - ref64).abs()
-    bound = 2 * (same64 - ref64).abs() + atol
-    bad = err > bound
-    if bad.any():
-        i = (err - bound).argmax()
-        raise AssertionError(
-            f"{name} ({dtype}): {int(bad.sum())} of {bad.numel()} elements outside the tolerance rule; worst: ours err "
-            f"{err.flatten()[i]:.3g} > bound {bound.flatten()[i]:.3g} (torch err "
-            f"{(same64 - ref64).abs().flatten()[i]:.3g}, atol {atol:.3g})")
-
-
-def _fmt(t, channels_last):
-    return t.contiguous(memory_format=torch.channels_last) if channels_last else t.contiguous()
-
-
-def _cast(ts, dtype):
-    return [None if t is None else t.to(dtype) for t in ts]
 
 
 def _conv_inputs(n, c_in, c_out, h, w, k, shuffle, bias, slope, residual, channels_last, seed=0):
@@ -74,7 +50,7 @@ def _conv_inputs(n, c_in, c_out, h, w, k, shuffle, bias, slope, residual, channe
     s = {"scalar": torch.tensor([0.2], dtype=torch.float64),
          "channel": torch.rand(oc, generator=g, dtype=torch.float64) - 0.5, None: None}[slope]
     r = torch.randn(n, oc, h * shuffle, w * shuffle, generator=g, dtype=torch.float64) if residual else None
-    return [_fmt(t, channels_last) if t is not None and t.dim() == 4 else t for t in (x, wt, b, s, r)]
+    return [fmt(t, channels_last) if t is not None and t.dim() == 4 else t for t in (x, wt, b, s, r)]
 
 
 def _case_id(c):
@@ -107,18 +83,11 @@ def test_conv2d_prelu_forward(case, channels_last, dtype):
     ins = _conv_inputs(*case, channels_last)
     shuffle = case[6]
     ref64 = ref.conv2d_prelu(*ins, shuffle)
-    same = ref.conv2d_prelu(*_cast(ins, dtype), shuffle)
-    ours = ops.conv2d_prelu(*_cast(ins, dtype), shuffle=shuffle, backend="cpp")
+    same = ref.conv2d_prelu(*cast(ins, dtype), shuffle)
+    ours = ops.conv2d_prelu(*cast(ins, dtype), shuffle=shuffle, backend="cpp")
     assert ours.dtype == dtype
     assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert_within_rule("conv2d_prelu", ours, ref64, same, dtype)
-
-
-def _grads(fn, ins, grad_out):
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in ins]
-    out = fn(*leaves)
-    out.backward(grad_out.to(out.dtype))
-    return [None if t is None else t.grad for t in leaves]
 
 
 GRAD_CASES = [
@@ -139,10 +108,10 @@ def test_conv2d_prelu_gradients(case, channels_last, dtype):
     n, _, c_out, h, w = case[:5]
     g = torch.randn(n, c_out // shuffle**2, h * shuffle, w * shuffle, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(1))
-    g = _fmt(g, channels_last)
-    ref64 = _grads(lambda *a: ref.conv2d_prelu(*a, shuffle), ins, g)
-    same = _grads(lambda *a: ref.conv2d_prelu(*a, shuffle), _cast(ins, dtype), g)
-    ours = _grads(lambda *a: ops.conv2d_prelu(*a, shuffle=shuffle, backend="cpp"), _cast(ins, dtype), g)
+    g = fmt(g, channels_last)
+    ref64 = grads(lambda *a: ref.conv2d_prelu(*a, shuffle), ins, g)
+    same = grads(lambda *a: ref.conv2d_prelu(*a, shuffle), cast(ins, dtype), g)
+    ours = grads(lambda *a: ops.conv2d_prelu(*a, shuffle=shuffle, backend="cpp"), cast(ins, dtype), g)
     for name, o, r64, s in zip(("x", "weight", "bias", "slope", "residual"), ours, ref64, same, strict=True):
         if r64 is None:
             assert o is None
@@ -169,9 +138,9 @@ def test_conv2d_prelu_gradcheck(k, shuffle, slope, residual, channels_last):
 def test_pixel_shuffle_prelu_forward_and_gradients(slope_kind, r, channels_last, dtype):
     g = torch.Generator().manual_seed(2)
     c = 5
-    x = _fmt(torch.randn(3, c * r * r, 7, 13, generator=g, dtype=torch.float64), channels_last)
+    x = fmt(torch.randn(3, c * r * r, 7, 13, generator=g, dtype=torch.float64), channels_last)
     slope = torch.tensor([0.2], dtype=torch.float64) if slope_kind == "scalar" else torch.rand(c, generator=g).double()
-    grad = _fmt(torch.randn(3, c, 7 * r, 13 * r, generator=g, dtype=torch.float64), channels_last)
+    grad = fmt(torch.randn(3, c, 7 * r, 13 * r, generator=g, dtype=torch.float64), channels_last)
     ref64 = ref.pixel_shuffle_prelu(x, slope, r)
     same = ref.pixel_shuffle_prelu(x.to(dtype), slope.to(dtype), r)
     ours = ops.pixel_shuffle_prelu(x.to(dtype), slope.to(dtype), r, backend="cpp")
@@ -180,9 +149,9 @@ def test_pixel_shuffle_prelu_forward_and_gradients(slope_kind, r, channels_last,
     assert_within_rule("pixel_shuffle_prelu", ours, ref64, same, dtype)
     for name, o, r64, s in zip(
         ("x", "slope"),
-        _grads(lambda a, b: ops.pixel_shuffle_prelu(a, b, r, backend="cpp"), _cast([x, slope], dtype), grad),
-        _grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), [x, slope], grad),
-        _grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), _cast([x, slope], dtype), grad),
+        grads(lambda a, b: ops.pixel_shuffle_prelu(a, b, r, backend="cpp"), cast([x, slope], dtype), grad),
+        grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), [x, slope], grad),
+        grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), cast([x, slope], dtype), grad),
         strict=True,
     ):
         assert o.dtype == dtype
@@ -191,7 +160,7 @@ def test_pixel_shuffle_prelu_forward_and_gradients(slope_kind, r, channels_last,
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_pixel_shuffle_prelu_gradcheck(channels_last):
-    x = _fmt(torch.randn(2, 12, 3, 5, dtype=torch.float64), channels_last).requires_grad_()
+    x = fmt(torch.randn(2, 12, 3, 5, dtype=torch.float64), channels_last).requires_grad_()
     slope = torch.tensor([0.1, -0.3, 0.7], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: ops.pixel_shuffle_prelu(a, b, 2, backend="cpp"), (x, slope))
 
@@ -200,7 +169,7 @@ def _image_pair(shape, channels_last, seed=3):
     g = torch.Generator().manual_seed(seed)
     a = torch.rand(*shape, generator=g, dtype=torch.float64)
     b = (a + 0.1 * torch.randn(*shape, generator=g, dtype=torch.float64)).clamp(0, 1)
-    return _fmt(a, channels_last), _fmt(b, channels_last)
+    return fmt(a, channels_last), fmt(b, channels_last)
 
 
 @pytest.mark.parametrize("shape", [(3, 3, 31, 17), (1, 5, 7, 13), (2, 3, 64, 300)], ids=str)
@@ -214,10 +183,10 @@ def test_mse_forward_and_gradients(shape, reduction, channels_last, dtype):
     assert_within_rule("mse", ours, ref.mse(a, b, reduction), ref.mse(a.to(dtype), b.to(dtype), reduction),
                        torch.float32)
     g = torch.rand(shape[0] if reduction == "none" else (), dtype=torch.float64)
-    grads64 = _grads(lambda p, q: ref.mse(p, q, reduction), [a, b], g)
-    grads_same = _grads(lambda p, q: ref.mse(p, q, reduction), _cast([a, b], dtype), g)
-    grads = _grads(lambda p, q: ops.mse(p, q, reduction, backend="cpp"), _cast([a, b], dtype), g)
-    for name, o, r64, s in zip("ab", grads, grads64, grads_same, strict=True):
+    grads64 = grads(lambda p, q: ref.mse(p, q, reduction), [a, b], g)
+    grads_same = grads(lambda p, q: ref.mse(p, q, reduction), cast([a, b], dtype), g)
+    grads_ours = grads(lambda p, q: ops.mse(p, q, reduction, backend="cpp"), cast([a, b], dtype), g)
+    for name, o, r64, s in zip("ab", grads_ours, grads64, grads_same, strict=True):
         assert o.dtype == dtype
         assert_within_rule(f"dmse/d{name}", o, r64, s, dtype)
 
@@ -256,7 +225,7 @@ def _uint8_reference(x):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_to_uint8(channels_last, dtype):
     g = torch.Generator().manual_seed(4)
-    x = _fmt(torch.rand(3, 3, 31, 17, generator=g) * 1.4 - 0.2, channels_last).to(dtype)
+    x = fmt(torch.rand(3, 3, 31, 17, generator=g) * 1.4 - 0.2, channels_last).to(dtype)
     ours = ext.to_uint8(x)
     assert ours.dtype == torch.uint8 and ours.shape == (3, 31, 17, 3) and ours.is_contiguous()
     assert torch.equal(ours, _uint8_reference(x))
@@ -291,9 +260,9 @@ def test_opcheck_conv2d_prelu():
 
 def test_opcheck_shuffle_prelu_and_backward():
     for channels_last in (False, True):
-        x = _fmt(torch.randn(2, 12, 5, 7), channels_last)
+        x = fmt(torch.randn(2, 12, 5, 7), channels_last)
         slope = torch.rand(3)
-        res = _fmt(torch.randn(2, 3, 10, 14), channels_last)
+        res = fmt(torch.randn(2, 3, 10, 14), channels_last)
         _opcheck(torch.ops.fastsr.shuffle_prelu.default, (x.requires_grad_(), slope.requires_grad_(), None, 2))
         _opcheck(torch.ops.fastsr.shuffle_prelu.default, (x.detach(), None, res, 2))
         _opcheck(torch.ops.fastsr.shuffle_prelu_backward.default, (torch.randn(2, 3, 10, 14), x.detach(),
@@ -332,7 +301,7 @@ def _small_srresnet(seed=0):
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_srresnet_forward_backward_matches_torch_backend(train):
     model = _small_srresnet().train(train)
-    x = _fmt(torch.rand(2, 3, 11, 13, generator=torch.Generator().manual_seed(5)), True)
+    x = fmt(torch.rand(2, 3, 11, 13, generator=torch.Generator().manual_seed(5)), True)
     grad = torch.randn(2, 3, 44, 52, generator=torch.Generator().manual_seed(6))
 
     def run(m, dtype, backend):
@@ -352,7 +321,7 @@ def test_srresnet_forward_backward_matches_torch_backend(train):
 
 def test_torch_compile_fullgraph_srresnet_on_cpp():
     model = _small_srresnet().eval()
-    x = _fmt(torch.rand(1, 3, 9, 10, generator=torch.Generator().manual_seed(7)), True)
+    x = fmt(torch.rand(1, 3, 9, 10, generator=torch.Generator().manual_seed(7)), True)
     fastsr.set_backend("cpp")
     try:
         torch._dynamo.reset()
@@ -376,7 +345,7 @@ def test_torch_compile_fullgraph_srresnet_on_cpp():
 @pytest.mark.parametrize("channels_last_input", [False, True])
 def test_fuse_for_inference_matches_unfused(channels_last_input):
     model = _small_srresnet().eval()
-    x = _fmt(torch.rand(2, 3, 12, 9, generator=torch.Generator().manual_seed(8)), channels_last_input)
+    x = fmt(torch.rand(2, 3, 12, 9, generator=torch.Generator().manual_seed(8)), channels_last_input)
     with torch.no_grad(), fastsr.use_backend("torch"):
         expected64 = copy.deepcopy(model).double()(x.double())
         expected = model(x)

@@ -14,6 +14,7 @@ import importlib
 
 import pytest
 import torch
+from tolerance import assert_within_rule, cast, fmt, grads
 
 import fastsr
 from fastsr import functional as ops
@@ -25,29 +26,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]
 # atol relative to the largest reference magnitude: about one fp16 ulp there, and for fp32 a
 # margin for reduction-order differences (K up to 2304 products).
-ATOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
-
-
-def assert_within_rule(name: str, ours: torch.Tensor, ref64: torch.Tensor, same: torch.Tensor, dtype) -> None:
-    """DESIGN.md tolerance rule, elementwise, with a message naming the worst element."""
-    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}"
-    ours64, same64 = ours.detach().double(), same.detach().double()
-    atol = ATOL[dtype] * max(1.0, ref64.abs().max().item())
-    err = (ours64 - ref64).abs()
-    bound = 2 * (same64 - ref64).abs() + atol
-    bad = err > bound
-    if bad.any():
-        i = (err - bound).argmax()
-        raise AssertionError(
-            f"{name} ({dtype}): {int(bad.sum())} of {bad.numel()} elements outside the tolerance rule; "
-            f"worst: ours err {err.flatten()[i]:.3g} > bound {bound.flatten()[i]:.3g} (torch err "
-            f"{(same64 - ref64).abs().flatten()[i]:.3g}, atol {atol:.3g})"
-        )
-
-
-def _fmt(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if channels_last else t.contiguous()
-
 
 def _conv_inputs(n, c_in, c_out, h, w, k, shuffle, bias, slope, residual, dtype, channels_last, seed=0):
     """Random conv2d_prelu inputs in float64 on DEVICE (cast per test); weights scaled ~1/sqrt(fan_in)."""
@@ -63,13 +41,9 @@ def _conv_inputs(n, c_in, c_out, h, w, k, shuffle, bias, slope, residual, dtype,
     for t in (x, wt, b, s, r):
         if t is not None:
             t = t.to(DEVICE)
-            t = _fmt(t, channels_last) if t.dim() == 4 else t
+            t = fmt(t, channels_last) if t.dim() == 4 else t
         out.append(t)
     return out
-
-
-def _cast(ts, dtype):
-    return [None if t is None else t.to(dtype) for t in ts]
 
 
 # (n, C_in, C_out, H, W, k, shuffle, bias, slope, residual): the SRResNet layers and odd extras.
@@ -90,8 +64,8 @@ def test_conv2d_prelu_forward(case, channels_last, dtype):
     ins = _conv_inputs(*case, dtype, channels_last)
     shuffle = case[6]
     ref64 = ref.conv2d_prelu(*ins, shuffle)
-    same = ref.conv2d_prelu(*_cast(ins, dtype), shuffle)
-    ours = ops.conv2d_prelu(*_cast(ins, dtype), shuffle=shuffle, backend="triton")
+    same = ref.conv2d_prelu(*cast(ins, dtype), shuffle)
+    ours = ops.conv2d_prelu(*cast(ins, dtype), shuffle=shuffle, backend="triton")
     assert ours.dtype == dtype
     assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert_within_rule("conv2d_prelu", ours, ref64, same, dtype)
@@ -105,13 +79,6 @@ GRAD_CASES = [
 ]
 
 
-def _grads(fn, ins, grad_out):
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in ins]
-    out = fn(*leaves)
-    out.backward(grad_out.to(out.dtype))
-    return [None if t is None else t.grad for t in leaves]
-
-
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "n{}_ci{}_co{}_{}x{}_k{}_r{}_b{}_s{}_res{}".format(*c))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -121,10 +88,10 @@ def test_conv2d_prelu_gradients(case, channels_last, dtype):
     n, _, c_out, h, w = case[:5]
     g = torch.randn(n, c_out // shuffle**2, h * shuffle, w * shuffle, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    g = _fmt(g, channels_last)
-    ref64 = _grads(lambda *a: ref.conv2d_prelu(*a, shuffle), ins, g)
-    same = _grads(lambda *a: ref.conv2d_prelu(*a, shuffle), _cast(ins, dtype), g)
-    ours = _grads(lambda *a: ops.conv2d_prelu(*a, shuffle=shuffle, backend="triton"), _cast(ins, dtype), g)
+    g = fmt(g, channels_last)
+    ref64 = grads(lambda *a: ref.conv2d_prelu(*a, shuffle), ins, g)
+    same = grads(lambda *a: ref.conv2d_prelu(*a, shuffle), cast(ins, dtype), g)
+    ours = grads(lambda *a: ops.conv2d_prelu(*a, shuffle=shuffle, backend="triton"), cast(ins, dtype), g)
     for name, o, r64, s in zip(("x", "weight", "bias", "slope", "residual"), ours, ref64, same, strict=True):
         if r64 is None:
             assert o is None
@@ -152,7 +119,7 @@ def test_conv2d_prelu_gradcheck(k, shuffle, slope, residual, channels_last):
 @pytest.mark.parametrize("slope_kind,r", [("scalar", 2), ("channel", 2), ("channel", 3)])
 def test_pixel_shuffle_prelu_forward_and_gradients(slope_kind, r, dtype, channels_last):
     gen = torch.Generator().manual_seed(0)
-    x = _fmt(torch.randn(3, 5 * r * r, 7, 13, generator=gen, dtype=torch.float64).to(DEVICE), channels_last)
+    x = fmt(torch.randn(3, 5 * r * r, 7, 13, generator=gen, dtype=torch.float64).to(DEVICE), channels_last)
     s = (torch.tensor([0.2], dtype=torch.float64) if slope_kind == "scalar"
          else torch.rand(5, generator=gen, dtype=torch.float64) - 0.5).to(DEVICE)
     g = torch.randn(3, 5, 7 * r, 13 * r, generator=gen, dtype=torch.float64).to(DEVICE)
@@ -161,10 +128,10 @@ def test_pixel_shuffle_prelu_forward_and_gradients(slope_kind, r, dtype, channel
     ours = ops.pixel_shuffle_prelu(x.to(dtype), s.to(dtype), r, backend="triton")
     assert ours.dtype == dtype
     assert_within_rule("pixel_shuffle_prelu", ours, ref64, same, dtype)
-    grads64 = _grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), [x, s], g)
-    grads_same = _grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), _cast([x, s], dtype), g)
-    grads = _grads(lambda a, b: ops.pixel_shuffle_prelu(a, b, r, backend="triton"), _cast([x, s], dtype), g)
-    for name, o, r64, sm in zip(("x", "slope"), grads, grads64, grads_same, strict=True):
+    grads64 = grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), [x, s], g)
+    grads_same = grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), cast([x, s], dtype), g)
+    grads_ours = grads(lambda a, b: ops.pixel_shuffle_prelu(a, b, r, backend="triton"), cast([x, s], dtype), g)
+    for name, o, r64, sm in zip(("x", "slope"), grads_ours, grads64, grads_same, strict=True):
         assert_within_rule(f"d{name}", o, r64, sm, dtype)
 
 
@@ -182,7 +149,7 @@ def _image_pair(n, c, h, w, channels_last, seed=0):
     gen = torch.Generator().manual_seed(seed)
     a = torch.rand(n, c, h, w, generator=gen, dtype=torch.float64)
     b = (a + 0.05 * torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    return _fmt(a.to(DEVICE), channels_last), _fmt(b.to(DEVICE), channels_last)
+    return fmt(a.to(DEVICE), channels_last), fmt(b.to(DEVICE), channels_last)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -198,10 +165,10 @@ def test_mse_forward_and_gradients(shape, reduction, dtype, channels_last):
     assert ours.dtype == acc and ours.shape == same.shape
     assert_within_rule("mse", ours, ref64, same, acc)
     g = torch.rand(ours.shape, dtype=torch.float64).to(DEVICE) + 0.5
-    grads64 = _grads(lambda p, q: ref.mse(p, q, reduction), [a, b], g)
-    grads_same = _grads(lambda p, q: ref.mse(p, q, reduction), _cast([a, b], dtype), g)
-    grads = _grads(lambda p, q: ops.mse(p, q, reduction, backend="triton"), _cast([a, b], dtype), g)
-    for name, o, r64, sm in zip(("a", "b"), grads, grads64, grads_same, strict=True):
+    grads64 = grads(lambda p, q: ref.mse(p, q, reduction), [a, b], g)
+    grads_same = grads(lambda p, q: ref.mse(p, q, reduction), cast([a, b], dtype), g)
+    grads_ours = grads(lambda p, q: ops.mse(p, q, reduction, backend="triton"), cast([a, b], dtype), g)
+    for name, o, r64, sm in zip(("a", "b"), grads_ours, grads64, grads_same, strict=True):
         assert o.dtype == dtype
         assert_within_rule(f"d{name}", o, r64, sm, dtype)
 
@@ -267,10 +234,10 @@ def test_srresnet_forward_backward_matches_torch_backend():
 
     out64, grads64 = run(model64, "torch", torch.float64)
     out_same, grads_same = run(model32, "torch", torch.float32)
-    ours, grads = run(model32, "triton", torch.float32)
+    ours, grads_ours = run(model32, "triton", torch.float32)
     assert_within_rule("SRResNet output", ours, out64, out_same, torch.float32)
     for name in grads64:
-        assert_within_rule(f"SRResNet grad {name}", grads[name], grads64[name], grads_same[name], torch.float32)
+        assert_within_rule(f"SRResNet grad {name}", grads_ours[name], grads64[name], grads_same[name], torch.float32)
     # eval mode: BatchNorm folded, every layer one fused op
     model64.eval(), model32.eval()
     with torch.no_grad():
@@ -308,13 +275,13 @@ def test_conv2d_prelu_bf16_forward_and_gradients(case):
     dtype = torch.bfloat16
     ins = _conv_inputs(*case, dtype, True)
     shuffle = case[6]
-    assert_within_rule("conv2d_prelu bf16", ops.conv2d_prelu(*_cast(ins, dtype), shuffle=shuffle, backend="triton"),
-                       ref.conv2d_prelu(*ins, shuffle), ref.conv2d_prelu(*_cast(ins, dtype), shuffle), dtype)
+    assert_within_rule("conv2d_prelu bf16", ops.conv2d_prelu(*cast(ins, dtype), shuffle=shuffle, backend="triton"),
+                       ref.conv2d_prelu(*ins, shuffle), ref.conv2d_prelu(*cast(ins, dtype), shuffle), dtype)
     n, _, c_out, h, w = case[:5]
     g = torch.randn(n, c_out // shuffle**2, h * shuffle, w * shuffle, dtype=torch.float64, device=DEVICE)
-    ref64 = _grads(lambda *a: ref.conv2d_prelu(*a, shuffle), ins, g)
-    same = _grads(lambda *a: ref.conv2d_prelu(*a, shuffle), _cast(ins, dtype), g)
-    ours = _grads(lambda *a: ops.conv2d_prelu(*a, shuffle=shuffle, backend="triton"), _cast(ins, dtype), g)
+    ref64 = grads(lambda *a: ref.conv2d_prelu(*a, shuffle), ins, g)
+    same = grads(lambda *a: ref.conv2d_prelu(*a, shuffle), cast(ins, dtype), g)
+    ours = grads(lambda *a: ops.conv2d_prelu(*a, shuffle=shuffle, backend="triton"), cast(ins, dtype), g)
     for name, o, r64, s in zip(("x", "weight", "bias", "slope", "residual"), ours, ref64, same, strict=True):
         if r64 is not None:
             assert_within_rule(f"bf16 d{name}", o, r64, s, dtype)
@@ -378,7 +345,7 @@ def test_torch_compile_fullgraph_traces_conv2d_prelu():
     from fastsr.kernels.conv_prelu import conv2d_prelu_op
 
     dtype = torch.bfloat16
-    ins = _cast(_conv_inputs(3, 64, 64, 31, 17, 3, 1, True, "channel", True, dtype, True), dtype)
+    ins = cast(_conv_inputs(3, 64, 64, 31, 17, 3, 1, True, "channel", True, dtype, True), dtype)
     torch.library.opcheck(conv2d_prelu_op, (*ins, 1, False))
 
     def fn(*a):
@@ -471,8 +438,8 @@ def test_non_contiguous_views():
     s = torch.rand(17, generator=gen, dtype=torch.float64).to(DEVICE)
     ins = [x, wt, None, s, res]
     ref64 = ref.conv2d_prelu(*ins, 1)
-    same = ref.conv2d_prelu(*_cast(ins, torch.float32), 1)
-    ours = ops.conv2d_prelu(*_cast(ins, torch.float32), backend="triton")
+    same = ref.conv2d_prelu(*cast(ins, torch.float32), 1)
+    ours = ops.conv2d_prelu(*cast(ins, torch.float32), backend="triton")
     assert_within_rule("conv2d_prelu on views", ours, ref64, same, torch.float32)
     a, b = big[:, :3, 0:10:2, 1:], big[:, 3:6, 1:11:2, :-1]
     assert_within_rule("mse on views", ops.mse(a.float(), b.float(), "none", backend="triton"),
