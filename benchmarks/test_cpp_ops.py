@@ -3,7 +3,7 @@
 Each op on SRResNet-sized CPU inputs (fp32, channels_last), and the whole SRResNet x4 forward
 (fp32, channels_last, eval, ``inference_mode``) on 128x128 and 256x256 inputs:
 
-* ``cpp``: ``fastsr.optimize.optimize(model)`` (BatchNorm folded, channels_last) on the ``cpp`` backend;
+* ``cpp``: ``fastsr.optimize(model)`` (BatchNorm folded, channels_last) on the ``cpp`` backend;
 * ``eager``: the same model on the ``torch`` backend (plain PyTorch ops; eval BatchNorm is
   folded into the conv weights on the fly, so the convolutions match);
 * ``compile``: ``torch.compile`` of the eager model.
@@ -23,7 +23,7 @@ import fastsr
 from fastsr import ext
 from fastsr import functional as ops
 from fastsr import reference as ref
-from fastsr.optimize import optimize
+from fastsr.optimize import fuse_for_inference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CL = torch.channels_last
@@ -152,7 +152,7 @@ def srresnet():
 def test_srresnet_x4_inference(benchmark, srresnet, size, impl):
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(DEVICE).contiguous(memory_format=CL)
     if impl == "cpp":
-        model = optimize(copy.deepcopy(srresnet))
+        model = fuse_for_inference(copy.deepcopy(srresnet))
 
         def fn(t):
             with fastsr.use_backend("cpp"):
