@@ -171,6 +171,12 @@ class Upscaler:
 
         return use_backend(self.backend)
 
+    def _ops(self, tensor: torch.Tensor):
+        """The backend module serving ``tensor`` under this upscaler's backend choice."""
+        from .backend import resolve
+
+        return resolve(self.backend, tensor)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
         color = x[:, :-1] if channels in (2, 4) else x
@@ -194,8 +200,12 @@ class Upscaler:
                 host = host.pin_memory()
             x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory = channels_last
             y = self.forward(x.float().div_(maxval))
-            y = y.float().clamp_(0, 1).mul_(maxval).round_().permute(0, 2, 3, 1)
-            y = y.to(torch.uint8) if batch.dtype == np.uint8 else y.to(torch.int32)
+            fused = getattr(self._ops(y), "to_uint8", None) if batch.dtype == np.uint8 else None
+            if fused is not None:  # one pass instead of four (about 5% of a small model's time)
+                y = fused(y)
+            else:
+                y = y.float().clamp_(0, 1).mul_(maxval).round_().permute(0, 2, 3, 1)
+                y = y.to(torch.uint8) if batch.dtype == np.uint8 else y.to(torch.int32)
             if self.stream is not None:
                 out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
                 out.copy_(y, non_blocking=True)

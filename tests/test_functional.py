@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_within_rule
 
+import fastsr
 from fastsr import functional as ops
 
 B = "torch"
@@ -108,3 +110,27 @@ def test_gradcheck_pixel_shuffle_prelu_and_mse():
 def test_bad_inputs_raise_clear_errors(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv2d_prelu_follows_autocast_like_conv2d(backend, dtype):
+    """Inside torch.autocast every backend computes the conv in the autocast dtype, as F.conv2d
+    does (the custom ops have no autocast kernel of their own), and gradients reach fp32 leaves."""
+    if backend not in fastsr.available_backends("cpu"):
+        pytest.skip(f"backend {backend} is not available on this machine")
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton CPU interpreter has no bf16 tl.dot")
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 9, 11, requires_grad=True)
+    w = (torch.randn(12, 5, 3, 3) / 5).requires_grad_()
+    b, slope, res = torch.randn(12), torch.rand(3), torch.randn(2, 3, 18, 22)
+    with torch.autocast("cpu", dtype=dtype):
+        out = ops.conv2d_prelu(x, w, b, slope, res, shuffle=2, backend=backend)
+        same = F.prelu(F.pixel_shuffle(F.conv2d(x, w, b, padding=1), 2), slope.to(dtype)) + res.to(dtype)
+    assert out.dtype == dtype
+    low = [t.detach().to(dtype).double() for t in (x, w, b, slope, res)]
+    ref64 = F.prelu(F.pixel_shuffle(F.conv2d(low[0], low[1], low[2], padding=1), 2), low[3]) + low[4]
+    assert_within_rule(f"{backend} under autocast", out, ref64, same, dtype)
+    out.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32

@@ -79,6 +79,25 @@ def test_kinds_in_same_kind_out(model):
     assert np.abs(np.round(t.clamp(0, 1).permute(1, 2, 0).numpy() * 255) - out).max() <= 1
 
 
+def test_cpp_backend_converts_to_uint8_in_one_pass_like_torch(model):
+    """On the cpp backend the float -> uint8 step is the fused to_uint8 op: the result matches the
+    torch backend's (round half to even, clamped), up to 1 level where float noise of the two
+    backends' convolutions straddles a rounding boundary."""
+    if "cpp" not in fastsr.available_backends("cpu"):
+        pytest.skip("the cpp backend is not available on this machine (no compiler?)")
+    from fastsr.upscale import Upscaler
+
+    up = Upscaler(model, device="cpu", backend="cpp")
+    x = torch.from_numpy(photo()).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        y = up.forward(x)
+    expected = y.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(up.run_uint(photo()[None]), expected)
+    diff = np.abs(fastsr.upscale(photo(), model, backend="cpp").astype(int)
+                  - fastsr.upscale(photo(), model, backend=BACKEND).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
 def test_gray_16bit_and_alpha(model):
     rgb = photo(32, 40)
     gray16 = (rgb[..., 0].astype(np.uint16) * 257)
@@ -449,4 +468,32 @@ def test_torchrun_two_cpu_processes(tmp_path, tiny_model_file, model):
     assert r.returncode == 0, r.stderr[-3000:]
     expected = fastsr.upscale(image, model, tile=16, backend=BACKEND)
     assert np.array_equal(tifffile.imread(dst), expected)
+    no_leftovers(tmp_path, {src.name, dst.name})
+
+
+def test_torchrun_two_nodes_write_one_zarr(tmp_path, tiny_model_file, model):
+    """Multi-node: two torchrun launchers (node ranks 0 and 1, one process each, here on one host
+    sharing the filesystem as nodes share a network one) split the tiles of one zarr output."""
+    import socket
+
+    import zarr
+
+    image = photo(72, 96)
+    src, dst = tmp_path / "in.tif", tmp_path / "out.zarr"
+    tifffile.imwrite(src, image, tile=(32, 32), photometric="rgb")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "FASTSR_DIST_BACKEND": "gloo"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               "-m", "fastsr", "upscale", str(src), str(dst), "--model", str(tiny_model_file),
+                               "--tile", "16", "--batch-size", "2", "--backend", "torch", "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    expected = fastsr.upscale(image, model, tile=16, backend=BACKEND)
+    assert np.array_equal(zarr.open_array(str(dst), mode="r")[...], expected)
     no_leftovers(tmp_path, {src.name, dst.name})

@@ -46,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-at", type=int, help="save and stop at this step (the schedule still runs to --steps)")
     p.add_argument("--log-every", type=int, default=10, help="CSV/TensorBoard row every N steps (default: 10)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cpp"],
-                   help="fused-op backend (default: auto)")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cpp"],
+                   help="fused-op backend (default: $FASTSR_BACKEND, else auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (slow start, faster steps)")
     p.add_argument("--no-sync-bn", action="store_true",
                    help="under DDP, keep BatchNorm statistics per rank instead of over the global batch")
@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backend import BackendUnavailableError
+    from ..backend import BackendUnavailableError, get_backend
     from ..train import TrainConfig, TrainingError, train
 
     cfg = TrainConfig(
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         init=args.init, content_loss=args.content_loss, vgg_weights=args.vgg_weights,
         content_layer=args.content_layer, content_weight=args.content_weight, adv_weight=args.adv_weight,
         gan_pixel_weight=args.pixel_weight, d_lr=args.d_lr, d_channels=args.d_channels, workers=args.workers,
-        sync_bn=not args.no_sync_bn, compile=args.compile, backend=args.backend, stop_at=args.stop_at,
+        sync_bn=not args.no_sync_bn, compile=args.compile, backend=args.backend or get_backend(), stop_at=args.stop_at,
     )
     try:
         path = train(cfg)

@@ -55,13 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pyramid", action="store_true", help="add half-resolution levels to a TIFF output (SubIFDs)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run with the same arguments from its finished tiles")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cpp"],
-                   help="kernel backend (default: auto)")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cpp"],
+                   help="kernel backend (default: $FASTSR_BACKEND, else auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backend import BackendUnavailableError
+    from ..backend import BackendUnavailableError, get_backend
     from ..upscale import upscale_file
 
     if args.tile is not None and args.tile < 1:
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         out = upscale_file(args.src, args.dst, args.model, tile=args.tile, halo=args.halo,
                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, resume=args.resume,
                            compression=args.compression, pyramid=args.pyramid, progress=not args.quiet,
-                           backend=args.backend)
+                           backend=args.backend or get_backend())
     except BackendUnavailableError as exc:
         raise UserError(str(exc)) from None
     finally:
