@@ -316,11 +316,14 @@ def conv_prelu_forward(
     def grid(meta):
         return triton.cdiv(n * h * w, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
 
+    # The B tile is [reduction (kh, kw, c), C_out]: weights stored (kh, kw, c, co), co fastest, make
+    # its loads coalesced (a tiny copy; the kernel reads any strides, this is only for speed).
+    weight_t = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     # wrap_triton: the same launch works eagerly and when traced inside the triton_op below.
     wrap_triton(_fwd)[grid](
-        x, weight, bias_arg, slope_arg, res, out, z,
+        x, weight_t, bias_arg, slope_arg, res, out, z,
         n * h * w, h, w, c_in, c_out,
-        *nhwc_strides(x), *weight.stride(), *nhwc_strides(out), *nhwc_strides(res), *nhwc_strides(z),
+        *nhwc_strides(x), *weight_t.stride(), *nhwc_strides(out), *nhwc_strides(res), *nhwc_strides(z),
         _slope_stride(slope),
         KS=ks, R=r, TAP_ALIGNED=c_in % _TAP_QUANTUM == 0,
         HAS_BIAS=bias is not None, HAS_SLOPE=slope is not None, HAS_RES=residual is not None, STORE_Z=store_z,
@@ -370,10 +373,12 @@ def conv_prelu_backward(
         def grid_x(meta):
             return triton.cdiv(n * h * w, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"])
 
+        # B tile [reduction (kh, kw, co), C_in]: weights stored (kh, kw, co, c), c fastest (coalesced).
+        weight_t = weight.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
         wrap_triton(_bwd_input)[grid_x](
-            grad_out, z_arg, slope_arg, weight, dx,
+            grad_out, z_arg, slope_arg, weight_t, dx,
             n * h * w, h, w, c_in, c_out,
-            *nhwc_strides(grad_out), *nhwc_strides(z_arg), *weight.stride(), *nhwc_strides(dx),
+            *nhwc_strides(grad_out), *nhwc_strides(z_arg), *weight_t.stride(), *nhwc_strides(dx),
             _slope_stride(slope), TAP_ALIGNED=c_out % _TAP_QUANTUM == 0, **common,
         )
 
