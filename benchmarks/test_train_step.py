@@ -5,6 +5,8 @@ torch.compile.
   discriminator step (real and fake, BCE-with-logits, backward, Adam); fp32.
 * ``pretrain``: the generator step alone (pixel MSE), the part the fused ops speed up.
 
+Each in fp32 and under bf16 autocast (``--amp bf16``: faster on GPUs and on CPUs with AMX).
+
 Full size is the paper's: batch 16 of 96x96 HR crops (24x24 LR) at x4, SRResNet 16x64, D 64,
 full-width VGG19 (random weights: the timing does not depend on their values). On a CPU this
 is many seconds a step, so the CPU run uses batch 4 of 48x48 crops (``extra_info["reduced"]``).
@@ -47,10 +49,10 @@ def vgg_weights(tmp_path_factory):
     return str(path)
 
 
-def _trainer(stage: str, vgg: str, compile_: bool) -> Trainer:
+def _trainer(stage: str, vgg: str, compile_: bool, amp: str) -> Trainer:
     torch.manual_seed(0)
     cfg = TrainConfig(data="", out="", stage=stage, batch_size=BATCH, crop=CROP, device=DEVICE,
-                      content_loss="vgg", vgg_weights=vgg, compile=compile_, warmup_steps=0)
+                      content_loss="vgg", vgg_weights=vgg, compile=compile_, warmup_steps=0, amp=amp)
     if stage == "gan":
         # The gan stage refuses to start from scratch; a fresh generator's weights do for timing.
         cfg.init = _fresh_generator_file(vgg)
@@ -83,28 +85,31 @@ def _run(benchmark, trainer: Trainer, backend: str, label: str) -> None:
     seconds = benchmark.stats.stats.mean
     benchmark.extra_info.update({
         "what": label, "stage": trainer.cfg.stage, "device": DEVICE, "batch": BATCH, "hr_crop": CROP,
-        "dtype": "float32", "steps_per_s": 1 / seconds, "hr_mpix_per_s": BATCH * CROP * CROP / 1e6 / seconds,
+        "amp": trainer.cfg.amp, "steps_per_s": 1 / seconds, "hr_mpix_per_s": BATCH * CROP * CROP / 1e6 / seconds,
         "reduced": REDUCED,
     })
 
 
 STAGES = ["pretrain", "gan"]
+AMP = ["off", "bf16"]
 
 
+@pytest.mark.parametrize("amp", AMP)
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
-def test_train_step_backend(benchmark, vgg_weights, stage, backend):
+def test_train_step_backend(benchmark, vgg_weights, stage, backend, amp):
     ok, why = fastsr.backend.availability(backend, DEVICE)
     if not ok:
         pytest.skip(f"backend {backend} unavailable on {DEVICE}: {why}")
     if backend == "triton" and DEVICE == "cpu":
         pytest.skip("the Triton interpreter is a correctness tool, far too slow to benchmark")
-    benchmark.group = f"train-step-{stage}"
+    benchmark.group = f"train-step-{stage}-amp-{amp}"
     label = "eager (fastsr[torch])" if backend == "torch" else f"fastsr[{backend}]"
-    _run(benchmark, _trainer(stage, vgg_weights, False), backend, label)
+    _run(benchmark, _trainer(stage, vgg_weights, False, amp), backend, label)
 
 
+@pytest.mark.parametrize("amp", AMP)
 @pytest.mark.parametrize("stage", STAGES)
-def test_train_step_torch_compile(benchmark, vgg_weights, stage):
-    benchmark.group = f"train-step-{stage}"
-    _run(benchmark, _trainer(stage, vgg_weights, True), "torch", "torch.compile(fastsr[torch])")
+def test_train_step_torch_compile(benchmark, vgg_weights, stage, amp):
+    benchmark.group = f"train-step-{stage}-amp-{amp}"
+    _run(benchmark, _trainer(stage, vgg_weights, True, amp), "torch", "torch.compile(fastsr[torch])")
