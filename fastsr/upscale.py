@@ -391,14 +391,22 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
     return False
 
 
+def _writer_threads(device: torch.device) -> int:
+    """Threads compressing finished tiles into the store. On a GPU the model outruns one thread
+    by far (zstd level 1 packs a few hundred MB/s per core; a fast GPU makes GB/s of pixels),
+    so several encode in parallel (the codecs release the GIL); on a CPU the model already uses
+    every core and one writer is enough."""
+    return min(4, max(1, (os.cpu_count() or 1) // 2)) if device.type == "cuda" else 1
+
+
 def _pipeline(up: Upscaler, source: ImageSource, plan: TilePlan, groups: list[int], batch_size: int,
-              work: _WorkDir, progress: bool, on_written=None) -> None:
+              work: _WorkDir, progress: bool, on_written=None, writers: int = 1) -> None:
     from tqdm import tqdm
 
     batches = plan.batches(batch_size)
     stop = threading.Event()
     inq: queue.Queue = queue.Queue(maxsize=2)
-    outq: queue.Queue = queue.Queue(maxsize=2)
+    outq: queue.Queue = queue.Queue(maxsize=2 * writers)
     s = plan.scale
     area = lambda t: (t.core[1] - t.core[0]) * (t.core[3] - t.core[2])
     total = sum(area(plan.tile_at(i)) for g in groups for i in batches[g])
@@ -434,19 +442,21 @@ def _pipeline(up: Upscaler, source: ImageSource, plan: TilePlan, groups: list[in
                 g, tiles, result = item
                 for t, o in zip(tiles, result, strict=True):
                     y0, y1, x0, x1 = t.output_box(s)
-                    work.store[y0:y1, x0:x1] = o[t.output_crop(s)]
-                work.mark(g)
-                if on_written is not None:
-                    on_written(t.index for t in tiles)
-                bar.update(sum(map(area, tiles)) * s * s / 1e6)
+                    work.store[y0:y1, x0:x1] = o[t.output_crop(s)]  # whole chunks: no two writers share one
+                with written:
+                    work.mark(g)
+                    if on_written is not None:
+                        on_written(t.index for t in tiles)
+                    bar.update(sum(map(area, tiles)) * s * s / 1e6)
         except BaseException as exc:  # noqa: B036 - handed to the calling thread
             failures.append(exc)
             stop.set()
 
     failures: list[BaseException] = []
-    threads = [threading.Thread(target=reader, name="fastsr-reader", daemon=True),
-               threading.Thread(target=writer, name="fastsr-writer", daemon=True)]
-    for t in threads:
+    written = threading.Lock()  # manifest, tile tracker and progress bar: one writer at a time
+    read_thread = threading.Thread(target=reader, name="fastsr-reader", daemon=True)
+    write_threads = [threading.Thread(target=writer, name=f"fastsr-writer{i}", daemon=True) for i in range(writers)]
+    for t in (read_thread, *write_threads):
         t.start()
     try:
         while (item := inq.get()) is not None:
@@ -454,20 +464,22 @@ def _pipeline(up: Upscaler, source: ImageSource, plan: TilePlan, groups: list[in
                 raise item.exc
             g, tiles, windows = item
             if not _put(outq, (g, tiles, up.run_uint(windows)), stop):
-                break  # the writer failed
-        _put(outq, None, stop)
+                break  # a writer failed
+        for _ in write_threads:  # one end marker per writer
+            _put(outq, None, stop)
     except BaseException:
         stop.set()
         raise
     finally:
-        threads[1].join()
+        for t in write_threads:
+            t.join()
         stop.set()
-        while threads[0].is_alive():  # unblock a reader waiting on a full queue
+        while read_thread.is_alive():  # unblock a reader waiting on a full queue
             try:
                 inq.get_nowait()
             except queue.Empty:
                 pass
-            threads[0].join(timeout=0.1)
+            read_thread.join(timeout=0.1)
         bar.close()
     if failures:
         raise failures[0]
@@ -599,7 +611,7 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
                 log.info("resuming: %d of %d batches of tiles already done", len(work.done), n)
             groups = [g for g in range(rank, n, world) if g not in work.done]
             _pipeline(up, source, plan, groups, int(batch_size), work, progress and rank == 0,
-                      on_written=tracker.add if assembler else None)
+                      on_written=tracker.add if assembler else None, writers=_writer_threads(up.device))
         except BaseException as exc:
             work.close()
             if assembler is not None:

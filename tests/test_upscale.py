@@ -156,6 +156,25 @@ def test_thread_safe(model):
 # ----------------------------------------------------------------------------- files
 
 
+@pytest.mark.parametrize("dst_suffix", [".tif", ".zarr"])
+def test_several_writer_threads_give_the_same_file(tmp_path, model, monkeypatch, dst_suffix):
+    """On a GPU several threads compress finished tiles (each owns whole chunks); the output is
+    the one-writer output, and the TIFF still gets its tiles in row-major order."""
+    import importlib
+
+    import zarr
+
+    # importlib: the attribute fastsr.upscale is the function, which shadows the module.
+    monkeypatch.setattr(importlib.import_module("fastsr.upscale"), "_writer_threads", lambda device: 3)
+    image = photo(70, 90)
+    src, dst = tmp_path / "in.tif", tmp_path / f"out{dst_suffix}"
+    tifffile.imwrite(src, image, tile=(16, 16), photometric="rgb")
+    fastsr.upscale_file(src, dst, model, tile=16, batch_size=2, progress=False, backend=BACKEND)
+    got = tifffile.imread(dst) if dst_suffix == ".tif" else zarr.open_array(str(dst), mode="r")[...]
+    assert np.array_equal(got, fastsr.upscale(image, model, tile=16, backend=BACKEND))
+    no_leftovers(tmp_path, {src.name, dst.name})
+
+
 @pytest.mark.parametrize("src_kind,dst_suffix", [("tiled-tiff", ".tif"), ("stripped-tiff", ".zarr"), ("npy", ".png"),
                                                   ("zarr", ".tif"), ("png", ".png")])
 def test_file_formats_match_in_memory(tmp_path, model, src_kind, dst_suffix):
