@@ -14,7 +14,15 @@ import importlib
 
 import pytest
 import torch
-from tolerance import assert_within_rule, cast, fmt, grads
+from tolerance import (
+    assert_conv_forward_within_rule,
+    assert_conv_grads_within_rule,
+    assert_within_rule,
+    case_id,
+    cast,
+    fmt,
+    grads,
+)
 
 import fastsr
 from fastsr import functional as ops
@@ -57,18 +65,11 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "n{}_ci{}_co{}_{}x{}_k{}_r{}_b{}_s{}_res{}".format(*c))
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_conv2d_prelu_forward(case, channels_last, dtype):
-    ins = _conv_inputs(*case, dtype, channels_last)
-    shuffle = case[6]
-    ref64 = ref.conv2d_prelu(*ins, shuffle)
-    same = ref.conv2d_prelu(*cast(ins, dtype), shuffle)
-    ours = ops.conv2d_prelu(*cast(ins, dtype), shuffle=shuffle, backend="triton")
-    assert ours.dtype == dtype
-    assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    assert_within_rule("conv2d_prelu", ours, ref64, same, dtype)
+    assert_conv_forward_within_rule("triton", _conv_inputs(*case, dtype, channels_last), case[6], dtype, channels_last)
 
 
 GRAD_CASES = [
@@ -79,25 +80,11 @@ GRAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "n{}_ci{}_co{}_{}x{}_k{}_r{}_b{}_s{}_res{}".format(*c))
+@pytest.mark.parametrize("case", GRAD_CASES, ids=case_id)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_conv2d_prelu_gradients(case, channels_last, dtype):
-    ins = _conv_inputs(*case, dtype, channels_last)
-    shuffle = case[6]
-    n, _, c_out, h, w = case[:5]
-    g = torch.randn(n, c_out // shuffle**2, h * shuffle, w * shuffle, dtype=torch.float64,
-                    generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    g = fmt(g, channels_last)
-    ref64 = grads(lambda *a: ref.conv2d_prelu(*a, shuffle), ins, g)
-    same = grads(lambda *a: ref.conv2d_prelu(*a, shuffle), cast(ins, dtype), g)
-    ours = grads(lambda *a: ops.conv2d_prelu(*a, shuffle=shuffle, backend="triton"), cast(ins, dtype), g)
-    for name, o, r64, s in zip(("x", "weight", "bias", "slope", "residual"), ours, ref64, same, strict=True):
-        if r64 is None:
-            assert o is None
-            continue
-        assert o.dtype == dtype, f"grad of {name} has dtype {o.dtype}"
-        assert_within_rule(f"d{name}", o, r64, s, dtype)
+    assert_conv_grads_within_rule("triton", _conv_inputs(*case, dtype, channels_last), case[6], dtype, channels_last)
 
 
 @pytest.mark.parametrize("k,shuffle,slope,residual", [(3, 1, "channel", True), (3, 2, "channel", True),

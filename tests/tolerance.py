@@ -1,4 +1,4 @@
-"""The DESIGN.md correctness rule, shared by the backend test files.
+"""The DESIGN.md correctness rule and the checks built on it, shared by the backend test files.
 
 ``|ours - ref64| <= 2 * |torch_same_dtype - ref64| + atol`` elementwise (flash-attention's rule),
 with ``atol`` per dtype scaled by the reference's magnitude.
@@ -7,6 +7,9 @@ with ``atol`` per dtype scaled by the reference's magnitude.
 from __future__ import annotations
 
 import torch
+
+from fastsr import functional as ops
+from fastsr import reference as ref
 
 ATOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
 
@@ -41,3 +44,38 @@ def grads(fn, ins, grad_out):
     out = fn(*leaves)
     out.backward(grad_out.to(out.dtype))
     return [None if t is None else t.grad for t in leaves]
+
+
+def case_id(c) -> str:
+    """Test id of a conv case (n, c_in, c_out, h, w, k, shuffle, bias, slope, residual)."""
+    return "n{}_ci{}_co{}_{}x{}_k{}_r{}_b{}_s{}_res{}".format(*c)
+
+
+def assert_conv_forward_within_rule(backend: str, ins, shuffle: int, dtype, channels_last: bool) -> None:
+    """``conv2d_prelu`` on ``backend`` (inputs ``ins`` in fp64, cast to ``dtype``) against the fp64
+    reference by the rule; the output keeps the dtype and the memory format of the input."""
+    ref64 = ref.conv2d_prelu(*ins, shuffle)
+    same = ref.conv2d_prelu(*cast(ins, dtype), shuffle)
+    ours = ops.conv2d_prelu(*cast(ins, dtype), shuffle=shuffle, backend=backend)
+    assert ours.dtype == dtype
+    assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert_within_rule("conv2d_prelu", ours, ref64, same, dtype)
+
+
+def assert_conv_grads_within_rule(backend: str, ins, shuffle: int, dtype, channels_last: bool) -> None:
+    """Every gradient of ``conv2d_prelu`` on ``backend`` (inputs ``ins`` in fp64, cast to ``dtype``)
+    against the fp64 reference, by the rule; inputs that are None must get no gradient."""
+    x, weight = ins[0], ins[1]
+    n, _, h, w = x.shape
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(n, weight.shape[0] // shuffle**2, h * shuffle, w * shuffle, dtype=torch.float64, generator=gen)
+    g = fmt(g.to(x.device), channels_last)
+    ref64 = grads(lambda *a: ref.conv2d_prelu(*a, shuffle), ins, g)
+    same = grads(lambda *a: ref.conv2d_prelu(*a, shuffle), cast(ins, dtype), g)
+    ours = grads(lambda *a: ops.conv2d_prelu(*a, shuffle=shuffle, backend=backend), cast(ins, dtype), g)
+    for name, o, r64, s in zip(("x", "weight", "bias", "slope", "residual"), ours, ref64, same, strict=True):
+        if r64 is None:
+            assert o is None
+            continue
+        assert o.dtype == dtype, f"grad of {name} has dtype {o.dtype}"
+        assert_within_rule(f"d{name}", o, r64, s, dtype)
