@@ -60,6 +60,13 @@ def check_interpreter_dtype(dtype: torch.dtype) -> None:
 
 
 @triton.jit
+def _pixel_coords(p, H, W):
+    """(n, h, w) of flat pixel indices ``p`` over an (N, H, W) grid, w fastest."""
+    rem = p % (H * W)
+    return p // (H * W), rem // W, rem % W
+
+
+@triton.jit
 def _load_upstream_grad(
     g_ptr, z_ptr, slope_ptr,
     n, h, w, co, mask,

@@ -35,6 +35,7 @@ from torch.library import triton_op, wrap_triton
 
 from ._common import (
     _load_upstream_grad,
+    _pixel_coords,
     acc_dtype,
     check_interpreter_dtype,
     dot_precision,
@@ -123,10 +124,7 @@ def _conv_prelu_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    n = offs_m // (H * W)
-    rem = offs_m % (H * W)
-    oh = rem // W
-    ow = rem % W
+    n, oh, ow = _pixel_coords(offs_m, H, W)
     x_base = n * sxn  # (BLOCK_M,) int64
 
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -186,10 +184,7 @@ def _conv_prelu_bwd_input_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    n = offs_m // (H * W)
-    rem = offs_m % (H * W)
-    ih = rem // W
-    iw = rem % W
+    n, ih, iw = _pixel_coords(offs_m, H, W)
 
     ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ci_mask = ci < C_in
@@ -249,10 +244,7 @@ def _conv_prelu_bwd_weight_kernel(
     for p0 in range(0, PIX_PER_SPLIT, BLOCK_K):
         p = start + p0 + tl.arange(0, BLOCK_K)  # int64 pixel index
         p_mask = p < M
-        n = p // (H * W)
-        rem = p % (H * W)
-        h = rem // W
-        w = rem % W
+        n, h, w = _pixel_coords(p, H, W)
         dz_mask = co_mask[:, None] & p_mask[None, :]
         dz, neg = _load_upstream_grad(
             g_ptr, z_ptr, slope_ptr, n[None, :], h[None, :], w[None, :], co[:, None], dz_mask,

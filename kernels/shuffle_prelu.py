@@ -13,7 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _load_upstream_grad, acc_dtype, interpreting, like_memory_format, nhwc_strides, tl_acc_dtype
+from ._common import (
+    _load_upstream_grad,
+    _pixel_coords,
+    acc_dtype,
+    interpreting,
+    like_memory_format,
+    nhwc_strides,
+    tl_acc_dtype,
+)
 
 # Interpreter: large tiles (cost is per program); GPU: 64 pixels x 32 channels, 4 warps.
 _BLOCK_P, _BLOCK_C = (256, 64) if interpreting() else (64, 32)
@@ -34,10 +42,8 @@ def _pixel_shuffle_prelu_fwd_kernel(
     ci = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < M
     ci_mask = ci < C_in
-    n = (p // (H * W))[:, None]
-    rem = p % (H * W)
-    h = (rem // W)[:, None]
-    w = (rem % W)[:, None]
+    n, h, w = _pixel_coords(p, H, W)
+    n, h, w = n[:, None], h[:, None], w[:, None]
     mask = p_mask[:, None] & ci_mask[None, :]
     v = tl.load(x_ptr + n * sxn + h * sxh + w * sxw + ci[None, :] * sxc, mask=mask, other=0.0).to(ACC)
     sub = ci % (R * R)
@@ -67,10 +73,8 @@ def _pixel_shuffle_prelu_bwd_kernel(
     ci = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < M
     ci_mask = ci < C_in
-    n = (p // (H * W))[:, None]
-    rem = p % (H * W)
-    h = (rem // W)[:, None]
-    w = (rem % W)[:, None]
+    n, h, w = _pixel_coords(p, H, W)
+    n, h, w = n[:, None], h[:, None], w[:, None]
     mask = p_mask[:, None] & ci_mask[None, :]
     # Un-shuffled load of g only (no z: the activation input here is x itself, in input layout).
     g, _ = _load_upstream_grad(
