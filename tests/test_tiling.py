@@ -14,13 +14,7 @@ from fastsr.tiling import TilePlan, model_scale, plan_tiles, receptive_field
 BACKEND = "torch"  # tiling is backend-independent; the reference backend keeps these tests deterministic
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster than two on a busy machine (no OpenMP barriers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -30,13 +30,7 @@ BACKEND = "torch"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FASTSR_BACKEND": "torch"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster than two on a busy machine (no OpenMP barriers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
