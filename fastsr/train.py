@@ -105,7 +105,11 @@ class TrainConfig:
 class EMA:
     """Exponential moving average of a model's weights: ``avg = decay * avg + (1 - decay) * param``.
 
-    Buffers (BatchNorm running statistics) are already averages and are copied as they are.
+    With ``step`` (optimizer steps taken) the decay warms up as ``min(decay, (1 + step) / (10 + step))``:
+    a plain 0.999 average still carries a visible share of the random initial weights after
+    thousands of steps (its validation PSNR was 4 dB below the raw weights' at step 2,500), so
+    early checkpoints would be useless. Buffers (BatchNorm running statistics) are already
+    averages and are copied as they are.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
@@ -113,11 +117,12 @@ class EMA:
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        decay = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
         params = dict(model.named_parameters())
         for key, value in model.state_dict().items():
             if key in params:
-                self.state[key].mul_(self.decay).add_(value.detach(), alpha=1.0 - self.decay)
+                self.state[key].mul_(decay).add_(value.detach(), alpha=1.0 - decay)
             else:
                 self.state[key].copy_(value)
 
@@ -387,7 +392,7 @@ class Trainer:
         self.g_sched.step()
         if self.d_sched is not None:
             self.d_sched.step()
-        self.ema.update(self.generator)
+        self.ema.update(self.generator, self.g_sched.last_epoch)  # last_epoch = steps taken, resumed too
         values = torch.stack([v.float() for v in values])
         if self.world_size > 1:
             # Every rank must take the same stop/go decision on a non-finite loss.

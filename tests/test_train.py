@@ -144,6 +144,21 @@ def test_ema_formula():
     torch.testing.assert_close(ema.state["weight"], 0.9 * start + 0.1 * (start + 1.0))
 
 
+def test_ema_decay_warms_up_with_the_step():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, 0.999)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=0)  # decay (1 + 0) / (10 + 0) = 0.1: mostly the new weights
+    torch.testing.assert_close(ema.state["weight"], 0.1 * start + 0.9 * (start + 1.0))
+    late = EMA(model, 0.999)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    late.update(model, step=100_000)  # (1 + s) / (10 + s) > 0.999: the configured decay
+    torch.testing.assert_close(late.state["weight"], 0.999 * (start + 1.0) + 0.001 * (start + 2.0))
+
+
 # -- data -------------------------------------------------------------------------------------
 
 
