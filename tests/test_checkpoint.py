@@ -48,3 +48,16 @@ def test_embedded_default_model_loads():
     assert isinstance(model, fastsr.SRResNet) and model.scale == 4 and not model.training
     with torch.inference_mode():
         assert model(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
+
+
+def test_embedded_default_model_beats_bicubic_by_1db_on_held_out_photos(tmp_path):
+    """The foundation's promise: >= 1.0 dB mean PSNR gain over bicubic (Y channel, border 4) on the
+    photos held out of its training (fastsr.data.HELD_OUT_PHOTOS), as `fastsr eval` measures it."""
+    from fastsr.data import HELD_OUT_PHOTOS, TRAIN_PHOTOS, export_skimage_photos
+    from fastsr.evaluate import score_folder
+
+    assert not set(HELD_OUT_PHOTOS) & set(TRAIN_PHOTOS)
+    paths = export_skimage_photos(tmp_path, HELD_OUT_PHOTOS)
+    scores = score_folder(fastsr.load_model("default"), paths, 4)
+    gains = {s.name: s.gain_db for s in scores}
+    assert sum(gains.values()) / len(gains) >= 1.0, gains
