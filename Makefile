@@ -50,6 +50,11 @@ default-model: venv
 	$(BIN)/python -c "from fastsr.data import *; export_skimage_photos('data/train'); export_skimage_photos('data/val', HELD_OUT_PHOTOS)"
 	$(BIN)/fastsr train --data data/train --val data/val --out runs/default --steps 16000 --batch-size 16 --crop 96 \
 		--lr 4e-4 --warmup-steps 300 --loss l1 --amp bf16 --save-every 500 $(if $(wildcard runs/default/checkpoint.pt),--resume)
+	$(BIN)/fastsr train --init runs/default/checkpoint.pt --data data/train --val data/val --out runs/default-ft \
+		--steps 20000 --batch-size 16 --crop 96 --lr 2e-4 --warmup-steps 300 --loss l1 --amp bf16 --save-every 1000 \
+		--seed 1 --backend torch $(if $(wildcard runs/default-ft/checkpoint.pt),--resume)
+	$(BIN)/python -c "import fastsr, torch; fastsr.save_model(fastsr.load_model('runs/default-ft/model.safetensors'), \
+		'fastsr/models/weights/srresnet_x4_default.safetensors', dtype=torch.float16)"
 
 lint: venv
 	$(BIN)/ruff check fastsr kernels tests benchmarks
