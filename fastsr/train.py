@@ -97,7 +97,7 @@ class TrainConfig:
     d_channels: int = 64
     workers: int = 0
     sync_bn: bool = True
-    backend: str = "auto"
+    backend: str | None = None  # None: the backend in effect (FASTSR_BACKEND, else auto)
     stop_at: int | None = None  # save and stop at this step (time-limited jobs); schedule still uses steps
     compile: bool = False  # torch.compile the generator, discriminator and VGG features
 
@@ -579,7 +579,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
 
         bar = tqdm(total=last, initial=step, unit="step", desc=cfg.stage, dynamic_ncols=True)
     try:
-        with use_backend(cfg.backend):
+        with use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext():
             started, sums, count = time.time(), torch.zeros(len(trainer.loss_names)), 0
             for lr_img, hr_img in loader:
                 values = trainer.step(lr_img, hr_img).cpu()

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import imageio
+from .backend import get_backend
 from .errors import UserError
 from .imageio import ImageSource, ImageWriteError
 from .tiling import TilePlan, model_scale, plan_tiles, receptive_field
@@ -592,7 +593,7 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
         st = src_path.stat()
         header = {"version": 1, "src": str(src_path.resolve()), "src_size": st.st_size, "src_mtime_ns": st.st_mtime_ns,
                   "model": model_digest(up.source), "tile": tile, "halo": plan.halo, "batch_size": int(batch_size),
-                  "dtype": str(up.dtype), "device": up.device.type, "backend": str(backend or "auto"),
+                  "dtype": str(up.dtype), "device": up.device.type, "backend": backend or get_backend(),
                   "shape": list(out_shape), "scale": up.scale}
         work_path = dst_path.with_name(f".{dst_path.name}{WORK_SUFFIX}")
         work = _WorkDir(work_path, header, out_shape, (out_tile, out_tile, source.channels), source.dtype,

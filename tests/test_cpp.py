@@ -61,7 +61,6 @@ def _conv_inputs(n, c_in, c_out, h, w, k, shuffle, bias, slope, residual, channe
     return [fmt(t, channels_last) if t is not None and t.dim() == 4 else t for t in (x, wt, b, s, r)]
 
 
-
 # (n, C_in, C_out, H, W, k, shuffle, bias, slope, residual): every value of each axis of the
 # matrix (batch 1/3; C_in 3/5/64; C_out 3/17/64/256; 7x13 and 31x17; k 3/9; bias; slope
 # none/scalar/per-channel; residual; shuffle 1/2), covering the SRResNet layers.

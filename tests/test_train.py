@@ -24,7 +24,7 @@ from PIL import Image
 import fastsr
 from fastsr import losses
 from fastsr.data import RandomCrops, StepBatches, export_skimage_photos
-from fastsr.train import EMA, SyncBatchNorm2d, TrainConfig, TrainingError, train
+from fastsr.train import EMA, SyncBatchNorm2d, TrainConfig, Trainer, TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -258,6 +258,24 @@ def test_gan_resume_is_bit_identical_with_fp16_and_workers(photos, tmp_path, vgg
 def test_bf16_pretrain_runs(photos, tmp_path):
     train(tiny(photos, tmp_path, steps=3, amp="bf16"))
     assert all(np.isfinite(float(r["loss"])) for r in read_log(tmp_path))
+
+
+def test_training_runs_on_the_backend_in_effect(photos, tmp_path, monkeypatch):
+    """Without cfg.backend the steps run on FASTSR_BACKEND's choice; cfg.backend overrides it."""
+    from fastsr.backend import get_backend
+
+    seen = []
+    real_step = Trainer.step
+
+    def recording_step(self, lr, hr):
+        seen.append(get_backend())
+        return real_step(self, lr, hr)
+
+    monkeypatch.setattr(Trainer, "step", recording_step)
+    monkeypatch.setenv("FASTSR_BACKEND", "torch")
+    train(tiny(photos, tmp_path / "env", steps=2))
+    train(tiny(photos, tmp_path / "named", steps=2, backend="auto"))
+    assert seen == ["torch", "torch", "auto", "auto"]
 
 
 def test_version1_checkpoint_resumes(photos, tmp_path):

@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backend import BackendUnavailableError, get_backend
+    from ..backend import BackendUnavailableError
     from ..train import TrainConfig, TrainingError, train
 
     cfg = TrainConfig(
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         init=args.init, content_loss=args.content_loss, vgg_weights=args.vgg_weights,
         content_layer=args.content_layer, content_weight=args.content_weight, adv_weight=args.adv_weight,
         gan_pixel_weight=args.pixel_weight, d_lr=args.d_lr, d_channels=args.d_channels, workers=args.workers,
-        sync_bn=not args.no_sync_bn, compile=args.compile, backend=args.backend or get_backend(), stop_at=args.stop_at,
+        sync_bn=not args.no_sync_bn, compile=args.compile, backend=args.backend, stop_at=args.stop_at,
     )
     try:
         path = train(cfg)

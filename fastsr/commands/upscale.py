@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backend import BackendUnavailableError, get_backend
+    from ..backend import BackendUnavailableError
     from ..upscale import upscale_file
 
     if args.tile is not None and args.tile < 1:
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         out = upscale_file(args.src, args.dst, args.model, tile=args.tile, halo=args.halo,
                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, resume=args.resume,
                            compression=args.compression, pyramid=args.pyramid, progress=not args.quiet,
-                           backend=args.backend or get_backend())
+                           backend=args.backend)
     except BackendUnavailableError as exc:
         raise UserError(str(exc)) from None
     finally:
