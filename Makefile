@@ -32,8 +32,15 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/fastsr demo --out out/demo
 
+# The whole suite on the widest C++ build this CPU runs, then the cpp suites again against every
+# other ISA variant it can execute (AVX2, the portable DEFAULT build): each variant is a separate
+# build of the extension, loaded in its own pytest process.
 test: venv
 	$(BIN)/python -m pytest -q
+	@for isa in $$($(BIN)/python -c "from fastsr.csrc.build import *; print(*[i for i in runnable_isas() if i != cpu_isa()])"); do \
+		echo "== the cpp backend's tests against its $$isa build"; \
+		FASTSR_CPU_CAPABILITY=$$isa $(BIN)/python -m pytest -q tests/test_cpp*.py || exit 1; \
+	done
 
 bench: venv
 	$(BIN)/python -m pytest benchmarks --benchmark-only

@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import importlib
 import os
-import warnings
+import sys
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -134,9 +134,9 @@ def _resolve_name(name: str | None, device_type: str) -> str:
             _LOADED[candidate] = _module(candidate)
             return candidate
         if candidate == "cpp" and _module("cpp") is not None and candidate not in _warned_fallback:
-            # The extension exists but did not build: say so once, then keep going.
+            # The extension exists but did not build: say so once, in one line, then keep going.
             _warned_fallback.add(candidate)
-            warnings.warn(f"fastsr: C++ backend unavailable ({why}); using the next backend", stacklevel=4)
+            print(f"fastsr: warning: C++ backend unavailable, using the next one: {why}", file=sys.stderr, flush=True)
     _LOADED["torch"] = _module("torch")
     return "torch"
 

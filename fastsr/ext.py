@@ -1,10 +1,10 @@
-"""The ``cpp`` backend: builds, loads and registers the C++/CUDA extension in ``csrc/``.
+"""The ``cpp`` backend: the ops of the C++/CUDA extension in ``csrc/``, their fake kernels and autograd.
 
-Nothing happens at import time. The first :func:`availability` call (or the first op) compiles
-the extension with ``torch.utils.cpp_extension.load`` + ninja into a cache directory keyed by a
-hash of the sources, the torch version and the flags, so later processes just load the built
-library, and a source change rebuilds. The CUDA part is compiled only when torch is a CUDA build
-and a CUDA toolkit is found.
+Nothing happens at import time. The first :func:`availability` call (or the first op) loads the
+extension through :mod:`fastsr.csrc.build` (which compiles it on first use into a cache folder
+keyed by the ISA, sources, flags, compiler and ninja, and remembers a failed build), then this
+module registers the Python side of the ops. The CUDA part is compiled only when torch is a CUDA
+build and a CUDA toolkit is found.
 
 The ops are registered as ``torch.ops.fastsr.*`` (``TORCH_LIBRARY(fastsr, m)`` in C++); this
 module adds their fake (meta) kernels and autograd formulas, so they run in eager mode, under
@@ -13,13 +13,8 @@ module adds their fake (meta) kernels and autograd formulas, so they run in eage
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,124 +23,27 @@ _lock = threading.RLock()
 _state: dict = {"attempted": False, "ok": False, "reason": "not built yet (builds on first use)", "with_cuda": False}
 _loaded = False  # plain global read on every op call (cheap, and torch.compile guards on it)
 
-BUILD_MESSAGE = "fastsr: building the C++ extension (first use, cached afterwards)..."
 
-
-def _csrc_dir() -> Path:
-    import fastsr.csrc
-
-    return Path(fastsr.csrc.__file__).resolve().parent
-
-
-def _cuda_toolkit() -> str | None:
-    """CUDA_HOME when torch is a CUDA build and a toolkit with nvcc is there, else None."""
-    if not torch.version.cuda:
-        return None
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if CUDA_HOME and Path(CUDA_HOME, "bin", "nvcc").exists():
-        return CUDA_HOME
-    return None
-
-
-def _cpu_flags() -> list[str]:
-    """Vector ISA flags for at::vec, matching the capability torch itself dispatches to on this CPU.
-
-    The extension is compiled on the machine that runs it, so it may use that machine's widest
-    vectors: AVX-512 where torch reports it, else AVX2 + FMA (``FASTSR_CPU_CAPABILITY=AVX2``
-    forces the latter). ``CPU_CAPABILITY`` selects the matching ``at::vec::Vectorized``.
-    """
-    capability = os.environ.get("FASTSR_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
-    if capability.startswith("AVX512"):
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2",
-                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    if capability == "AVX2":
-        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return []  # other CPUs: at::vec's portable default
-
-
-def _sources(with_cuda: bool) -> list[Path]:
-    root = _csrc_dir()
-    sources = sorted(root.glob("*.cpp")) + sorted((root / "cpu").glob("*.cpp"))
-    if with_cuda:
-        sources += sorted((root / "cuda").glob("*.cu")) + sorted((root / "cuda").glob("*.cpp"))
-    return sources
-
-
-def _build_plan() -> dict:
-    """Everything the build depends on, and the cache directory named by its hash."""
-    cuda_home = _cuda_toolkit()
-    with_cuda = cuda_home is not None
-    cflags = ["-O3", "-fopenmp", "-fno-math-errno", *_cpu_flags()]
-    root = _csrc_dir()
-    digest = hashlib.sha256()
-    for key in (torch.__version__, str(torch.version.cuda), " ".join(cflags), str(with_cuda), sys.version):
-        digest.update(key.encode())
-    # The compiled files and every header they may include (the CUDA ones only in CUDA builds).
-    sources = _sources(with_cuda)
-    headers = [p for p in root.rglob("*.h") if with_cuda or "cuda" not in p.relative_to(root).parts]
-    for path in sorted(set(sources) | set(headers)):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    name = f"fastsr_ext_{digest.hexdigest()[:16]}"
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        base = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "fastsr"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastsr" / "extensions"
-    return {"name": name, "build_dir": base / name, "with_cuda": with_cuda, "cflags": cflags, "sources": sources}
-
-
-def _missing_tools() -> str | None:
-    from torch.utils.cpp_extension import is_ninja_available
-
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler found ({compiler!r} is not on PATH; install g++ or set CXX)"
-    if not is_ninja_available():
-        return "ninja is not installed (pip install ninja)"
-    return None
-
-
-def _short(exc: BaseException) -> str:
-    """The useful part of a build error: its first line and the first compiler error line."""
-    text = str(exc).strip()
-    lines = text.splitlines() or [type(exc).__name__]
-    errors = [line.strip() for line in lines[1:] if "error:" in line.lower()][:1]
-    return " | ".join(dict.fromkeys([lines[0].strip(), *errors]))[:400]
-
-
-def _build() -> None:
-    """Compile (or load from the cache) and register the extension; record why if it fails."""
+def _build(retry: bool = False) -> None:
+    """Load the extension (building it if needed) and register its ops' Python side, once per
+    process; on failure record the one-line reason. ``retry`` tries again after a failure."""
     global _loaded
+    from fastsr.csrc import build
+
     with _lock:
-        if _state["attempted"]:
+        if _state["attempted"] and not (retry and not _state["ok"]):
             return
         _state["attempted"] = True
-        missing = _missing_tools()
-        plan = _build_plan()
-        _state.update(build_dir=str(plan["build_dir"]), name=plan["name"])
-        if missing:
-            _state.update(ok=False, reason=missing)
-            return
-        from torch.utils.cpp_extension import load
-
-        build_dir = plan["build_dir"]
-        build_dir.mkdir(parents=True, exist_ok=True)
-        cached = (build_dir / f"{plan['name']}.so").exists()
-        if not cached:
-            print(BUILD_MESSAGE, file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
-            load(name=plan["name"], sources=[str(s) for s in plan["sources"]], build_directory=str(build_dir),
-                 extra_cflags=plan["cflags"], extra_ldflags=["-fopenmp"],
-                 extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"], with_cuda=plan["with_cuda"],
-                 is_python_module=False, verbose=False)
-        except Exception as exc:  # compiler errors, missing headers, linker errors: report, never crash
-            _state.update(ok=False, reason=f"building the C++ extension failed: {_short(exc)} (build dir {build_dir})")
+            plan, cached = build.build(retry=retry)
+        except build.BuildError as exc:
+            _state.update(ok=False, reason=str(exc))
             return
         _register_python_side()
-        _state.update(ok=True, reason="built" if not cached else "loaded from the build cache",
-                      with_cuda=plan["with_cuda"], seconds=round(time.perf_counter() - start, 1), cached=cached)
+        _state.update(ok=True, reason="loaded from the build cache" if cached else "built", isa=plan.isa,
+                      build_dir=str(plan.build_dir), with_cuda=plan.with_cuda, cached=cached,
+                      seconds=round(time.perf_counter() - start, 1))
         _loaded = True
 
 
@@ -158,7 +56,7 @@ def availability(device_type: str) -> tuple[bool, str]:
     if not _state["ok"]:
         return False, _state["reason"]
     if device_type == "cpu":
-        return True, f"C++ extension {_state['reason']} ({_state['build_dir']})"
+        return True, f"C++ extension {_state['reason']}, {_state['isa']} ({_state['build_dir']})"
     if device_type == "cuda":
         if not _state["with_cuda"]:
             why = "torch is a CPU-only build" if not torch.version.cuda else "no CUDA toolkit (nvcc) was found"
@@ -170,20 +68,27 @@ def availability(device_type: str) -> tuple[bool, str]:
 
 
 def build_info(build: bool = False) -> dict:
-    """The extension's build state for ``fastsr info``; ``build=True`` builds it now if needed.
+    """The extension's build state for ``fastsr info``; ``build=True`` builds it now, retrying a
+    remembered failure.
 
-    Keys: ``built`` (True / False / None = not attempted in this process), ``reason``,
+    Keys: ``built`` (True / False / None = not attempted in this process), ``reason``, ``isa``,
     ``build_dir``, ``with_cuda``, ``cached`` (a built library is in the cache dir), ``seconds``.
     """
+    from fastsr.csrc import build as builder
+
     if build:
-        _build()
+        _build(retry=True)
     if not _state["attempted"]:
-        plan = _build_plan()
-        cached = (plan["build_dir"] / f"{plan['name']}.so").exists()
-        return {"built": None, "reason": _state["reason"], "build_dir": str(plan["build_dir"]),
-                "with_cuda": plan["with_cuda"], "cached": cached, "seconds": None}
-    return {"built": _state["ok"], "reason": _state["reason"], "build_dir": _state.get("build_dir"),
-            "with_cuda": _state["with_cuda"], "cached": _state.get("cached", False), "seconds": _state.get("seconds")}
+        try:
+            plan = builder.plan()
+        except builder.BuildError as exc:
+            return {"built": False, "reason": str(exc), "isa": None, "build_dir": None, "with_cuda": False,
+                    "cached": False, "seconds": None}
+        return {"built": None, "reason": _state["reason"], "isa": plan.isa, "build_dir": str(plan.build_dir),
+                "with_cuda": plan.with_cuda, "cached": plan.library.exists(), "seconds": None}
+    return {"built": _state["ok"], "reason": _state["reason"], "isa": _state.get("isa"),
+            "build_dir": _state.get("build_dir"), "with_cuda": _state["with_cuda"],
+            "cached": _state.get("cached", False), "seconds": _state.get("seconds")}
 
 
 def _ensure() -> None:

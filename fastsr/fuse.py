@@ -352,10 +352,13 @@ def fuse(model: nn.Module) -> nn.Module:
     The original model is not changed. Outputs equal the original's in eval mode up to float
     rounding (BatchNorm folding reorders a few multiplications). The result is a
     ``torch.fx.GraphModule`` where the model traces, else the model's own class with fused
-    children. Use it for inference, with any backend and under ``torch.compile``.
+    children, in channels_last, converting an NCHW input once at its entry. Use it for
+    inference, with any backend and under ``torch.compile``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse expects a torch.nn.Module, got {type(model).__name__}")
+    from .optimize import channels_last_at_entry
+
     fused, count = _fuse_module(copy.deepcopy(model).eval(), "")
     log.debug("fuse: %d convolution patterns now run as fastsr ops", count)
-    return fused.eval()
+    return channels_last_at_entry(fused.eval().to(memory_format=torch.channels_last))

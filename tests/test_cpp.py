@@ -6,13 +6,15 @@ On CPU: fp32 and bf16 forward/backward on odd shapes in both memory formats, gra
 ``csrc/cuda/*.cu`` is compiled with ``nvcc -c`` for sm_80 and sm_90 where nvcc exists.
 
 Tolerance rule (DESIGN.md): |ours - ref64| <= 2 * |torch_same_dtype - ref64| + atol, elementwise.
-The extension builds on first use (about a minute, cached afterwards); the module-level fixture
-skips everything with the build error when it cannot build.
+The extension builds on first use (about a minute, cached afterwards) for the ISA variant in
+effect (``FASTSR_CPU_CAPABILITY``; ``make test`` runs this file once per variant the CPU runs). A
+build failure FAILS every test here: the fast path is what this file tests, so it is never a skip.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -45,7 +47,7 @@ CSRC = Path(ext.__file__).resolve().parent.parent / "csrc"
 def built():
     ok, why = ext.availability("cpu")
     if not ok:
-        pytest.skip(f"the C++ extension did not build here: {why}")
+        pytest.fail(f"the C++ extension did not build: {why}")
 
 
 def _conv_inputs(n, c_in, c_out, h, w, k, shuffle, bias, slope, residual, channels_last, seed=0):
@@ -361,6 +363,18 @@ def test_failed_build_is_reported_not_raised(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-fastsr")
     ok, why = ext.availability("cpu")
     assert not ok and "no C++ compiler" in why and "no-such-compiler-fastsr" in why
+
+
+def test_the_built_isa_is_the_one_asked_for():
+    """What this run tests is the variant it claims (the ISA matrix relies on it)."""
+    from fastsr.csrc import build
+
+    info = ext.build_info()
+    assert info["isa"] == build.cpu_isa()
+    forced = os.environ.get("FASTSR_CPU_CAPABILITY")
+    if forced:
+        assert info["isa"] == forced.upper()
+    assert f"_{info['isa'].lower()}_" in Path(info["build_dir"]).name
 
 
 CU_FILES = sorted((CSRC / "cuda").glob("*.cu"))

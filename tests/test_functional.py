@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import require_backend
 from tolerance import assert_within_rule
 
-import fastsr
 from fastsr import functional as ops
 
 B = "torch"
@@ -117,8 +117,7 @@ def test_bad_inputs_raise_clear_errors(call, message):
 def test_conv2d_prelu_follows_autocast_like_conv2d(backend, dtype):
     """Inside torch.autocast every backend computes the conv in the autocast dtype, as F.conv2d
     does (the custom ops have no autocast kernel of their own), and gradients reach fp32 leaves."""
-    if backend not in fastsr.available_backends("cpu"):
-        pytest.skip(f"backend {backend} is not available on this machine")
+    require_backend(backend)
     if backend == "triton" and dtype == torch.bfloat16:
         pytest.skip("the Triton CPU interpreter has no bf16 tl.dot")
     torch.manual_seed(0)

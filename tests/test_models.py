@@ -91,3 +91,30 @@ def test_discriminator_layers_match_the_paper():
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in d.features) == 7
     linears = [m for m in d.classifier if isinstance(m, torch.nn.Linear)]
     assert [lin.out_features for lin in linears] == [1024, 1]
+
+
+def _conv_input_formats(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, set[bool]]:
+    """Run ``model`` on ``x``; return the output and whether each fused conv saw a channels_last input."""
+    seen: set[bool] = set()
+    convs = [m for m in model.modules() if type(m).__name__ in ("ConvPReLU", "FusedConv2d")]
+    assert convs
+    hooks = [m.register_forward_pre_hook(lambda _, a: seen.add(a[0].is_contiguous(memory_format=torch.channels_last)))
+             for m in convs]
+    with torch.no_grad(), fastsr.use_backend("torch"):
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("prepare", ["optimize", "fuse"])
+def test_prepared_models_take_nchw_input_as_channels_last_once(prepare):
+    """Memory format is not the caller's problem: an NCHW input is converted once at the entry of an
+    optimised or fused model, so every layer runs channels_last, with the same result."""
+    model = SRResNet(scale=2, num_blocks=2, channels=8).eval()
+    prepared = fastsr.optimize(model) if prepare == "optimize" else fastsr.fuse(model)
+    x = torch.rand(1, 3, 9, 13, generator=torch.Generator().manual_seed(0))
+    out_nchw, seen_nchw = _conv_input_formats(prepared, x)
+    out_cl, seen_cl = _conv_input_formats(prepared, x.contiguous(memory_format=torch.channels_last))
+    assert seen_nchw == seen_cl == {True}
+    assert torch.equal(out_nchw, out_cl)

@@ -1,6 +1,7 @@
 """Show fastsr's environment: versions, devices, and which backends are available (and why not).
 
---build also builds the C++ extension now if it has not been built (otherwise it builds on first use).
+--build also builds the C++ extension now if it has not been built (otherwise it builds on first use),
+and retries a build that failed before (failures are remembered so that not every process retries).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ HELP = "versions, devices and available backends"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--build", action="store_true", help="build the C++ extension now if needed, and report")
+    p.add_argument("--build", action="store_true",
+                   help="build the C++ extension now if needed (retrying a remembered failed build), and report")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
               f"{state['build_dir']} ('fastsr info --build' builds and checks it now)")
     else:
         print(f"C++ extension: {'built' if state['built'] else 'build failed'} in {state['build_dir']}"
-              f" (CUDA part: {'yes' if state['with_cuda'] else 'no'})")
+              f" (ISA: {state['isa']}, CUDA part: {'yes' if state['with_cuda'] else 'no'})")
     for name in BACKENDS:
         for device_type in device_types:
             if name == "cpp" and state["built"] is None:
