@@ -23,7 +23,7 @@ import fastsr
 from fastsr import ext
 from fastsr import functional as ops
 from fastsr import reference as ref
-from fastsr.optimize import fuse_for_inference
+from fastsr.fusion import optimize as fuse_for_inference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CL = torch.channels_last

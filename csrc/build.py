@@ -106,6 +106,8 @@ def isa_missing(isa: str) -> str | None:
     lacking = [flag for flag in ISA_VARIANTS[isa][0] if flag not in _cpu_features()]
     if lacking:
         return f"this CPU lacks {', '.join(lacking)}"
+    if shutil.which(_compiler()) is None:
+        return missing_tools()
     if not _compiler_accepts(isa):
         return f"the C++ compiler ({_compiler()}) does not build {isa} code"
     return None

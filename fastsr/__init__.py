@@ -13,9 +13,8 @@ from .backend import (
     set_backend,
     use_backend,
 )
-from .fuse import fuse  # the function; it shadows the submodule name (import fastsr.fuse for its classes)
+from .fusion import fuse, optimize  # fuse: any model (a copy); optimize: fastsr models, in place
 from .models import Discriminator, SRResNet, load_model, save_model
-from .optimize import fuse_for_inference as optimize  # fastsr.optimize(model): fold BN, channels_last
 
 # Importing the submodule binds the attribute fastsr.upscale to it; the function defined below
 # rebinds the name, so fastsr.upscale is the function (the module stays in sys.modules).

@@ -15,6 +15,25 @@ from torch import nn
 from . import functional as ops
 
 
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
+                   bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold an eval-mode BatchNorm2d into the conv before it: ``bn(conv(x)) == conv'(x)``.
+
+    ``weight`` (C_out, C_in, k, k) and ``bias`` (C_out,) or None; returns the folded weight and
+    bias in ``weight``'s dtype. Computed in float64 (the fold multiplies every weight once, so
+    fp32/bf16 weights keep their own rounding only); differentiable. The one fold that
+    ``ConvPReLU``, :func:`fastsr.fuse` and :func:`fastsr.optimize` use.
+    """
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    shift = -bn.running_mean.double() * scale
+    if bn.weight is not None:  # affine=False BatchNorms have no weight and bias
+        scale = scale * bn.weight.double()
+        shift = shift * bn.weight.double() + bn.bias.double()
+    if bias is not None:
+        shift = shift + bias.double() * scale
+    return (weight.double() * scale.view(-1, 1, 1, 1)).to(weight.dtype), shift.to(weight.dtype)
+
+
 class ConvPReLU(nn.Module):
     """Conv2d(kernel_size, stride 1, 'same') -> [BN] -> [PixelShuffle(shuffle)] -> [activation].
 
@@ -52,14 +71,9 @@ class ConvPReLU(nn.Module):
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Conv weight and bias with the eval-mode BatchNorm folded in (``y = scale * conv + shift``)."""
-        weight, bias = self.conv.weight, self.conv.bias
         if self.bn is None:
-            return weight, bias
-        scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
-        shift = self.bn.bias - self.bn.running_mean * scale
-        if bias is not None:
-            shift = shift + bias * scale
-        return weight * scale.view(-1, 1, 1, 1), shift
+            return self.conv.weight, self.conv.bias
+        return fold_batchnorm(self.conv.weight, self.conv.bias, self.bn)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         slope = None if self.slope is None else self.slope.to(x.dtype)

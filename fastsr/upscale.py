@@ -110,9 +110,9 @@ def _load(model: nn.Module | str | os.PathLike | None) -> nn.Module:
 
 def _fuse(net: nn.Module) -> nn.Module:
     """BatchNorm folded into the convs and channels_last (fastsr.optimize) for fastsr models."""
-    from .optimize import fuse_for_inference
+    from .fusion import optimize
 
-    return fuse_for_inference(net)
+    return optimize(net)
 
 
 def model_digest(model: nn.Module) -> str:

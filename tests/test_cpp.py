@@ -35,7 +35,7 @@ import fastsr
 from fastsr import ext
 from fastsr import functional as ops
 from fastsr import reference as ref
-from fastsr.optimize import fuse_for_inference
+from fastsr.fusion import optimize as fuse_for_inference
 
 DTYPES = [torch.float32, torch.bfloat16]
 # atol relative to the largest reference magnitude (see DESIGN.md): a margin for reduction-order
