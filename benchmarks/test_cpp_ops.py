@@ -1,7 +1,8 @@
 """The ``cpp`` backend (C++ extension) vs PyTorch eager vs ``torch.compile``, in one run.
 
 Each op on SRResNet-sized CPU inputs (fp32, channels_last), and the whole SRResNet x4 forward
-(fp32, channels_last, eval, ``inference_mode``) on 128x128 and 256x256 inputs:
+(fp32, channels_last weights, eval, ``inference_mode``) on 128x128 and 256x256 inputs given as
+NCHW (what users pass) and as channels_last:
 
 * ``cpp``: ``fastsr.optimize(model)`` (BatchNorm folded, channels_last) on the ``cpp`` backend;
 * ``eager``: the same model on the ``torch`` backend (plain PyTorch ops; eval BatchNorm is
@@ -147,10 +148,13 @@ def srresnet():
     return fastsr.SRResNet(scale=4).eval().to(DEVICE).to(memory_format=CL)
 
 
+@pytest.mark.parametrize("input_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("size", [128, 256])
-def test_srresnet_x4_inference(benchmark, monkeypatch, srresnet, size, impl):
-    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(DEVICE).contiguous(memory_format=CL)
+def test_srresnet_x4_inference(benchmark, monkeypatch, srresnet, size, impl, input_format):
+    """The model (channels_last weights) fed what users pass (NCHW) and channels_last."""
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    x = x.contiguous(memory_format=CL if input_format == "channels_last" else torch.contiguous_format)
     if impl == "cpp":
         model = fuse_for_inference(copy.deepcopy(srresnet))
 
@@ -168,5 +172,5 @@ def test_srresnet_x4_inference(benchmark, monkeypatch, srresnet, size, impl):
         if impl == "compile":
             monkeypatch.setattr(fastsr.backend, "_global_choice", None)  # restored after the case
             fastsr.set_backend("torch")  # what the compiled graph traces (use_backend is not traced)
-    benchmark.group = f"srresnet-x4-{size}x{size}-fp32-channels_last"
-    _time(benchmark, fn, (x,), rounds=3, info={"impl": impl, "input": f"{size}x{size}"})
+    benchmark.group = f"srresnet-x4-{size}x{size}-fp32"
+    _time(benchmark, fn, (x,), rounds=3, info={"impl": impl, "input": f"{size}x{size}", "input_format": input_format})
