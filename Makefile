@@ -39,7 +39,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 	@for isa in $$($(BIN)/python -c "from fastsr.csrc.build import *; print(*[i for i in runnable_isas() if i != cpu_isa()])"); do \
 		echo "== the cpp backend's tests against its $$isa build"; \
-		FASTSR_CPU_CAPABILITY=$$isa $(BIN)/python -m pytest -q tests/test_cpp*.py || exit 1; \
+		FASTSR_CPU_CAPABILITY=$$isa $(BIN)/python -m pytest -q tests/test_cpp*.py tests/test_conformance.py -k cpp || exit 1; \
 	done
 
 bench: venv

@@ -1,8 +1,9 @@
-"""The ``triton`` backend against the ``torch`` reference.
+"""What is specific to the ``triton`` backend (the op-by-op matrix against the reference is
+tests/test_conformance.py, shared by every backend).
 
-Without CUDA these run through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
-on small odd shapes in fp32 and fp16 (the interpreter cannot run bf16 tl.dot); with CUDA the same
-tests run compiled kernels on the GPU, plus the ``gpu``-marked bf16 and >2**31-element cases.
+Availability and the interpreter's limits (tests/conftest.py sets TRITON_INTERPRET=1 without
+CUDA; it cannot run bf16 tl.dot), the ``gpu``-marked bf16 and >2**31-element cases, the
+``triton_op`` front door used under torch.compile, and compiling every kernel for sm_90 without a GPU.
 
 Tolerance rule (DESIGN.md): |ours - ref64| <= 2 * |torch_same_dtype - ref64| + atol, elementwise,
 where ref64 is the reference in float64 and torch_same_dtype the reference in the tested dtype.
@@ -14,45 +15,19 @@ import importlib
 
 import pytest
 import torch
+from cases import conv_inputs, image_pair
 from tolerance import (
-    assert_conv_forward_within_rule,
-    assert_conv_grads_within_rule,
     assert_within_rule,
-    case_id,
     cast,
-    fmt,
     grads,
 )
 
-import fastsr
 from fastsr import functional as ops
 from fastsr import reference as ref
 
 kernels = importlib.import_module("fastsr.kernels")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16]
-# atol relative to the largest reference magnitude: about one fp16 ulp there, and for fp32 a
-# margin for reduction-order differences (K up to 2304 products).
-
-def _conv_inputs(n, c_in, c_out, h, w, k, shuffle, bias, slope, residual, dtype, channels_last, seed=0):
-    """Random conv2d_prelu inputs in float64 on DEVICE (cast per test); weights scaled ~1/sqrt(fan_in)."""
-    g = torch.Generator().manual_seed(seed)
-    oc = c_out // (shuffle * shuffle)
-    x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64)
-    wt = torch.randn(c_out, c_in, k, k, generator=g, dtype=torch.float64) / (c_in * k * k) ** 0.5
-    b = torch.randn(c_out, generator=g, dtype=torch.float64) * 0.1 if bias else None
-    s = {"scalar": torch.tensor([0.2], dtype=torch.float64),
-         "channel": torch.rand(oc, generator=g, dtype=torch.float64) - 0.5, None: None}[slope]
-    r = torch.randn(n, oc, h * shuffle, w * shuffle, generator=g, dtype=torch.float64) if residual else None
-    out = []
-    for t in (x, wt, b, s, r):
-        if t is not None:
-            t = t.to(DEVICE)
-            t = fmt(t, channels_last) if t.dim() == 4 else t
-        out.append(t)
-    return out
-
 
 # (n, C_in, C_out, H, W, k, shuffle, bias, slope, residual): the SRResNet layers and odd extras.
 CONV_CASES = [
@@ -63,176 +38,6 @@ CONV_CASES = [
     (3, 5, 17, 31, 17, 3, 1, True, "channel", True),    # odd channels, prime-ish sizes
     (1, 5, 68, 31, 17, 3, 2, False, "channel", True),   # shuffle 2 into 17 channels + residual
 ]
-
-
-@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_conv2d_prelu_forward(case, channels_last, dtype):
-    assert_conv_forward_within_rule("triton", _conv_inputs(*case, dtype, channels_last), case[6], dtype, channels_last)
-
-
-GRAD_CASES = [
-    (3, 5, 17, 7, 13, 3, 1, True, "channel", True),
-    (1, 3, 8, 7, 13, 9, 1, True, "scalar", False),
-    (1, 6, 16, 7, 13, 3, 2, True, "channel", True),
-    (2, 64, 3, 5, 7, 9, 1, False, None, False),
-]
-
-
-@pytest.mark.parametrize("case", GRAD_CASES, ids=case_id)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_conv2d_prelu_gradients(case, channels_last, dtype):
-    assert_conv_grads_within_rule("triton", _conv_inputs(*case, dtype, channels_last), case[6], dtype, channels_last)
-
-
-@pytest.mark.parametrize("k,shuffle,slope,residual", [(3, 1, "channel", True), (3, 2, "channel", True),
-                                                      (5, 2, "scalar", False), (9, 1, None, False)])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_conv2d_prelu_gradcheck(k, shuffle, slope, residual, channels_last):
-    # fp64 tl.dot runs in the interpreter (numpy matmul) and on the GPU with IEEE precision.
-    ins = _conv_inputs(2, 3, 4 * shuffle, 4, 5, k, shuffle, True, slope, residual, torch.float64, channels_last)
-    leaves = [None if t is None else t.requires_grad_() for t in ins]
-
-    def fn(*a):
-        return ops.conv2d_prelu(*a, shuffle=shuffle, backend="triton")
-
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=True)
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("slope_kind,r", [("scalar", 2), ("channel", 2), ("channel", 3)])
-def test_pixel_shuffle_prelu_forward_and_gradients(slope_kind, r, dtype, channels_last):
-    gen = torch.Generator().manual_seed(0)
-    x = fmt(torch.randn(3, 5 * r * r, 7, 13, generator=gen, dtype=torch.float64).to(DEVICE), channels_last)
-    s = (torch.tensor([0.2], dtype=torch.float64) if slope_kind == "scalar"
-         else torch.rand(5, generator=gen, dtype=torch.float64) - 0.5).to(DEVICE)
-    g = torch.randn(3, 5, 7 * r, 13 * r, generator=gen, dtype=torch.float64).to(DEVICE)
-    ref64 = ref.pixel_shuffle_prelu(x, s, r)
-    same = ref.pixel_shuffle_prelu(x.to(dtype), s.to(dtype), r)
-    ours = ops.pixel_shuffle_prelu(x.to(dtype), s.to(dtype), r, backend="triton")
-    assert ours.dtype == dtype
-    assert_within_rule("pixel_shuffle_prelu", ours, ref64, same, dtype)
-    grads64 = grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), [x, s], g)
-    grads_same = grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), cast([x, s], dtype), g)
-    grads_ours = grads(lambda a, b: ops.pixel_shuffle_prelu(a, b, r, backend="triton"), cast([x, s], dtype), g)
-    for name, o, r64, sm in zip(("x", "slope"), grads_ours, grads64, grads_same, strict=True):
-        assert_within_rule(f"d{name}", o, r64, sm, dtype)
-
-
-def test_pixel_shuffle_prelu_gradcheck():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 8, 3, 5, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
-    s = (torch.rand(2, generator=gen, dtype=torch.float64) - 0.5).to(DEVICE).requires_grad_()
-    def fn(a, b):
-        return ops.pixel_shuffle_prelu(a, b, 2, backend="triton")
-
-    assert torch.autograd.gradcheck(fn, (x, s), fast_mode=True)
-
-
-def _image_pair(n, c, h, w, channels_last, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.rand(n, c, h, w, generator=gen, dtype=torch.float64)
-    b = (a + 0.05 * torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    return fmt(a.to(DEVICE), channels_last), fmt(b.to(DEVICE), channels_last)
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("reduction", ["none", "mean"])
-@pytest.mark.parametrize("shape", [(1, 3, 31, 17), (3, 5, 7, 13)])
-def test_mse_forward_and_gradients(shape, reduction, dtype, channels_last):
-    a, b = _image_pair(*shape, channels_last)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    ref64 = ref.mse(a, b, reduction)
-    same = ref.mse(a.to(dtype), b.to(dtype), reduction)
-    ours = ops.mse(a.to(dtype), b.to(dtype), reduction, backend="triton")
-    assert ours.dtype == acc and ours.shape == same.shape
-    assert_within_rule("mse", ours, ref64, same, acc)
-    g = torch.rand(ours.shape, dtype=torch.float64).to(DEVICE) + 0.5
-    grads64 = grads(lambda p, q: ref.mse(p, q, reduction), [a, b], g)
-    grads_same = grads(lambda p, q: ref.mse(p, q, reduction), cast([a, b], dtype), g)
-    grads_ours = grads(lambda p, q: ops.mse(p, q, reduction, backend="triton"), cast([a, b], dtype), g)
-    for name, o, r64, sm in zip(("a", "b"), grads_ours, grads64, grads_same, strict=True):
-        assert o.dtype == dtype
-        assert_within_rule(f"d{name}", o, r64, sm, dtype)
-
-
-@pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_mse_gradcheck(reduction):
-    a, b = _image_pair(2, 3, 5, 4, False)
-    a.requires_grad_(), b.requires_grad_()
-
-    def fn(p, q):
-        return ops.mse(p, q, reduction, backend="triton")
-
-    assert torch.autograd.gradcheck(fn, (a, b), fast_mode=True)
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("y_channel,crop_border,data_range", [(False, 0, 1.0), (True, 0, 1.0), (True, 4, 255.0),
-                                                              (False, 3, 255.0)])
-@pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_psnr(y_channel, crop_border, data_range, reduction, dtype, channels_last):
-    a, b = _image_pair(3, 3, 31, 17, channels_last)
-    a, b = a * data_range, b * data_range
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    args = (data_range, y_channel, crop_border, reduction)
-    ref64 = ref.psnr(a, b, *args)
-    same = ref.psnr(a.to(dtype), b.to(dtype), *args)
-    ours = ops.psnr(a.to(dtype), b.to(dtype), *args, backend="triton")
-    assert ours.dtype == acc and ours.shape == same.shape
-    assert_within_rule("psnr", ours, ref64, same, acc)
-
-
-def test_mse_psnr_are_deterministic():
-    a, b = _image_pair(2, 3, 127, 131, True)
-    a, b = a.float(), b.float()
-    first = (ops.mse(a, b, "none", backend="triton"), ops.psnr(a, b, y_channel=True, backend="triton"))
-    second = (ops.mse(a, b, "none", backend="triton"), ops.psnr(a, b, y_channel=True, backend="triton"))
-    for x, y in zip(first, second, strict=True):
-        assert torch.equal(x, y)
-
-
-def test_srresnet_forward_backward_matches_torch_backend():
-    """A whole SRGAN generator (train mode: BN batch statistics, so the unfused-BN path) on the
-    triton backend: output and every parameter gradient within the rule against the torch backend."""
-    torch.manual_seed(0)
-    model64 = fastsr.SRResNet(scale=4, num_blocks=2).double().to(DEVICE)
-    for p in model64.parameters():  # non-trivial BN / PReLU parameters so every path matters
-        p.data.add_(0.05 * torch.randn_like(p))
-    model32 = fastsr.SRResNet(scale=4, num_blocks=2).to(DEVICE)
-    model32.load_state_dict({k: v.float() for k, v in model64.state_dict().items()})
-    gen = torch.Generator().manual_seed(1)
-    # 5x4 input -> 20x16 output: small, because the interpreter spends most of this test in the
-    # 9x9 64 -> 3 tail conv at output resolution.
-    x = torch.rand(2, 3, 5, 4, generator=gen, dtype=torch.float64).to(DEVICE)
-    g = torch.randn(2, 3, 20, 16, generator=gen, dtype=torch.float64).to(DEVICE)
-
-    def run(model, backend, dtype):
-        model.zero_grad()
-        with fastsr.use_backend(backend):
-            out = model(x.to(dtype))
-            out.backward(g.to(dtype))
-        return out, {k: p.grad for k, p in model.named_parameters()}
-
-    out64, grads64 = run(model64, "torch", torch.float64)
-    out_same, grads_same = run(model32, "torch", torch.float32)
-    ours, grads_ours = run(model32, "triton", torch.float32)
-    assert_within_rule("SRResNet output", ours, out64, out_same, torch.float32)
-    for name in grads64:
-        assert_within_rule(f"SRResNet grad {name}", grads_ours[name], grads64[name], grads_same[name], torch.float32)
-    # eval mode: BatchNorm folded, every layer one fused op
-    model64.eval(), model32.eval()
-    with torch.no_grad():
-        with fastsr.use_backend("torch"):
-            e64, e_same = model64(x), model32(x.float())
-        with fastsr.use_backend("triton"):
-            e_ours = model32(x.float())
-    assert_within_rule("SRResNet eval output", e_ours, e64, e_same, torch.float32)
 
 
 def test_availability_contract(monkeypatch):
@@ -260,7 +65,7 @@ def test_bf16_under_interpreter_is_a_clear_error():
 @pytest.mark.parametrize("case", CONV_CASES[:4], ids=lambda c: "ci{1}_co{2}_k{5}_r{6}".format(*c))
 def test_conv2d_prelu_bf16_forward_and_gradients(case):
     dtype = torch.bfloat16
-    ins = _conv_inputs(*case, dtype, True)
+    ins = conv_inputs(DEVICE, *case, True)
     shuffle = case[6]
     assert_within_rule("conv2d_prelu bf16", ops.conv2d_prelu(*cast(ins, dtype), shuffle=shuffle, backend="triton"),
                        ref.conv2d_prelu(*ins, shuffle), ref.conv2d_prelu(*cast(ins, dtype), shuffle), dtype)
@@ -277,7 +82,7 @@ def test_conv2d_prelu_bf16_forward_and_gradients(case):
 @pytest.mark.gpu
 def test_bf16_pixel_shuffle_and_metrics():
     dtype = torch.bfloat16
-    a, b = _image_pair(3, 12, 33, 17, True)
+    a, b = image_pair(DEVICE, (3, 12, 33, 17), True)
     s = torch.rand(3, dtype=torch.float64, device=DEVICE)
     ours = ops.pixel_shuffle_prelu(a.to(dtype), s.to(dtype), 2, backend="triton")
     assert_within_rule("pixel_shuffle_prelu bf16", ours, ref.pixel_shuffle_prelu(a, s, 2),
@@ -317,7 +122,7 @@ def test_library_op_matches_reference_and_gradchecks():
     autograd formula (register_autograd), checked here in float64."""
     from fastsr.kernels.conv_prelu import conv2d_prelu_op
 
-    ins = _conv_inputs(2, 5, 8, 4, 5, 3, 2, True, "channel", True, torch.float64, True)
+    ins = conv_inputs(DEVICE, 2, 5, 8, 4, 5, 3, 2, True, "channel", True, True)
     leaves = [t.requires_grad_() for t in ins]
 
     def fn(*a):
@@ -332,7 +137,7 @@ def test_torch_compile_fullgraph_traces_conv2d_prelu():
     from fastsr.kernels.conv_prelu import conv2d_prelu_op
 
     dtype = torch.bfloat16
-    ins = cast(_conv_inputs(3, 64, 64, 31, 17, 3, 1, True, "channel", True, dtype, True), dtype)
+    ins = cast(conv_inputs(DEVICE, 3, 64, 64, 31, 17, 3, 1, True, "channel", True, True), dtype)
     torch.library.opcheck(conv2d_prelu_op, (*ins, 1, False))
 
     def fn(*a):

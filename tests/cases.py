@@ -1,0 +1,47 @@
+"""Inputs shared by the backend suites (test_conformance.py, test_cpp.py, test_triton.py)."""
+
+from __future__ import annotations
+
+import torch
+from tolerance import fmt
+
+import fastsr
+
+
+def conv_inputs(device, n, c_in, c_out, h, w, k, shuffle, bias, slope, residual, channels_last, seed=0):
+    """Random conv2d_prelu inputs (x, weight, bias, slope, residual) in float64 on ``device``
+    (cast per test); weights ~1/sqrt(fan_in); slope None, "scalar" or "channel"."""
+    g = torch.Generator().manual_seed(seed)
+    oc = c_out // (shuffle * shuffle)
+    x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64)
+    wt = torch.randn(c_out, c_in, k, k, generator=g, dtype=torch.float64) / (c_in * k * k) ** 0.5
+    b = torch.randn(c_out, generator=g, dtype=torch.float64) * 0.1 if bias else None
+    s = {"scalar": torch.tensor([0.2], dtype=torch.float64),
+         "channel": torch.rand(oc, generator=g, dtype=torch.float64) - 0.5, None: None}[slope]
+    r = torch.randn(n, oc, h * shuffle, w * shuffle, generator=g, dtype=torch.float64) if residual else None
+    moved = [None if t is None else t.to(device) for t in (x, wt, b, s, r)]
+    return [fmt(t, channels_last) if t is not None and t.dim() == 4 else t for t in moved]
+
+
+def image_pair(device, shape, channels_last, seed=3):
+    """Two float64 images in [0, 1] of ``shape`` (N, C, H, W), the second a noisy copy of the first."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(*shape, generator=g, dtype=torch.float64)
+    b = (a + 0.1 * torch.randn(*shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    return fmt(a.to(device), channels_last), fmt(b.to(device), channels_last)
+
+
+def small_srresnet(seed=0):
+    """SRResNet x4 (2 blocks, 16 channels) with non-trivial BatchNorm statistics and PReLU slopes."""
+    torch.manual_seed(seed)
+    model = fastsr.SRResNet(scale=4, num_blocks=2, channels=16)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+            if isinstance(m, fastsr.nn.ConvPReLU) and isinstance(m.slope, torch.nn.Parameter):
+                m.slope.uniform_(0.0, 0.5)
+    return model

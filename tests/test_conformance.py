@@ -1,0 +1,268 @@
+"""One conformance suite for every fast backend: each op against the ``torch`` reference.
+
+Parametrised over the backends this machine must serve (``Target``): without CUDA the ``cpp``
+extension and ``triton`` through its interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
+with CUDA also the extension's CUDA kernels and compiled Triton. A backend that cannot serve its
+target FAILS here (it is never a skip). Odd shapes, each target's dtypes, both memory formats,
+gradients, ``gradcheck`` in float64.
+
+Tolerance rule (DESIGN.md): |ours - ref64| <= 2 * |torch_same_dtype - ref64| + atol, elementwise
+(tests/tolerance.py). Build, opcheck, ISA and nvcc tests stay in test_cpp.py; the interpreter,
+torch.compile and GPU-only tests stay in test_triton.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+from backends import require_backend
+from cases import conv_inputs, image_pair, small_srresnet
+from tolerance import (
+    assert_conv_forward_within_rule,
+    assert_conv_grads_within_rule,
+    assert_within_rule,
+    case_id,
+    cast,
+    fmt,
+    grads,
+)
+
+import fastsr
+from fastsr import functional as ops
+from fastsr import reference as ref
+
+
+@dataclass(frozen=True)
+class Target:
+    backend: str
+    device: str
+    dtypes: tuple[torch.dtype, ...]
+    light: bool = False  # the Triton interpreter: smaller cases (it runs kernels in numpy)
+
+    def __str__(self) -> str:
+        return f"{self.backend}-{self.device}"
+
+
+def _targets() -> list[Target]:
+    if not torch.cuda.is_available():
+        return [Target("cpp", "cpu", (torch.float32, torch.bfloat16)),
+                Target("triton", "cpu", (torch.float32, torch.float16), light=True)]  # no bf16 tl.dot there
+    return [Target("cpp", "cpu", (torch.float32, torch.bfloat16)),
+            Target("cpp", "cuda", (torch.float32, torch.bfloat16)),
+            Target("triton", "cuda", (torch.float32, torch.float16))]  # bf16: test_triton.py's gpu cases
+
+
+TARGETS = _targets()
+WITH_DTYPE = [pytest.param(t, d, id=f"{t}-{str(d).removeprefix('torch.')}") for t in TARGETS for d in t.dtypes]
+FORMATS = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+
+
+@pytest.fixture(autouse=True)
+def _served(request):
+    target = request.node.callspec.params.get("target")
+    if target is not None:
+        require_backend(target.backend, target.device)
+
+
+# (n, C_in, C_out, H, W, k, shuffle, bias, slope, residual): every value of each axis of the
+# matrix (batch 1/3; C_in 3/5/17/64; C_out 3/12/17/64/68/256; 7x13 and 31x17; k 3/9; bias; slope
+# none/scalar/per-channel; residual; shuffle 1/2), covering the SRResNet layers. Cases marked
+# heavy are too slow for the interpreter.
+CONV_CASES = [
+    ((1, 3, 64, 7, 13, 9, 1, True, "scalar", False), False),      # head: 9x9, C_in = 3
+    ((3, 64, 3, 31, 17, 9, 1, True, None, False), True),          # tail: 9x9 to 3 channels (cpp's own kernel)
+    ((3, 64, 3, 7, 13, 9, 1, True, None, False), False),          # the same, small
+    ((1, 64, 3, 7, 13, 3, 1, False, "channel", True), True),      # 3 outputs, 3x3, activation + residual
+    ((3, 64, 64, 7, 13, 3, 1, False, "channel", True), False),    # body conv + residual
+    ((1, 64, 64, 31, 17, 3, 1, True, None, True), True),          # body tail: no activation, residual
+    ((1, 64, 256, 7, 13, 3, 2, True, "scalar", False), False),    # upsample: conv + shuffle 2 + PReLU
+    ((3, 64, 256, 31, 17, 3, 2, False, "channel", False), True),  # upsample, per-channel slopes
+    ((3, 5, 17, 31, 17, 3, 1, True, "channel", True), False),     # odd channels, prime-ish sizes
+    ((1, 5, 68, 31, 17, 3, 2, False, "channel", True), False),    # shuffle 2 into 17 channels + residual
+    ((3, 3, 17, 7, 13, 9, 1, False, None, False), True),          # 9x9, odd out channels, nothing fused
+    ((1, 17, 3, 7, 13, 9, 1, True, "scalar", True), True),        # few-output kernel with C_in 17
+    ((3, 64, 12, 7, 13, 3, 2, True, "scalar", True), True),       # shuffle 2 into 3 channels
+]
+GRAD_CASES = [
+    ((3, 5, 17, 7, 13, 3, 1, True, "channel", True), False),
+    ((1, 3, 8, 7, 13, 9, 1, True, "scalar", False), False),
+    ((1, 6, 16, 7, 13, 3, 2, True, "channel", True), False),
+    ((2, 64, 3, 5, 7, 9, 1, False, None, False), False),
+    ((1, 64, 256, 7, 13, 3, 2, False, "scalar", False), True),
+]
+
+
+def _with_cases(cases):
+    """(target, dtype, case) parameters; the interpreter gets the cases not marked heavy."""
+    return [pytest.param(t, d, c, id=f"{t}-{str(d).removeprefix('torch.')}-{case_id(c)}")
+            for t in TARGETS for d in t.dtypes for c, heavy in cases if not (heavy and t.light)]
+
+
+# ---------------------------------------------------------------------------------------------
+# conv2d_prelu
+
+
+@FORMATS
+@pytest.mark.parametrize("target,dtype,case", _with_cases(CONV_CASES))
+def test_conv2d_prelu_forward(target, dtype, case, channels_last):
+    ins = conv_inputs(target.device, *case, channels_last)
+    assert_conv_forward_within_rule(target.backend, ins, case[6], dtype, channels_last)
+
+
+@FORMATS
+@pytest.mark.parametrize("target,dtype,case", _with_cases(GRAD_CASES))
+def test_conv2d_prelu_gradients(target, dtype, case, channels_last):
+    ins = conv_inputs(target.device, *case, channels_last)
+    assert_conv_grads_within_rule(target.backend, ins, case[6], dtype, channels_last)
+
+
+@pytest.mark.parametrize("k,shuffle,slope,residual", [(3, 1, "channel", True), (3, 2, "channel", True),
+                                                      (5, 2, "scalar", False), (9, 1, None, False)])
+@FORMATS
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+def test_conv2d_prelu_gradcheck(target, k, shuffle, slope, residual, channels_last):
+    ins = conv_inputs(target.device, 2, 3, 4 * shuffle, 4, 5, k, shuffle, True, slope, residual, channels_last)
+    leaves = [None if t is None else t.requires_grad_() for t in ins]
+
+    def fn(*a):
+        return ops.conv2d_prelu(*a, shuffle=shuffle, backend=target.backend)
+
+    # fast_mode: a random projection of the Jacobian; the full one takes minutes on a busy 2-core box.
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel_shuffle_prelu
+
+
+@pytest.mark.parametrize("slope_kind", ["scalar", "channel"])
+@pytest.mark.parametrize("r", [1, 2, 3])
+@FORMATS
+@pytest.mark.parametrize("target,dtype", WITH_DTYPE)
+def test_pixel_shuffle_prelu_forward_and_gradients(target, dtype, slope_kind, r, channels_last):
+    g = torch.Generator().manual_seed(2)
+    c, dev = 5, target.device
+    x = fmt(torch.randn(3, c * r * r, 7, 13, generator=g, dtype=torch.float64).to(dev), channels_last)
+    slope = (torch.tensor([0.2], dtype=torch.float64) if slope_kind == "scalar"
+             else torch.rand(c, generator=g, dtype=torch.float64) - 0.5).to(dev)
+    grad = fmt(torch.randn(3, c, 7 * r, 13 * r, generator=g, dtype=torch.float64).to(dev), channels_last)
+    ours = ops.pixel_shuffle_prelu(x.to(dtype), slope.to(dtype), r, backend=target.backend)
+    assert ours.dtype == dtype
+    assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert_within_rule("pixel_shuffle_prelu", ours, ref.pixel_shuffle_prelu(x, slope, r),
+                       ref.pixel_shuffle_prelu(x.to(dtype), slope.to(dtype), r), dtype)
+    for name, o, r64, s in zip(
+        ("x", "slope"),
+        grads(lambda a, b: ops.pixel_shuffle_prelu(a, b, r, backend=target.backend), cast([x, slope], dtype), grad),
+        grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), [x, slope], grad),
+        grads(lambda a, b: ref.pixel_shuffle_prelu(a, b, r), cast([x, slope], dtype), grad),
+        strict=True,
+    ):
+        assert o.dtype == dtype
+        assert_within_rule(f"d{name}", o, r64, s, dtype)
+
+
+@FORMATS
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+def test_pixel_shuffle_prelu_gradcheck(target, channels_last):
+    x = fmt(torch.randn(2, 12, 3, 5, dtype=torch.float64).to(target.device), channels_last).requires_grad_()
+    slope = torch.tensor([0.1, -0.3, 0.7], dtype=torch.float64, device=target.device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.pixel_shuffle_prelu(a, b, 2, backend=target.backend),
+                                    (x, slope), fast_mode=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# mse / psnr (fp32 results, fp64 for fp64 inputs)
+
+
+def _metric_dtypes():
+    return [pytest.param(t, d, id=f"{t}-{str(d).removeprefix('torch.')}")
+            for t in TARGETS for d in (*t.dtypes, torch.float64)]
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 31, 17), (1, 5, 7, 13), (2, 3, 64, 300)], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@FORMATS
+@pytest.mark.parametrize("target,dtype", _metric_dtypes())
+def test_mse_forward_and_gradients(target, dtype, shape, reduction, channels_last):
+    a, b = image_pair(target.device, shape, channels_last)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ours = ops.mse(a.to(dtype), b.to(dtype), reduction, backend=target.backend)
+    same = ref.mse(a.to(dtype), b.to(dtype), reduction)
+    assert ours.dtype == acc and ours.shape == same.shape
+    assert_within_rule("mse", ours, ref.mse(a, b, reduction), same, acc)
+    g = torch.rand(shape[0] if reduction == "none" else (), dtype=torch.float64).to(target.device) + 0.5
+    grads64 = grads(lambda p, q: ref.mse(p, q, reduction), [a, b], g)
+    grads_same = grads(lambda p, q: ref.mse(p, q, reduction), cast([a, b], dtype), g)
+    grads_ours = grads(lambda p, q: ops.mse(p, q, reduction, backend=target.backend), cast([a, b], dtype), g)
+    for name, o, r64, s in zip("ab", grads_ours, grads64, grads_same, strict=True):
+        assert o.dtype == dtype
+        assert_within_rule(f"dmse/d{name}", o, r64, s, dtype)
+
+
+@pytest.mark.parametrize("y_channel,crop_border,data_range", [(False, 0, 1.0), (True, 0, 1.0), (True, 4, 255.0),
+                                                              (False, 3, 255.0)])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@FORMATS
+@pytest.mark.parametrize("target,dtype", _metric_dtypes())
+def test_psnr(target, dtype, y_channel, crop_border, data_range, reduction, channels_last):
+    a, b = image_pair(target.device, (3, 3, 31, 37), channels_last)
+    a, b = a * data_range, b * data_range
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    args = (data_range, y_channel, crop_border, reduction)
+    ours = ops.psnr(a.to(dtype), b.to(dtype), *args, backend=target.backend)
+    same = ref.psnr(a.to(dtype), b.to(dtype), *args)
+    assert ours.dtype == acc and ours.shape == same.shape
+    assert_within_rule("psnr", ours, ref.psnr(a, b, *args), same, acc)
+
+
+@pytest.mark.parametrize("y_channel,crop_border", [(False, 0), (True, 2)])
+@FORMATS
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+def test_psnr_mse_gradcheck(target, y_channel, crop_border, channels_last):
+    a, b = image_pair(target.device, (2, 3, 7, 9), channels_last)
+    a.requires_grad_()
+    b.requires_grad_()
+    assert torch.autograd.gradcheck(lambda p, q: ops.mse(p, q, "none", backend=target.backend), (a, b))
+    assert torch.autograd.gradcheck(
+        lambda p, q: ops.psnr(p, q, 2.0, y_channel, crop_border, "mean", backend=target.backend), (a, b))
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+def test_mse_psnr_are_deterministic(target):
+    a, b = (t.float() for t in image_pair(target.device, (2, 3, 127, 131), True))
+    first = (ops.mse(a, b, "none", backend=target.backend), ops.psnr(a, b, y_channel=True, backend=target.backend))
+    second = (ops.mse(a, b, "none", backend=target.backend), ops.psnr(a, b, y_channel=True, backend=target.backend))
+    for x, y in zip(first, second, strict=True):
+        assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole model
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+def test_srresnet_forward_backward_matches_torch_backend(target, train):
+    """Train mode: BN batch statistics (the unfused-BN path); eval: BN folded, every layer one op.
+    Output and every parameter gradient within the rule."""
+    h, w = (5, 4) if target.light else (11, 13)  # the interpreter spends most of it in the 9x9 tail
+    model = small_srresnet().train(train).to(target.device)
+    x = fmt(torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(5)), True).to(target.device)
+    grad = torch.randn(2, 3, 4 * h, 4 * w, generator=torch.Generator().manual_seed(6)).to(target.device)
+
+    def run(dtype, backend):
+        m = copy.deepcopy(model).to(dtype)
+        xi = x.to(dtype).requires_grad_()
+        with fastsr.use_backend(backend):
+            out = m(xi)
+            out.backward(grad.to(dtype))
+        return [out, xi.grad] + [p.grad for p in m.parameters()]
+
+    ref64, same, ours = run(torch.float64, "torch"), run(torch.float32, "torch"), run(torch.float32, target.backend)
+    names = ["out", "dx"] + [f"d{n}" for n, _ in model.named_parameters()]
+    for name, o, r64, s in zip(names, ours, ref64, same, strict=True):
+        assert_within_rule(name, o, r64, s, torch.float32)
