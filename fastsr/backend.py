@@ -1,6 +1,6 @@
 """Backend registry: which implementation of the fused ops serves a call.
 
-Three backends implement the same op set (see DESIGN.md):
+Three backends implement the same op set (see docs/architecture.md, "The backend contract"):
 
 * ``torch``  - plain PyTorch composition (:mod:`fastsr.reference`), the oracle; always there.
 * ``triton`` - Triton kernels (:mod:`fastsr.kernels`); CUDA tensors, or CPU tensors when

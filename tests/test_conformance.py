@@ -6,7 +6,7 @@ with CUDA also the extension's CUDA kernels and compiled Triton. A backend that 
 target FAILS here (it is never a skip). Odd shapes, each target's dtypes, both memory formats,
 gradients, ``gradcheck`` in float64.
 
-Tolerance rule (DESIGN.md): |ours - ref64| <= 2 * |torch_same_dtype - ref64| + atol, elementwise
+Tolerance rule (docs/architecture.md): |ours - ref64| <= 2 * |torch_same_dtype - ref64| + atol, elementwise
 (tests/tolerance.py). Build, opcheck, ISA and nvcc tests stay in test_cpp.py; the interpreter,
 torch.compile and GPU-only tests stay in test_triton.py.
 """

@@ -5,7 +5,7 @@ Availability and the interpreter's limits (tests/conftest.py sets TRITON_INTERPR
 CUDA; it cannot run bf16 tl.dot), the ``gpu``-marked bf16 and >2**31-element cases, the
 ``triton_op`` front door used under torch.compile, and compiling every kernel for sm_90 without a GPU.
 
-Tolerance rule (DESIGN.md): |ours - ref64| <= 2 * |torch_same_dtype - ref64| + atol, elementwise,
+Tolerance rule (docs/architecture.md): |ours - ref64| <= 2 * |torch_same_dtype - ref64| + atol, elementwise,
 where ref64 is the reference in float64 and torch_same_dtype the reference in the tested dtype.
 """
 

@@ -1,4 +1,5 @@
-"""The DESIGN.md correctness rule and the checks built on it, shared by the backend test files.
+"""The correctness rule (docs/architecture.md, "The backend contract") and the checks built on it,
+shared by the backend test files.
 
 ``|ours - ref64| <= 2 * |torch_same_dtype - ref64| + atol`` elementwise (flash-attention's rule),
 with ``atol`` per dtype scaled by the reference's magnitude.
@@ -15,7 +16,7 @@ ATOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.fl
 
 
 def assert_within_rule(name: str, ours: torch.Tensor, ref64: torch.Tensor, same: torch.Tensor, dtype) -> None:
-    """DESIGN.md tolerance rule, elementwise, with a message naming the worst element."""
+    """The tolerance rule, elementwise, with a message naming the worst element."""
     assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}"
     ours64, same64 = ours.detach().double(), same.detach().double()
     atol = ATOL[dtype] * max(1.0, ref64.abs().max().item())
