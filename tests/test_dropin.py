@@ -176,8 +176,8 @@ def make_peer(fmt: str, scale: int, seed: int = 0) -> nn.Module:
 
 
 def assert_close_to_reference(ours: torch.Tensor, model: nn.Module, x: torch.Tensor, atol: float = 1e-5) -> None:
-    """The tolerance rule (docs/architecture.md): |ours - ref64| <= 2 |torch fp32 - ref64| + atol, with ref64 the original model
-    in float64 and "torch fp32" the original model in ours' dtype."""
+    """The tolerance rule (docs/architecture.md): |ours - ref64| <= 2 |torch fp32 - ref64| + atol, with
+    ref64 the original model in float64 and "torch fp32" the original model in ours' dtype."""
     with torch.no_grad():
         ref64 = copy.deepcopy(model).double()(x.double())
         same = model(x.clone())
