@@ -9,6 +9,7 @@ output first, so the BatchNorm runs between the conv and the (fused) activation.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -113,3 +114,75 @@ class UpsampleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm over the global batch of all DDP ranks, on any device and process-group backend:
+# torch's own nn.SyncBatchNorm is CUDA-only, so training uses SyncBatchNorm2d on every device and
+# N ranks train the same model as one process with the whole batch would.
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum) over the default process group: the gradient of a
+    global sum with respect to each rank's contribution is the all-reduced incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch over all DDP ranks.
+
+    Works on any device and process-group backend (gloo included): the per-channel sums are
+    all-reduced with a differentiable all-reduce (:class:`_AllReduceSum`), so the
+    backward pass gets the cross-rank terms right. Two passes (mean, then centred squares) for
+    the variance, as numerically safe as the single-process BatchNorm. Without an initialised
+    process group (or in eval mode) it is a plain BatchNorm2d; state dict keys are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: this rank's (N, C, H, W) slice of the batch, any float dtype; returns the same
+        shape and dtype (the statistics and normalisation are computed in float32)."""
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        all_reduce = _AllReduceSum.apply
+        self._check_input_dim(x)
+        xf = x.float()
+        dims = (0, 2, 3)
+        count = all_reduce(xf.new_tensor([float(x.numel() // x.shape[1])]))
+        mean = all_reduce(xf.sum(dims)) / count
+        centred = xf - mean.view(1, -1, 1, 1)
+        var = all_reduce(centred.square().sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * (count / (count - 1).clamp(min=1))
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        y = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            y = y * self.weight.float().view(1, -1, 1, 1) + self.bias.float().view(1, -1, 1, 1)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` in ``module`` by a :class:`SyncBatchNorm2d` with a copy of its
+    parameters and buffers (in place for children; returns the converted module)."""
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SyncBatchNorm2d):
+        sync = SyncBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        sync.load_state_dict(module.state_dict())
+        return sync.to(next(iter(module.state_dict().values())).device).train(module.training)
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_batchnorm(child))
+    return module

@@ -255,6 +255,17 @@ def test_gan_resume_is_bit_identical_with_fp16_and_workers(photos, tmp_path, vgg
     assert fastsr.load_model(tmp_path / "straight" / "model.safetensors").config["num_blocks"] == 1
 
 
+def test_a_training_checkpoint_loads_as_a_model(photos, tmp_path):
+    """runs/X/checkpoint.pt (what `fastsr train` writes) is a model file for load_model, convert,
+    upscale and eval: its EMA generator, the weights model.safetensors holds."""
+    train(tiny(photos, tmp_path, steps=2))
+    from_ckpt = fastsr.load_model(tmp_path / "checkpoint.pt")
+    exported = fastsr.load_model(tmp_path / "model.safetensors")
+    assert from_ckpt.config == exported.config
+    for key, value in exported.state_dict().items():
+        assert torch.equal(from_ckpt.state_dict()[key].to(value.dtype), value), key
+
+
 def test_bf16_pretrain_runs(photos, tmp_path):
     train(tiny(photos, tmp_path, steps=3, amp="bf16"))
     assert all(np.isfinite(float(r["loss"])) for r in read_log(tmp_path))

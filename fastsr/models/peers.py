@@ -71,14 +71,16 @@ def extract_state_dict(obj: object, *, prefer_ema: bool = True) -> dict[str, tor
     """The generator state dict inside a loaded checkpoint (see the module docstring), prefixes removed."""
     if not isinstance(obj, Mapping):
         raise CheckpointFormatError(f"checkpoint holds a {type(obj).__name__}, not a state dict or a dict of them")
-    if not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        order = _EMA_CONTAINER_KEYS + _RAW_CONTAINER_KEYS if prefer_ema else _RAW_CONTAINER_KEYS + _EMA_CONTAINER_KEYS
-        found = [k for k in order if isinstance(obj.get(k), Mapping) and obj[k]]
-        if not found:
-            raise CheckpointFormatError(
-                f"found no generator weights in the checkpoint: its top-level keys are {_listing(list(obj))}; "
-                f"expected a state dict or one under {', '.join(order)}")
+    order = _EMA_CONTAINER_KEYS + _RAW_CONTAINER_KEYS if prefer_ema else _RAW_CONTAINER_KEYS + _EMA_CONTAINER_KEYS
+    found = [k for k in order if isinstance(obj.get(k), Mapping) and obj[k]]
+    # Containers first: a training checkpoint (fastsr's own: ema, model, torch_rng, ...) also holds
+    # top-level tensors that are not weights.
+    if found:
         obj = obj[found[0]]
+    elif not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointFormatError(
+            f"found no generator weights in the checkpoint: its top-level keys are {_listing(list(obj))}; "
+            f"expected a state dict or one under {', '.join(order)}")
     state = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor) or key in _IGNORED_KEYS:

@@ -1,0 +1,105 @@
+"""The training configuration: one dataclass whose fields are also the ``fastsr train`` options.
+
+Each field's metadata describes its command-line option (see :func:`option`), so a new field
+appears in the CLI without being restated there; :mod:`fastsr.commands.train` builds the parser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..backend import BACKENDS
+
+STAGES = ("pretrain", "gan")
+GAN_GROUP = "gan stage"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (bad configuration, a non-finite loss...)."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
+           flag: str | None = None, group: str | None = None) -> Any:
+    """A :class:`TrainConfig` field and its CLI option: ``help`` text, allowed ``choices``, the
+    ``flag`` (default: ``--`` + the field name with dashes) and the help ``group`` it is listed in.
+    A field without a default is a required option."""
+    metadata = {"help": help, "choices": choices, "flag": flag, "group": group}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    """The command-line flag of a :class:`TrainConfig` field, e.g. ``--batch-size``."""
+    return field.metadata["flag"] or "--" + field.name.replace("_", "-")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as ``config.json`` and in every checkpoint."""
+
+    data: str = option(help="folder of HR images (searched recursively)")
+    out: str = option(help="run folder: checkpoint.pt, log.csv, model.safetensors")
+    stage: str = option("pretrain", "training stage", choices=STAGES)
+    steps: int = option(10000, "total optimizer steps")
+    batch_size: int = option(16, "crops per step: the global batch, split over the DDP ranks")
+    crop: int = option(96, "HR crop size in pixels")
+    scale: int = option(4, "upscaling factor", choices=(2, 4, 8))
+    num_blocks: int = option(16, "residual blocks")
+    channels: int = option(64, "feature channels")
+    lr: float = option(2e-4, "peak learning rate of Adam")
+    min_lr: float = option(1e-6, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(200, "linear warm-up steps")
+    loss: str = option("mse", "pixel loss: the pretrain loss, and the gan stage's optional pixel term",
+                       choices=("mse", "l1"))
+    ema_decay: float = option(0.999, "EMA decay of the exported weights")
+    permute_channels: bool = option(True, "random RGB permutation of the crops")
+    amp: str = option("off", "mixed precision", choices=("off", "bf16", "fp16"))
+    save_every: int = option(500, "checkpoint every N steps")
+    log_every: int = option(10, "CSV/TensorBoard row every N steps")
+    val: str | None = option(None, "folder of HR images to evaluate (PSNR vs bicubic) at every checkpoint")
+    seed: int = option(0, "random seed")
+    resume: bool = option(False, "continue the run in --out from its checkpoint")
+    device: str = option("cpu", "cpu or cuda")
+    # Added with the gan stage; absent from older config.json files.
+    init: str | None = option(None, "generator weights to start from: a pretrain checkpoint.pt or a model file",
+                              group=GAN_GROUP)
+    content_loss: str = option("vgg", "VGG19 feature loss (needs --vgg-weights) or pixel MSE",
+                               choices=("vgg", "mse"), group=GAN_GROUP)
+    vgg_weights: str | None = option(None, "torchvision-format VGG19 state dict (.pth or .safetensors)",
+                                     group=GAN_GROUP)
+    content_layer: str = option("conv5_4", "VGG19 layer, e.g. conv5_4 (after ReLU, the paper) or conv5_4_prerelu",
+                                group=GAN_GROUP)
+    content_weight: float = option(1.0, "weight of the content loss", group=GAN_GROUP)
+    adv_weight: float = option(1e-3, "weight of the adversarial loss", group=GAN_GROUP)
+    gan_pixel_weight: float = option(0.0, "weight of an extra --loss pixel term in the generator loss",
+                                     flag="--pixel-weight", group=GAN_GROUP)
+    d_lr: float | None = option(None, "discriminator learning rate (default: --lr)", group=GAN_GROUP)
+    d_channels: int = option(64, "discriminator base channels", group=GAN_GROUP)
+    workers: int = option(0, "DataLoader worker processes")
+    sync_bn: bool = option(True, "under DDP, BatchNorm statistics over the global batch, as one process would "
+                                 "have them (--no-sync-bn: per rank, cheaper)")
+    backend: str | None = option(None, "fused-op backend (default: $FASTSR_BACKEND, else auto)",
+                                 choices=("auto", *BACKENDS))
+    stop_at: int | None = option(None, "save and stop at this step (the schedule still runs to --steps)")
+    compile: bool = option(False, "torch.compile the models (slow start, faster steps)")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise :class:`TrainingError` for a value outside a field's choices, an impossible count or
+    a gan stage without its inputs."""
+    for field in dataclasses.fields(cfg):
+        value, choices = getattr(cfg, field.name), field.metadata["choices"]
+        if choices is not None and value is not None and value not in choices:
+            raise TrainingError(f"{flag_of(field)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    if cfg.steps < 1 or cfg.save_every < 1 or cfg.log_every < 1:
+        raise TrainingError("--steps, --save-every and --log-every must be >= 1")
+    if cfg.workers < 0:
+        raise TrainingError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.stage == "gan" and not cfg.init:
+        raise TrainingError("the gan stage starts from a pre-trained generator: pass --init PATH "
+                            "(a pretrain run's checkpoint.pt or model.safetensors)")
+    if cfg.stage == "gan" and cfg.content_loss == "vgg" and not cfg.vgg_weights:
+        raise TrainingError("the gan stage's VGG content loss needs VGG19 weights: pass --vgg-weights PATH "
+                            "(torchvision's vgg19 state dict, e.g. vgg19-dcbb9e9d.pth; nothing is downloaded), "
+                            "or choose --content-loss mse")
