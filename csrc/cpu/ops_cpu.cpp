@@ -15,6 +15,7 @@
 
 #include "../common.h"
 #include "conv_cpu.h"
+#include "winograd_cpu.h"
 
 namespace fastsr {
 namespace {
@@ -169,6 +170,10 @@ at::Tensor conv2d_prelu_cpu(const at::Tensor& x, const at::Tensor& weight, const
                             int64_t shuffle) {
   check_4d(x, "x");
   const auto fmt = output_format(x);
+  // fp32 3x3 convs with many channels: Winograd F(2x2, 3x3) with the whole epilogue fused into
+  // its output transform (winograd_cpu.cpp).
+  if (cpu::winograd_applies(x, weight, shuffle))
+    return cpu::winograd_conv2d_prelu(x, weight, bias, slope, residual, shuffle, fmt);
   // The bias goes into the convolution (oneDNN adds it in-register); activation, residual and the
   // pixel-shuffle store are the single pass over the conv output. Convs with very few output
   // channels (the 64 -> 3 tail) use fastsr's own direct kernel, vectorised over pixels.

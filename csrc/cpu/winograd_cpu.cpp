@@ -1,0 +1,334 @@
+// Winograd F(2x2, 3x3) for fp32 3x3 convolutions with many channels (see winograd_cpu.h for why
+// F(2x2)). With d the 4x4 input tile, g the 3x3 kernel and
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
+//   A^T = [1 1 1 0; 0 1 -1 -1],
+// the 2x2 output tile is A^T [ sum_ci (G g G^T) . (B^T d B) ] A: 16 small GEMMs
+// (tiles x C_in) * (C_in x C_out): 16 multiplies per 4 outputs instead of 36, 2.25x fewer.
+//
+// Work is done in blocks of kTiles output tiles (tiles numbered over (n, tile row, tile column)),
+// one block per step of an at::parallel_for, with per-thread scratch:
+//   1. input transform: the block's 4x4 input tiles (NHWC, zero 'same' padding outside the image)
+//      -> Vt[16][kTiles][C_in], vectorised over channels;
+//   2. per chunk of CW (<= 64) output channels: 16 GEMMs Vt[e] * U[e][chunk] -> M[16][kTiles][CW]
+//      with a register-blocked micro-kernel (MR tiles x NRV vectors of output channels; the
+//      chunk of U, C_in * CW floats, stays in L1 while the block's tiles stream past);
+//   3. output transform of the chunk, fused with bias, PReLU, residual and the pixel-shuffle
+//      store. For a shuffle the output channels are reordered (i, j, c) instead of (c, i, j) (the
+//      weights are permuted), so every vector of channels belongs to one sub-pixel and is stored
+//      as one contiguous run of the NHWC output.
+// U = G g G^T is computed per call in fp64 and rounded once (cheap: 16 C_in C_out values).
+// NCHW inputs are converted to NHWC once and the NHWC result converted back at the end.
+#include "winograd_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../common.h"
+
+namespace fastsr::cpu {
+namespace {
+
+using V = at::vec::Vectorized<float>;
+constexpr int64_t kVS = V::size();
+// Micro-kernel: MR tiles x NRV vectors of accumulators + NRV weight vectors + 1 broadcast must
+// fit the vector registers: 6 x 4 (+5) of AVX-512's 32, 6 x 2 (+3) of AVX2's 16.
+constexpr int kMR = 6;
+constexpr int kNRV = kVS >= 16 ? 4 : 2;
+constexpr int64_t kTiles = 36;  // tiles per block (a multiple of kMR)
+// Channel counts must be multiples of this (a whole number of vectors in every ISA variant).
+constexpr int64_t kChannelMultiple = 16;
+// "auto" mode: at least this many input pixels per image; below it oneDNN's direct conv is used
+// (measured, 64 -> 64, 2 threads, AVX-512: Winograd's fixed cost, mostly the per-call weight
+// transform, is ~100 us; oneDNN wins at 12x12, Winograd from 16x16 on).
+constexpr int64_t kMinPixels = 256;
+
+// 0: never, 1: auto (size threshold), 2: always when the shapes allow (tests). FASTSR_WINOGRAD
+// sets the initial mode (0/off, 1/auto, 2/force); the _winograd_mode op changes it at run time.
+int initial_mode() {
+  const char* env = std::getenv("FASTSR_WINOGRAD");
+  if (!env || !*env) return 1;
+  if (!std::strcmp(env, "0") || !std::strcmp(env, "off")) return 0;
+  if (!std::strcmp(env, "2") || !std::strcmp(env, "force")) return 2;
+  return 1;
+}
+std::atomic<int> g_mode{initial_mode()};
+std::atomic<int64_t> g_calls{0};
+
+// Load once, use many times (see conv_cpu.cpp): keeps GCC from folding the load into every FMA.
+inline V in_register(V v) {
+#if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
+  __m512 r = v;
+  asm("" : "+v"(r));
+  return V(r);
+#elif defined(__GNUC__) && defined(CPU_CAPABILITY_AVX2)
+  __m256 r = v;
+  asm("" : "+x"(r));
+  return V(r);
+#else
+  return v;
+#endif
+}
+
+// C[MR][NRV * kVS] = A[MR][K] (row stride lda) * B[K][NRV * kVS] (row stride ldb).
+template <int MR, int NRV>
+inline void micro_kernel(const float* __restrict__ a, int64_t lda, const float* __restrict__ b, int64_t ldb,
+                         float* __restrict__ c, int64_t ldc, int64_t K) {
+  V acc[MR][NRV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NRV; ++v) acc[r][v] = V(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NRV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NRV; ++v) bv[v] = in_register(V::loadu(b + k * ldb + v * kVS));
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const V av = in_register(V(a[r * lda + k]));
+#pragma GCC unroll 4
+      for (int v = 0; v < NRV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NRV; ++v) acc[r][v].store(c + r * ldc + v * kVS);
+}
+
+struct Plan {
+  int64_t N, H, W, Cin, Cout, r, C;  // C = Cout / r^2, the output channels
+  int64_t TH, TW, tiles;             // tile grid (ceil(H/2) x ceil(W/2)) per image, total tiles
+  int64_t CW, chunks;                // output-channel chunk width and count
+};
+
+// U[e][chunk][ci][CW] = (G g G^T)[e] for output channel chunk * CW + (index in chunk), output
+// channels in shuffled order co' = s * C + c (s = i * r + j the sub-pixel), from weight[c r^2 + s].
+std::vector<float> transform_weights(const at::Tensor& weight, const Plan& p) {
+  // (co', ci, 3, 3) -> (ci, 3, 3, co'), contiguous.
+  const at::Tensor w = weight.reshape({p.C, p.r * p.r, p.Cin, 3, 3}).transpose(0, 1).reshape({p.Cout, p.Cin, 3, 3});
+  const at::Tensor wt = w.permute({1, 2, 3, 0}).contiguous();
+  const float* wp = wt.const_data_ptr<float>();
+  std::vector<float> U(16 * p.Cin * p.Cout);
+  float* up = U.data();
+  const int64_t Cout = p.Cout, Cin = p.Cin, CW = p.CW, chunks = p.chunks;
+  at::parallel_for(0, Cin, grain_for(16 * Cout * 16), [&](int64_t begin, int64_t end) {
+    for (int64_t ci = begin; ci < end; ++ci) {
+      const float* g = wp + ci * 9 * Cout;
+      for (int64_t co = 0; co < Cout; ++co) {
+        double t[4][3];  // G g: rows
+        for (int kw = 0; kw < 3; ++kw) {
+          const double g0 = g[(0 * 3 + kw) * Cout + co], g1 = g[(1 * 3 + kw) * Cout + co],
+                       g2 = g[(2 * 3 + kw) * Cout + co];
+          t[0][kw] = g0;
+          t[1][kw] = 0.5 * (g0 + g1 + g2);
+          t[2][kw] = 0.5 * (g0 - g1 + g2);
+          t[3][kw] = g2;
+        }
+        const int64_t k = co / CW, cc = co % CW;
+        for (int a = 0; a < 4; ++a) {
+          const double u[4] = {t[a][0], 0.5 * (t[a][0] + t[a][1] + t[a][2]), 0.5 * (t[a][0] - t[a][1] + t[a][2]),
+                               t[a][2]};
+          for (int b = 0; b < 4; ++b)
+            up[(((a * 4 + b) * chunks + k) * Cin + ci) * CW + cc] = static_cast<float>(u[b]);
+        }
+      }
+    }
+  });
+  return U;
+}
+
+// Input transform of tile `tile` (global index) into Vt[e][slot][ci].
+inline void input_tile(const float* __restrict__ x, const Plan& p, int64_t tile, float* __restrict__ vt,
+                       int64_t slot) {
+  const int64_t n = tile / (p.TH * p.TW), ty = (tile / p.TW) % p.TH, tx = tile % p.TW;
+  const int64_t h0 = 2 * ty - 1, w0 = 2 * tx - 1, Cin = p.Cin;
+  const float* img = x + n * p.H * p.W * Cin;
+  const float* src[4][4];
+  for (int a = 0; a < 4; ++a)
+    for (int b = 0; b < 4; ++b) {
+      const int64_t ih = h0 + a, iw = w0 + b;
+      src[a][b] = (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) ? img + (ih * p.W + iw) * Cin : nullptr;
+    }
+  const int64_t estride = kTiles * Cin;
+  float* dst = vt + slot * Cin;
+  for (int64_t ci = 0; ci < Cin; ci += kVS) {
+    V d[4][4];
+    for (int a = 0; a < 4; ++a)
+      for (int b = 0; b < 4; ++b) d[a][b] = src[a][b] ? V::loadu(src[a][b] + ci) : V(0.f);
+    V t[4][4];
+    for (int b = 0; b < 4; ++b) {
+      t[0][b] = d[0][b] - d[2][b];
+      t[1][b] = d[1][b] + d[2][b];
+      t[2][b] = d[2][b] - d[1][b];
+      t[3][b] = d[1][b] - d[3][b];
+    }
+    for (int a = 0; a < 4; ++a) {
+      (t[a][0] - t[a][2]).store(dst + (a * 4 + 0) * estride + ci);
+      (t[a][1] + t[a][2]).store(dst + (a * 4 + 1) * estride + ci);
+      (t[a][2] - t[a][1]).store(dst + (a * 4 + 2) * estride + ci);
+      (t[a][1] - t[a][3]).store(dst + (a * 4 + 3) * estride + ci);
+    }
+  }
+}
+
+struct Epilogue {
+  const float* bias;   // Cout values in shuffled order, or null
+  const float* slope;  // C values (per output channel), or null
+  const float* res;    // NHWC residual (N, H r, W r, C), or null
+  float* out;          // NHWC output (N, H r, W r, C)
+};
+
+inline V finish(V v, const Epilogue& ep, int64_t co, int64_t c, int64_t off) {
+  if (ep.bias) v = v + V::loadu(ep.bias + co);
+  if (ep.slope) {
+    const V s = V::loadu(ep.slope + c);
+    v = V::blendv(v * s, v, v > V(0.f));
+  }
+  if (ep.res) v = v + V::loadu(ep.res + off);
+  return v;
+}
+
+// Output transform of tile `tile` from M[e][slot][CW] (channels chunk * CW ...), fused epilogue.
+inline void output_tile(const float* __restrict__ m, const Plan& p, int64_t tile, int64_t slot, int64_t chunk,
+                        const Epilogue& ep) {
+  const int64_t n = tile / (p.TH * p.TW), ty = (tile / p.TW) % p.TH, tx = tile % p.TW;
+  const int64_t OH = p.H * p.r, OW = p.W * p.r;
+  const bool in_h1 = 2 * ty + 1 < p.H, in_w1 = 2 * tx + 1 < p.W;
+  const int64_t estride = kTiles * p.CW;
+  const float* src = m + slot * p.CW;
+  for (int64_t cc = 0; cc < p.CW; cc += kVS) {
+    const int64_t co = chunk * p.CW + cc, s = co / p.C, c = co % p.C, si = s / p.r, sj = s % p.r;
+    V mm[4][4];
+    for (int e = 0; e < 16; ++e) mm[e / 4][e % 4] = V::loadu(src + e * estride + cc);
+    V r0[4], r1[4];
+    for (int b = 0; b < 4; ++b) {
+      r0[b] = mm[0][b] + mm[1][b] + mm[2][b];
+      r1[b] = mm[1][b] - mm[2][b] - mm[3][b];
+    }
+    const V y[2][2] = {{r0[0] + r0[1] + r0[2], r0[1] - r0[2] - r0[3]},
+                       {r1[0] + r1[1] + r1[2], r1[1] - r1[2] - r1[3]}};
+    for (int i = 0; i < 2; ++i) {
+      if (i == 1 && !in_h1) break;
+      const int64_t oh = (2 * ty + i) * p.r + si;
+      for (int j = 0; j < 2; ++j) {
+        if (j == 1 && !in_w1) break;
+        const int64_t ow = (2 * tx + j) * p.r + sj;
+        const int64_t off = ((n * OH + oh) * OW + ow) * p.C + c;
+        finish(y[i][j], ep, co, c, off).store(ep.out + off);
+      }
+    }
+  }
+}
+
+template <int NRV>
+void gemm_chunk(const float* vt, const float* u, float* m, const Plan& p, int64_t rows) {
+  for (int e = 0; e < 16; ++e) {
+    const float* a = vt + e * kTiles * p.Cin;
+    const float* b = u + e * p.chunks * p.Cin * p.CW;
+    float* c = m + e * kTiles * p.CW;
+    for (int64_t t0 = 0; t0 < rows; t0 += kMR)
+      for (int64_t col = 0; col < p.CW; col += NRV * kVS)
+        micro_kernel<kMR, NRV>(a + t0 * p.Cin, p.Cin, b + col, p.CW, c + t0 * p.CW + col, p.CW, p.Cin);
+  }
+}
+
+void run(const float* x, const float* U, const Plan& p, const Epilogue& ep) {
+  const int64_t blocks = (p.tiles + kTiles - 1) / kTiles;
+  const int nrv = static_cast<int>(std::min<int64_t>(kNRV, p.CW / kVS));
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> vt(16 * kTiles * p.Cin, 0.f), m(16 * kTiles * p.CW, 0.f);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t t_begin = blk * kTiles, nt = std::min(kTiles, p.tiles - t_begin);
+      const int64_t rows = (nt + kMR - 1) / kMR * kMR;
+      for (int64_t s = 0; s < nt; ++s) input_tile(x, p, t_begin + s, vt.data(), s);
+      for (int64_t k = 0; k < p.chunks; ++k) {
+        const float* uk = U + k * p.Cin * p.CW;
+        switch (nrv) {
+          case 4: gemm_chunk<4 <= kNRV ? 4 : 1>(vt.data(), uk, m.data(), p, rows); break;
+          case 2: gemm_chunk<2>(vt.data(), uk, m.data(), p, rows); break;
+          default: gemm_chunk<1>(vt.data(), uk, m.data(), p, rows); break;
+        }
+        for (int64_t s = 0; s < nt; ++s) output_tile(m.data(), p, t_begin + s, s, k, ep);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// The shapes and dtypes the kernel handles, whatever the mode.
+static bool supported(const at::Tensor& x, const at::Tensor& weight, int64_t shuffle) {
+  if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat || x.dim() != 4 || weight.dim() != 4)
+    return false;
+  if (weight.size(2) != 3 || weight.size(3) != 3 || weight.size(1) != x.size(1) || shuffle < 1) return false;
+  const int64_t cin = x.size(1), cout = weight.size(0), rr = shuffle * shuffle;
+  if (cout % rr != 0 || cin % kChannelMultiple != 0 || (cout / rr) % kChannelMultiple != 0 || cin == 0 ||
+      cout == 0)
+    return false;
+  return x.size(0) > 0 && x.size(2) > 0 && x.size(3) > 0;
+}
+
+bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t shuffle) {
+  const int mode = g_mode.load(std::memory_order_relaxed);
+  if (mode == 0 || !supported(x, weight, shuffle)) return false;
+  return mode == 2 || x.size(2) * x.size(3) >= kMinPixels;
+}
+
+at::Tensor winograd_conv2d_prelu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& slope, const std::optional<at::Tensor>& residual,
+                                 int64_t shuffle, at::MemoryFormat fmt) {
+  TORCH_CHECK(supported(x, weight, shuffle), "fastsr: winograd does not apply to x ",
+              x.sizes(), ", weight ", weight.sizes());
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  Plan p;
+  p.N = x.size(0), p.Cin = x.size(1), p.H = x.size(2), p.W = x.size(3), p.Cout = weight.size(0), p.r = shuffle;
+  p.C = p.Cout / (p.r * p.r);
+  p.TH = (p.H + 1) / 2, p.TW = (p.W + 1) / 2, p.tiles = p.N * p.TH * p.TW;
+  p.CW = p.Cout % 64 == 0 ? 64 : p.Cout % 32 == 0 ? 32 : 16;
+  p.chunks = p.Cout / p.CW;
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor xin = x.contiguous(cl);
+  const std::vector<float> U = transform_weights(weight.contiguous(), p);
+  at::Tensor out = at::empty({p.N, p.C, p.H * p.r, p.W * p.r}, x.options(), cl);
+  at::Tensor b, s, res;
+  if (bias) {
+    TORCH_CHECK(bias->numel() == p.Cout, "fastsr: bias must have ", p.Cout, " elements, got ", bias->numel());
+    // Shuffled order: b'[s * C + c] = bias[c * r^2 + s].
+    b = bias->to(at::kFloat).reshape({p.C, p.r * p.r}).t().contiguous();
+  }
+  if (slope) s = per_channel_slope(*slope, p.C, at::kFloat);
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == out.sizes(), "fastsr: residual must have shape ", out.sizes(), ", got ",
+                residual->sizes());
+    res = residual->to(at::kFloat).contiguous(cl);
+  }
+  const Epilogue ep{b.defined() ? b.const_data_ptr<float>() : nullptr, s.defined() ? s.const_data_ptr<float>() : nullptr,
+                    res.defined() ? res.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>()};
+  run(xin.const_data_ptr<float>(), U.data(), p, ep);
+  return is_channels_last(fmt) ? out : out.contiguous(fmt);
+}
+
+namespace {
+int64_t winograd_mode_op(int64_t mode) {
+  return mode >= 0 && mode <= 2 ? g_mode.exchange(static_cast<int>(mode)) : g_mode.load();
+}
+int64_t winograd_calls_op() { return g_calls.load(); }
+}  // namespace
+
+}  // namespace fastsr::cpu
+
+// Introspection for tests and benchmarks: _winograd_mode(m) sets the mode (0 off, 1 auto,
+// 2 force; -1 only reads it) and returns the previous one; _winograd_calls() counts the
+// convolutions the Winograd path has served in this process.
+TORCH_LIBRARY_FRAGMENT(fastsr, m) {
+  m.def("_winograd_mode(int mode) -> int", &fastsr::cpu::winograd_mode_op);
+  m.def("_winograd_calls() -> int", &fastsr::cpu::winograd_calls_op);
+}

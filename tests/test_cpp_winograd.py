@@ -1,0 +1,183 @@
+"""The cpp backend's Winograd F(2x2, 3x3) path (csrc/cpu/winograd_cpu.cpp) for fp32 3x3 convs.
+
+Forward cases on odd shapes, tile multiples and non-multiples, 1x1 images, batch 1 and 3, with
+and without bias / slope (scalar, per channel) / residual, shuffle 2 (64 -> 256), both memory
+formats, all by the DESIGN.md tolerance rule; that the path is really taken (the extension's
+``_winograd_calls`` counter) for the SRResNet shapes; a whole SRResNet x4 against the fp64 torch
+reference. ``_winograd_mode(2)`` forces the path on tiny images that "auto" would leave to oneDNN.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tolerance import assert_conv_forward_within_rule, assert_within_rule, fmt
+
+import fastsr
+from fastsr import ext
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    ok, why = ext.availability("cpu")
+    if not ok:
+        pytest.skip(f"the C++ extension did not build here: {why}")
+
+
+def _conv_inputs(n, c_in, c_out, h, w, k, shuffle, bias, slope, residual, channels_last, seed=0):
+    """Random conv2d_prelu inputs in float64 (cast per test); weights scaled ~1/sqrt(fan_in), as
+    in the other conv tests."""
+    g = torch.Generator().manual_seed(seed)
+    oc = c_out // (shuffle * shuffle)
+    x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64)
+    wt = torch.randn(c_out, c_in, k, k, generator=g, dtype=torch.float64) / (c_in * k * k) ** 0.5
+    b = torch.randn(c_out, generator=g, dtype=torch.float64) * 0.1 if bias else None
+    s = {"scalar": torch.tensor([0.2], dtype=torch.float64),
+         "channel": torch.rand(oc, generator=g, dtype=torch.float64) - 0.5, None: None}[slope]
+    r = torch.randn(n, oc, h * shuffle, w * shuffle, generator=g, dtype=torch.float64) if residual else None
+    return [fmt(t, channels_last) if t is not None and t.dim() == 4 else t for t in (x, wt, b, s, r)]
+
+
+def _calls() -> int:
+    return torch.ops.fastsr._winograd_calls()
+
+
+@pytest.fixture
+def forced():
+    """Winograd for every shape it supports (also below the "auto" size threshold)."""
+    previous = torch.ops.fastsr._winograd_mode(2)
+    yield
+    torch.ops.fastsr._winograd_mode(previous)
+
+
+@pytest.fixture
+def auto():
+    previous = torch.ops.fastsr._winograd_mode(1)
+    yield
+    torch.ops.fastsr._winograd_mode(previous)
+
+
+# (n, C_in, C_out, H, W, k, shuffle, bias, slope, residual), as in test_cpp.py.
+WINOGRAD_CASES = [
+    (1, 64, 64, 13, 17, 3, 1, True, "channel", True),    # odd sizes: partial tiles on both edges
+    (3, 64, 64, 13, 17, 3, 1, False, "scalar", False),   # batch 3: tiles of a block span images
+    (1, 64, 64, 1, 1, 3, 1, True, "scalar", True),       # one pixel: everything but the centre padded
+    (3, 64, 64, 1, 1, 3, 1, False, None, False),
+    (1, 64, 64, 5, 4, 3, 1, True, None, True),
+    (1, 64, 64, 16, 16, 3, 1, False, "channel", False),  # a multiple of the tile size
+    (3, 64, 64, 24, 12, 3, 1, True, "scalar", True),     # multiple of the tile, 3 * 72 tiles: full blocks
+    (1, 64, 64, 33, 31, 3, 1, True, None, False),        # many blocks, ragged last block
+    (1, 64, 256, 13, 17, 3, 2, True, "scalar", False),   # upsample: shuffle 2 stored from the transform
+    (3, 64, 256, 5, 4, 3, 2, False, "channel", True),    # upsample, per-channel slope, residual
+    (1, 64, 256, 1, 1, 3, 2, True, "channel", False),
+    (1, 64, 256, 16, 16, 3, 2, True, None, True),
+    (1, 16, 16, 9, 10, 3, 1, True, "channel", True),     # the smallest channel counts it takes
+    (1, 32, 64, 7, 7, 3, 2, True, "channel", False),     # shuffle into 16 channels: 4 sub-pixels a chunk
+    (1, 48, 48, 11, 6, 3, 1, True, "scalar", True),      # chunks of 16 output channels
+]
+
+
+def _id(c):
+    return "n{}_ci{}_co{}_{}x{}_r{}_b{}_s{}_res{}".format(*c[:5], *c[6:])
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=_id)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_winograd_forward_within_rule(case, channels_last, forced):
+    if channels_last and case[3] == case[4] == 1 and case[6] > 1:
+        # A 1x1 input is also NCHW-contiguous, so by common.h's rule the (shuffled, 2x2) output is
+        # NCHW, which the helper's channels_last check would reject; the nchw variant covers it.
+        pytest.skip("1x1 channels_last input -> NCHW output by the format rule")
+    before = _calls()
+    assert_conv_forward_within_rule("cpp", _conv_inputs(*case, channels_last), case[6], torch.float32, channels_last)
+    assert _calls() == before + 1, "the Winograd path was not taken"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("inputs", ["randn", "rand"])
+def test_winograd_accuracy_large_image(seed, inputs, forced):
+    # Bigger images have more chances for an element to land outside the rule.
+    ins = _conv_inputs(1, 64, 64, 64, 64, 3, 1, True, None, False, True, seed=seed)
+    if inputs == "rand":
+        ins[0] = torch.rand_like(ins[0])
+    assert_conv_forward_within_rule("cpp", ins, 1, torch.float32, True)
+
+
+@pytest.mark.parametrize("case", [
+    (1, 64, 64, 7, 13, 5, 1, True, "channel", False),  # 5x5 kernel
+    (1, 24, 24, 7, 13, 3, 1, True, "channel", False),  # channels not a multiple of 16
+    (1, 64, 3, 7, 13, 3, 1, True, None, False),        # few outputs: the direct kernel
+], ids=["k5", "c24", "co3"])
+def test_unsupported_shapes_take_the_other_paths(case, forced):
+    before = _calls()
+    assert_conv_forward_within_rule("cpp", _conv_inputs(*case, True), 1, torch.float32, True)
+    assert _calls() == before
+
+
+def test_other_dtypes_do_not_take_it(forced):
+    ins = _conv_inputs(1, 64, 64, 13, 17, 3, 1, True, "channel", True, True)
+    before = _calls()
+    assert_conv_forward_within_rule("cpp", ins, 1, torch.bfloat16, True)
+    assert _calls() == before
+
+
+def test_srresnet_shapes_take_winograd(auto):
+    """In the default "auto" mode, every 3x3 64->64 and 64->256 conv of SRResNet x4 at 32x32 runs
+    Winograd: 33 body convs (16 blocks x 2 + body tail) and 2 upsample convs."""
+    model = fastsr.optimize(fastsr.SRResNet(scale=4).eval())
+    x = fmt(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)), True)
+    before = _calls()
+    with torch.inference_mode(), fastsr.use_backend("cpp"):
+        model(x)
+    assert _calls() - before == 35
+
+
+def test_auto_mode_leaves_tiny_images_to_onednn(auto):
+    before = _calls()
+    assert_conv_forward_within_rule("cpp", _conv_inputs(1, 64, 64, 3, 5, 3, 1, True, "channel", False, True), 1,
+                                    torch.float32, True)
+    assert _calls() == before
+
+
+def test_gradients_still_flow_with_winograd_forward(forced):
+    # Under autograd the forward may run Winograd (conv + bias, then shuffle_prelu); the backward
+    # is aten's convolution_backward. Compare with the torch backend.
+    ins = _conv_inputs(1, 64, 256, 6, 7, 3, 2, True, "channel", True, True)
+    x, w, b, s, r = [t.float().requires_grad_() for t in ins]
+    before = _calls()
+    with fastsr.use_backend("cpp"):
+        out = fastsr.functional.conv2d_prelu(x, w, b, s, r, shuffle=2)
+    assert _calls() > before
+    g = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (x, w, b, s, r), g)
+    x2, w2, b2, s2, r2 = [t.detach().clone().requires_grad_() for t in (x, w, b, s, r)]
+    with fastsr.use_backend("torch"):
+        out2 = fastsr.functional.conv2d_prelu(x2, w2, b2, s2, r2, shuffle=2)
+    theirs = torch.autograd.grad(out2, (x2, w2, b2, s2, r2), g)
+    torch.testing.assert_close(out, out2, rtol=1e-4, atol=1e-4)
+    for a, e in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last_input", [False, True], ids=["nchw", "nhwc"])
+def test_srresnet_x4_on_cpp_within_rule(channels_last_input, auto):
+    """The whole SRResNet x4 (eval, BatchNorm folded by fastsr.optimize) on the cpp backend against
+    the fp64 torch reference, by the rule (fp32 torch as the same-dtype baseline)."""
+    # Default initialisation: perturbing the BatchNorm statistics (as test_cpp.py's small model
+    # does) makes this 16-block model's activations grow to ~500, where even oneDNN's fp32 path
+    # misses the rule against fp32 torch (worst element 1.6x over the bound in NCHW; Winograd
+    # itself stays within it there, 1.0x).
+    torch.manual_seed(0)
+    model = fastsr.SRResNet(scale=4).eval()
+    x = fmt(torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(4)), channels_last_input)
+    with torch.no_grad(), fastsr.use_backend("torch"):
+        expected64 = copy.deepcopy(model).double()(x.double())
+        expected = model(x)
+    fused = fastsr.optimize(copy.deepcopy(model))
+    before = _calls()
+    with torch.inference_mode(), fastsr.use_backend("cpp"):
+        got = fused(x)
+    assert _calls() - before == 35
+    assert_within_rule("SRResNet x4 (cpp, Winograd)", got, expected64, expected, torch.float32)
