@@ -1,5 +1,6 @@
 # Shared by tests/ and benchmarks/.
 import os
+import tempfile
 
 import torch
 
@@ -7,6 +8,12 @@ import torch
 # before triton is imported anywhere, so it is set here, at collection time.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torch.compile's kernel cache, one per ATen CPU capability: a kernel cached under
+# ATEN_CPU_CAPABILITY=avx2 (the EPYC approximation) and reused without it, or the other way
+# round, gave NaN gradients and crashes here. Kept between runs otherwise (compiling is slow).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor-fastsr-{os.environ.get('ATEN_CPU_CAPABILITY', 'native').lower()}"))
 
 import pytest  # noqa: E402
 
