@@ -2,7 +2,7 @@
 
 Forward cases on odd shapes, tile multiples and non-multiples, 1x1 images, batch 1 and 3, with
 and without bias / slope (scalar, per channel) / residual, shuffle 2 (64 -> 256), both memory
-formats, all by the DESIGN.md tolerance rule; that the path is really taken (the extension's
+formats, all by the tolerance rule (docs/architecture.md); that the path is really taken (the extension's
 ``_winograd_calls`` counter) for the SRResNet shapes; a whole SRResNet x4 against the fp64 torch
 reference. ``_winograd_mode(2)`` forces the path on tiny images that "auto" would leave to oneDNN.
 """
@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from cases import conv_inputs
 from tolerance import assert_conv_forward_within_rule, assert_within_rule, fmt
 
 import fastsr
@@ -23,21 +24,7 @@ from fastsr import ext
 def built():
     ok, why = ext.availability("cpu")
     if not ok:
-        pytest.skip(f"the C++ extension did not build here: {why}")
-
-
-def _conv_inputs(n, c_in, c_out, h, w, k, shuffle, bias, slope, residual, channels_last, seed=0):
-    """Random conv2d_prelu inputs in float64 (cast per test); weights scaled ~1/sqrt(fan_in), as
-    in the other conv tests."""
-    g = torch.Generator().manual_seed(seed)
-    oc = c_out // (shuffle * shuffle)
-    x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64)
-    wt = torch.randn(c_out, c_in, k, k, generator=g, dtype=torch.float64) / (c_in * k * k) ** 0.5
-    b = torch.randn(c_out, generator=g, dtype=torch.float64) * 0.1 if bias else None
-    s = {"scalar": torch.tensor([0.2], dtype=torch.float64),
-         "channel": torch.rand(oc, generator=g, dtype=torch.float64) - 0.5, None: None}[slope]
-    r = torch.randn(n, oc, h * shuffle, w * shuffle, generator=g, dtype=torch.float64) if residual else None
-    return [fmt(t, channels_last) if t is not None and t.dim() == 4 else t for t in (x, wt, b, s, r)]
+        pytest.fail(f"the C++ extension did not build: {why}")
 
 
 def _calls() -> int:
@@ -91,7 +78,8 @@ def test_winograd_forward_within_rule(case, channels_last, forced):
         # NCHW, which the helper's channels_last check would reject; the nchw variant covers it.
         pytest.skip("1x1 channels_last input -> NCHW output by the format rule")
     before = _calls()
-    assert_conv_forward_within_rule("cpp", _conv_inputs(*case, channels_last), case[6], torch.float32, channels_last)
+    ins = conv_inputs("cpu", *case, channels_last)
+    assert_conv_forward_within_rule("cpp", ins, case[6], torch.float32, channels_last)
     assert _calls() == before + 1, "the Winograd path was not taken"
 
 
@@ -99,7 +87,7 @@ def test_winograd_forward_within_rule(case, channels_last, forced):
 @pytest.mark.parametrize("inputs", ["randn", "rand"])
 def test_winograd_accuracy_large_image(seed, inputs, forced):
     # Bigger images have more chances for an element to land outside the rule.
-    ins = _conv_inputs(1, 64, 64, 64, 64, 3, 1, True, None, False, True, seed=seed)
+    ins = conv_inputs("cpu", 1, 64, 64, 64, 64, 3, 1, True, None, False, True, seed=seed)
     if inputs == "rand":
         ins[0] = torch.rand_like(ins[0])
     assert_conv_forward_within_rule("cpp", ins, 1, torch.float32, True)
@@ -112,12 +100,12 @@ def test_winograd_accuracy_large_image(seed, inputs, forced):
 ], ids=["k5", "c24", "co3"])
 def test_unsupported_shapes_take_the_other_paths(case, forced):
     before = _calls()
-    assert_conv_forward_within_rule("cpp", _conv_inputs(*case, True), 1, torch.float32, True)
+    assert_conv_forward_within_rule("cpp", conv_inputs("cpu", *case, True), 1, torch.float32, True)
     assert _calls() == before
 
 
 def test_other_dtypes_do_not_take_it(forced):
-    ins = _conv_inputs(1, 64, 64, 13, 17, 3, 1, True, "channel", True, True)
+    ins = conv_inputs("cpu", 1, 64, 64, 13, 17, 3, 1, True, "channel", True, True)
     before = _calls()
     assert_conv_forward_within_rule("cpp", ins, 1, torch.bfloat16, True)
     assert _calls() == before
@@ -136,7 +124,7 @@ def test_srresnet_shapes_take_winograd(auto):
 
 def test_auto_mode_leaves_tiny_images_to_onednn(auto):
     before = _calls()
-    assert_conv_forward_within_rule("cpp", _conv_inputs(1, 64, 64, 3, 5, 3, 1, True, "channel", False, True), 1,
+    assert_conv_forward_within_rule("cpp", conv_inputs("cpu", 1, 64, 64, 3, 5, 3, 1, True, "channel", False, True), 1,
                                     torch.float32, True)
     assert _calls() == before
 
@@ -144,7 +132,7 @@ def test_auto_mode_leaves_tiny_images_to_onednn(auto):
 def test_gradients_still_flow_with_winograd_forward(forced):
     # Under autograd the forward may run Winograd (conv + bias, then shuffle_prelu); the backward
     # is aten's convolution_backward. Compare with the torch backend.
-    ins = _conv_inputs(1, 64, 256, 6, 7, 3, 2, True, "channel", True, True)
+    ins = conv_inputs("cpu", 1, 64, 256, 6, 7, 3, 2, True, "channel", True, True)
     x, w, b, s, r = [t.float().requires_grad_() for t in ins]
     before = _calls()
     with fastsr.use_backend("cpp"):
