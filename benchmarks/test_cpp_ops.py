@@ -19,12 +19,12 @@ import copy
 
 import pytest
 import torch
+from fastsr.csrc import backend as ext
 
 import fastsr
-from fastsr import ext
-from fastsr import functional as ops
-from fastsr import reference as ref
 from fastsr.fusion import optimize as fuse_for_inference
+from fastsr.ops import functional as ops
+from fastsr.ops import reference as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CL = torch.channels_last

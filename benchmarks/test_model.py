@@ -44,7 +44,7 @@ def _run(benchmark, fn, x, label):
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 def test_srresnet_forward_backend(benchmark, model_and_input, backend):
     model, x = model_and_input
-    ok, why = fastsr.backend.availability(backend, DEVICE)
+    ok, why = fastsr.ops.dispatch.availability(backend, DEVICE)
     if not ok:
         pytest.skip(f"backend {backend} unavailable on {DEVICE}: {why}")
     if backend == "triton" and DEVICE == "cpu":

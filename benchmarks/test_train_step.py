@@ -98,7 +98,7 @@ AMP = ["off", "bf16"]
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 def test_train_step_backend(benchmark, vgg_weights, stage, backend, amp):
-    ok, why = fastsr.backend.availability(backend, DEVICE)
+    ok, why = fastsr.ops.dispatch.availability(backend, DEVICE)
     if not ok:
         pytest.skip(f"backend {backend} unavailable on {DEVICE}: {why}")
     if backend == "triton" and DEVICE == "cpu":

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import fastsr
-from fastsr import functional as ops
-from fastsr import reference as ref
+from fastsr.ops import functional as ops
+from fastsr.ops import reference as ref
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),

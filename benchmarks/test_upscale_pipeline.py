@@ -23,7 +23,7 @@ import torch
 
 import fastsr
 from fastsr.models.checkpoint import embedded_path
-from fastsr.upscale import Upscaler
+from fastsr.pipeline import Upscaler
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (input side, tile) per case: 16 windows for the small model (a few tiles' I/O at the end cannot

@@ -1,7 +1,7 @@
 """Building and caching the C++/CUDA extension in ``csrc/`` (imported as ``fastsr.csrc.build``).
 
 This module only compiles and loads the shared library; registering the ops' Python side
-(fake kernels, autograd) is :mod:`fastsr.ext`'s job.
+(fake kernels, autograd) is :mod:`fastsr.csrc.backend`'s job.
 
 * **ISA.** The CPU kernels use ``at::vec``, whose vector width is chosen at compile time by
   ``CPU_CAPABILITY``. :func:`cpu_isa` picks the widest variant that the CPU executes, the

@@ -5,34 +5,29 @@ Importing fastsr is light: the Triton kernels and the C++ extension load on firs
 
 from __future__ import annotations
 
-from . import functional, metrics, nn
-from .backend import (
-    BackendUnavailableError,
-    available_backends,
-    get_backend,
-    set_backend,
-    use_backend,
-)
+from . import metrics, nn
+from .errors import BackendUnavailableError
 from .fusion import fuse, optimize  # fuse: any model (a copy); optimize: fastsr models, in place
 from .models import Discriminator, SRResNet, load_model, save_model
-
-# Importing the submodule binds the attribute fastsr.upscale to it; the function defined below
-# rebinds the name, so fastsr.upscale is the function (the module stays in sys.modules).
-from .upscale import upscale_file  # noqa: E402
+from .ops import dispatch as backend  # fastsr.backend: the registry (availability, set_backend, ...)
+from .ops import functional  # fastsr.functional: the fused ops
+from .ops.dispatch import available_backends, get_backend, set_backend, use_backend
+from .pipeline import upscale_file
 
 __version__ = "0.1.0"
 
 
 def upscale(image, model=None, **kwargs):
     """Upscale a PIL image, an (H, W, C) uint8/uint16 array or an (N, C, H, W) float tensor;
-    returns the same kind. See :func:`fastsr.upscale.upscale_image`."""
-    from .upscale import upscale_image
+    returns the same kind. See :func:`fastsr.pipeline.upscale_image`."""
+    from .pipeline import upscale_image
 
     return upscale_image(image, model, **kwargs)
 
 
 __all__ = [
-    "BackendUnavailableError", "Discriminator", "SRResNet", "available_backends", "functional", "fuse", "get_backend",
-    "load_model", "metrics", "nn", "optimize", "save_model", "set_backend", "upscale", "upscale_file", "use_backend",
+    "BackendUnavailableError", "Discriminator", "SRResNet", "available_backends", "backend", "functional", "fuse",
+    "get_backend", "load_model", "metrics", "nn", "optimize", "save_model", "set_backend", "upscale", "upscale_file",
+    "use_backend",
     "__version__",
 ]

@@ -11,7 +11,7 @@ import sys
 from . import __version__
 from .errors import UserError
 
-COMMANDS = ("upscale", "train", "eval", "demo", "info", "convert", "export")
+COMMANDS = ("upscale", "train", "eval", "demo", "info", "selftest", "convert", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

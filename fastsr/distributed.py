@@ -26,13 +26,14 @@ class DistInfo:
 
 
 @contextlib.contextmanager
-def process_group(device: str) -> Iterator[DistInfo]:
+def process_group(device: str | torch.device) -> Iterator[DistInfo]:
     """Join torchrun's process group (``WORLD_SIZE`` > 1) for the duration of the block.
 
-    Under torchrun a CUDA ``device`` becomes this rank's GPU (``LOCAL_RANK``); the group uses nccl
-    on CUDA, gloo otherwise. A group created here is destroyed on leaving; one the caller created
-    is left alone. A block that ends normally waits for all ranks first, so that no rank returns
-    before rank 0 has written its files.
+    Under torchrun a CUDA ``device`` without an index becomes this rank's GPU (``LOCAL_RANK``); the
+    group uses nccl on CUDA, gloo otherwise (``FASTSR_DIST_BACKEND`` overrides). A group created
+    here is destroyed on leaving; one the caller created is left alone. A block that ends normally
+    waits for all ranks first, so that no rank returns before rank 0 has written its files.
+    Shared by training and file upscaling.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = torch.device(device)
@@ -40,17 +41,24 @@ def process_group(device: str) -> Iterator[DistInfo]:
         yield DistInfo(0, 1, dev)
         return
     if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(os.environ.get("FASTSR_DIST_BACKEND") or ("nccl" if dev.type == "cuda" else "gloo"))
     try:
         yield DistInfo(dist.get_rank(), dist.get_world_size(), dev)
         dist.barrier()
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if info.world_size > 1:
+        dist.barrier()
 
 
 def all_gather(tensor: torch.Tensor, world_size: int) -> list[torch.Tensor]:

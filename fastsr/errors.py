@@ -4,3 +4,7 @@
 class UserError(Exception):
     """A mistake in the user's input (file, shape, dtype, mode, option). Printed without a
     traceback by the CLI, exit status 2. Library code raises more specific subclasses."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """The named backend cannot serve this call; the message says why."""

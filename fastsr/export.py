@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backend import use_backend
 from .errors import UserError
+from .ops.dispatch import use_backend
 
 INPUT_NAME = "lr"
 OUTPUT_NAME = "sr"

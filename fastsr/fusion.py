@@ -166,16 +166,7 @@ def _other_operand(node: fx.Node, prev: fx.Node) -> object:
 
 def _match_activation(node: fx.Node, prev: fx.Node, modules: dict, chain: _Chain) -> bool:
     if node.op == "call_module" and node.args[:1] == (prev,) and len(node.args) == 1:
-        m = modules[node.target]
-        if m._forward_hooks or m._forward_pre_hooks:
-            return False
-        if type(m) is nn.PReLU:
-            return chain.set_activation("prelu", m.weight)
-        if type(m) is nn.ReLU:
-            return chain.set_activation("relu", 0.0)
-        if type(m) is nn.LeakyReLU:
-            return chain.set_activation("leaky_relu", m.negative_slope)
-        return False
+        return _activation_module(modules[node.target], chain)
     if not node.args or node.args[0] is not prev:
         return False
     if _is_call(node, _RELU_FUNCTIONS, ("relu", "relu_")):
@@ -265,6 +256,7 @@ def _fuse_graph(gm: fx.GraphModule) -> int:
 
 
 def _activation_module(m: nn.Module, chain: _Chain) -> bool:
+    """Record ``m`` as the chain's activation if it is a hook-free PReLU, ReLU or LeakyReLU."""
     if m._forward_hooks or m._forward_pre_hooks:
         return False
     if type(m) is nn.PReLU:

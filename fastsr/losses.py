@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional
+from .ops import functional
 
 # VGG19 ("E"): convolutions per block; every block ends with a 2x2 max-pool.
 _VGG19_BLOCKS = (2, 2, 4, 4, 4)

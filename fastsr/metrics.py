@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import functional
-from .reference import protocol_view
+from .ops import functional
+from .ops.reference import protocol_view
 
 
 def psnr(sr: torch.Tensor, hr: torch.Tensor, *, crop_border: int = 0, y_channel: bool = True,

@@ -1,4 +1,4 @@
-"""Drop-in modules built on :mod:`fastsr.functional`, so every backend serves a whole model.
+"""Drop-in modules built on :mod:`fastsr.ops.functional`, so every backend serves a whole model.
 
 ``ConvPReLU`` is one SRGAN layer: Conv2d('same') -> [BatchNorm2d] -> [PixelShuffle(r)] ->
 [PReLU] -> [+ residual]. In eval mode the BatchNorm is folded into the convolution on the fly,
@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional as ops
+from .ops import functional as ops
 
 
 def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,

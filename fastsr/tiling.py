@@ -34,13 +34,7 @@ def _conv_radius(conv: nn.Conv2d) -> int:
 def _layers(module: nn.Module) -> Iterator[tuple[str, int]]:
     """Yield ("conv", radius) and ("up", factor) for the spatial layers of ``module``, in
     registration order (which is forward order for fastsr's models and for nn.Sequential)."""
-    from .nn import ConvPReLU
-
-    if isinstance(module, ConvPReLU):
-        yield "conv", _conv_radius(module.conv)
-        if module.shuffle > 1:  # the pixel shuffle is fused into the conv op
-            yield "up", module.shuffle
-    elif isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv2d):
         yield "conv", _conv_radius(module)
     elif isinstance(module, nn.PixelShuffle):
         yield "up", module.upscale_factor
@@ -54,6 +48,9 @@ def _layers(module: nn.Module) -> Iterator[tuple[str, int]]:
     else:
         for child in module.children():
             yield from _layers(child)
+        shuffle = getattr(module, "shuffle", 1)
+        if isinstance(shuffle, int) and not isinstance(shuffle, bool) and shuffle > 1:
+            yield "up", shuffle  # a pixel shuffle fused after its conv child (fastsr.nn.ConvPReLU)
 
 
 def _layer_list(model: nn.Module) -> list[tuple[str, int]]:
@@ -114,6 +111,17 @@ class Tile:
         y0, y1, x0, x1 = self.core
         wy0, _, wx0, _ = self.window
         return (slice((y0 - wy0) * scale, (y1 - wy0) * scale), slice((x0 - wx0) * scale, (x1 - wx0) * scale))
+
+
+def paste(out, tile: Tile, result, scale: int, *, channels_first: bool = False) -> None:
+    """Copy the centre of a tile's output ``result`` (the part its core produces) into ``out``, the
+    whole output image. Arrays (H, W, C) by default; ``channels_first``: (C, H, W) tensors."""
+    y0, y1, x0, x1 = tile.output_box(scale)
+    rows, cols = tile.output_crop(scale)
+    if channels_first:
+        out[:, y0:y1, x0:x1] = result[:, rows, cols]
+    else:
+        out[y0:y1, x0:x1] = result[rows, cols]
 
 
 def _window(start: int, stop: int, size: int, length: int, halo: int) -> tuple[int, int]:

@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 
-from .backend import use_backend
 from .data import RandomCrops, StepBatches, find_images
 from .distributed import DistInfo, process_group
 from .evaluate import score_folder
 from .nn import SyncBatchNorm2d, convert_sync_batchnorm
+from .ops.dispatch import use_backend
 from .training.checkpoint import Checkpointer
 from .training.config import STAGES, TrainConfig, TrainingError, validate
 from .training.loggers import CSVLogger, LoggerGroup, MetricLogger, ProgressLogger, TensorBoardLogger

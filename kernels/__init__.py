@@ -1,10 +1,11 @@
-"""The ``triton`` backend of :mod:`fastsr.functional` (ships as ``fastsr.kernels``).
+"""The ``triton`` backend of :mod:`fastsr.ops.functional` (ships as ``fastsr.kernels``).
 
-Each op has its own module (``conv_prelu``, ``shuffle_prelu``, ``mse_psnr``) holding the
-``@triton.jit`` kernels, host launchers and a ``torch.autograd.Function``. This module is the
-backend contract: :func:`availability` and the four ops with the positional signatures of
-:mod:`fastsr.reference`. Triton itself is imported only when an op runs, so ``import fastsr``
-stays light and the interpreter switch (``TRITON_INTERPRET=1``) can still be set before that.
+Each op has its own module (``conv_prelu``, ``shuffle_prelu``, ``mse_psnr``, ``uint8``) holding the
+``@triton.jit`` kernels, host launchers and a ``torch.autograd.Function``. This module implements
+the backend contract (:class:`fastsr.ops.contract.Backend`): :func:`availability` and the ops with
+the positional signatures of :mod:`fastsr.ops.reference`. Triton itself is imported only when an
+op runs, so ``import fastsr`` stays light and the interpreter switch (``TRITON_INTERPRET=1``) can
+still be set before that.
 The submodules are deliberately not named after the ops: importing ``fastsr.kernels.mse`` would
 rebind the package attribute ``mse`` from the function to the submodule.
 """
@@ -83,3 +84,10 @@ def psnr(
     from .mse_psnr import psnr as _psnr
 
     return _psnr(sr, hr, data_range, y_channel, crop_border, reduction)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float (N, C, H, W) in [0, 1] -> uint8 (N, H, W, C): clamp, * 255, round half to even; NaN -> 0."""
+    from .uint8 import to_uint8_forward
+
+    return to_uint8_forward(x)

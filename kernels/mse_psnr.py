@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsr.reference import Y_OFFSET, Y_WEIGHTS
+from fastsr.constants import Y_OFFSET, Y_WEIGHTS
 
 from ._common import acc_dtype, interpreting, nhwc_strides, tl_acc_dtype
 

@@ -8,6 +8,6 @@ def require_backend(name: str, device_type: str = "cpu") -> None:
     extension must build and Triton runs through its interpreter, so a missing one is a bug."""
     import fastsr
 
-    ok, why = fastsr.backend.availability(name, device_type)
+    ok, why = fastsr.ops.dispatch.availability(name, device_type)
     if not ok:
         pytest.fail(f"backend {name!r} is unavailable on {device_type}: {why}")

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import fastsr
-from fastsr import backend, functional
+from fastsr.ops import dispatch as backend
+from fastsr.ops import functional
 
 
 def test_torch_backend_is_always_available():
@@ -46,6 +47,6 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    code = "import sys, fastsr; print('triton' in sys.modules, 'fastsr.ext' in sys.modules)"
+    code = "import sys, fastsr; print('triton' in sys.modules, 'fastsr.csrc.backend' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

@@ -31,8 +31,9 @@ from tolerance import (
 )
 
 import fastsr
-from fastsr import functional as ops
-from fastsr import reference as ref
+from fastsr.ops import contract
+from fastsr.ops import functional as ops
+from fastsr.ops import reference as ref
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,23 @@ def _with_cases(cases):
     """(target, dtype, case) parameters; the interpreter gets the cases not marked heavy."""
     return [pytest.param(t, d, c, id=f"{t}-{str(d).removeprefix('torch.')}-{case_id(c)}")
             for t in TARGETS for d in t.dtypes for c, heavy in cases if not (heavy and t.light)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract itself
+
+
+@pytest.mark.parametrize("module", ["fastsr.ops.reference", "fastsr.kernels", "fastsr.csrc.backend"])
+def test_every_backend_implements_the_whole_contract(module):
+    """Every op of contract.Backend, with the contract's positional parameters (names and order)."""
+    import importlib
+    import inspect
+
+    backend = importlib.import_module(module)
+    assert isinstance(backend, contract.Backend)
+    for name in ("availability", *contract.OPS):
+        want = list(inspect.signature(getattr(contract.Backend, name)).parameters)[1:]  # without self
+        assert list(inspect.signature(getattr(backend, name)).parameters) == want, f"{module}.{name}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +259,34 @@ def test_mse_psnr_are_deterministic(target):
     second = (ops.mse(a, b, "none", backend=target.backend), ops.psnr(a, b, y_channel=True, backend=target.backend))
     for x, y in zip(first, second, strict=True):
         assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# to_uint8 (equal to the reference, bit for bit)
+
+
+@FORMATS
+@pytest.mark.parametrize("target,dtype", [pytest.param(t, d, id=f"{t}-{str(d).removeprefix('torch.')}")
+                                          for t in TARGETS for d in (torch.float32, torch.float16, torch.bfloat16)
+                                          if not (t.light and d == torch.bfloat16)])
+def test_to_uint8(target, dtype, channels_last):
+    g = torch.Generator().manual_seed(4)
+    x = fmt((torch.rand(3, 3, 31, 17, generator=g) * 1.4 - 0.2).to(target.device), channels_last).to(dtype)
+    ours = ops.to_uint8(x, backend=target.backend)
+    assert ours.dtype == torch.uint8 and ours.shape == (3, 31, 17, 3) and ours.is_contiguous()
+    assert torch.equal(ours, ref.to_uint8(x))
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+def test_to_uint8_rounds_half_to_even_and_clamps(target):
+    # k + 0.5 over 255 is exact in fp32 only approximately; build the ties in the scaled domain.
+    ties = torch.tensor([0.5, 1.5, 2.5, 3.5, 126.5, 127.5, 253.5, 254.5]) / 255.0
+    assert torch.equal((ties * 255.0), torch.tensor([0.5, 1.5, 2.5, 3.5, 126.5, 127.5, 253.5, 254.5])), \
+        "test setup: these ties must survive the fp32 round trip"
+    extremes = torch.tensor([-1.0, -0.0, 0.0, 1.0, 2.0, float("inf"), float("-inf"), float("nan"), 0.49999997 / 255])
+    x = torch.cat([ties, extremes]).view(1, 1, 1, -1).expand(1, 3, 1, 17).contiguous().to(target.device)
+    got = ops.to_uint8(x, backend=target.backend)[0, 0, :, 0].tolist()
+    assert got == [0, 2, 2, 4, 126, 128, 254, 254] + [0, 0, 0, 255, 255, 255, 0, 0, 0]
 
 
 # ---------------------------------------------------------------------------------------------

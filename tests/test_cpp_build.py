@@ -9,10 +9,11 @@ import sys
 
 import pytest
 import torch
+from fastsr.csrc import backend as ext
 from fastsr.csrc import build
 
 import fastsr
-from fastsr import backend, ext
+from fastsr.ops import dispatch as backend
 
 # What g++ 12 printed on an AVX2 machine when -mf16c was missing (shortened paths).
 GCC_LOG = """Error building extension 'fastsr_ext_740877aa1405fa1b': [1/4] c++ -MMD -MF ops_cpu.o.d -O3 -mavx2 -c x.cpp

@@ -14,10 +14,10 @@ import copy
 import pytest
 import torch
 from cases import conv_inputs
+from fastsr.csrc import backend as ext
 from tolerance import assert_conv_forward_within_rule, assert_within_rule, fmt
 
 import fastsr
-from fastsr import ext
 
 
 @pytest.fixture(scope="module", autouse=True)

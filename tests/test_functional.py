@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from backends import require_backend
 from tolerance import assert_within_rule
 
-from fastsr import functional as ops
+from fastsr.ops import functional as ops
 
 B = "torch"
 

@@ -273,7 +273,7 @@ def test_bf16_pretrain_runs(photos, tmp_path):
 
 def test_training_runs_on_the_backend_in_effect(photos, tmp_path, monkeypatch):
     """Without cfg.backend the steps run on FASTSR_BACKEND's choice; cfg.backend overrides it."""
-    from fastsr.backend import get_backend
+    from fastsr.ops.dispatch import get_backend
 
     seen = []
     real_step = Trainer.step

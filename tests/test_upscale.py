@@ -79,7 +79,7 @@ def test_cpp_backend_converts_to_uint8_in_one_pass_like_torch(model):
     torch backend's (round half to even, clamped), up to 1 level where float noise of the two
     backends' convolutions straddles a rounding boundary."""
     require_backend("cpp")
-    from fastsr.upscale import Upscaler
+    from fastsr.pipeline import Upscaler
 
     up = Upscaler(model, device="cpu", backend="cpp")
     x = torch.from_numpy(photo()).permute(2, 0, 1)[None].float() / 255
@@ -158,8 +158,7 @@ def test_several_writer_threads_give_the_same_file(tmp_path, model, monkeypatch,
 
     import zarr
 
-    # importlib: the attribute fastsr.upscale is the function, which shadows the module.
-    monkeypatch.setattr(importlib.import_module("fastsr.upscale"), "_writer_threads", lambda device: 3)
+    monkeypatch.setattr(importlib.import_module("fastsr.pipeline.files"), "writer_threads", lambda device: 3)
     image = photo(70, 90)
     src, dst = tmp_path / "in.tif", tmp_path / f"out{dst_suffix}"
     tifffile.imwrite(src, image, tile=(16, 16), photometric="rgb")

@@ -9,27 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from fastsr import functional as ops
-from fastsr import reference as ref
-
-ATOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
+from fastsr.ops import functional as ops
+from fastsr.ops import reference as ref
+from fastsr.ops.tolerance import judge
 
 
 def assert_within_rule(name: str, ours: torch.Tensor, ref64: torch.Tensor, same: torch.Tensor, dtype) -> None:
     """The tolerance rule, elementwise, with a message naming the worst element."""
     assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}"
-    ours64, same64 = ours.detach().double(), same.detach().double()
-    atol = ATOL[dtype] * max(1.0, ref64.abs().max().item())
-    err = (ours64 - ref64).abs()
-    bound = 2 * (same64 - ref64).abs() + atol
-    bad = err > bound
-    if bad.any():
-        i = (err - bound).argmax()
-        raise AssertionError(
-            f"{name} ({dtype}): {int(bad.sum())} of {bad.numel()} elements outside the tolerance rule; "
-            f"worst: ours err {err.flatten()[i]:.3g} > bound {bound.flatten()[i]:.3g} (torch err "
-            f"{(same64 - ref64).abs().flatten()[i]:.3g}, atol {atol:.3g})"
-        )
+    verdict = judge(ours, ref64, same, dtype)
+    assert verdict.ok, f"{name} ({dtype}): {verdict}"
 
 
 def fmt(t: torch.Tensor, channels_last: bool) -> torch.Tensor:

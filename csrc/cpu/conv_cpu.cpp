@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "vec_util.h"
 
 namespace fastsr::cpu {
 namespace {
@@ -31,22 +32,6 @@ struct Geometry {
   int64_t H, W, C, K, pad, CO;
   int64_t run() const { return K * C; }  // floats per (pixel, kh) dot product
 };
-
-// Load once, use CO times: left alone, GCC folds the load into each of the CO FMAs, which makes
-// the loop bound by load ports (27 loads per 24 FMAs at P = 8, CO = 3) instead of FMA units.
-inline V in_register(V v) {
-#if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
-  __m512 r = v;
-  asm("" : "+v"(r));
-  return V(r);
-#elif defined(__GNUC__) && defined(CPU_CAPABILITY_AVX2)
-  __m256 r = v;
-  asm("" : "+x"(r));
-  return V(r);
-#else
-  return v;
-#endif
-}
 
 // One block of P interior pixels (every kw tap inside the image) of output row oh, over the
 // kernel rows [kh_lo, kh_hi): adds the P * CO partial sums into sums.

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "vec_util.h"
 
 namespace fastsr::cpu {
 namespace {
@@ -61,21 +62,6 @@ int initial_mode() {
 }
 std::atomic<int> g_mode{initial_mode()};
 std::atomic<int64_t> g_calls{0};
-
-// Load once, use many times (see conv_cpu.cpp): keeps GCC from folding the load into every FMA.
-inline V in_register(V v) {
-#if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
-  __m512 r = v;
-  asm("" : "+v"(r));
-  return V(r);
-#elif defined(__GNUC__) && defined(CPU_CAPABILITY_AVX2)
-  __m256 r = v;
-  asm("" : "+x"(r));
-  return V(r);
-#else
-  return v;
-#endif
-}
 
 // C[MR][NRV * kVS] = A[MR][K] (row stride lda) * B[K][NRV * kVS] (row stride ldb).
 template <int MR, int NRV>

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import HELD_OUT_PHOTOS, bicubic_downscale, bicubic_upscale, export_skimage_photos, load_rgb, to_float
     from ..errors import UserError
     from ..evaluate import ImageScore, format_table
-    from ..upscale import upscale_file
+    from ..pipeline import upscale_file
 
     try:
         import skimage  # noqa: F401

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import __version__
-    from ..backend import BACKENDS, availability, get_backend
+    from ..ops.dispatch import BACKENDS, availability, get_backend
 
     print(f"fastsr {__version__}   python {platform.python_version()}   torch {torch.__version__}")
     try:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     print("devices: " + ", ".join(devices))
     print(f"backend in effect: {get_backend()}")
     device_types = ["cpu", "cuda"] if cuda else ["cpu"]
-    from .. import ext
+    from ..csrc import backend as ext
 
     state = ext.build_info(build=args.build)
     if state["built"] is None:

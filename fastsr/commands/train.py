@@ -55,7 +55,7 @@ def _option_kwargs(field: dataclasses.Field, hint: object) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backend import BackendUnavailableError
+    from ..errors import BackendUnavailableError
     from ..train import TrainingError, train
 
     cfg = TrainConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)})

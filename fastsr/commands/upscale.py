@@ -61,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backend import BackendUnavailableError
-    from ..upscale import upscale_file
+    from ..errors import BackendUnavailableError
+    from ..pipeline import upscale_file
 
     if args.tile is not None and args.tile < 1:
         raise UserError(f"--tile must be a positive number of pixels, got {args.tile}")
@@ -73,11 +73,6 @@ def run(args: argparse.Namespace) -> int:
                            backend=args.backend)
     except BackendUnavailableError as exc:
         raise UserError(str(exc)) from None
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():  # started by upscale_file under torchrun
-            dist.destroy_process_group()
     if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {out}")
     return 0

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_path
 from .discriminator import Discriminator
 from .srresnet import SRResNet
 from .variants import MSRResNet, PeerSRResNet
@@ -54,12 +55,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype 
             value = value.to(dtype)
         tensors[key] = value.contiguous()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def embedded_path(name: str) -> Path:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
 from ..distributed import DistInfo, all_gather
 from ..models import save_model
 from .config import TrainConfig, TrainingError
@@ -79,13 +79,8 @@ def _check_ranks_in_sync(trainer: Trainer, step: int) -> None:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    # A crash mid-write leaves the previous checkpoint intact: write aside, then rename.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:  # a crash mid-write leaves the previous checkpoint intact
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _rng_state(device: torch.device) -> dict:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..backend import BACKENDS
+from ..ops.dispatch import BACKENDS
 
 STAGES = ("pretrain", "gan")
 GAN_GROUP = "gan stage"

@@ -2,10 +2,10 @@
 
 Three backends implement the same op set (see docs/architecture.md, "The backend contract"):
 
-* ``torch``  - plain PyTorch composition (:mod:`fastsr.reference`), the oracle; always there.
+* ``torch``  - plain PyTorch composition (:mod:`fastsr.ops.reference`), the oracle; always there.
 * ``triton`` - Triton kernels (:mod:`fastsr.kernels`); CUDA tensors, or CPU tensors when
   ``TRITON_INTERPRET=1`` runs the Triton interpreter.
-* ``cpp``    - the C++/CUDA extension (:mod:`fastsr.ext`), built on first use.
+* ``cpp``    - the C++/CUDA extension (:mod:`fastsr.csrc.backend`), built on first use.
 
 ``"auto"`` picks per call from the tensor's device: CUDA -> triton, cpp, torch; CPU -> cpp, torch.
 A backend the user names explicitly is never silently replaced: if it cannot serve the call,
@@ -24,17 +24,15 @@ from types import ModuleType
 
 import torch
 
+from ..errors import BackendUnavailableError
+
 BACKENDS = ("torch", "triton", "cpp")
-_MODULES = {"torch": "fastsr.reference", "triton": "fastsr.kernels", "cpp": "fastsr.ext"}
+_MODULES = {"torch": "fastsr.ops.reference", "triton": "fastsr.kernels", "cpp": "fastsr.csrc.backend"}
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "torch"), "cpu": ("cpp", "torch")}
 
 _selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastsr_backend", default=None)
 _global_choice: str | None = None
 _warned_fallback: set[str] = set()
-
-
-class BackendUnavailableError(RuntimeError):
-    """The named backend cannot serve this call; the message says why."""
 
 
 def _check_name(name: str) -> str:
@@ -108,37 +106,75 @@ def get_backend() -> str:
     return _selected.get() or _global_choice or _check_name(os.environ.get("FASTSR_BACKEND", "auto"))
 
 
-def resolve(name: str | None, tensor: torch.Tensor) -> ModuleType:
-    """The backend module that serves a call on ``tensor`` (``name=None``: the one in effect)."""
+def resolve(name: str | None, tensor: torch.Tensor, op: str | None = None) -> ModuleType:
+    """The backend module that serves ``op`` on ``tensor`` (``name=None``: the backend in effect).
+
+    With ``op``, a fast backend is validated against the reference the first time it serves that
+    op on the tensor's device, dtype and memory format (:mod:`.validate`): ``auto`` moves on to the
+    next backend with one warning when it fails, a named backend raises BackendUnavailableError.
+    """
     device_type = "cuda" if tensor.is_cuda else "cpu"
-    return _LOADED[_resolve_name(name, device_type)]
+    channels_last = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) \
+        and not tensor.is_contiguous()
+    return _LOADED[_resolve_name(name, device_type, op, tensor.dtype, channels_last)]
 
 
 # Backend modules already picked by _resolve_name; a plain dict lookup torch.compile can trace.
 _LOADED: dict[str, ModuleType] = {}
+_warned_invalid: set[tuple] = set()
 
 
 # torch.compile cannot trace ContextVar.get or importlib, so the choice is made in Python and its
-# result (a backend name) is a constant of the compiled graph: the backend in effect at compile time.
-def _resolve_name(name: str | None, device_type: str) -> str:
+# result (a backend name) is a constant of the compiled graph: the backend in effect at compile time
+# (validation probes run then, outside the graph).
+def _resolve_name(name: str | None, device_type: str, op: str | None = None, dtype: torch.dtype | None = None,
+                  channels_last: bool = False) -> str:
     name = _check_name(name) if name is not None else get_backend()
     if name != "auto":
         ok, why = availability(name, device_type)
         if not ok:
             raise BackendUnavailableError(f"backend {name!r} is unavailable for {device_type} tensors: {why}")
-        _LOADED[name] = _module(name)
+        wrong = _invalid(name, device_type, op, dtype, channels_last)
+        if wrong:
+            raise BackendUnavailableError(f"backend {name!r} failed its first-use check of {op} "
+                                          f"({_describe(device_type, dtype, channels_last)}): {wrong}")
         return name
     for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
         ok, why = availability(candidate, device_type)
-        if ok:
-            _LOADED[candidate] = _module(candidate)
+        if not ok:
+            _warn_unbuilt(candidate, why)
+            continue
+        wrong = _invalid(candidate, device_type, op, dtype, channels_last)
+        if not wrong:
             return candidate
-        if candidate == "cpp" and _module("cpp") is not None and candidate not in _warned_fallback:
-            # The extension exists but did not build: say so once, in one line, then keep going.
-            _warned_fallback.add(candidate)
-            print(f"fastsr: warning: C++ backend unavailable, using the next one: {why}", file=sys.stderr, flush=True)
+        if (candidate, op, dtype, channels_last) not in _warned_invalid:
+            _warned_invalid.add((candidate, op, dtype, channels_last))
+            print(f"fastsr: warning: backend {candidate!r} failed its first-use check of {op} "
+                  f"({_describe(device_type, dtype, channels_last)}), using the next one: {wrong}",
+                  file=sys.stderr, flush=True)
     _LOADED["torch"] = _module("torch")
     return "torch"
+
+
+def _invalid(name: str, device_type: str, op: str | None, dtype, channels_last: bool) -> str | None:
+    """Load backend ``name``; why it is wrong for ``op`` here (first-use validation), or None."""
+    _LOADED[name] = _module(name)
+    if op is None or dtype is None:
+        return None
+    from . import validate
+
+    return validate.check(op, name, _LOADED[name], device_type, dtype, channels_last)
+
+
+def _describe(device_type: str, dtype, channels_last: bool) -> str:
+    return f"{device_type}, {str(dtype).removeprefix('torch.')}, {'channels_last' if channels_last else 'NCHW'}"
+
+
+def _warn_unbuilt(candidate: str, why: str) -> None:
+    if candidate == "cpp" and _module("cpp") is not None and candidate not in _warned_fallback:
+        # The extension exists but did not build: say so once, in one line, then keep going.
+        _warned_fallback.add(candidate)
+        print(f"fastsr: warning: C++ backend unavailable, using the next one: {why}", file=sys.stderr, flush=True)
 
 
 # This is what torch.compiler.assume_constant_result(_resolve_name) does; calling that would import

@@ -95,17 +95,17 @@ def _ensure() -> None:
     if not _loaded:
         _build()
         if not _state["ok"]:
-            from .backend import BackendUnavailableError
+            from fastsr.errors import BackendUnavailableError
 
             raise BackendUnavailableError(f"backend 'cpp' is unavailable: {_state['reason']}")
 
 
 # ----------------------------------------------------------------------------------------------
-# The backend module contract (positional arguments exactly as in fastsr/reference.py).
+# The backend contract (fastsr.ops.contract.Backend; positional arguments as in fastsr/ops/reference.py).
 
 
 def conv2d_prelu(x, weight, bias, slope, residual, shuffle):
-    """See :func:`fastsr.functional.conv2d_prelu`. Output (N, C_out/shuffle**2, H*shuffle, W*shuffle), x.dtype."""
+    """See :func:`fastsr.ops.functional.conv2d_prelu`. Output (N, C_out/shuffle**2, H*shuffle, W*shuffle), x.dtype."""
     _ensure()
     if slope is not None and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, slope, residual)
@@ -119,7 +119,7 @@ def conv2d_prelu(x, weight, bias, slope, residual, shuffle):
 
 
 def pixel_shuffle_prelu(x, slope, upscale_factor):
-    """See :func:`fastsr.functional.pixel_shuffle_prelu`. (N, C*r*r, H, W) -> (N, C, H*r, W*r)."""
+    """See :func:`fastsr.ops.functional.pixel_shuffle_prelu`. (N, C*r*r, H, W) -> (N, C, H*r, W*r)."""
     _ensure()
     return torch.ops.fastsr.shuffle_prelu(x, slope, None, int(upscale_factor))
 
@@ -164,89 +164,100 @@ def _empty(x: torch.Tensor, shape, fmt=None, dtype=None) -> torch.Tensor:
                        memory_format=_out_format(x) if fmt is None else fmt)
 
 
+def _fake_conv2d_prelu(x, weight, bias, slope, residual, shuffle):
+    n, _, h, w = x.shape
+    return _empty(x, (n, weight.shape[0] // (shuffle * shuffle), h * shuffle, w * shuffle))
+
+
+def _fake_shuffle_prelu(x, slope, residual, r):
+    n, c, h, w = x.shape
+    return _empty(x, (n, c // (r * r), h * r, w * r))
+
+
+def _fake_shuffle_prelu_backward(grad_out, x, slope, r):
+    grad_slope = torch.empty(slope.shape if slope is not None else (0,),
+                             dtype=slope.dtype if slope is not None else x.dtype, device=x.device)
+    return _empty(x, x.shape), grad_slope
+
+
+def _fake_mse_per_image(a, b, scale, y_channel, crop):
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return torch.empty((a.shape[0],), dtype=dtype, device=a.device)
+
+
+def _fake_mse_per_image_backward(grad, a, b, scale, y_channel, crop):
+    return _empty(a, a.shape)
+
+
+def _fake_to_uint8(x):
+    n, c, h, w = x.shape
+    return torch.empty((n, h, w, c), dtype=torch.uint8, device=x.device)
+
+
+# conv2d_prelu: the backward recomputes the convolution when there is an activation (its
+# pre-activation values decide the PReLU gradient), like activation checkpointing: the
+# forward op stays a single output and saves nothing but its inputs.
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, slope, residual, shuffle = inputs
+    ctx.shuffle = shuffle
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(x, weight, bias, slope)
+
+
+def _conv_backward(ctx, grad):
+    x, weight, bias, slope = ctx.saved_tensors
+    r = ctx.shuffle
+    need_x, need_w, need_b, need_slope, _, _ = ctx.needs_input_grad
+    grad_slope = None
+    if slope is not None:
+        pre = torch.ops.fastsr.conv2d_prelu(x, weight, bias, None, None, 1)
+        grad_pre, grad_slope = torch.ops.fastsr.shuffle_prelu_backward(grad, pre, slope, r)
+    else:
+        grad_pre = torch.nn.functional.pixel_unshuffle(grad, r) if r > 1 else grad
+    pad = weight.shape[-1] // 2
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_pre, x, weight, None if bias is None else [bias.shape[0]], [1, 1], [pad, pad], [1, 1], False,
+        [0, 0], 1, [need_x, need_w, need_b and bias is not None])
+    return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None,
+            grad_slope if need_slope else None, grad if ctx.has_residual else None, None)
+
+
+def _shuffle_setup(ctx, inputs, output):
+    x, slope, residual, r = inputs
+    ctx.r = r
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(x, slope)
+
+
+def _shuffle_backward(ctx, grad):
+    x, slope = ctx.saved_tensors
+    grad_x, grad_slope = torch.ops.fastsr.shuffle_prelu_backward(grad, x, slope, ctx.r)
+    return grad_x, grad_slope if slope is not None else None, grad if ctx.has_residual else None, None
+
+
+def _mse_setup(ctx, inputs, output):
+    a, b, scale, y_channel, crop = inputs
+    ctx.args = (scale, y_channel, crop)
+    ctx.save_for_backward(a, b)
+
+
+def _mse_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    grad_a = torch.ops.fastsr.mse_per_image_backward(grad, a, b, *ctx.args)
+    need_a, need_b = ctx.needs_input_grad[:2]
+    return (grad_a if need_a else None, (-grad_a).to(b.dtype) if need_b else None, None, None, None)
+
+
+_FAKES = {"conv2d_prelu": _fake_conv2d_prelu, "shuffle_prelu": _fake_shuffle_prelu,
+          "shuffle_prelu_backward": _fake_shuffle_prelu_backward, "mse_per_image": _fake_mse_per_image,
+          "mse_per_image_backward": _fake_mse_per_image_backward, "to_uint8": _fake_to_uint8}
+_AUTOGRAD = {"conv2d_prelu": (_conv_backward, _conv_setup), "shuffle_prelu": (_shuffle_backward, _shuffle_setup),
+             "mse_per_image": (_mse_backward, _mse_setup)}
+
+
 def _register_python_side() -> None:
-    lib = "fastsr::"
-
-    @torch.library.register_fake(lib + "conv2d_prelu")
-    def _(x, weight, bias, slope, residual, shuffle):
-        n, _, h, w = x.shape
-        return _empty(x, (n, weight.shape[0] // (shuffle * shuffle), h * shuffle, w * shuffle))
-
-    @torch.library.register_fake(lib + "shuffle_prelu")
-    def _(x, slope, residual, r):
-        n, c, h, w = x.shape
-        return _empty(x, (n, c // (r * r), h * r, w * r))
-
-    @torch.library.register_fake(lib + "shuffle_prelu_backward")
-    def _(grad_out, x, slope, r):
-        grad_slope = torch.empty(slope.shape if slope is not None else (0,),
-                                 dtype=slope.dtype if slope is not None else x.dtype, device=x.device)
-        return _empty(x, x.shape), grad_slope
-
-    @torch.library.register_fake(lib + "mse_per_image")
-    def _(a, b, scale, y_channel, crop):
-        dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-        return torch.empty((a.shape[0],), dtype=dtype, device=a.device)
-
-    @torch.library.register_fake(lib + "mse_per_image_backward")
-    def _(grad, a, b, scale, y_channel, crop):
-        return _empty(a, a.shape)
-
-    @torch.library.register_fake(lib + "to_uint8")
-    def _(x):
-        n, c, h, w = x.shape
-        return torch.empty((n, h, w, c), dtype=torch.uint8, device=x.device)
-
-    # conv2d_prelu: the backward recomputes the convolution when there is an activation (its
-    # pre-activation values decide the PReLU gradient), like activation checkpointing: the
-    # forward op stays a single output and saves nothing but its inputs.
-    def conv_setup(ctx, inputs, output):
-        x, weight, bias, slope, residual, shuffle = inputs
-        ctx.shuffle = shuffle
-        ctx.has_residual = residual is not None
-        ctx.save_for_backward(x, weight, bias, slope)
-
-    def conv_backward(ctx, grad):
-        x, weight, bias, slope = ctx.saved_tensors
-        r = ctx.shuffle
-        need_x, need_w, need_b, need_slope, _, _ = ctx.needs_input_grad
-        grad_slope = None
-        if slope is not None:
-            pre = torch.ops.fastsr.conv2d_prelu(x, weight, bias, None, None, 1)
-            grad_pre, grad_slope = torch.ops.fastsr.shuffle_prelu_backward(grad, pre, slope, r)
-        else:
-            grad_pre = torch.nn.functional.pixel_unshuffle(grad, r) if r > 1 else grad
-        pad = weight.shape[-1] // 2
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_pre, x, weight, None if bias is None else [bias.shape[0]], [1, 1], [pad, pad], [1, 1], False,
-            [0, 0], 1, [need_x, need_w, need_b and bias is not None])
-        return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None,
-                grad_slope if need_slope else None, grad if ctx.has_residual else None, None)
-
-    torch.library.register_autograd(lib + "conv2d_prelu", conv_backward, setup_context=conv_setup)
-
-    def shuffle_setup(ctx, inputs, output):
-        x, slope, residual, r = inputs
-        ctx.r = r
-        ctx.has_residual = residual is not None
-        ctx.save_for_backward(x, slope)
-
-    def shuffle_backward(ctx, grad):
-        x, slope = ctx.saved_tensors
-        grad_x, grad_slope = torch.ops.fastsr.shuffle_prelu_backward(grad, x, slope, ctx.r)
-        return grad_x, grad_slope if slope is not None else None, grad if ctx.has_residual else None, None
-
-    torch.library.register_autograd(lib + "shuffle_prelu", shuffle_backward, setup_context=shuffle_setup)
-
-    def mse_setup(ctx, inputs, output):
-        a, b, scale, y_channel, crop = inputs
-        ctx.args = (scale, y_channel, crop)
-        ctx.save_for_backward(a, b)
-
-    def mse_backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        grad_a = torch.ops.fastsr.mse_per_image_backward(grad, a, b, *ctx.args)
-        need_a, need_b = ctx.needs_input_grad[:2]
-        return (grad_a if need_a else None, (-grad_a).to(b.dtype) if need_b else None, None, None, None)
-
-    torch.library.register_autograd(lib + "mse_per_image", mse_backward, setup_context=mse_setup)
+    """Fake (meta) kernels for torch.compile and opcheck, and the autograd formulas."""
+    for op, fake in _FAKES.items():
+        torch.library.register_fake(f"fastsr::{op}", fake)
+    for op, (backward, setup) in _AUTOGRAD.items():
+        torch.library.register_autograd(f"fastsr::{op}", backward, setup_context=setup)

@@ -1,7 +1,8 @@
 """The ``torch`` backend: each fused op as a plain PyTorch composition.
 
 These functions are the oracle every other backend is tested against, so they stay
-obviously correct rather than fast. Inputs are validated in :mod:`fastsr.functional`.
+obviously correct rather than fast. Inputs are validated in :mod:`fastsr.ops.functional`; the
+contract they implement is :class:`fastsr.ops.contract.Backend`.
 """
 
 from __future__ import annotations
@@ -9,9 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# ITU-R BT.601 luma as MATLAB's rgb2ycbcr computes it, for RGB in [0, 1] and Y in [0, 1].
-Y_WEIGHTS = (65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0)
-Y_OFFSET = 16.0 / 255.0
+from ..constants import Y_OFFSET, Y_WEIGHTS
 
 
 def availability(device_type: str) -> tuple[bool, str]:
@@ -63,3 +62,9 @@ def psnr(sr, hr, data_range, y_channel, crop_border, reduction):
     sr, hr = (protocol_view(t, data_range, y_channel, crop_border) for t in (sr, hr))
     per_image = 10.0 * torch.log10(1.0 / mse(sr, hr, "none"))
     return per_image if reduction == "none" else per_image.mean()
+
+
+def to_uint8(x):
+    y = x if x.dtype == torch.float64 else x.float()
+    y = torch.nan_to_num(y, nan=0.0).clamp(0, 1) * 255
+    return y.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # round(): half to even

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import resolve
+from .dispatch import resolve
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -78,7 +78,7 @@ def conv2d_prelu(
         _check_slope(slope, out_shape[1])
     if residual is not None and tuple(residual.shape) != out_shape:
         raise ValueError(f"residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
-    return resolve(backend, x).conv2d_prelu(x, weight, bias, slope, residual, shuffle)
+    return resolve(backend, x, "conv2d_prelu").conv2d_prelu(x, weight, bias, slope, residual, shuffle)
 
 
 def pixel_shuffle_prelu(
@@ -90,7 +90,7 @@ def pixel_shuffle_prelu(
     if r < 1 or x.shape[1] % (r * r):
         raise ValueError(f"channels ({x.shape[1]}) must be divisible by upscale_factor**2 = {r * r}")
     _check_slope(slope, x.shape[1] // (r * r))
-    return resolve(backend, x).pixel_shuffle_prelu(x, slope, r)
+    return resolve(backend, x, "pixel_shuffle_prelu").pixel_shuffle_prelu(x, slope, r)
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -108,7 +108,7 @@ def mse(a: torch.Tensor, b: torch.Tensor, reduction: str = "mean", *, backend: s
     _check_pair(a, b)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    return resolve(backend, a).mse(a, b, reduction)
+    return resolve(backend, a, "mse").mse(a, b, reduction)
 
 
 def psnr(
@@ -133,4 +133,12 @@ def psnr(
         raise ValueError(f"y_channel=True needs RGB images (3 channels), got {sr.shape[1]}")
     if crop_border < 0 or 2 * crop_border >= min(sr.shape[-2:]):
         raise ValueError(f"crop_border={crop_border} leaves nothing of a {sr.shape[-2]}x{sr.shape[-1]} image")
-    return resolve(backend, sr).psnr(sr, hr, float(data_range), bool(y_channel), int(crop_border), reduction)
+    return resolve(backend, sr, "psnr").psnr(sr, hr, float(data_range), bool(y_channel), int(crop_border), reduction)
+
+
+def to_uint8(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Float (N, C, H, W) in [0, 1] -> uint8 (N, H, W, C), contiguous: clamp, * 255, round half to
+    even, NaN -> 0. Computed in fp32 (fp64 for fp64 input); either memory format in. The last
+    step of upscaling: one pass where the plain expression takes four."""
+    _check_image_batch("x", x)
+    return resolve(backend, x, "to_uint8").to_uint8(x)

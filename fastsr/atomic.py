@@ -1,0 +1,22 @@
+"""Writing a file so that a reader never sees it half-written; depends on nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write the file to. When the block ends without an
+    error it is renamed onto ``path`` (atomic on one filesystem); otherwise it is removed. A crash
+    mid-write leaves the previous file at ``path`` intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,93 @@
+"""Check every op of every available fast backend against the torch reference on this machine.
+
+Each op runs on the first-use validation probes (fastsr.ops.validate: the code paths real models
+take) in every dtype and both memory formats, through the same entry points real calls use, and
+is judged by the tolerance rule |ours - ref64| <= 2 |torch - ref64| + atol ("worst" is the largest
+error / bound: <= 1 passes; to_uint8 must be exact). Exit status 1 if anything fails.
+
+  fastsr selftest                       # the CPU backends
+  fastsr selftest --device cuda --json results/selftest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+HELP = "check every op of every fast backend against the reference on this machine"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device to test (default: cpu)")
+    p.add_argument("--json", metavar="PATH", help="also write the table as JSON to PATH")
+
+
+def _row(op: str, name: str, backend, device, dtype: str, channels_last: bool) -> dict:
+    import torch
+
+    from ..ops.validate import KernelError, run_probe
+
+    row = {"op": op, "backend": name, "dtype": dtype, "format": "channels_last" if channels_last else "NCHW"}
+    start = time.perf_counter()
+    try:
+        verdict = run_probe(op, backend, device, getattr(torch, dtype), channels_last)
+        row.update(ok=verdict.ok, worst=round(verdict.ratio, 3), detail="" if verdict.ok else str(verdict))
+    except KernelError as failure:
+        row.update(ok=False, worst=None, detail=f"{type(failure.__cause__).__name__}: {failure.__cause__}"[:200])
+    row["ms"] = round(1e3 * (time.perf_counter() - start), 1)
+    return row
+
+
+def collect(device_type: str) -> tuple[list[dict], list[str]]:
+    """(rows of results, lines about backends that are unavailable on ``device_type``)."""
+    import torch
+
+    from ..ops import dispatch
+    from ..ops.contract import OPS
+
+    rows, skipped = [], []
+    for name in dispatch.BACKENDS:
+        if name == "torch":
+            continue  # the reference itself
+        ok, why = dispatch.availability(name, device_type)
+        if not ok:
+            skipped.append(f"{name}: unavailable on {device_type}: {why}")
+            continue
+        backend = dispatch._module(name)
+        for op in OPS:
+            for dtype in DTYPES:
+                for channels_last in (False, True):
+                    rows.append(_row(op, name, backend, torch.device(device_type), dtype, channels_last))
+    return rows, skipped
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(f"{'op':<20} {'backend':<7} {'dtype':<9} {'format':<13} {'result':<6} {'worst':>6} {'ms':>8}")
+    for r in rows:
+        worst = "-" if r["worst"] is None else f"{r['worst']:.3f}"
+        print(f"{r['op']:<20} {r['backend']:<7} {r['dtype']:<9} {r['format']:<13} {'ok' if r['ok'] else 'FAIL':<6} "
+              f"{worst:>6} {r['ms']:>8.1f}" + ("" if r["ok"] else f"  {r['detail']}"))
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..errors import UserError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available to this PyTorch")
+    path = Path(args.json) if args.json else None
+    if path is not None and not path.parent.is_dir():  # checked before the work, not after
+        raise UserError(f"--json {path}: folder {path.parent} does not exist")
+    rows, skipped = collect(args.device)
+    _print_table(rows)
+    for line in skipped:
+        print(f"skipped {line}")
+    failed = sum(not r["ok"] for r in rows)
+    print(f"{len(rows) - failed} passed, {failed} failed ({args.device}, {len(rows)} checks)")
+    if path is not None:
+        path.write_text(json.dumps({"device": args.device, "rows": rows, "skipped": skipped}, indent=1))
+    return 1 if failed else 0

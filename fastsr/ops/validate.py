@@ -1,0 +1,142 @@
+"""First-use validation: a fast backend is checked against the torch reference before it serves.
+
+The first time a backend serves an (op, device, dtype, memory format) in a process, :func:`check`
+runs it on small probes through the same entry point real calls use (for the cpp backend: the
+registered ops, so a kernel that is wrong at run time is caught) and compares with the float64
+reference by the tolerance rule (:mod:`.tolerance`). The verdict is cached for the process. The
+probes cover the code paths real models take: a 3x3 conv large enough for the CPU Winograd path,
+with and without a pixel shuffle, the 9x9 head and few-output tail, the pixel shuffle, the
+reductions and ``to_uint8``. ``FASTSR_VALIDATE=0`` turns it off (for benchmarking).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+
+from . import reference
+from .tolerance import Verdict, judge
+
+# (n, C_in, C_out, H, W, k, shuffle, bias, slope, residual)
+CONV_PROBES = [
+    (1, 16, 16, 17, 16, 3, 1, True, "scalar", True),   # body conv + residual (Winograd on CPU)
+    (1, 16, 64, 17, 16, 3, 2, True, "channel", False),  # upsample: conv + shuffle 2 + PReLU
+    (1, 3, 16, 9, 8, 9, 1, True, "scalar", False),      # 9x9 head
+    (1, 16, 3, 9, 8, 9, 1, True, None, False),          # 9x9 tail, few outputs
+]
+
+_lock = threading.Lock()
+
+
+class KernelError(RuntimeError):
+    """The backend's kernel raised on a probe (the original exception is the cause)."""
+
+
+_verdicts: dict[tuple, str | None] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("FASTSR_VALIDATE", "1") != "0"
+
+
+def _conv_args(case, device, channels_last: bool, gen: torch.Generator) -> list:
+    n, c_in, c_out, h, w, k, r, bias, slope, residual = case
+    oc = c_out // (r * r)
+    x = torch.randn(n, c_in, h, w, generator=gen, dtype=torch.float64)
+    wt = torch.randn(c_out, c_in, k, k, generator=gen, dtype=torch.float64) / (c_in * k * k) ** 0.5
+    b = torch.randn(c_out, generator=gen, dtype=torch.float64) * 0.1 if bias else None
+    s = {"scalar": torch.tensor([0.2], dtype=torch.float64), None: None,
+         "channel": torch.rand(oc, generator=gen, dtype=torch.float64) - 0.5}[slope]
+    res = torch.randn(n, oc, h * r, w * r, generator=gen, dtype=torch.float64) if residual else None
+    return [_place(t, device, channels_last) for t in (x, wt, b, s, res)] + [r]
+
+
+def _place(t, device, channels_last: bool):
+    if not isinstance(t, torch.Tensor):
+        return t
+    t = t.to(device)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+
+def _image_pair(shape, device, channels_last: bool, gen: torch.Generator) -> list:
+    a = torch.rand(*shape, generator=gen, dtype=torch.float64)
+    b = (a + 0.1 * torch.randn(*shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    return [_place(a, device, channels_last), _place(b, device, channels_last)]
+
+
+def probes(op: str, device, channels_last: bool) -> list[list]:
+    """The probe inputs (float64, on ``device``, in the memory format) for ``op``: argument lists
+    in the contract's positional order."""
+    gen = torch.Generator().manual_seed(0)
+    if op == "conv2d_prelu":
+        return [_conv_args(c, device, channels_last, gen) for c in CONV_PROBES]
+    if op == "pixel_shuffle_prelu":
+        x = torch.randn(2, 16, 5, 7, generator=gen, dtype=torch.float64)
+        return [[_place(x, device, channels_last), (torch.rand(4, generator=gen, dtype=torch.float64) - 0.5).to(device),
+                 2]]
+    if op == "mse":
+        return [[*_image_pair((2, 3, 9, 8), device, channels_last, gen), "none"]]
+    if op == "psnr":
+        return [[*_image_pair((2, 3, 12, 11), device, channels_last, gen), 1.0, True, 2, "none"]]
+    if op == "to_uint8":
+        return [[_place(torch.rand(1, 3, 9, 8, generator=gen, dtype=torch.float64) * 1.4 - 0.2, device,
+                        channels_last)]]
+    raise ValueError(f"no probe for op {op!r}")
+
+
+def _cast(args: list, dtype: torch.dtype) -> list:
+    return [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def run_probe(op: str, backend: ModuleType, device, dtype: torch.dtype, channels_last: bool) -> Verdict:
+    """``backend``'s ``op`` on every probe in ``dtype`` against the float64 reference; the worst verdict.
+    A kernel that raises raises :class:`KernelError`. ``to_uint8`` must equal the reference exactly."""
+    fn: Callable = getattr(backend, op)
+    want: Callable = getattr(reference, op)
+    verdicts = []
+    with torch.no_grad():
+        for args in probes(op, device, channels_last):
+            try:
+                ours = fn(*_cast(args, dtype))
+            except Exception as exc:  # a kernel that raises is as unusable as one that is wrong
+                raise KernelError(exc) from exc
+            if op == "to_uint8":
+                bad = int((ours.int() - want(*_cast(args, dtype)).int()).abs().gt(0).sum())
+                verdicts.append(Verdict(bad, ours.numel(), float(bad > 0), 0.0, float(bad)))
+            else:
+                verdicts.append(judge(ours, want(*args), want(*_cast(args, dtype)), dtype))
+    failing = [v for v in verdicts if not v.ok]
+    return failing[0] if failing else max(verdicts, key=lambda v: v.ratio)
+
+
+def check(op: str, name: str, backend: ModuleType, device_type: str, dtype: torch.dtype,
+          channels_last: bool) -> str | None:
+    """None when ``backend`` serves ``op`` correctly on this device, dtype and memory format (or
+    validation is off), else the reason; probed once per process."""
+    if not enabled() or name == "torch" or not dtype.is_floating_point:
+        return None
+    key = (op, name, device_type, dtype, channels_last)
+    with _lock:
+        if key not in _verdicts:
+            _verdicts[key] = _probe_reason(op, backend, device_type, dtype, channels_last)
+        return _verdicts[key]
+
+
+def _probe_reason(op, backend, device_type, dtype, channels_last) -> str | None:
+    try:
+        verdict = run_probe(op, backend, torch.device(device_type), dtype, channels_last)
+    except KernelError as failure:
+        exc = failure.__cause__
+        lines = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return None if verdict.ok else str(verdict)
+
+
+def forget() -> None:
+    """Drop every cached verdict (tests; after replacing a kernel)."""
+    with _lock:
+        _verdicts.clear()

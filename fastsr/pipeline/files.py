@@ -1,0 +1,165 @@
+"""Upscaling files of any size (:func:`upscale_file`): the composition of the pipeline's parts.
+
+Tiles are computed on windows that extend each tile by the model's receptive field
+(:mod:`fastsr.tiling`), so the stitched output equals the whole-image output. Finished tiles go
+into a zarr tile store in a hidden work folder next to the destination (:mod:`.resume`), and
+each finished batch is appended to a manifest: after a crash (even ``kill -9``) ``resume=True``
+computes only the batches not in the manifest, in the same batch composition, so the final
+output is identical to an uninterrupted run. The finished store becomes the output
+(:mod:`.assemble`): renamed for ``.zarr``, streamed into a tiled BigTIFF (row-major tiles,
+optional pyramid) or, for outputs that fit in memory, saved with Pillow. Host memory is bounded
+by a few batches of tiles, independent of the image size.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) batches are sharded across ranks, which write disjoint
+chunks of the same store (no locks) and one manifest each; rank 0 assembles the final file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import imageio
+from ..distributed import DistInfo, barrier, process_group
+from ..errors import UserError
+from ..imageio import ImageSource, ImageWriteError
+from ..ops.dispatch import get_backend
+from ..tiling import TilePlan, plan_tiles
+from .assemble import Assembler, TileTracker, finish
+from .engine import UpscaleError, Upscaler, model_digest, resolve_device
+from .memory import tile_size
+from .resume import WorkDir, work_path
+from .stream import run_batches, writer_threads
+
+log = logging.getLogger("fastsr")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One file run's settings, derived from the arguments and checked before any work starts."""
+
+    dst: Path
+    fmt: str  # "tiff", "zarr" or a Pillow format
+    plan: TilePlan
+    batch_size: int
+    out_tile: int
+    compression: str
+    pyramid: bool
+    header: dict  # what a resumed run must match
+
+    @property
+    def chunks(self) -> tuple[int, int, int]:
+        return self.out_tile, self.out_tile, self.header["shape"][2]
+
+
+def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, tile: int = 512,
+                 halo: int | str = "auto", batch_size: int | None = None, device=None, dtype=None,
+                 resume: bool = False, compression: str = "zstd", pyramid: bool = False, progress: bool = True,
+                 backend: str | None = None) -> Path:
+    """Upscale the image file ``src`` into ``dst`` in tiles, in bounded memory; returns ``dst``.
+
+    src: TIFF/BigTIFF (tiled or stripped), a zarr array, a .npy file, or PNG/JPEG/...;
+    uint8 or uint16; gray, gray+alpha, RGB, RGBA. dst: .tif (tiled BigTIFF; tiles of
+    ``tile * scale`` pixels, ``compression`` none/deflate/zstd/jpeg, ``pyramid`` adds
+    half-resolution levels as SubIFDs), .zarr (v3, chunks of ``tile * scale``) or
+    .png/.jpg/.webp (in memory, limited size). ``halo="auto"`` is the model's receptive field,
+    which makes the output equal to whole-image inference. ``resume=True`` continues a killed
+    run from its manifest (same settings required). Raises :class:`fastsr.errors.UserError`
+    subclasses for bad inputs and outputs, all checked before any work starts.
+    """
+    src_path, dst_path = Path(src), Path(dst)
+    if src_path.resolve() == dst_path.resolve():
+        raise ImageWriteError(f"output path {dst} is the input file; choose another output name")
+    imageio.output_format(dst_path)
+    with process_group(resolve_device(device)) as dist:
+        up = Upscaler(model, device=dist.device, dtype=dtype, backend=backend)
+        with imageio.open_image(src_path) as source:
+            run = _plan_run(up, source, src_path, dst_path, tile=tile, halo=halo, batch_size=batch_size,
+                            compression=compression, pyramid=pyramid, backend=backend)
+            work = WorkDir(work_path(dst_path), run.header, tuple(run.header["shape"]), run.chunks, source.dtype,
+                           resume=resume, dist=dist)
+            assembler = _start_assembler(run, work, dist)
+            _compute(up, source, run, work, dist, assembler, progress)
+        _commit(run, work, dist, assembler)
+    return dst_path
+
+
+def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, halo, batch_size, compression,
+              pyramid, backend) -> _Run:
+    """The tile plan, the output checks (format, TIFF tile size, disk space) and the resume header."""
+    batch_size = (4 if up.device.type == "cuda" else 1) if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise UpscaleError(f"batch size must be >= 1, got {batch_size}")
+    tile = tile_size(tile, source.height, source.width)
+    plan = plan_tiles(source.height, source.width, tile=tile, halo=up.halo(halo, source.channels), scale=up.scale)
+    out_shape = (*plan.output_shape, source.channels)
+    fmt = imageio.check_output(dst, shape=out_shape, dtype=source.dtype, compression=compression)
+    out_tile = tile * up.scale
+    if fmt == "tiff" and out_tile % 16:
+        good = -(-tile * up.scale // 16) * 16 // up.scale
+        raise UpscaleError(f"--tile {tile} gives output tiles of {out_tile} pixels; TIFF tiles must be a multiple "
+                           f"of 16 pixels: use --tile {good} or another multiple of {16 // np.gcd(16, up.scale)}")
+    imageio.check_disk_space(dst, imageio.estimate_output_bytes(out_shape, source.dtype, fmt, compression))
+    st = src.stat()
+    header = {"version": 1, "src": str(src.resolve()), "src_size": st.st_size, "src_mtime_ns": st.st_mtime_ns,
+              "model": model_digest(up.source), "tile": tile, "halo": plan.halo, "batch_size": batch_size,
+              "dtype": str(up.dtype), "device": up.device.type, "backend": backend or get_backend(),
+              "shape": list(out_shape), "scale": up.scale}
+    return _Run(dst, fmt, plan, batch_size, out_tile, compression, pyramid, header)
+
+
+def _start_assembler(run: _Run, work: WorkDir, dist: DistInfo) -> Assembler | None:
+    """A single process writing a TIFF encodes it while the model runs (with several ranks, rank 0
+    does it at the end). Its file lives in the work folder until complete, so a killed run leaves
+    nothing beside the output."""
+    if run.fmt != "tiff" or dist.world_size > 1:
+        return None
+    tracker = TileTracker(run.plan, work.done, run.batch_size)
+    assembler = Assembler(work, tracker, work.path / f"output{run.dst.suffix}", run.out_tile, run.compression,
+                          run.pyramid)
+    assembler.start()
+    return assembler
+
+
+def _compute(up: Upscaler, source: ImageSource, run: _Run, work: WorkDir, dist: DistInfo,
+             assembler: Assembler | None, progress: bool) -> None:
+    """This rank's batches not done yet. On a user error (bad input found while reading) the work
+    folder goes; on anything else (a crash, Ctrl-C) it stays for ``--resume``."""
+    n = len(run.plan.batches(run.batch_size))
+    if work.done and dist.rank == 0:
+        log.info("resuming: %d of %d batches of tiles already done", len(work.done), n)
+    groups = [g for g in range(dist.rank, n, dist.world_size) if g not in work.done]
+    try:
+        run_batches(up, source, run.plan, groups, run.batch_size, work, progress and dist.rank == 0,
+                    on_written=assembler.tracker.add if assembler else None, writers=writer_threads(up.device))
+    except BaseException as exc:
+        work.close()
+        if assembler is not None:
+            assembler.abort()
+        if isinstance(exc, UserError):
+            if dist.world_size == 1:
+                imageio.remove_path(work.path)
+        else:
+            log.warning("stopped; the finished tiles are kept in %s: rerun with --resume to continue", work.path)
+        raise
+    work.close()
+
+
+def _commit(run: _Run, work: WorkDir, dist: DistInfo, assembler: Assembler | None) -> None:
+    """The complete output onto ``run.dst`` (an atomic rename), then the work folder goes."""
+    if assembler is not None:
+        assembler.join()
+        if assembler.error is not None:
+            imageio.remove_path(assembler.tmp)
+            raise assembler.error
+        imageio.commit_path(assembler.tmp, run.dst)
+        imageio.remove_path(work.path)
+        return
+    barrier(dist)  # every rank's tiles are in the store
+    if dist.rank == 0:
+        finish(work, work.path, run.dst, run.fmt, run.out_tile, run.compression, run.pyramid)
+    barrier(dist)

@@ -1,0 +1,92 @@
+"""Upscaling images held in memory: PIL images, numpy arrays and tensors (:func:`upscale_image`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import imageio
+from ..imageio import ImageSource
+from ..tiling import TilePlan, paste, plan_tiles
+from .engine import UpscaleError, Upscaler
+
+# Images up to this many pixels are upscaled whole by upscale_image(tile=None); larger ones in
+# tiles of AUTO_TILE (the activations of a whole 4x SRResNet pass grow with the image).
+AUTO_TILE = 512
+AUTO_TILE_MAX_PIXELS = AUTO_TILE * AUTO_TILE
+
+
+def _uint_tiles(up: Upscaler, source: ImageSource, plan: TilePlan, batch_size: int, out: np.ndarray) -> None:
+    for group in plan.batches(batch_size):
+        tiles = [plan.tile_at(i) for i in group]
+        result = up.run_uint(np.stack([source.read(*t.window) for t in tiles]))
+        for t, o in zip(tiles, result, strict=True):
+            paste(out, t, o, plan.scale)
+
+
+def tile_size(tile: int | None, height: int, width: int) -> int:
+    """The tile size to use: ``tile``, checked, or for None the whole image up to AUTO_TILE_MAX_PIXELS."""
+    if tile is None:
+        return max(height, width) if height * width <= AUTO_TILE_MAX_PIXELS else AUTO_TILE
+    if int(tile) < 1:
+        raise UpscaleError(f"tile must be a positive number of pixels, got {tile}")
+    return int(tile)
+
+
+def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | None = None, halo="auto",
+                  batch_size: int | None = None, backend: str | None = None):
+    """Upscale an image held in memory; returns the same kind of object.
+
+    image: a PIL image (L, LA, RGB, RGBA, P, I;16), an (H, W) or (H, W, C) uint8/uint16 numpy
+    array (C = 1..4), or a float tensor (N, C, H, W) / (C, H, W) in [0, 1] (output on the
+    input's device and dtype, not clamped). model: a module, a model file, "default" or None
+    (the embedded default). tile: None = whole image up to 512x512 pixels, tiles of 512
+    beyond; an int forces tiles of that size (same output up to float rounding when the halo
+    covers the receptive field, as with halo="auto"). Safe to call from several threads.
+    """
+    up = Upscaler(model, device=device, dtype=dtype, backend=backend)
+    if batch_size is None:
+        batch_size = 4 if up.device.type == "cuda" else 1
+    if isinstance(image, torch.Tensor):
+        return _upscale_tensor(up, image, tile, halo, batch_size)
+    pil_mode = None
+    if isinstance(image, np.ndarray):
+        array = image
+    elif hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image
+        pil_mode = image.mode
+        array = imageio._pil_to_array("<PIL image>", image)
+    else:
+        raise UpscaleError(f"cannot upscale a {type(image).__name__}; pass a PIL image, a numpy array or a tensor")
+    source = imageio.array_source(array, "<array>", "array")
+    plan = plan_tiles(source.height, source.width, tile=tile_size(tile, source.height, source.width),
+                      halo=up.halo(halo, source.channels), scale=up.scale)
+    out = np.empty((*plan.output_shape, source.channels), dtype=source.dtype)
+    _uint_tiles(up, source, plan, batch_size, out)
+    if pil_mode is None:
+        return out if array.ndim == 3 else out[..., 0]
+    from PIL import Image
+
+    return Image.fromarray(out[..., 0] if out.shape[2] == 1 else out)  # mode from shape and dtype
+
+
+def _upscale_tensor(up: Upscaler, x: torch.Tensor, tile, halo, batch_size: int) -> torch.Tensor:
+    if not x.is_floating_point() or x.dim() not in (3, 4) or x.shape[-3] not in imageio.MODES:
+        raise UpscaleError(f"tensor input must be float (N, C, H, W) or (C, H, W) with C in 1..4, "
+                           f"got {x.dtype} {tuple(x.shape)}")
+    if x.shape[-1] == 0 or x.shape[-2] == 0:
+        raise UpscaleError(f"tensor input has zero size {tuple(x.shape)}")
+    squeeze = x.dim() == 3
+    x4 = x[None] if squeeze else x
+    n, c, h, w = x4.shape
+    plan = plan_tiles(h, w, tile=tile_size(tile, h, w), halo=up.halo(halo, c), scale=up.scale)
+    s = up.scale
+    out = torch.empty((n, c, h * s, w * s), dtype=x.dtype, device=x.device)
+    with torch.inference_mode():
+        for i in range(n):
+            for group in plan.batches(batch_size):
+                tiles = [plan.tile_at(j) for j in group]
+                windows = torch.stack([x4[i, :, t.window[0]:t.window[1], t.window[2]:t.window[3]] for t in tiles])
+                result = up.forward(windows.to(up.device).float()).to(x.device, x.dtype)
+                for t, o in zip(tiles, result, strict=True):
+                    paste(out[i], t, o, s, channels_first=True)
+    return out[0] if squeeze else out
