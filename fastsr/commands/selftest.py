@@ -18,6 +18,8 @@ from pathlib import Path
 
 HELP = "check every op of every fast backend against the reference on this machine"
 DTYPES = ("float32", "float16", "bfloat16")
+# Combinations a backend cannot run by design, reported instead of run.
+NOT_RUN = {("triton", "cpu", "bfloat16"): "the Triton interpreter has no bf16 tl.dot"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,8 +59,11 @@ def collect(device_type: str) -> tuple[list[dict], list[str]]:
             skipped.append(f"{name}: unavailable on {device_type}: {why}")
             continue
         backend = dispatch._module(name)
+        skipped += [f"{name} {dtype}: {why}" for (n, d, dtype), why in NOT_RUN.items() if (n, d) == (name, device_type)]
         for op in OPS:
             for dtype in DTYPES:
+                if (name, device_type, dtype) in NOT_RUN:
+                    continue
                 for channels_last in (False, True):
                     rows.append(_row(op, name, backend, torch.device(device_type), dtype, channels_last))
     return rows, skipped
