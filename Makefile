@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 FASTSR_RESULTS ?= benchmarks/results
 
-.PHONY: venv demo test bench gpu-check lint clean default-model
+.PHONY: venv demo test bench gpu-check gpu-wheels lint clean default-model
 
 $(BIN)/python:
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
@@ -49,6 +49,14 @@ bench: venv
 # build, selftest, gpu tests, conformance on CUDA, key benchmarks -> JSON + markdown in FASTSR_RESULTS.
 gpu-check: venv
 	$(BIN)/python benchmarks/gpu_check.py --results $(FASTSR_RESULTS)
+
+# Wheels the GPU image lacks (its Python is 3.12; numpy, torch, triton are there; setuptools >= 77 for the
+# SPDX license field, which its own may predate), into .whl/ (not
+# committed): carry .whl to the GPU machine, where `make venv` installs them offline.
+gpu-wheels: venv
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+		zarr donfig google-crc32c numcodecs msgspec imagecodecs setuptools
 
 # Retrain the embedded default model from photos shipped in scikit-image (hours of CPU; resumable).
 default-model: venv

@@ -34,6 +34,8 @@ def test_a_step_past_its_time_box_is_killed_and_the_next_one_runs(tmp_path):
     assert "hello" in (tmp_path / "quick.log").read_text()
     md = gc.markdown(outcomes, tmp_path)
     assert "| hang | timeout |" in md and "| quick | ok |" in md
+    spent = gc.run_step(quick, tmp_path, {}, left_s=0)  # the whole check's budget is used up
+    assert spent.status == "timeout" and "budget" in (tmp_path / "quick.log").read_text()
 
 
 def test_dry_run_of_the_whole_gpu_check(tmp_path):
