@@ -275,6 +275,8 @@ def check_output(dst: str | os.PathLike, *, shape: tuple[int, int, int], dtype: 
     with ``compression``; returns the format. Raises :class:`ImageWriteError` /
     :class:`ImageTooLargeError` before any work is done."""
     fmt = output_format(dst)
+    if fmt != "zarr" and Path(dst).is_dir():
+        raise ImageWriteError(f"{dst}: is a directory; name an output file (e.g. {Path(dst) / 'out.tif'})")
     height, width, channels = shape
     dtype = np.dtype(dtype)
     if compression not in COMPRESSIONS:

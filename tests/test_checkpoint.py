@@ -61,3 +61,17 @@ def test_embedded_default_model_beats_bicubic_by_1db_on_held_out_photos(tmp_path
     scores = score_folder(fastsr.load_model("default"), paths, 4)
     gains = {s.name: s.gain_db for s in scores}
     assert sum(gains.values()) / len(gains) >= 1.0, gains
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    """save_model (and every atomic write) gives the file the mode a plain open() would, not 0600."""
+    import os
+
+    import fastsr
+
+    old = os.umask(0o027)
+    try:
+        fastsr.save_model(fastsr.SRResNet(4, 1, 8), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o640

@@ -27,6 +27,12 @@ def built():
         pytest.fail(f"the C++ extension did not build: {why}")
 
 
+@pytest.fixture(autouse=True)
+def no_first_use_probes(monkeypatch):
+    """The path counter must count the tested call only, not the first-use validation's probes."""
+    monkeypatch.setenv("FASTSR_VALIDATE", "0")
+
+
 def _calls() -> int:
     return torch.ops.fastsr._winograd_calls()
 

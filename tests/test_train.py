@@ -424,3 +424,8 @@ def test_eval_command_table_and_json(photos, tmp_path, capsys):
     assert report["mean"]["bicubic_psnr"] == pytest.approx(sum(s.bicubic_psnr for s in expected) / 3)
     assert main(["eval", "--model", str(tmp_path / "m.safetensors"), "--data", str(photos), "--scale", "2"]) == 2
     assert "does not match" in capsys.readouterr().err
+    # a --json into a missing folder is refused before any image is scored, in one line
+    assert main(["eval", "--model", str(tmp_path / "m.safetensors"), "--data", str(photos),
+                 "--json", str(tmp_path / "nodir" / "s.json")]) == 2
+    out = capsys.readouterr()
+    assert "does not exist" in out.err and "\n" not in out.err.strip() and "| chelsea |" not in out.out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -243,7 +244,8 @@ def test_cli_end_to_end_on_a_photo(tmp_path, tiny_model_file, model):
     r = subprocess.run([sys.executable, "-m", "fastsr", "upscale", str(src), str(dst), "--model", str(tiny_model_file),
                         "--tile", "48", "--backend", "torch"], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "Mpx/s" in r.stderr  # the progress bar with throughput
+    # The progress bar: output pixels done / total (384 x 512 = 197k) and the throughput.
+    assert re.search(r"197k/197k \[.*px/s\]", r.stderr), r.stderr
     got = np.asarray(Image.open(dst))
     assert np.array_equal(got, fastsr.upscale(image, model, backend=BACKEND))
     no_leftovers(tmp_path, {src.name, dst.name})
@@ -285,6 +287,7 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     # Sparse .npy files: huge logical size, no disk used.
     np.lib.format.open_memmap(tmp / "big.npy", mode="w+", dtype=np.uint8, shape=(20000, 20000, 3)).flush()
     np.lib.format.open_memmap(tmp / "giant.npy", mode="w+", dtype=np.uint8, shape=(300000, 300000, 3)).flush()
+    (tmp / "outdir.png").mkdir()
     unwritable = "/proc/1" if os.geteuid() == 0 else str(tmp / "ro")
     if os.geteuid() != 0:
         os.mkdir(unwritable, 0o555)
@@ -303,6 +306,7 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("output directory missing", [str(good), str(tmp / "nodir" / "o.png")], "does not exist"),
         ("unwritable output directory", [str(good), unwritable + "/o.png"], "not writable"),
         ("unknown output format", [str(good), str(tmp / "o.xyz")], "unknown output format"),
+        ("output is an existing directory", [str(good), str(tmp / "outdir.png")], "is a directory; name an output"),
         ("tile not matching TIFF", [str(good), str(tmp / "o.tif"), "--tile", "5"], "multiple of 16"),
     ]
 
@@ -375,6 +379,30 @@ def test_resume_after_kill_9(tmp_path, tiny_model_file, model):
     proc.wait()
     with pytest.raises(UserError, match="other settings"):
         fastsr.upscale_file(src, dst, model, tile=32, resume=True, progress=False, backend=BACKEND)
+
+
+def test_a_second_run_to_the_same_output_is_refused_while_the_first_runs(tmp_path, tiny_model_file, model):
+    """One writer per output: the second run names the first's pid and touches nothing of it."""
+    from skimage import data
+
+    image = np.ascontiguousarray(data.coffee())  # 400x600: hundreds of batches, seconds of work
+    src, dst = tmp_path / "in.tif", tmp_path / "same.tif"
+    tifffile.imwrite(src, image, tile=(32, 32), photometric="rgb")
+    args = [sys.executable, "-m", "fastsr", "upscale", str(src), str(dst), "--model", str(tiny_model_file),
+            "--tile", "16", "--backend", "torch", "--quiet"]
+    first = subprocess.Popen(args, env=ENV, stderr=subprocess.PIPE, text=True)
+    work = tmp_path / f".{dst.name}.fastsr-partial"
+    deadline = time.time() + 120
+    while not list(work.glob("done.rank*.txt")) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert first.poll() is None, f"finished before the second run started: {first.stderr.read()}"
+    second = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2
+    assert second.stderr.strip() == (f"fastsr: error: {dst}: another fastsr run (pid {first.pid}) is writing this "
+                                     "output; wait for it to finish or choose another output name")
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert np.array_equal(tifffile.imread(dst), fastsr.upscale(image, model, tile=16, backend=BACKEND))
+    no_leftovers(tmp_path, {src.name, dst.name})
 
 
 # ----------------------------------------------------------------------------- memory

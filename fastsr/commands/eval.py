@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     scale = model_scale if args.scale is None else args.scale
     if scale != model_scale:
         raise UserError(f"--scale {scale} does not match the model, which upscales x{model_scale}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # before the work, not after it
+        raise UserError(f"--json {args.json}: folder {Path(args.json).resolve().parent} does not exist")
     try:
         paths = find_images(args.data)
     except FileNotFoundError as exc:

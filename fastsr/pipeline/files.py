@@ -32,7 +32,7 @@ from ..tiling import TilePlan, plan_tiles
 from .assemble import Assembler, TileTracker, finish
 from .engine import UpscaleError, Upscaler, model_digest, resolve_device
 from .memory import tile_size
-from .resume import WorkDir, work_path
+from .resume import WorkDir, output_lock, work_path
 from .stream import run_batches, writer_threads
 
 log = logging.getLogger("fastsr")
@@ -75,7 +75,7 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
     if src_path.resolve() == dst_path.resolve():
         raise ImageWriteError(f"output path {dst} is the input file; choose another output name")
     imageio.output_format(dst_path)
-    with process_group(resolve_device(device)) as dist:
+    with process_group(resolve_device(device)) as dist, output_lock(dst_path, dist):
         up = Upscaler(model, device=dist.device, dtype=dtype, backend=backend)
         with imageio.open_image(src_path) as source:
             run = _plan_run(up, source, src_path, dst_path, tile=tile, halo=halo, batch_size=batch_size,

@@ -3,8 +3,12 @@ header (the run's settings), the tile store and one manifest per rank."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from .. import imageio
@@ -72,3 +76,41 @@ class WorkDir:
 
     def close(self) -> None:
         self._manifest.close()
+
+
+@contextlib.contextmanager
+def output_lock(dst: Path, dist: DistInfo) -> Iterator[None]:
+    """One run per destination: an exclusive lock (flock) on a hidden file beside ``dst``, held for
+    the whole run and released by the OS if the process dies. A second run refuses in one line
+    naming the process that holds it, so the work folder belongs to one run only. Under torchrun
+    rank 0 holds it for the job."""
+    if dist.rank != 0:
+        yield
+        return
+    path = dst.with_name(f".{dst.name}.fastsr-lock")
+    fd = _acquire(path, dst)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: a waiting run then finds a new file
+        os.close(fd)
+
+
+def _acquire(path: Path, dst: Path) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UpscaleError(f"{dst}: another fastsr run (pid {holder}) is writing this output; wait for it to "
+                               f"finish or choose another output name") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd  # the file we locked is still the lock file (not one unlinked meanwhile)
+        except FileNotFoundError:
+            pass
+        os.close(fd)

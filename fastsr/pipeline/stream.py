@@ -75,10 +75,10 @@ class _Stream:
     def run(self, groups: list[int], progress: bool) -> None:
         from tqdm import tqdm
 
-        s2 = self.plan.scale ** 2
-        total = sum(_area(self.plan.tile_at(i)) for g in groups for i in self.batches[g])
-        self.bar = tqdm(total=total * s2 / 1e6, unit="Mpx", disable=not progress, dynamic_ncols=True,
-                        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_noinv_fmt}]")
+        # Whole output pixels, scaled by tqdm (k, M, G): exact counts, so a small image shows its
+        # pixels (not 0.0/0.0 Mpx) and the bar never passes its total (no negative ETA).
+        total = sum(_area(self.plan.tile_at(i)) for g in groups for i in self.batches[g]) * self.plan.scale ** 2
+        self.bar = tqdm(total=total, unit="px", unit_scale=True, disable=not progress, dynamic_ncols=True)
         read_thread = threading.Thread(target=self.reader, args=(groups,), name="fastsr-reader", daemon=True)
         write_threads = [threading.Thread(target=self.writer, name=f"fastsr-writer{i}", daemon=True)
                          for i in range(self.writers)]
@@ -130,7 +130,7 @@ class _Stream:
                     self.work.mark(g)
                     if self.on_written is not None:
                         self.on_written(t.index for t in tiles)
-                    self.bar.update(sum(map(_area, tiles)) * self.plan.scale ** 2 / 1e6)
+                    self.bar.update(sum(map(_area, tiles)) * self.plan.scale ** 2)
         except BaseException as exc:  # noqa: B036 - handed to the calling thread
             self.failures.append(exc)
             self.stop.set()
