@@ -56,7 +56,10 @@ def mode_of(channels: int) -> str:
 
 class ImageSource:
     """A readable image: ``height``, ``width``, ``channels``, ``dtype`` and ``read(y0, y1, x0, x1)``
-    returning an (y1 - y0, x1 - x0, channels) array. Reads touch only the requested region."""
+    returning an (y1 - y0, x1 - x0, channels) array. Reads touch only the requested region.
+    ``icc_profile``: the file's embedded color profile (bytes) or None, for the output to carry."""
+
+    icc_profile: bytes | None = None
 
     def __init__(self, path: str, array, height: int, width: int, channels: int, dtype: np.dtype,
                  read: Callable[[int, int, int, int], np.ndarray], closer: Callable[[], None] | None = None,
@@ -164,12 +167,30 @@ def _open_tiff(path: str) -> ImageSource:
         block = np.asarray(arr[tuple(sel)]).transpose(order)
         return block if block.ndim == 3 else block[..., None]
 
-    return ImageSource(path, arr, height, width, channels, arr.dtype, read, tif.close, "TIFF")
+    source = ImageSource(path, arr, height, width, channels, arr.dtype, read, tif.close, "TIFF")
+    source.icc_profile = tif.pages.first.iccprofile
+    return source
+
+
+def _png_16bit_color(path: str) -> bool:
+    """A 16-bit gray+alpha, RGB or RGBA PNG, which Pillow would read as 8 bits (IHDR: bit depth at
+    byte 24, color type at byte 25)."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 and head[24] == 16 and head[25] in (2, 4, 6)
 
 
 def _open_pillow(path: str) -> ImageSource:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if _png_16bit_color(path):
+        import imagecodecs
+
+        try:
+            return array_source(imagecodecs.png_decode(Path(path).read_bytes()), path, kind="PNG")
+        except imagecodecs.PngError as exc:
+            raise ImageReadError(f"{path}: cannot decode 16-bit PNG, the file may be truncated or corrupt "
+                                 f"({exc})") from None
     try:
         with warnings.catch_warnings():
             # Above Pillow's bomb limit, refuse clearly instead of decoding gigabytes.
@@ -177,7 +198,9 @@ def _open_pillow(path: str) -> ImageSource:
             with Image.open(path) as im:
                 fmt = im.format
                 im.load()
-                array = _pil_to_array(path, im)
+                icc = im.info.get("icc_profile") or None
+                # EXIF orientation applied: the pixels as viewers show them, the output oriented normally.
+                array = _pil_to_array(path, ImageOps.exif_transpose(im))
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageTooLargeError(
             f"{path}: too large to decode whole ({str(exc).split(',')[0]}); convert it to a tiled BigTIFF, e.g. "
@@ -189,7 +212,9 @@ def _open_pillow(path: str) -> ImageSource:
         raise
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: cannot decode image, the file may be truncated or corrupt ({exc})") from None
-    return array_source(array, path, kind=fmt or "image")
+    source = array_source(array, path, kind=fmt or "image")
+    source.icc_profile = icc
+    return source
 
 
 def _pil_to_array(path: str, im) -> np.ndarray:
@@ -287,9 +312,9 @@ def check_output(dst: str | os.PathLike, *, shape: tuple[int, int, int], dtype: 
             raise ImageTooLargeError(
                 f"{dst}: output of {width}x{height} pixels is too large for {suffix} (whole-image format, limit "
                 f"{PILLOW_MAX_OUTPUT_PIXELS // 10**6} Mpixel); write a tiled BigTIFF (.tif) or a .zarr instead")
-        if dtype == np.uint16 and (channels != 1 or suffix != ".png"):
+        if dtype == np.uint16 and suffix != ".png":
             raise UnsupportedImageError(f"{dst}: cannot write a 16-bit {mode_of(channels)} image as {suffix}; "
-                                        "write a .tif (16-bit RGB/RGBA) instead")
+                                        "write a .png or .tif instead")
         if suffix in (".jpg", ".jpeg") and channels in (2, 4):
             raise UnsupportedImageError(f"{dst}: JPEG has no alpha channel; write .png or .tif for a "
                                         f"{mode_of(channels)} image")
@@ -396,7 +421,7 @@ def build_pyramid(base, folder: Path, block: int, min_size: int) -> list:
 
 
 def write_tiff(path: str | os.PathLike, base, *, tile: int, compression: str = "zstd", levels=(),
-               num_levels: int | None = None) -> None:
+               num_levels: int | None = None, icc_profile: bytes | None = None) -> None:
     """Write the (H, W, C) array-like ``base`` (e.g. a zarr array) as a tiled BigTIFF, reading
     it one ``tile`` x ``tile`` block at a time in row-major order, plus ``levels`` as reduced-
     resolution SubIFDs (a pyramid viewers can use). ``levels`` may be a callable returning
@@ -422,7 +447,8 @@ def write_tiff(path: str | os.PathLike, base, *, tile: int, compression: str = "
                   predictor=predictor, extrasamples=extrasamples, planarconfig="contig", **kwargs)
 
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        write_level(tif, base, subifds=num_levels or None, metadata=None, software="fastsr")
+        write_level(tif, base, subifds=num_levels or None, metadata=None, software="fastsr",
+                    iccprofile=icc_profile)
         for level in (levels() if callable(levels) else levels):
             write_level(tif, level, subfiletype=1, metadata=None)
 
@@ -438,12 +464,22 @@ class _Squeeze:
         return np.asarray(self.array[key])[..., 0]
 
 
-def write_pillow(path: str | os.PathLike, array: np.ndarray, fmt: str | None = None) -> None:
-    """Write an (H, W, C) uint8 (or uint16 gray) array with Pillow."""
+def write_pillow(path: str | os.PathLike, array: np.ndarray, fmt: str | None = None,
+                 icc_profile: bytes | None = None) -> None:
+    """Write an (H, W, C) uint8 array (or uint16 PNG) with Pillow, with ``icc_profile`` embedded;
+    16-bit color PNG with imagecodecs, since Pillow cannot write it (no profile then)."""
     from PIL import Image
+
+    if array.dtype == np.uint16 and array.shape[2] > 1:
+        import imagecodecs
+
+        Path(path).write_bytes(imagecodecs.png_encode(np.ascontiguousarray(array)))
+        return
 
     im = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)  # mode from shape and dtype
     kwargs = {"quality": 95} if (fmt or Path(path).suffix.lower().lstrip(".")) in ("jpg", "jpeg", "JPEG") else {}
+    if icc_profile:
+        kwargs["icc_profile"] = icc_profile
     im.save(path, format=fmt, **kwargs)
 
 

@@ -210,6 +210,56 @@ def test_file_formats_match_in_memory(tmp_path, model, src_kind, dst_suffix):
     no_leftovers(tmp_path, {src.name, dst.name})
 
 
+@pytest.mark.parametrize("dst_suffix", [".tif", ".png"])
+def test_a_16bit_color_png_stays_16bit(tmp_path, model, dst_suffix):
+    """Pillow reads 16-bit RGB PNGs as 8-bit; fastsr decodes them with imagecodecs and keeps 16 bits."""
+    import imagecodecs
+
+    image = photo(24, 20).astype(np.uint16) * 257 + np.arange(24 * 20 * 3, dtype=np.uint16).reshape(24, 20, 3) % 251
+    src, dst = tmp_path / "in16.png", tmp_path / f"out{dst_suffix}"
+    src.write_bytes(imagecodecs.png_encode(image))
+    fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND)
+    got = tifffile.imread(dst) if dst_suffix == ".tif" else imagecodecs.png_decode(dst.read_bytes())
+    assert got.dtype == np.uint16 and got.shape == (96, 80, 3)
+    assert np.array_equal(got, fastsr.upscale(image, model, tile=16, backend=BACKEND))
+
+
+@pytest.mark.parametrize("src_suffix,dst_suffix", [(".png", ".png"), (".jpg", ".tif"), (".tif", ".tif"),
+                                                   (".tif", ".jpg")])
+def test_the_icc_profile_is_carried_to_the_output(tmp_path, model, src_suffix, dst_suffix):
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    src, dst = tmp_path / f"in{src_suffix}", tmp_path / f"out{dst_suffix}"
+    if src_suffix == ".tif":
+        tifffile.imwrite(src, photo(20, 24), photometric="rgb", iccprofile=icc)
+    else:
+        Image.fromarray(photo(20, 24)).save(src, icc_profile=icc)
+    fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND)
+    if dst_suffix == ".tif":
+        with tifffile.TiffFile(dst) as tif:
+            assert tif.pages.first.iccprofile == icc
+    else:
+        assert Image.open(dst).info.get("icc_profile") == icc
+
+
+def test_exif_orientation_is_applied(tmp_path, model):
+    """A portrait photo stored landscape with EXIF orientation 6 comes out as it is shown: portrait."""
+    from PIL import ImageOps
+
+    stored = Image.fromarray(photo(40, 48))  # 48 wide, 40 tall as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    src, dst = tmp_path / "portrait.jpg", tmp_path / "out.png"
+    stored.save(src, exif=exif.tobytes(), quality=95)
+    fastsr.upscale_file(src, dst, model, progress=False, backend=BACKEND)
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(src)))
+    assert shown.shape == (48, 40, 3)
+    got = np.asarray(Image.open(dst))
+    assert got.shape == (192, 160, 3)
+    assert np.array_equal(got, fastsr.upscale(shown, model, backend=BACKEND))
+
+
 @pytest.mark.parametrize("compression", ["none", "deflate", "zstd", "jpeg"])
 def test_tiff_compression_16bit_and_pyramid(tmp_path, model, compression):
     image = photo(40, 52)

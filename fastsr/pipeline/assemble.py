@@ -5,6 +5,7 @@ always under a temporary name in the work folder, renamed onto the destination w
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,14 +58,25 @@ class _WaitingArray:
         return self.store[key]
 
 
+@dataclass(frozen=True)
+class Output:
+    """What the finished tile store becomes: ``dst`` in format ``fmt`` ("tiff", "zarr" or a Pillow
+    format), TIFF tiles of ``out_tile`` pixels, and the color profile the input carried."""
+
+    dst: Path
+    fmt: str
+    out_tile: int
+    compression: str
+    pyramid: bool
+    icc_profile: bytes | None = None
+
+
 class Assembler(threading.Thread):
     """Writes the TIFF output from the tile store in row-major order while tiles are produced."""
 
-    def __init__(self, work: WorkDir, tracker: TileTracker, tmp: Path, out_tile: int, compression: str,
-                 pyramid: bool) -> None:
+    def __init__(self, work: WorkDir, tracker: TileTracker, tmp: Path, output: Output) -> None:
         super().__init__(name="fastsr-tiff", daemon=True)
-        self.work, self.tracker, self.tmp = work, tracker, tmp
-        self.out_tile, self.compression, self.pyramid = out_tile, compression, pyramid
+        self.work, self.tracker, self.tmp, self.output = work, tracker, tmp, output
         self.error: BaseException | None = None
 
     def abort(self) -> None:
@@ -75,31 +87,32 @@ class Assembler(threading.Thread):
 
     def run(self) -> None:
         try:
-            store = self.work.store
-            levels = (lambda: imageio.build_pyramid(store, self.work.path, self.out_tile, self.out_tile)) \
-                if self.pyramid else ()
-            num = len(imageio.pyramid_shapes(tuple(store.shape), self.out_tile)) if self.pyramid else 0
-            imageio.write_tiff(self.tmp, _WaitingArray(store, self.tracker), tile=self.out_tile,
-                               compression=self.compression, levels=levels, num_levels=num)
+            store, out = self.work.store, self.output
+            levels = (lambda: imageio.build_pyramid(store, self.work.path, out.out_tile, out.out_tile)) \
+                if out.pyramid else ()
+            num = len(imageio.pyramid_shapes(tuple(store.shape), out.out_tile)) if out.pyramid else 0
+            imageio.write_tiff(self.tmp, _WaitingArray(store, self.tracker), tile=out.out_tile,
+                               compression=out.compression, levels=levels, num_levels=num,
+                               icc_profile=out.icc_profile)
         except BaseException as exc:  # noqa: B036 - reported by upscale_file
             self.error = exc
 
 
-def finish(work: WorkDir, work_path: Path, dst: Path, fmt: str, out_tile: int, compression: str,
-            pyramid: bool) -> None:
+def finish(work: WorkDir, out: Output) -> None:
     """Turn the complete tile store into the output file (atomic rename), then drop the work folder."""
-    if fmt == "zarr":
-        imageio.commit_path(work.store_path, dst)
-        imageio.remove_path(work_path)
+    if out.fmt == "zarr":
+        imageio.commit_path(work.store_path, out.dst)
+        imageio.remove_path(work.path)
         return
-    tmp = work_path / f"output{dst.suffix}"  # same folder as dst: the rename is atomic
+    tmp = work.path / f"output{out.dst.suffix}"  # same folder as dst: the rename is atomic
     try:
-        if fmt == "tiff":
-            levels = imageio.build_pyramid(work.store, work_path, out_tile, out_tile) if pyramid else ()
-            imageio.write_tiff(tmp, work.store, tile=out_tile, compression=compression, levels=tuple(levels))
+        if out.fmt == "tiff":
+            levels = imageio.build_pyramid(work.store, work.path, out.out_tile, out.out_tile) if out.pyramid else ()
+            imageio.write_tiff(tmp, work.store, tile=out.out_tile, compression=out.compression, levels=tuple(levels),
+                               icc_profile=out.icc_profile)
         else:
-            imageio.write_pillow(tmp, np.asarray(work.store[...]), imageio.pillow_format(dst))
-        imageio.commit_path(tmp, dst)
+            imageio.write_pillow(tmp, np.asarray(work.store[...]), imageio.pillow_format(out.dst), out.icc_profile)
+        imageio.commit_path(tmp, out.dst)
     finally:
         imageio.remove_path(tmp)
-    imageio.remove_path(work_path)
+    imageio.remove_path(work.path)

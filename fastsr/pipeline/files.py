@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..imageio import ImageSource, ImageWriteError
 from ..ops.dispatch import get_backend
 from ..tiling import TilePlan, plan_tiles
-from .assemble import Assembler, TileTracker, finish
+from .assemble import Assembler, Output, TileTracker, finish
 from .engine import UpscaleError, Upscaler, model_digest, resolve_device
 from .memory import tile_size
 from .resume import WorkDir, output_lock, work_path
@@ -42,18 +42,14 @@ log = logging.getLogger("fastsr")
 class _Run:
     """One file run's settings, derived from the arguments and checked before any work starts."""
 
-    dst: Path
-    fmt: str  # "tiff", "zarr" or a Pillow format
+    output: Output
     plan: TilePlan
     batch_size: int
-    out_tile: int
-    compression: str
-    pyramid: bool
     header: dict  # what a resumed run must match
 
     @property
     def chunks(self) -> tuple[int, int, int]:
-        return self.out_tile, self.out_tile, self.header["shape"][2]
+        return self.output.out_tile, self.output.out_tile, self.header["shape"][2]
 
 
 def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, tile: int = 512,
@@ -75,16 +71,17 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
     if src_path.resolve() == dst_path.resolve():
         raise ImageWriteError(f"output path {dst} is the input file; choose another output name")
     imageio.output_format(dst_path)
-    with process_group(resolve_device(device)) as dist, output_lock(dst_path, dist):
+    with process_group(resolve_device(device)) as dist:
         up = Upscaler(model, device=dist.device, dtype=dtype, backend=backend)
         with imageio.open_image(src_path) as source:
             run = _plan_run(up, source, src_path, dst_path, tile=tile, halo=halo, batch_size=batch_size,
                             compression=compression, pyramid=pyramid, backend=backend)
-            work = WorkDir(work_path(dst_path), run.header, tuple(run.header["shape"]), run.chunks, source.dtype,
-                           resume=resume, dist=dist)
-            assembler = _start_assembler(run, work, dist)
-            _compute(up, source, run, work, dist, assembler, progress)
-        _commit(run, work, dist, assembler)
+            with output_lock(dst_path, dist):  # after the checks: the output folder exists and is writable
+                work = WorkDir(work_path(dst_path), run.header, tuple(run.header["shape"]), run.chunks,
+                               source.dtype, resume=resume, dist=dist)
+                assembler = _start_assembler(run, work, dist)
+                _compute(up, source, run, work, dist, assembler, progress)
+                _commit(run, work, dist, assembler)
     return dst_path
 
 
@@ -109,18 +106,18 @@ def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, 
               "model": model_digest(up.source), "tile": tile, "halo": plan.halo, "batch_size": batch_size,
               "dtype": str(up.dtype), "device": up.device.type, "backend": backend or get_backend(),
               "shape": list(out_shape), "scale": up.scale}
-    return _Run(dst, fmt, plan, batch_size, out_tile, compression, pyramid, header)
+    output = Output(dst, fmt, out_tile, compression, pyramid, source.icc_profile)
+    return _Run(output, plan, batch_size, header)
 
 
 def _start_assembler(run: _Run, work: WorkDir, dist: DistInfo) -> Assembler | None:
     """A single process writing a TIFF encodes it while the model runs (with several ranks, rank 0
     does it at the end). Its file lives in the work folder until complete, so a killed run leaves
     nothing beside the output."""
-    if run.fmt != "tiff" or dist.world_size > 1:
+    if run.output.fmt != "tiff" or dist.world_size > 1:
         return None
     tracker = TileTracker(run.plan, work.done, run.batch_size)
-    assembler = Assembler(work, tracker, work.path / f"output{run.dst.suffix}", run.out_tile, run.compression,
-                          run.pyramid)
+    assembler = Assembler(work, tracker, work.path / f"output{run.output.dst.suffix}", run.output)
     assembler.start()
     return assembler
 
@@ -150,16 +147,16 @@ def _compute(up: Upscaler, source: ImageSource, run: _Run, work: WorkDir, dist: 
 
 
 def _commit(run: _Run, work: WorkDir, dist: DistInfo, assembler: Assembler | None) -> None:
-    """The complete output onto ``run.dst`` (an atomic rename), then the work folder goes."""
+    """The complete output onto its destination (an atomic rename), then the work folder goes."""
     if assembler is not None:
         assembler.join()
         if assembler.error is not None:
             imageio.remove_path(assembler.tmp)
             raise assembler.error
-        imageio.commit_path(assembler.tmp, run.dst)
+        imageio.commit_path(assembler.tmp, run.output.dst)
         imageio.remove_path(work.path)
         return
     barrier(dist)  # every rank's tiles are in the store
     if dist.rank == 0:
-        finish(work, work.path, run.dst, run.fmt, run.out_tile, run.compression, run.pyramid)
+        finish(work, run.output)
     barrier(dist)
