@@ -431,6 +431,37 @@ def test_resume_after_kill_9(tmp_path, tiny_model_file, model):
         fastsr.upscale_file(src, dst, model, tile=32, resume=True, progress=False, backend=BACKEND)
 
 
+def test_resume_recomputes_missing_and_damaged_tiles(tmp_path, model, monkeypatch, caplog):
+    """Resume does not trust the manifest: finished batches whose chunk was deleted or truncated
+    are computed again (they were a black region and a zstd traceback)."""
+    from fastsr.pipeline import engine
+
+    image = photo(64, 64)
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    tifffile.imwrite(src, image, photometric="rgb")
+    real, calls = engine.Upscaler.run_uint, []
+
+    def crash_after_ten(self, batch):
+        calls.append(1)
+        if len(calls) > 10:
+            raise RuntimeError("simulated crash")
+        return real(self, batch)
+
+    monkeypatch.setattr(engine.Upscaler, "run_uint", crash_after_ten)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND)
+    monkeypatch.setattr(engine.Upscaler, "run_uint", real)
+    store = tmp_path / f".{dst.name}.fastsr-partial" / "tiles.zarr" / "c"
+    chunks = sorted(p for p in store.rglob("*") if p.is_file())
+    assert len(chunks) >= 3
+    chunks[0].unlink()
+    chunks[1].write_bytes(chunks[1].read_bytes()[:7])
+    fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND, resume=True)
+    assert "missing or damaged tiles" in caplog.text
+    assert np.array_equal(tifffile.imread(dst), fastsr.upscale(image, model, tile=16, backend=BACKEND))
+    no_leftovers(tmp_path, {src.name, dst.name})
+
+
 def test_a_second_run_to_the_same_output_is_refused_while_the_first_runs(tmp_path, tiny_model_file, model):
     """One writer per output: the second run names the first's pid and touches nothing of it."""
     from skimage import data

@@ -79,6 +79,7 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
             with output_lock(dst_path, dist):  # after the checks: the output folder exists and is writable
                 work = WorkDir(work_path(dst_path), run.header, tuple(run.header["shape"]), run.chunks,
                                source.dtype, resume=resume, dist=dist)
+                work.verify(run.plan, run.batch_size)
                 assembler = _start_assembler(run, work, dist)
                 _compute(up, source, run, work, dist, assembler, progress)
                 _commit(run, work, dist, assembler)

@@ -14,6 +14,7 @@ from pathlib import Path
 from .. import imageio
 from ..atomic import atomic_path
 from ..distributed import DistInfo, barrier
+from ..tiling import Tile, TilePlan
 from .engine import UpscaleError
 
 log = logging.getLogger("fastsr")
@@ -73,6 +74,29 @@ class WorkDir:
     def mark(self, group: int) -> None:
         self._manifest.write(f"{group}\n")
         self._manifest.flush()  # in the page cache: survives kill -9 of this process
+        os.fsync(self._manifest.fileno())  # and a power cut (the chunks may not: verify() checks them)
+
+    def verify(self, plan: TilePlan, batch_size: int) -> None:
+        """Drop from ``done`` the batches whose tiles are not all intact in the store (a chunk
+        deleted, truncated or lost in a crash), so that they are computed again: a resumed output
+        never has black or broken tiles. Costs one read of the finished tiles."""
+        batches = plan.batches(batch_size)
+        bad = {g for g in self.done if not all(self._tile_intact(plan.tile_at(i), plan.scale) for i in batches[g])}
+        if bad:
+            log.warning("resume: %d of %d finished batches have missing or damaged tiles in %s; computing them "
+                        "again", len(bad), len(self.done), self.store_path)
+        self.done -= bad
+
+    def _tile_intact(self, tile: Tile, scale: int) -> bool:
+        # Tile (row, col)'s output is chunk (row, col, 0) of the store (chunk = output tile).
+        if not (self.store_path / "c" / str(tile.row) / str(tile.col) / "0").is_file():
+            return False  # deleted, or an all-zero tile zarr never writes: computing it again is safe
+        y0, y1, x0, x1 = tile.output_box(scale)
+        try:
+            self.store[y0:y1, x0:x1]
+        except Exception:  # a truncated or corrupt chunk fails to decode
+            return False
+        return True
 
     def close(self) -> None:
         self._manifest.close()
