@@ -243,6 +243,13 @@ def test_the_icc_profile_is_carried_to_the_output(tmp_path, model, src_suffix, d
         assert Image.open(dst).info.get("icc_profile") == icc
 
 
+def test_half_precision_on_the_cpu_is_flagged(tmp_path, model, caplog):
+    src = tmp_path / "in.png"
+    Image.fromarray(photo(16, 16)).save(src)
+    fastsr.upscale_file(src, tmp_path / "out.png", model, dtype="bf16", progress=False, backend=BACKEND)
+    assert "bfloat16 on the CPU: several times slower than fp32" in caplog.text
+
+
 def test_exif_orientation_is_applied(tmp_path, model):
     """A portrait photo stored landscape with EXIF orientation 6 comes out as it is shown: portrait."""
     from PIL import ImageOps
@@ -358,6 +365,7 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("unknown output format", [str(good), str(tmp / "o.xyz")], "unknown output format"),
         ("output is an existing directory", [str(good), str(tmp / "outdir.png")], "is a directory; name an output"),
         ("tile not matching TIFF", [str(good), str(tmp / "o.tif"), "--tile", "5"], "multiple of 16"),
+        ("pyramid for a PNG", [str(good), str(tmp / "o.png"), "--pyramid"], "written into .tif outputs only"),
     ]
 
 

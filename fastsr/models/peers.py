@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -62,7 +63,13 @@ def read_torch_file(path: str | os.PathLike) -> object:
     """``torch.load(path, weights_only=True)`` on the CPU, with errors as :class:`ModelFileError`."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for disallowed globals, RuntimeError for corrupt archives
+    except pickle.UnpicklingError as exc:  # it holds more than tensors: say so, never suggest weights_only=False
+        wanted = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = (f"it would import {wanted.group(1)} when loaded" if wanted
+                else "it holds Python objects, not just tensors")
+        raise ModelFileError(f"{path}: refused: {what}; fastsr reads weights only and never runs code from a model "
+                             "file (save the state dict, or use .safetensors)") from None
+    except Exception as exc:  # RuntimeError for corrupt archives
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(f"{path}: cannot read it with torch.load(weights_only=True): {first_line}") from None
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import imageio
 from ..distributed import DistInfo, barrier, process_group
@@ -96,6 +97,11 @@ def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, 
     plan = plan_tiles(source.height, source.width, tile=tile, halo=up.halo(halo, source.channels), scale=up.scale)
     out_shape = (*plan.output_shape, source.channels)
     fmt = imageio.check_output(dst, shape=out_shape, dtype=source.dtype, compression=compression)
+    if pyramid and fmt != "tiff":
+        raise UpscaleError(f"--pyramid: {dst} is not a TIFF; pyramid levels are written into .tif outputs only")
+    if up.device.type == "cpu" and up.dtype != torch.float32:
+        log.warning("%s on the CPU: several times slower than fp32 for these models (measured 5-8x); fp32 is "
+                    "the default", str(up.dtype).removeprefix("torch."))
     out_tile = tile * up.scale
     if fmt == "tiff" and out_tile % 16:
         good = -(-tile * up.scale // 16) * 16 // up.scale
