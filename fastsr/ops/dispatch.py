@@ -106,10 +106,10 @@ def get_backend() -> str:
     return _selected.get() or _global_choice or _check_name(os.environ.get("FASTSR_BACKEND", "auto"))
 
 
-def resolve(name: str | None, tensor: torch.Tensor, op: str | None = None) -> ModuleType:
+def resolve(name: str | None, tensor: torch.Tensor, op: str) -> ModuleType:
     """The backend module that serves ``op`` on ``tensor`` (``name=None``: the backend in effect).
 
-    With ``op``, a fast backend is validated against the reference the first time it serves that
+    A fast backend is validated against the reference the first time it serves that
     op on the tensor's device, dtype and memory format (:mod:`.validate`): ``auto`` moves on to the
     next backend with one warning when it fails, a named backend raises BackendUnavailableError.
     """
@@ -127,8 +127,7 @@ _warned_invalid: set[tuple] = set()
 # torch.compile cannot trace ContextVar.get or importlib, so the choice is made in Python and its
 # result (a backend name) is a constant of the compiled graph: the backend in effect at compile time
 # (validation probes run then, outside the graph).
-def _resolve_name(name: str | None, device_type: str, op: str | None = None, dtype: torch.dtype | None = None,
-                  channels_last: bool = False) -> str:
+def _resolve_name(name: str | None, device_type: str, op: str, dtype: torch.dtype, channels_last: bool) -> str:
     name = _check_name(name) if name is not None else get_backend()
     if name != "auto":
         ok, why = availability(name, device_type)
@@ -147,8 +146,8 @@ def _resolve_name(name: str | None, device_type: str, op: str | None = None, dty
         wrong = _invalid(candidate, device_type, op, dtype, channels_last)
         if not wrong:
             return candidate
-        if (candidate, op, dtype, channels_last) not in _warned_invalid:
-            _warned_invalid.add((candidate, op, dtype, channels_last))
+        if (candidate, op, device_type, dtype, channels_last) not in _warned_invalid:
+            _warned_invalid.add((candidate, op, device_type, dtype, channels_last))
             print(f"fastsr: warning: backend {candidate!r} failed its first-use check of {op} "
                   f"({_describe(device_type, dtype, channels_last)}), using the next one: {wrong}",
                   file=sys.stderr, flush=True)
@@ -156,11 +155,9 @@ def _resolve_name(name: str | None, device_type: str, op: str | None = None, dty
     return "torch"
 
 
-def _invalid(name: str, device_type: str, op: str | None, dtype, channels_last: bool) -> str | None:
+def _invalid(name: str, device_type: str, op: str, dtype: torch.dtype, channels_last: bool) -> str | None:
     """Load backend ``name``; why it is wrong for ``op`` here (first-use validation), or None."""
     _LOADED[name] = _module(name)
-    if op is None or dtype is None:
-        return None
     from . import validate
 
     return validate.check(op, name, _LOADED[name], device_type, dtype, channels_last)
