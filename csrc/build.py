@@ -86,6 +86,24 @@ def _compiler_accepts(isa: str) -> bool:
 
 @functools.cache
 def _probe_compiles(compiler: str, isa: str) -> bool:
+    """The verdict is kept in the cache folder, keyed by the compiler (path and version), the flags
+    and the probe, so a process that loads an already built extension compiles nothing."""
+    key = f"{shutil.which(compiler)}|{_tool_version([compiler, '--version'])}|{ISA_VARIANTS[isa][1]}|{_ISA_PROBE[isa]}"
+    record = _cache_root() / "isa-probes" / f"{isa.lower()}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if record.is_file():
+        return record.read_text() == "ok"
+    ok = _compile_probe(compiler, isa)
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f"{record.name}.tmp-{os.getpid()}")
+        tmp.write_text("ok" if ok else "no")
+        os.replace(tmp, record)  # a reader never sees a half-written verdict
+    except OSError:  # a read-only cache only costs the probe again next time
+        pass
+    return ok
+
+
+def _compile_probe(compiler: str, isa: str) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "probe.cpp")
         src.write_text(_ISA_PROBE[isa])

@@ -45,6 +45,18 @@ def test_every_runnable_variant_compiles_its_probe():
         assert "AVX2" in runnable, build.isa_missing("AVX2")
 
 
+def test_isa_probe_verdicts_are_kept_on_disk(tmp_path, monkeypatch):
+    """A later process decides the ISA without compiling a probe again."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build._probe_compiles.cache_clear()
+    first = build._probe_compiles(build._compiler(), "AVX2")
+    assert list((tmp_path / "fastsr" / "isa-probes").glob("avx2-*"))
+    build._probe_compiles.cache_clear()  # as in a new process
+    monkeypatch.setattr(build, "_compile_probe", lambda *a: pytest.fail("compiled the probe again"))
+    assert build._probe_compiles(build._compiler(), "AVX2") == first
+    build._probe_compiles.cache_clear()
+
+
 def test_forced_isa_the_cpu_cannot_run_is_refused(monkeypatch):
     monkeypatch.setattr(build, "_cpu_features", lambda: {"sse2", "avx2", "fma"})  # no f16c, no avx512
     monkeypatch.setenv("FASTSR_CPU_CAPABILITY", "AVX512")
