@@ -59,13 +59,12 @@ class ImageSource:
     returning an (y1 - y0, x1 - x0, channels) array. Reads touch only the requested region.
     ``icc_profile``: the file's embedded color profile (bytes) or None, for the output to carry."""
 
-    icc_profile: bytes | None = None
-
     def __init__(self, path: str, array, height: int, width: int, channels: int, dtype: np.dtype,
                  read: Callable[[int, int, int, int], np.ndarray], closer: Callable[[], None] | None = None,
-                 kind: str = "") -> None:
+                 kind: str = "", icc_profile: bytes | None = None) -> None:
         self.path, self.array, self.height, self.width = path, array, height, width
         self.channels, self.dtype, self._read, self._closer, self.kind = channels, np.dtype(dtype), read, closer, kind
+        self.icc_profile = icc_profile
 
     @property
     def mode(self) -> str:
@@ -109,14 +108,15 @@ def _check_layout(path: str, shape: tuple[int, ...], dtype: np.dtype, what: str)
     return height, width, channels
 
 
-def array_source(array, path: str = "<array>", kind: str = "array", closer=None) -> ImageSource:
+def array_source(array, path: str = "<array>", kind: str = "array", closer=None,
+                 icc_profile: bytes | None = None) -> ImageSource:
     """Wrap an (H, W) or (H, W, C) array-like that supports slicing (numpy, memmap, zarr)."""
     height, width, channels = _check_layout(path, tuple(array.shape), array.dtype, kind)
     if len(array.shape) == 2:
         read = lambda y0, y1, x0, x1: np.asarray(array[y0:y1, x0:x1])[..., None]
     else:
         read = lambda y0, y1, x0, x1: np.asarray(array[y0:y1, x0:x1])
-    return ImageSource(path, array, height, width, channels, array.dtype, read, closer, kind)
+    return ImageSource(path, array, height, width, channels, array.dtype, read, closer, kind, icc_profile)
 
 
 def _open_tiff(path: str) -> ImageSource:
@@ -167,9 +167,8 @@ def _open_tiff(path: str) -> ImageSource:
         block = np.asarray(arr[tuple(sel)]).transpose(order)
         return block if block.ndim == 3 else block[..., None]
 
-    source = ImageSource(path, arr, height, width, channels, arr.dtype, read, tif.close, "TIFF")
-    source.icc_profile = tif.pages.first.iccprofile
-    return source
+    return ImageSource(path, arr, height, width, channels, arr.dtype, read, tif.close, "TIFF",
+                       tif.pages.first.iccprofile)
 
 
 def _png_16bit_color(path: str) -> bool:
@@ -212,9 +211,7 @@ def _open_pillow(path: str) -> ImageSource:
         raise
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: cannot decode image, the file may be truncated or corrupt ({exc})") from None
-    source = array_source(array, path, kind=fmt or "image")
-    source.icc_profile = icc
-    return source
+    return array_source(array, path, kind=fmt or "image", icc_profile=icc)
 
 
 def _pil_to_array(path: str, im) -> np.ndarray:
