@@ -16,13 +16,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_path
+from .compact import SRVGGNetCompact
 from .discriminator import Discriminator
+from .rrdbnet import RRDBNet
 from .srresnet import SRResNet
 from .variants import MSRResNet, PeerSRResNet
 
 FORMAT = "fastsr-model-v1"
 _ARCHS = {"srresnet": SRResNet, "discriminator": Discriminator, "msrresnet": MSRResNet,
-          "peer_srresnet": PeerSRResNet}
+          "peer_srresnet": PeerSRResNet,
+          "rrdbnet": RRDBNet, "srvggnet_compact": SRVGGNetCompact}
 # Embedded models: name -> file shipped in fastsr/models/weights/.
 EMBEDDED = {"default": "srresnet_x4_default.safetensors"}
 

@@ -1,0 +1,43 @@
+"""Real-ESRGAN's SRVGGNetCompact (``realesr-general-x4v3``, ``realesr-animevideov3``).
+
+A plain VGG-style stack at low resolution: 3x3 conv + PReLU, ``num_convs`` x [3x3 conv + PReLU],
+a 3x3 conv to ``out_channels * scale**2`` channels, pixel shuffle, plus the nearest-neighbour
+upscale of the input. Real-ESRGAN names its layers ``body.N`` (even N convs, odd N their PReLUs);
+here conv ``2k`` and PReLU ``2k + 1`` are one fused :class:`~fastsr.nn.ConvPReLU`, ``body.k``, and
+the last conv, with the pixel shuffle and the added input fused in, is ``conv_last``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import ConvPReLU
+
+
+class SRVGGNetCompact(nn.Module):
+    """(N, C_in, H, W) in [0, 1] -> (N, C_out, H*scale, W*scale); per-channel PReLU slopes.
+
+    ``realesr-animevideov3``: 16 convs of 64 channels (``num_convs=16``), x4: 621,424 parameters;
+    ``realesr-general-x4v3``: ``num_convs=32``.
+    """
+
+    def __init__(self, scale: int = 4, num_convs: int = 16, channels: int = 64, in_channels: int = 3,
+                 out_channels: int = 3) -> None:
+        super().__init__()
+        if scale < 1:
+            raise ValueError(f"SRVGGNetCompact scale must be >= 1, got {scale}")
+        if out_channels != in_channels:
+            raise ValueError("SRVGGNetCompact adds the upscaled input, so in_channels must equal out_channels")
+        self.config = {"arch": "srvggnet_compact", "scale": scale, "num_convs": num_convs, "channels": channels,
+                       "in_channels": in_channels, "out_channels": out_channels}
+        self.scale = scale
+        convs = [ConvPReLU(in_channels, channels, 3, num_slopes=channels)]
+        convs += [ConvPReLU(channels, channels, 3, num_slopes=channels) for _ in range(num_convs)]
+        self.body = nn.Sequential(*convs)
+        self.conv_last = ConvPReLU(channels, out_channels * scale * scale, 3, activation=None, shuffle=scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.interpolate(x, scale_factor=self.scale, mode="nearest")
+        return self.conv_last(self.body(x), residual=base)

@@ -1,0 +1,94 @@
+"""ESRGAN's generator, RRDBNet (Wang et al. 2018), as used by ESRGAN, Real-ESRGAN, BSRGAN and RealSR.
+
+Built from :mod:`fastsr.nn` fused layers, with BasicSR's module names (``conv_first``,
+``body.N.rdb1.conv1``, ``conv_body``, ``conv_up1``, ``conv_up2``, ``conv_hr``, ``conv_last``), so
+a BasicSR checkpoint maps one key to one key; :mod:`fastsr.models.peers` reads the other layouts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import ConvPReLU
+
+# Every activation of the ESRGAN family is LeakyReLU(0.2); every residual is scaled by 0.2.
+_LEAKY = {"activation": "leaky_relu", "negative_slope": 0.2}
+RESIDUAL_SCALE = 0.2
+
+
+class ResidualDenseBlock(nn.Module):
+    """Five 3x3 convs, each reading the concatenation of the block input and all earlier outputs:
+    x_k = lrelu(conv_k(cat(x, x_1, ..., x_{k-1}))) for k < 5; returns 0.2 * conv_5(cat(...)) + x.
+
+    (N, channels, H, W) -> same; ``growth`` channels per inner conv.
+    """
+
+    def __init__(self, channels: int = 64, growth: int = 32) -> None:
+        super().__init__()
+        for k in range(1, 5):
+            self.add_module(f"conv{k}", ConvPReLU(channels + (k - 1) * growth, growth, 3, **_LEAKY))
+        self.conv5 = ConvPReLU(channels + 4 * growth, channels, 3, activation=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            features.append(conv(torch.cat(features, 1)))
+        return self.conv5(torch.cat(features, 1)) * RESIDUAL_SCALE + x
+
+
+class RRDB(nn.Module):
+    """Residual-in-residual dense block: three dense blocks, then 0.2 * their output + x."""
+
+    def __init__(self, channels: int = 64, growth: int = 32) -> None:
+        super().__init__()
+        self.rdb1 = ResidualDenseBlock(channels, growth)
+        self.rdb2 = ResidualDenseBlock(channels, growth)
+        self.rdb3 = ResidualDenseBlock(channels, growth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rdb3(self.rdb2(self.rdb1(x))) * RESIDUAL_SCALE + x
+
+
+class RRDBNet(nn.Module):
+    """RRDBNet: (N, C_in, H, W) in [0, 1] -> (N, C_out, H*scale, W*scale).
+
+    conv_first; ``num_blocks`` RRDBs; conv_body + skip; ``log2(scale * unshuffle)`` x [nearest x2
+    upsampling, 3x3 conv, LeakyReLU]; conv_hr + LeakyReLU; conv_last. Scales 1 and 2 (Real-ESRGAN's
+    x1/x2 models) first pixel-unshuffle the input by 4 / 2 and then upsample x4, as BasicSR does;
+    scale 8 (original ESRGAN x8 models) upsamples three times. x4plus (23 blocks, 64 channels,
+    growth 32) has 16,697,987 parameters.
+    """
+
+    def __init__(self, scale: int = 4, num_blocks: int = 23, channels: int = 64, growth: int = 32,
+                 in_channels: int = 3, out_channels: int = 3) -> None:
+        super().__init__()
+        if scale not in (1, 2, 4, 8):
+            raise ValueError(f"RRDBNet scale must be 1, 2, 4 or 8, got {scale}")
+        self.config = {"arch": "rrdbnet", "scale": scale, "num_blocks": num_blocks, "channels": channels,
+                       "growth": growth, "in_channels": in_channels, "out_channels": out_channels}
+        self.scale = scale
+        self.unshuffle = {1: 4, 2: 2}.get(scale, 1)
+        self.conv_first = ConvPReLU(in_channels * self.unshuffle**2, channels, 3, activation=None)
+        self.body = nn.Sequential(*(RRDB(channels, growth) for _ in range(num_blocks)))
+        self.conv_body = ConvPReLU(channels, channels, 3, activation=None)
+        self.num_upsamplings = int(math.log2(scale * self.unshuffle))
+        for i in range(1, self.num_upsamplings + 1):
+            self.add_module(f"conv_up{i}", ConvPReLU(channels, channels, 3, **_LEAKY))
+        self.conv_hr = ConvPReLU(channels, channels, 3, **_LEAKY)
+        self.conv_last = ConvPReLU(channels, out_channels, 3, activation=None)
+
+    def upsampling_convs(self) -> list[ConvPReLU]:
+        return [getattr(self, f"conv_up{i}") for i in range(1, self.num_upsamplings + 1)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unshuffle > 1:
+            x = F.pixel_unshuffle(x, self.unshuffle)
+        features = self.conv_first(x)
+        features = self.conv_body(self.body(features), residual=features)
+        for conv in self.upsampling_convs():
+            features = conv(F.interpolate(features, scale_factor=2, mode="nearest"))
+        return self.conv_last(self.conv_hr(features))
