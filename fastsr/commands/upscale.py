@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pyramid", action="store_true", help="add half-resolution levels to a TIFF output (SubIFDs)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run with the same arguments from its finished tiles")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the finished tiles of an interrupted run and start over")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cpp"],
                    help="kernel backend (default: $FASTSR_BACKEND, else auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         out = upscale_file(args.src, args.dst, args.model, tile=args.tile, halo=args.halo,
                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, resume=args.resume,
                            compression=args.compression, pyramid=args.pyramid, progress=not args.quiet,
-                           backend=args.backend)
+                           backend=args.backend, restart=args.restart)
     except BackendUnavailableError as exc:
         raise UserError(str(exc)) from None
     if not args.quiet and int(os.environ.get("RANK", "0")) == 0:

@@ -56,7 +56,7 @@ class _Run:
 def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, tile: int = 512,
                  halo: int | str = "auto", batch_size: int | None = None, device=None, dtype=None,
                  resume: bool = False, compression: str = "zstd", pyramid: bool = False, progress: bool = True,
-                 backend: str | None = None) -> Path:
+                 backend: str | None = None, restart: bool = False) -> Path:
     """Upscale the image file ``src`` into ``dst`` in tiles, in bounded memory; returns ``dst``.
 
     src: TIFF/BigTIFF (tiled or stripped), a zarr array, a .npy file, or PNG/JPEG/...;
@@ -65,8 +65,10 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
     half-resolution levels as SubIFDs), .zarr (v3, chunks of ``tile * scale``) or
     .png/.jpg/.webp (in memory, limited size). ``halo="auto"`` is the model's receptive field,
     which makes the output equal to whole-image inference. ``resume=True`` continues a killed
-    run from its manifest (same settings required). Raises :class:`fastsr.errors.UserError`
-    subclasses for bad inputs and outputs, all checked before any work starts.
+    run from its manifest (same settings required); ``restart=True`` discards such a run's
+    finished tiles and starts over (without either, finding them is an error). Raises
+    :class:`fastsr.errors.UserError` subclasses for bad inputs and outputs, all checked before
+    any work starts.
     """
     src_path, dst_path = Path(src), Path(dst)
     if src_path.resolve() == dst_path.resolve():
@@ -79,7 +81,7 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
                             compression=compression, pyramid=pyramid, backend=backend)
             with output_lock(dst_path, dist):  # after the checks: the output folder exists and is writable
                 work = WorkDir(work_path(dst_path), run.header, tuple(run.header["shape"]), run.chunks,
-                               source.dtype, resume=resume, dist=dist)
+                               source.dtype, resume=resume, dist=dist, restart=restart)
                 work.verify(run.plan, run.batch_size)
                 assembler = _start_assembler(run, work, dist)
                 _compute(up, source, run, work, dist, assembler, progress)

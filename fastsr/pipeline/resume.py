@@ -31,18 +31,22 @@ class WorkDir:
     tile) and ``done.rank<R>.txt`` manifests listing finished batch numbers, one per line, each
     written after its tiles are in the store (so a listed batch is always complete)."""
 
-    def __init__(self, path: Path, header: dict, shape, chunks, dtype, *, resume: bool, dist: DistInfo) -> None:
+    def __init__(self, path: Path, header: dict, shape, chunks, dtype, *, resume: bool, dist: DistInfo,
+                 restart: bool = False) -> None:
+        if resume and restart:
+            raise UpscaleError("--resume and --restart exclude each other: --resume continues the interrupted run, "
+                               "--restart discards its finished tiles")
         rank = dist.rank
         self.path, self.rank = path, rank
         self.header_path, self.store_path = path / "header.json", path / "tiles.zarr"
         if rank == 0:
-            self._prepare(header, shape, chunks, dtype, resume)
+            self._prepare(header, shape, chunks, dtype, resume, restart)
         barrier(dist)
         self.store = imageio.create_zarr(self.store_path, shape, chunks, dtype, mode="a")
         self.done = self._read_done()
         self._manifest = open(path / f"done.rank{rank}.txt", "a")
 
-    def _prepare(self, header, shape, chunks, dtype, resume: bool) -> None:
+    def _prepare(self, header, shape, chunks, dtype, resume: bool, restart: bool) -> None:
         if self.path.exists() and resume:
             try:
                 old = json.loads(self.header_path.read_text())
@@ -54,15 +58,33 @@ class WorkDir:
             if old is not None:
                 diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in header.items() if old.get(k) != v)
                 raise UpscaleError(f"cannot resume: the partial output {self.path} was made with other settings "
-                                   f"({diff}); run without --resume to start over")
+                                   f"({diff}); rerun with those settings, or with --restart to discard it and "
+                                   "start over")
         elif resume:
             log.info("nothing to resume (%s does not exist); starting from the beginning", self.path)
+        elif not restart:
+            self._refuse_to_discard()
         imageio.remove_path(self.path)
         self.path.mkdir()
         imageio.create_zarr(self.store_path, shape, chunks, dtype)
         # The header goes last: a work folder without it is never resumed from.
         with atomic_path(self.header_path) as tmp:
             tmp.write_text(json.dumps(header, indent=1))
+
+    def _refuse_to_discard(self) -> None:
+        """A run without --resume or --restart never silently throws away an interrupted run's
+        finished tiles (hours of work on a large image): it stops and names both choices."""
+        try:
+            old = json.loads(self.header_path.read_text())
+        except (OSError, ValueError):
+            return  # no header: nothing a run could resume from
+        done = self._read_done()
+        if not done:
+            return
+        tiles = _tiles_in(old, done)
+        found = f"{len(done)} finished batches" + (f" ({tiles} tiles)" if tiles is not None else "")
+        raise UpscaleError(f"{self.path} holds {found} of an interrupted run of this output; rerun with --resume to "
+                           f"continue it, or with --restart to discard them and start over")
 
     def _read_done(self) -> set[int]:
         done = set()
@@ -100,6 +122,18 @@ class WorkDir:
 
     def close(self) -> None:
         self._manifest.close()
+
+
+def _tiles_in(header: dict, done: set[int]) -> int | None:
+    """How many tiles the batches ``done`` of the run described by ``header`` hold (row-major
+    batches of ``batch_size`` tiles, the last one shorter); None for a header without the sizes."""
+    try:
+        height, width = header["shape"][0] // header["scale"], header["shape"][1] // header["scale"]
+        tile, size = int(header["tile"]), int(header["batch_size"])
+        count = -(-height // tile) * -(-width // tile)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, IndexError):
+        return None
+    return sum(max(0, min(size, count - g * size)) for g in done)
 
 
 @contextlib.contextmanager
