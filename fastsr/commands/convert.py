@@ -5,6 +5,7 @@ Detected from the checkpoint's keys, with sizes and scale read from the tensor s
   BasicSR MSRResNet (x2/x3/x4; params or params_ema)             -> MSRResNet
   leftthomas SRGAN generator (block1 ... block8)                  -> SRResNet + (tanh + 1) / 2
   a fastsr SRResNet state dict (e.g. runs/NAME/checkpoint.pt)    -> SRResNet
+  Real-ESRGAN ncnn model (.param, its .bin beside it)            -> RRDBNet / SRVGGNetCompact
 Checkpoints load with torch.load(weights_only=True): nothing in them is executed. EMA weights
 are used when the checkpoint has them (--no-ema: the raw weights).
 
@@ -21,7 +22,7 @@ HELP = "convert another SRGAN code base's checkpoint to a fastsr model file"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", metavar="SRC", help="checkpoint file (.pth, .pt, .pth.tar, .safetensors)")
+    p.add_argument("src", metavar="SRC", help="checkpoint file (.pth, .pt, .pth.tar, .safetensors; ncnn .param)")
     p.add_argument("dst", metavar="DST", help="fastsr model file to write (.safetensors)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA ones")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
@@ -36,13 +37,14 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from ..models import save_model
     from ..models.checkpoint import FORMAT, ModelFileError
+    from ..models.ncnn import load_ncnn
     from ..models.peers import load_checkpoint
 
     src = Path(args.src)
     if not src.is_file():
         raise UserError(f"checkpoint not found: {src}")
     try:
-        model = load_checkpoint(src, prefer_ema=not args.no_ema)
+        model = load_ncnn(src) if src.suffix == ".param" else load_checkpoint(src, prefer_ema=not args.no_ema)
     except ModelFileError as exc:
         raise UserError(str(exc)) from None
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]

@@ -71,7 +71,8 @@ def load_model(name_or_path: str | os.PathLike = "default", *, device: str | tor
 
     Besides fastsr's own files, generator checkpoints of other SRGAN code bases (``.pth``, ``.pt``,
     ``.pth.tar``, safetensors without fastsr metadata) are detected and converted; see
-    :mod:`fastsr.models.peers`.
+    :mod:`fastsr.models.peers`; an ncnn ``.param`` (Real-ESRGAN's) loads with its ``.bin``, see
+    :mod:`fastsr.models.ncnn`.
     """
     from . import peers  # peers imports this module
 
@@ -79,6 +80,10 @@ def load_model(name_or_path: str | os.PathLike = "default", *, device: str | tor
     if not path.is_file():
         known = ", ".join(EMBEDDED)
         raise ModelFileError(f"model file not found: {path} (embedded models: {known})")
+    if path.suffix == ".param":  # an ncnn graph, its .bin beside it
+        from .ncnn import load_ncnn  # ncnn imports this module
+
+        return load_ncnn(path).to(device)
     if peers.is_torch_file(path):
         return peers.load_checkpoint(path).to(device)
     try:
