@@ -366,8 +366,13 @@ def optimize(model: nn.Module) -> nn.Module:
 
     Uses the BatchNorm running statistics (eval semantics), so outputs in eval mode are unchanged
     up to float rounding. The model is left in eval mode and channels_last; training it again
-    afterwards trains the folded convs (there is no BatchNorm any more).
+    afterwards trains the folded convs (there is no BatchNorm any more). Modules that have an
+    inference form of their own (``optimize_for_inference()``, e.g. :class:`fastsr.models.RRDBNet`:
+    residual scales in the weights, upsampling folded into the following conv) are switched to it.
     """
+    for module in list(model.modules()):
+        if hasattr(module, "optimize_for_inference"):
+            module.optimize_for_inference()
     for module in model.modules():
         if isinstance(module, ConvPReLU) and module.bn is not None:
             weight, bias = fold_batchnorm(module.conv.weight, module.conv.bias, module.bn)

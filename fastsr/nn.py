@@ -35,6 +35,31 @@ def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
     return (weight.double() * scale.view(-1, 1, 1, 1)).to(weight.dtype), shift.to(weight.dtype)
 
 
+# Rows: the LR kernel tap (offset -1, 0, +1); columns: the HR tap it gathers. For sub-pixel 0 the
+# HR taps -1, 0, +1 of HR position 2y fall on LR rows y-1, y, y; for sub-pixel 1 (2y+1) on y, y, y+1.
+_NEAREST_X2_TAPS = torch.tensor([[[1, 0, 0], [0, 1, 1], [0, 0, 0]],
+                                 [[0, 0, 0], [1, 1, 0], [0, 0, 1]]], dtype=torch.float64)
+
+
+def fold_nearest_upsampling(weight: torch.Tensor,
+                            bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A 3x3 conv after a nearest-neighbour x2 upsampling, as a conv at the low resolution followed
+    by ``pixel_shuffle(2)``: ``conv(interpolate(x, 2, "nearest")) == pixel_shuffle(conv'(x), 2)``.
+
+    ``weight`` (C_out, C_in, 3, 3) -> (4 C_out, C_in, 3, 3), output channel ``4 c + 2 i + j`` being
+    sub-pixel (i, j) of channel c (pixel_shuffle's order); ``bias`` (C_out,) -> (4 C_out,). Exact,
+    zero padding included (an HR tap outside the image is an LR tap outside it); the upsampled
+    tensor is never built. Summed taps are computed in float64 and rounded once.
+    """
+    if weight.shape[2:] != (3, 3):
+        raise ValueError(f"fold_nearest_upsampling needs a 3x3 kernel, got {tuple(weight.shape[2:])}")
+    taps = _NEAREST_X2_TAPS.to(weight.device)
+    # w'[o, i, j, c, a, b] = sum_{k,l} taps[i, a, k] * w[o, c, k, l] * taps[j, b, l]
+    folded = torch.einsum("iak,ockl,jbl->oijcab", taps, weight.double(), taps)
+    folded = folded.reshape(4 * weight.shape[0], weight.shape[1], 3, 3).to(weight.dtype)
+    return folded, None if bias is None else bias.repeat_interleave(4)
+
+
 class ConvPReLU(nn.Module):
     """Conv2d(kernel_size, stride 1, 'same') -> [BN] -> [PixelShuffle(shuffle)] -> [activation].
 

@@ -175,3 +175,30 @@ def test_srresnet_x4_on_cpp_within_rule(channels_last_input, auto):
         got = fused(x)
     assert _calls() - before == 35
     assert_within_rule("SRResNet x4 (cpp, Winograd)", got, expected64, expected, torch.float32)
+
+
+@pytest.mark.parametrize("cin,cout", [(96, 32), (160, 32), (192, 64)], ids=["96-32", "160-32", "192-64"])
+def test_dense_block_shapes_take_winograd(cin, cout, forced):
+    """RRDBNet's dense-block convs (32 outputs: the 12-tile micro-kernel) within the rule."""
+    before = _calls()
+    ins = conv_inputs("cpu", 1, cin, cout, 13, 17, 3, 1, True, "scalar", cout == 64, True)
+    assert_conv_forward_within_rule("cpp", ins, 1, torch.float32, True)
+    assert _calls() == before + 1
+
+
+def test_transformed_weights_follow_in_place_updates(forced):
+    """The transformed-weight cache (per weight tensor) must see an in-place update (its version
+    counter) and a new tensor at a reused address; each result equals a fresh call's."""
+    x = fmt(torch.rand(1, 64, 12, 12, generator=torch.Generator().manual_seed(4)), True)
+    w = torch.randn(64, 64, 3, 3, generator=torch.Generator().manual_seed(5)) * 0.05
+    conv = torch.ops.fastsr.conv2d_prelu
+    with torch.no_grad():
+        first = conv(x, w, None, None, None, 1)
+        w.mul_(2)  # same storage, same address, new version
+        assert torch.allclose(conv(x, w, None, None, None, 1), 2 * first, rtol=1e-5, atol=1e-6)
+        w.copy_(torch.flip(w, dims=[0]))
+        assert torch.equal(conv(x, w, None, None, None, 1), conv(x, w.clone(), None, None, None, 1))
+        for seed in range(3):  # freed and reallocated weights may land on the same address
+            fresh = torch.randn(64, 64, 3, 3, generator=torch.Generator().manual_seed(10 + seed))
+            assert torch.equal(conv(x, fresh, None, None, None, 1), conv(x, fresh.clone(), None, None, None, 1))
+            del fresh

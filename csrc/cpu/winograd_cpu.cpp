@@ -16,7 +16,9 @@
 //      store. For a shuffle the output channels are reordered (i, j, c) instead of (c, i, j) (the
 //      weights are permuted), so every vector of channels belongs to one sub-pixel and is stored
 //      as one contiguous run of the NHWC output.
-// U = G g G^T is computed per call in fp64 and rounded once (cheap: 16 C_in C_out values).
+// U = G g G^T is computed in fp64 and rounded once, and cached per weight tensor (see
+// WeightCache): at 64x64 inputs the transform was 20-30% of a call, and inference calls the
+// same weights again and again.
 // NCHW inputs are converted to NHWC once and the NHWC result converted back at the end.
 #include "winograd_cpu.h"
 
@@ -25,10 +27,15 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <c10/core/StorageImpl.h>
+#include <c10/util/intrusive_ptr.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "../common.h"
@@ -40,10 +47,12 @@ namespace {
 using V = at::vec::Vectorized<float>;
 constexpr int64_t kVS = V::size();
 // Micro-kernel: MR tiles x NRV vectors of accumulators + NRV weight vectors + 1 broadcast must
-// fit the vector registers: 6 x 4 (+5) of AVX-512's 32, 6 x 2 (+3) of AVX2's 16.
-constexpr int kMR = 6;
+// fit the vector registers: 6 x 4 (+5) of AVX-512's 32, 6 x 2 (+3) of AVX2's 16. Narrower chunks
+// (32 output channels: RRDBNet's dense-block convs) use more tiles per step: 12 x 2 (+3) on
+// AVX-512, 12 x 1 (+2) on AVX2, so each weight vector loaded feeds twice as many FMAs.
 constexpr int kNRV = kVS >= 16 ? 4 : 2;
-constexpr int64_t kTiles = 36;  // tiles per block (a multiple of kMR)
+constexpr int mr_for(int nrv) { return nrv * 2 <= kNRV ? 12 : 6; }
+constexpr int64_t kTiles = 36;  // tiles per block (a multiple of every MR)
 // Channel counts must be multiples of this (a whole number of vectors in every ISA variant).
 constexpr int64_t kChannelMultiple = 16;
 // "auto" mode: at least this many input pixels per image; below it oneDNN's direct conv is used
@@ -131,6 +140,72 @@ std::vector<float> transform_weights(const at::Tensor& weight, const Plan& p) {
   return U;
 }
 
+// Transformed weights per weight tensor. An entry is valid while the weight's storage is alive
+// (weak reference) and its version counter unchanged (an in-place update, e.g. an optimizer step,
+// bumps it), for the same data pointer, sizes, strides and shuffle; anything else recomputes.
+// Inference tensors have no version counter and are never cached. Bounded by kCacheBytes:
+// expired entries go first, then the oldest.
+class WeightCache {
+ public:
+  using Value = std::shared_ptr<const std::vector<float>>;
+
+  template <typename Make>
+  Value get(const at::Tensor& weight, int64_t shuffle, Make make) {
+    if (weight.is_inference()) return std::make_shared<const std::vector<float>>(make());
+    Key key{weight.data_ptr(), weight._version(), weight.sizes().vec(), weight.strides().vec(), shuffle};
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (const Entry& e : entries_)
+        if (e.key == key && !e.storage.expired()) return e.value;
+    }
+    Value value = std::make_shared<const std::vector<float>>(make());
+    std::lock_guard<std::mutex> lock(mutex_);
+    insert(Entry{weight.storage().getWeakStorageImpl(),
+                 std::move(key), value});
+    return value;
+  }
+
+ private:
+  static constexpr size_t kCacheBytes = size_t(1) << 30;
+  struct Key {
+    const void* data;
+    uint32_t version;
+    std::vector<int64_t> sizes, strides;
+    int64_t shuffle;
+    bool operator==(const Key& o) const {
+      return data == o.data && version == o.version && sizes == o.sizes && strides == o.strides &&
+             shuffle == o.shuffle;
+    }
+  };
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+    Key key;
+    Value value;
+  };
+
+  void insert(Entry entry) {
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
+                                  [&](const Entry& e) { return e.storage.expired() || e.key.data == entry.key.data; }),
+                   entries_.end());
+    const size_t add = entry.value->size() * sizeof(float);
+    while (!entries_.empty() && bytes() + add > kCacheBytes) entries_.erase(entries_.begin());
+    entries_.push_back(std::move(entry));
+  }
+  size_t bytes() const {
+    size_t total = 0;
+    for (const Entry& e : entries_) total += e.value->size() * sizeof(float);
+    return total;
+  }
+
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+};
+
+WeightCache& weight_cache() {
+  static WeightCache cache;
+  return cache;
+}
+
 // Input transform of tile `tile` (global index) into Vt[e][slot][ci].
 inline void input_tile(const float* __restrict__ x, const Plan& p, int64_t tile, float* __restrict__ vt,
                        int64_t slot) {
@@ -216,13 +291,14 @@ inline void output_tile(const float* __restrict__ m, const Plan& p, int64_t tile
 
 template <int NRV>
 void gemm_chunk(const float* vt, const float* u, float* m, const Plan& p, int64_t rows) {
+  constexpr int MR = mr_for(NRV);
   for (int e = 0; e < 16; ++e) {
     const float* a = vt + e * kTiles * p.Cin;
     const float* b = u + e * p.chunks * p.Cin * p.CW;
     float* c = m + e * kTiles * p.CW;
-    for (int64_t t0 = 0; t0 < rows; t0 += kMR)
+    for (int64_t t0 = 0; t0 < rows; t0 += MR)
       for (int64_t col = 0; col < p.CW; col += NRV * kVS)
-        micro_kernel<kMR, NRV>(a + t0 * p.Cin, p.Cin, b + col, p.CW, c + t0 * p.CW + col, p.CW, p.Cin);
+        micro_kernel<MR, NRV>(a + t0 * p.Cin, p.Cin, b + col, p.CW, c + t0 * p.CW + col, p.CW, p.Cin);
   }
 }
 
@@ -233,7 +309,7 @@ void run(const float* x, const float* U, const Plan& p, const Epilogue& ep) {
     std::vector<float> vt(16 * kTiles * p.Cin, 0.f), m(16 * kTiles * p.CW, 0.f);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t t_begin = blk * kTiles, nt = std::min(kTiles, p.tiles - t_begin);
-      const int64_t rows = (nt + kMR - 1) / kMR * kMR;
+      const int64_t mr = mr_for(nrv), rows = (nt + mr - 1) / mr * mr;
       for (int64_t s = 0; s < nt; ++s) input_tile(x, p, t_begin + s, vt.data(), s);
       for (int64_t k = 0; k < p.chunks; ++k) {
         const float* uk = U + k * p.Cin * p.CW;
@@ -282,7 +358,7 @@ at::Tensor winograd_conv2d_prelu(const at::Tensor& x, const at::Tensor& weight, 
   p.chunks = p.Cout / p.CW;
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor xin = x.contiguous(cl);
-  const std::vector<float> U = transform_weights(weight.contiguous(), p);
+  const auto U = weight_cache().get(weight, shuffle, [&] { return transform_weights(weight.contiguous(), p); });
   at::Tensor out = at::empty({p.N, p.C, p.H * p.r, p.W * p.r}, x.options(), cl);
   at::Tensor b, s, res;
   if (bias) {
@@ -298,7 +374,7 @@ at::Tensor winograd_conv2d_prelu(const at::Tensor& x, const at::Tensor& weight, 
   }
   const Epilogue ep{b.defined() ? b.const_data_ptr<float>() : nullptr, s.defined() ? s.const_data_ptr<float>() : nullptr,
                     res.defined() ? res.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>()};
-  run(xin.const_data_ptr<float>(), U.data(), p, ep);
+  run(xin.const_data_ptr<float>(), U->data(), p, ep);
   return is_channels_last(fmt) ? out : out.contiguous(fmt);
 }
 

@@ -3,6 +3,16 @@
 Built from :mod:`fastsr.nn` fused layers, with BasicSR's module names (``conv_first``,
 ``body.N.rdb1.conv1``, ``conv_body``, ``conv_up1``, ``conv_up2``, ``conv_hr``, ``conv_last``), so
 a BasicSR checkpoint maps one key to one key; :mod:`fastsr.models.peers` reads the other layouts.
+
+:func:`fastsr.optimize` calls :meth:`RRDBNet.optimize_for_inference`, which rewrites the model
+into its inference form (same outputs up to float rounding, different weights):
+
+* the 0.2 residual scales go into the weights of each dense block's last conv, so
+  ``0.2 * conv5(f) + x`` is one fused conv with a residual; an RRDB's own scale folds into its
+  third block: ``0.2 (0.2 c5 + y) + x = 0.04 c5 + (x + 0.2 y)``;
+* each nearest x2 upsampling + 3x3 conv becomes one low-resolution conv to 4x the channels with
+  the pixel shuffle and LeakyReLU in its epilogue (:func:`fastsr.nn.fold_nearest_upsampling`):
+  no upsampled tensor is built, and the conv runs on fastsr's fused conv+shuffle path.
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import ConvPReLU
+from ..nn import ConvPReLU, fold_nearest_upsampling
 
 # Every activation of the ESRGAN family is LeakyReLU(0.2); every residual is scaled by 0.2.
 _LEAKY = {"activation": "leaky_relu", "negative_slope": 0.2}
@@ -32,12 +42,26 @@ class ResidualDenseBlock(nn.Module):
         for k in range(1, 5):
             self.add_module(f"conv{k}", ConvPReLU(channels + (k - 1) * growth, growth, 3, **_LEAKY))
         self.conv5 = ConvPReLU(channels + 4 * growth, channels, 3, activation=None)
+        self.scale_folded = False  # True once conv5's weights carry the 0.2 (inference form)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def dense_features(self, x: torch.Tensor) -> torch.Tensor:
+        """cat(x, x_1, ..., x_4): what conv5 reads, (N, channels + 4 growth, H, W)."""
         features = [x]
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
             features.append(conv(torch.cat(features, 1)))
-        return self.conv5(torch.cat(features, 1)) * RESIDUAL_SCALE + x
+        return torch.cat(features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale_folded:
+            return self.conv5(self.dense_features(x), residual=x)
+        return self.conv5(self.dense_features(x)) * RESIDUAL_SCALE + x
+
+    @torch.no_grad()
+    def fold_scale(self, factor: float) -> None:
+        """Multiply conv5's weight and bias by ``factor`` (exact up to one rounding per weight)."""
+        self.conv5.conv.weight.mul_(factor)
+        if self.conv5.conv.bias is not None:
+            self.conv5.conv.bias.mul_(factor)
 
 
 class RRDB(nn.Module):
@@ -48,9 +72,24 @@ class RRDB(nn.Module):
         self.rdb1 = ResidualDenseBlock(channels, growth)
         self.rdb2 = ResidualDenseBlock(channels, growth)
         self.rdb3 = ResidualDenseBlock(channels, growth)
+        self.scale_folded = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rdb3(self.rdb2(self.rdb1(x))) * RESIDUAL_SCALE + x
+        if not self.scale_folded:
+            return self.rdb3(self.rdb2(self.rdb1(x))) * RESIDUAL_SCALE + x
+        y = self.rdb2(self.rdb1(x))
+        # 0.2 * (0.2 conv5(f) + y) + x with the 0.04 in rdb3.conv5's weights: one fused conv.
+        return self.rdb3.conv5(self.rdb3.dense_features(y), residual=torch.add(x, y, alpha=RESIDUAL_SCALE))
+
+    def fold_scales(self) -> None:
+        """Switch to the inference form: every residual scale lives in a conv5's weights."""
+        if self.scale_folded:
+            return
+        self.rdb1.fold_scale(RESIDUAL_SCALE)
+        self.rdb2.fold_scale(RESIDUAL_SCALE)
+        self.rdb3.fold_scale(RESIDUAL_SCALE * RESIDUAL_SCALE)
+        self.rdb1.scale_folded = self.rdb2.scale_folded = True
+        self.scale_folded = True
 
 
 class RRDBNet(nn.Module):
@@ -80,6 +119,7 @@ class RRDBNet(nn.Module):
             self.add_module(f"conv_up{i}", ConvPReLU(channels, channels, 3, **_LEAKY))
         self.conv_hr = ConvPReLU(channels, channels, 3, **_LEAKY)
         self.conv_last = ConvPReLU(channels, out_channels, 3, activation=None)
+        self.upsampling_folded = False  # True: each conv_up is an LR conv + pixel shuffle
 
     def upsampling_convs(self) -> list[ConvPReLU]:
         return [getattr(self, f"conv_up{i}") for i in range(1, self.num_upsamplings + 1)]
@@ -90,5 +130,28 @@ class RRDBNet(nn.Module):
         features = self.conv_first(x)
         features = self.conv_body(self.body(features), residual=features)
         for conv in self.upsampling_convs():
-            features = conv(F.interpolate(features, scale_factor=2, mode="nearest"))
+            if not self.upsampling_folded:
+                features = F.interpolate(features, scale_factor=2, mode="nearest")
+            features = conv(features)
         return self.conv_last(self.conv_hr(features))
+
+    @torch.no_grad()
+    def optimize_for_inference(self) -> None:
+        """Rewrite in place into the inference form (module docstring); idempotent.
+
+        The state dict changes (conv_up weights have 4x the output channels), so save the model
+        before, not after.
+        """
+        for block in self.body:
+            block.fold_scales()
+        if self.upsampling_folded:
+            return
+        for i, old in enumerate(self.upsampling_convs(), start=1):
+            weight, bias = fold_nearest_upsampling(old.conv.weight, old.conv.bias)
+            new = ConvPReLU(old.conv.in_channels, weight.shape[0], 3, bias=bias is not None, shuffle=2, **_LEAKY)
+            new = new.to(device=weight.device, dtype=weight.dtype)
+            new.conv.weight.copy_(weight)
+            if bias is not None:
+                new.conv.bias.copy_(bias)
+            setattr(self, f"conv_up{i}", new)
+        self.upsampling_folded = True

@@ -9,6 +9,7 @@ from .. import imageio
 from ..imageio import ImageSource
 from ..tiling import TilePlan, paste, plan_tiles
 from .engine import UpscaleError, Upscaler
+from .halo import choose_halo, source_reader
 
 # Images up to this many pixels are upscaled whole by upscale_image(tile=None); larger ones in
 # tiles of AUTO_TILE (the activations of a whole 4x SRResNet pass grow with the image).
@@ -42,7 +43,8 @@ def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | Non
     input's device and dtype, not clamped). model: a module, a model file, "default" or None
     (the embedded default). tile: None = whole image up to 512x512 pixels, tiles of 512
     beyond; an int forces tiles of that size (same output up to float rounding when the halo
-    covers the receptive field, as with halo="auto"). Safe to call from several threads.
+    covers the receptive field, as halo="auto" does where affordable; see
+    :mod:`fastsr.pipeline.halo`). Safe to call from several threads.
     """
     up = Upscaler(model, device=device, dtype=dtype, backend=backend)
     if batch_size is None:
@@ -58,8 +60,10 @@ def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | Non
     else:
         raise UpscaleError(f"cannot upscale a {type(image).__name__}; pass a PIL image, a numpy array or a tensor")
     source = imageio.array_source(array, "<array>", "array")
-    plan = plan_tiles(source.height, source.width, tile=tile_size(tile, source.height, source.width),
-                      halo=up.halo(halo, source.channels), scale=up.scale)
+    tile = tile_size(tile, source.height, source.width)
+    halo = choose_halo(up, halo, height=source.height, width=source.width, channels=source.channels, tile=tile,
+                       read=source_reader(source)).halo
+    plan = plan_tiles(source.height, source.width, tile=tile, halo=halo, scale=up.scale)
     out = np.empty((*plan.output_shape, source.channels), dtype=source.dtype)
     _uint_tiles(up, source, plan, batch_size, out)
     if pil_mode is None:
@@ -78,7 +82,10 @@ def _upscale_tensor(up: Upscaler, x: torch.Tensor, tile, halo, batch_size: int) 
     squeeze = x.dim() == 3
     x4 = x[None] if squeeze else x
     n, c, h, w = x4.shape
-    plan = plan_tiles(h, w, tile=tile_size(tile, h, w), halo=up.halo(halo, c), scale=up.scale)
+    tile = tile_size(tile, h, w)
+    halo = choose_halo(up, halo, height=h, width=w, channels=c, tile=tile,
+                       read=lambda y0, y1, x0, x1: x4[:1, :, y0:y1, x0:x1].float().cpu()).halo
+    plan = plan_tiles(h, w, tile=tile, halo=halo, scale=up.scale)
     s = up.scale
     out = torch.empty((n, c, h * s, w * s), dtype=x.dtype, device=x.device)
     with torch.inference_mode():

@@ -1,0 +1,145 @@
+"""Inference forms of the ESRGAN family (fastsr.optimize) and the measured halo of deep models.
+
+* :func:`fastsr.nn.fold_nearest_upsampling`: nearest x2 + 3x3 conv == LR conv + pixel shuffle,
+  exactly in float64, borders included;
+* RRDBNet's inference form (residual scales in the weights, upsampling folded) equals the plain
+  form on odd shapes, scales 1/2/4, both memory formats, on the torch and cpp backends, within
+  the 2x-of-PyTorch rule against the float64 plain model;
+* ``halo="auto"``: exact for models with small receptive fields whatever the tile; measured for
+  a deep RRDBNet, and the tiled output with the measured halo stays within a level of the whole.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from backends import require_backend
+from tolerance import assert_within_rule, fmt
+
+import fastsr
+from fastsr.models.compact import SRVGGNetCompact
+from fastsr.models.rrdbnet import RRDBNet
+from fastsr.nn import fold_nearest_upsampling
+from fastsr.pipeline import halo as halo_mod
+from fastsr.pipeline.engine import Upscaler
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fold_nearest_upsampling_is_exact(bias):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 4, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64) if bias else None
+    x = torch.randn(2, 4, 7, 9, generator=g, dtype=torch.float64)
+    expected = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, b, padding=1)
+    w2, b2 = fold_nearest_upsampling(w, b)
+    assert w2.shape == (20, 4, 3, 3)
+    torch.testing.assert_close(F.pixel_shuffle(F.conv2d(x, w2, b2, padding=1), 2), expected, rtol=0, atol=1e-12)
+
+
+def test_fold_nearest_upsampling_needs_3x3():
+    with pytest.raises(ValueError, match="3x3"):
+        fold_nearest_upsampling(torch.zeros(2, 2, 5, 5), None)
+
+
+def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Weights large enough that every layer matters (default init leaves the body near identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5))
+    return model.eval()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("scale", [1, 2, 4])
+def test_rrdbnet_inference_form_equals_plain(scale, channels_last, backend):
+    require_backend(backend)
+    plain = _randomised(RRDBNet(scale=scale, num_blocks=2, channels=32, growth=16), seed=scale)
+    optimized = fastsr.optimize(copy.deepcopy(plain))
+    assert optimized.upsampling_folded and all(block.scale_folded for block in optimized.body)
+    size = (13, 11) if scale == 4 else (16, 12)  # x1/x2 pixel-unshuffle the input by 4 / 2
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref64 = copy.deepcopy(plain).double()(x.double())
+        same = plain(x)
+        with fastsr.use_backend(backend):
+            ours = optimized(fmt(x, channels_last))
+    assert ours.shape == (2, 3, size[0] * scale, size[1] * scale)
+    assert_within_rule(f"RRDBNet x{scale} inference form", ours, ref64, same, torch.float32)
+
+
+def test_rrdbnet_inference_form_is_idempotent():
+    model = fastsr.optimize(_randomised(RRDBNet(num_blocks=1, channels=16, growth=16), seed=3))
+    x = torch.rand(1, 3, 9, 10)
+    with torch.no_grad():
+        before = model(x)
+        fastsr.optimize(model)
+        assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_compact_optimized_equals_plain(backend):
+    require_backend(backend)
+    plain = _randomised(SRVGGNetCompact(num_convs=4, channels=32), seed=5)
+    x = torch.rand(1, 3, 11, 13, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref64 = copy.deepcopy(plain).double()(x.double())
+        with fastsr.use_backend(backend):
+            ours = fastsr.optimize(copy.deepcopy(plain))(x)
+        same = plain(x)
+    assert_within_rule("SRVGGNetCompact", ours, ref64, same, torch.float32)
+
+
+def _photo(h: int, w: int) -> np.ndarray:
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut()[120:120 + h, 140:140 + w])
+
+
+def _choice(model, image: np.ndarray, tile: int) -> halo_mod.HaloChoice:
+    source = fastsr.imageio.array_source(image, "<photo>", "array")
+    return halo_mod.choose_halo(Upscaler(model), "auto", height=image.shape[0], width=image.shape[1], channels=3,
+                                tile=tile, read=halo_mod.source_reader(source))
+
+
+def test_auto_halo_is_exact_for_small_receptive_fields_whatever_the_tile():
+    choice = _choice(fastsr.load_model("default"), _photo(48, 40), tile=16)
+    assert (choice.halo, choice.how) == (40, "exact")
+    assert _choice(fastsr.load_model("default"), _photo(48, 40), tile=48).how == "whole image"
+
+
+def test_given_halo_is_kept():
+    up = Upscaler(fastsr.load_model("default"))
+    choice = halo_mod.choose_halo(up, 7, height=50, width=50, channels=3, tile=16, read=None)
+    assert (choice.halo, choice.how) == (7, "given")
+
+
+def test_probe_cores_stay_inside_the_image():
+    for h, w in [(8, 8), (9, 300), (500, 400), (40, 2000)]:
+        for y, x in halo_mod.probe_cores(h, w, 128):
+            assert 0 <= y <= h - halo_mod.PROBE_CORE and 0 <= x <= w - halo_mod.PROBE_CORE
+    assert all(128 <= y <= 500 - 128 - 8 for y, _ in halo_mod.probe_cores(500, 400, 128))
+
+
+def test_deep_model_gets_a_measured_halo_that_keeps_tiles_within_a_level():
+    # 9 RRDBs: a receptive field of ~140 LR pixels, beyond the exact-halo limit.
+    model = _randomised(RRDBNet(num_blocks=9, channels=16, growth=8), seed=11)
+    assert Upscaler(model).radius > 128
+    image = _photo(72, 64)
+    choice = _choice(model, image, tile=24)
+    assert choice.how == "measured" and choice.halo in halo_mod.CANDIDATES + (128,)
+    whole = fastsr.upscale(image, model, tile=72).astype(int)
+    tiled = fastsr.upscale(image, model, tile=24, halo="auto").astype(int)
+    assert np.abs(tiled - whole).max() <= 1
+
+
+def test_measured_halo_is_logged(caplog):
+    model = _randomised(RRDBNet(num_blocks=9, channels=16, growth=8), seed=11)
+    with caplog.at_level("INFO", logger="fastsr.pipeline.halo"):
+        _choice(model, _photo(40, 40), tile=16)
+    assert any("measured on the image" in r.message for r in caplog.records)
