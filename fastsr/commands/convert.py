@@ -1,13 +1,21 @@
-"""Convert a generator checkpoint of another SRGAN code base into fastsr's model file.
+"""Convert a generator checkpoint of another super-resolution code base into fastsr's model file.
 
 Detected from the checkpoint's keys, with sizes and scale read from the tensor shapes:
-  Lornatang SRGAN-PyTorch (SRResNet/SRGAN generator, .pth.tar)  -> SRResNet + clamp to [0, 1]
-  BasicSR MSRResNet (x2/x3/x4; params or params_ema)             -> MSRResNet
-  leftthomas SRGAN generator (block1 ... block8)                  -> SRResNet + (tanh + 1) / 2
-  a fastsr SRResNet state dict (e.g. runs/NAME/checkpoint.pt)    -> SRResNet
-  Real-ESRGAN ncnn model (.param, its .bin beside it)            -> RRDBNet / SRVGGNetCompact
-Checkpoints load with torch.load(weights_only=True): nothing in them is executed. EMA weights
-are used when the checkpoint has them (--no-ema: the raw weights).
+  Lornatang SRGAN-PyTorch (SRResNet/SRGAN generator, .pth.tar)      -> SRResNet + clamp to [0, 1]
+  BasicSR/Real-ESRGAN RRDBNet (RealESRGAN_x4plus, _x2plus, x1; x4)   -> RRDBNet
+  original ESRGAN, old architecture (model.0, model.1.sub...; x4/x8) -> RRDBNet
+  BSRGAN/RealSR/ESRGAN new architecture (RRDB_trunk, trunk_conv; x4) -> RRDBNet
+  BasicSR MSRResNet (x2/x3/x4; params or params_ema)                 -> MSRResNet
+  Real-ESRGAN SRVGGNetCompact (realesr-general-x4v3, -animevideov3)  -> SRVGGNetCompact
+  SPAN (NTIRE 2024; Conv3XC layers merged into single 3x3 convs)     -> SPAN
+  leftthomas SRGAN generator (block1 ... block8)                      -> SRResNet + (tanh + 1) / 2
+  a fastsr SRResNet state dict (e.g. runs/NAME/checkpoint.pt)        -> SRResNet
+  Real-ESRGAN ncnn model (.param, its .bin beside it)                -> RRDBNet / SRVGGNetCompact
+Files: .pth, .pt, .pth.tar, .safetensors, ncnn .param. Checkpoints load with
+torch.load(weights_only=True): nothing in them is executed. EMA weights are used when the
+checkpoint has them (--no-ema: the raw weights). Other architectures load through spandrel when
+it is installed, but as spandrel's own modules, which have no fastsr model file: use such a
+checkpoint directly with fastsr.load_model.
 
 Example:
   fastsr convert SRGAN_x4-SRGAN_ImageNet.pth.tar srgan_x4.safetensors
@@ -18,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "convert another SRGAN code base's checkpoint to a fastsr model file"
+HELP = "convert another super-resolution code base's checkpoint to a fastsr model file"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
         model = load_ncnn(src) if src.suffix == ".param" else load_checkpoint(src, prefer_ema=not args.no_ema)
     except ModelFileError as exc:
         raise UserError(str(exc)) from None
+    if getattr(model, "config", None) is None:  # spandrel's module: no fastsr architecture to record
+        raise UserError(f"{src}: no fastsr format builds it; spandrel loaded it as {type(model).__name__}, which "
+                        "has no fastsr model file (use the checkpoint itself with fastsr.load_model)")
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     save_model(model, args.dst, dtype=dtype)
     config = ", ".join(f"{k}={v}" for k, v in model.config.items())

@@ -19,13 +19,14 @@ from ..atomic import atomic_path
 from .compact import SRVGGNetCompact
 from .discriminator import Discriminator
 from .rrdbnet import RRDBNet
+from .span import SPAN
 from .srresnet import SRResNet
 from .variants import MSRResNet, PeerSRResNet
 
 FORMAT = "fastsr-model-v1"
 _ARCHS = {"srresnet": SRResNet, "discriminator": Discriminator, "msrresnet": MSRResNet,
           "peer_srresnet": PeerSRResNet,
-          "rrdbnet": RRDBNet, "srvggnet_compact": SRVGGNetCompact}
+          "rrdbnet": RRDBNet, "srvggnet_compact": SRVGGNetCompact, "span": SPAN}
 # Embedded models: name -> file shipped in fastsr/models/weights/.
 EMBEDDED = {"default": "srresnet_x4_default.safetensors"}
 

@@ -1,21 +1,53 @@
-"""Read generator checkpoints written by other SRGAN code bases and convert them to fastsr models.
+"""Read generator checkpoints written by other super-resolution code bases and convert them to fastsr models.
 
-Known formats (detected from the state-dict keys; sizes and scale inferred from tensor shapes):
+Known formats (detected from the state-dict keys, in this order; sizes and scale inferred from tensor shapes):
 
 * ``lornatang`` - Lornatang SRGAN-PyTorch's SRResNet / SRGAN generator: ``conv1.0``, ``conv1.1``,
   ``trunk.N.rcb.{0..4}``, ``conv2.{0,1}``, ``upsampling.N.upsample_block.{0,2}``, ``conv3``;
   x2/x4/x8 -> :class:`~fastsr.models.variants.PeerSRResNet` with ``output="clamp"``.
+* ``rrdbnet`` - BasicSR / Real-ESRGAN RRDBNet (``RealESRGAN_x4plus.pth``, ``_x2plus``, ``_anime_6B``):
+  ``conv_first``, ``body.N.rdbK.convJ``, ``conv_body``, ``conv_up1``, ``conv_up2``, ``conv_hr``,
+  ``conv_last`` -> :class:`~fastsr.models.rrdbnet.RRDBNet`. conv_first's input channels tell the
+  scale: 16x / 4x the output channels is Real-ESRGAN's pixel-unshuffled x1 / x2, else x4.
+* ``esrgan`` - original ESRGAN (old architecture, a flattened ``model`` Sequential):
+  ``model.0`` (conv_first), ``model.1.sub.N.RDBK.convJ.0`` (blocks), ``model.1.sub.<N blocks>``
+  (conv_body), upsampling convs at ``model.3``, ``model.6`` (, ``model.9`` for x8) after their
+  nearest x2 upsamplings, then the HR conv and the last conv two and four places after the last
+  of them (``model.8``, ``model.10`` for x4) -> RRDBNet x4/x8 (and pixel-unshuffled x1/x2).
+* ``esrgan_new`` - BSRGAN / RealSR / ESRGAN "new architecture": ``conv_first``,
+  ``RRDB_trunk.N.RDBK.convJ``, ``trunk_conv``, ``upconv1``, ``upconv2``, ``HRconv``, ``conv_last``
+  -> RRDBNet x4.
 * ``basicsr`` - BasicSR's MSRResNet: ``conv_first``, ``body.N.conv1/conv2``, ``upconv1``, ``upconv2``,
-  ``conv_hr``, ``conv_last``; x2/x3/x4 -> :class:`~fastsr.models.variants.MSRResNet`.
+  ``conv_hr``, ``conv_last``; x2/x3/x4 -> :class:`~fastsr.models.variants.MSRResNet`. Detected
+  after the RRDB layouts and by ``body.0.conv1`` as well, so a BSRGAN file (which also has
+  conv_first / upconv1 / conv_last) is never taken for one.
+* ``compact`` - Real-ESRGAN's SRVGGNetCompact (``realesr-general-x4v3``, ``realesr-animevideov3``):
+  ``body.N.weight/bias``, convs at even N, PReLU weights at odd N, the last conv to
+  ``C * scale**2`` channels -> :class:`~fastsr.models.compact.SRVGGNetCompact`. ReLU / LeakyReLU
+  variants leave no activation weights to tell them apart, so they are refused.
+* ``span`` - SPAN (NTIRE 2024 efficient SR; the SPAN repository's and spandrel's layout):
+  ``conv_1``, ``block_1`` ... ``block_6`` (``c1_r``, ``c2_r``, ``c3_r``), ``conv_2`` (each a
+  Conv3XC: ``sk``, ``conv.0/1/2``, ``eval_conv``), ``conv_cat``, ``upsampler.0``; a ``no_norm``
+  entry means a model trained without the input normalisation -> :class:`~fastsr.models.span.SPAN`,
+  every Conv3XC merged into one 3x3 conv from ``sk`` and ``conv.*`` (``eval_conv`` is ignored).
 * ``leftthomas`` - leftthomas SRGAN's generator: ``block1`` ... ``block8``
   -> :class:`~fastsr.models.variants.PeerSRResNet` with ``output="tanh"``.
 * ``fastsr`` - a bare fastsr :class:`~fastsr.SRResNet` state dict (e.g. fastsr's training checkpoint).
+
+Other architectures load through `spandrel <https://github.com/chaiNNer-org/spandrel>`_ when it is
+installed (the ``spandrel`` extra): a checkpoint that no format above matches, or that matches one
+in a variant fastsr does not build (an x2 RRDBNet with one upsampling conv as BSRGANx2, ESRGAN+,
+1x ESRGAN models), goes to ``spandrel.ModelLoader().load_from_state_dict`` and comes back as
+spandrel's own torch module (``descriptor.model``), which fastsr can run but not save as a
+fastsr model file. spandrel needs torchvision, and installing it from the package index pulls a
+CUDA build of torch over a CPU one: install it with ``pip install --no-deps spandrel einops``
+next to a torchvision that matches the installed torch.
 
 Containers: a bare state dict, or a dict holding it under ``params_ema`` / ``params`` (BasicSR),
 ``ema_state_dict`` / ``state_dict`` (Lornatang ``.pth.tar``), ``ema`` / ``model`` (fastsr); the EMA
 weights are preferred when both are there. ``module.`` (DataParallel) and ``_orig_mod.``
 (torch.compile) key prefixes are removed. Pickled files load with ``torch.load(weights_only=True)``,
-so a checkpoint cannot run code.
+so a checkpoint cannot run code (spandrel is handed the tensors, never the file).
 """
 
 from __future__ import annotations
@@ -24,7 +56,9 @@ import math
 import os
 import pickle
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +66,8 @@ from torch import nn
 
 from ..errors import UserError
 from .checkpoint import ModelFileError, build_model
+from .span import NUM_BLOCKS as SPAN_BLOCKS
+from .span import merge_conv3xc
 
 # Where containers keep the generator weights, most preferred first.
 _EMA_CONTAINER_KEYS = ("params_ema", "ema_state_dict", "ema")
@@ -47,9 +83,14 @@ class CheckpointFormatError(ModelFileError, UserError):
     """A checkpoint is in no format fastsr knows, or its tensors do not fit the detected format."""
 
 
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_LIST_LIMIT])
-    return shown + (f", ... ({len(keys) - _LIST_LIMIT} more)" if len(keys) > _LIST_LIMIT else "")
+class NoNativeFormatError(CheckpointFormatError):
+    """No fastsr format builds the checkpoint: its keys match none, or they match one in a variant
+    fastsr does not build. The cases where spandrel, when installed, is asked instead."""
+
+
+def _listing(keys: list[str], limit: int = _LIST_LIMIT) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def is_torch_file(path: str | os.PathLike) -> bool:
@@ -204,6 +245,168 @@ def _basicsr(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
     return config, _regex_rule([(rf"{layer}\.(weight|bias)", r"\1.conv.\2")])
 
 
+def _rrdb_config(state: Mapping[str, torch.Tensor], what: str, first: str, last: str, growth: str,
+                 block_pattern: str, num_upsamplings: int) -> dict:
+    """The RRDBNet config of an ESRGAN-family checkpoint, from its first conv ``first``, last conv
+    ``last``, first dense conv ``growth``, the regex counting its blocks and its upsampling convs."""
+    channels, conv_in = _shape(state, first)[:2]
+    out_channels, growth_channels = _shape(state, last)[0], _shape(state, growth)[0]
+    # Real-ESRGAN's x1 / x2 models pixel-unshuffle the input by 4 / 2 in front of the x4 network.
+    ratio, rest = divmod(conv_in, out_channels)
+    unshuffle = {16: 4, 4: 2}.get(ratio, 1) if rest == 0 else 1
+    if unshuffle > 1 and num_upsamplings == 2:
+        scale, in_channels = 4 // unshuffle, conv_in // unshuffle**2
+    elif unshuffle == 1 and num_upsamplings in (2, 3):
+        scale, in_channels = 2**num_upsamplings, conv_in
+    else:
+        raise NoNativeFormatError(
+            f"{what}: {num_upsamplings} upsampling convs, {conv_in} input and {out_channels} output channels; "
+            "fastsr's RRDBNet builds x4 and x8 (2 or 3 upsampling convs) and Real-ESRGAN's pixel-unshuffled "
+            "x1 / x2 (2 convs, 16x / 4x the input channels)")
+    return {"arch": "rrdbnet", "scale": scale, "num_blocks": _count(state, block_pattern), "channels": channels,
+            "growth": growth_channels, "in_channels": in_channels, "out_channels": out_channels}
+
+
+def _rrdbnet(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
+    ups = _count(state, r"conv_up(\d+)\.weight")
+    config = _rrdb_config(state, "BasicSR/Real-ESRGAN RRDBNet checkpoint", "conv_first.weight", "conv_last.weight",
+                          "body.0.rdb1.conv1.weight", r"body\.(\d+)\.rdb1\.conv1\.weight", ups)
+    # fastsr's RRDBNet keeps BasicSR's module names; each conv sits inside a fused ConvPReLU.
+    layer = r"(conv_first|body\.\d+\.rdb[123]\.conv[1-5]|conv_body|conv_up\d+|conv_hr|conv_last)"
+    return config, _regex_rule([(rf"{layer}\.(weight|bias)", r"\1.conv.\2")])
+
+
+def _esrgan(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
+    what = "original ESRGAN checkpoint"
+    if any(".conv1x1." in key for key in state):
+        raise NoNativeFormatError(f"{what}: ESRGAN+ (conv1x1 paths in the dense blocks); fastsr builds the plain "
+                                  "RRDBNet")
+    # The flattened Sequential: conv, the blocks' shortcut, [upsample, conv, lrelu] per x2 step,
+    # HR conv, lrelu, last conv; only convs have weights.
+    top = sorted({int(m.group(1)) for key in state if (m := re.fullmatch(r"model\.(\d+)\.weight", key))})
+    last = top[-1]
+    ups = (last - 4) // 3
+    if (last - 4) % 3 or top != [0, *(3 * k for k in range(1, ups + 1)), last - 2, last]:
+        raise NoNativeFormatError(
+            f"{what}: convs at model.{', '.join(map(str, top))}; fastsr reads the nearest-upsampling layout (first "
+            "conv at model.0, upsampling convs at model.3, 6[, 9], then the HR and last convs 2 and 4 further)")
+    num_blocks = _count(state, r"model\.1\.sub\.(\d+)\.RDB1\.conv1\.0\.weight")
+    config = _rrdb_config(state, what, "model.0.weight", f"model.{last}.weight", "model.1.sub.0.RDB1.conv1.0.weight",
+                          r"model\.1\.sub\.(\d+)\.RDB1\.conv1\.0\.weight", ups)
+    return config, _regex_rule([
+        (r"model\.0\.(weight|bias)", r"conv_first.conv.\1"),
+        (r"model\.1\.sub\.(\d+)\.RDB([123])\.conv([1-5])\.0\.(weight|bias)", r"body.\1.rdb\2.conv\3.conv.\4"),
+        (rf"model\.1\.sub\.{num_blocks}\.(weight|bias)", r"conv_body.conv.\1"),
+        *((rf"model\.{3 * k}\.(weight|bias)", rf"conv_up{k}.conv.\1") for k in range(1, ups + 1)),
+        (rf"model\.{last - 2}\.(weight|bias)", r"conv_hr.conv.\1"),
+        (rf"model\.{last}\.(weight|bias)", r"conv_last.conv.\1"),
+    ])
+
+
+def _esrgan_new(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
+    ups = _count(state, r"upconv(\d+)\.weight")
+    config = _rrdb_config(state, "BSRGAN/RealSR/ESRGAN new-architecture checkpoint", "conv_first.weight",
+                          "conv_last.weight", "RRDB_trunk.0.RDB1.conv1.weight",
+                          r"RRDB_trunk\.(\d+)\.RDB1\.conv1\.weight", ups)
+    return config, _regex_rule([
+        (r"conv_first\.(weight|bias)", r"conv_first.conv.\1"),
+        (r"RRDB_trunk\.(\d+)\.RDB([123])\.conv([1-5])\.(weight|bias)", r"body.\1.rdb\2.conv\3.conv.\4"),
+        (r"trunk_conv\.(weight|bias)", r"conv_body.conv.\1"),
+        (r"upconv(\d+)\.(weight|bias)", r"conv_up\1.conv.\2"),
+        (r"HRconv\.(weight|bias)", r"conv_hr.conv.\1"),
+        (r"conv_last\.(weight|bias)", r"conv_last.conv.\1"),
+    ])
+
+
+def _compact(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
+    what = "Real-ESRGAN SRVGGNetCompact checkpoint"
+    layers = {int(m.group(1)): state[key] for key in state if (m := re.fullmatch(r"body\.(\d+)\.weight", key))}
+    last = max(layers)
+    convs = sorted(i for i, w in layers.items() if w.dim() == 4)
+    slopes = sorted(i for i, w in layers.items() if w.dim() == 1)
+    if not slopes:
+        raise NoNativeFormatError(f"{what}: no PReLU weights (body.1.weight, body.3.weight, ...), so its activations "
+                                  "are ReLU or LeakyReLU, and nothing in the file tells which; fastsr reads the "
+                                  "PReLU models (realesr-general-x4v3, realesr-animevideov3)")
+    if convs != list(range(0, last + 1, 2)) or slopes != list(range(1, last, 2)):
+        raise NoNativeFormatError(f"{what}: expected convs at even body.N and PReLU weights at odd N; found convs at "
+                                  f"{convs} and 1-d weights at {slopes}")
+    channels, in_channels = _shape(state, "body.0.weight")[:2]
+    scale = _shuffle_scale(_shape(state, f"body.{last}.weight")[0], in_channels, f"{what}: body.{last}")
+    config = {"arch": "srvggnet_compact", "scale": scale, "num_convs": len(convs) - 2, "channels": channels,
+              "in_channels": in_channels, "out_channels": in_channels}
+
+    def rule(key: str) -> str | None:
+        # fastsr's body.k is conv 2k with PReLU 2k + 1; the last conv (shuffle and skip fused) is conv_last.
+        if not (m := re.fullmatch(r"body\.(\d+)\.(weight|bias)", key)):
+            return None
+        i, name = int(m.group(1)), m.group(2)
+        if i == last:
+            return f"conv_last.conv.{name}"
+        if i % 2 == 0:
+            return f"body.{i // 2}.conv.{name}"
+        return f"body.{i // 2}.slope" if name == "weight" else None
+
+    return config, rule
+
+
+def _shuffle_scale(conv_out: int, channels: int, what: str) -> int:
+    """The pixel-shuffle factor r of a conv with ``conv_out`` = ``channels`` * r**2 output channels."""
+    squared, rest = divmod(conv_out, channels)
+    scale = math.isqrt(squared)
+    if rest or scale * scale != squared:
+        raise CheckpointFormatError(f"{what} has {conv_out} output channels, not {channels} x scale**2")
+    return scale
+
+
+def _span(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
+    what = "SPAN checkpoint"
+    channels, in_channels = _shape(state, "conv_1.sk.weight")[:2]
+    # The output channels are not stored apart from the scale: as spandrel, assume they equal the input's.
+    scale = _shuffle_scale(_shape(state, "upsampler.0.weight")[0], in_channels, f"{what}: upsampler.0")
+    norm = "no_norm" not in state  # spandrel / traiNNer-redux mark a model trained without normalisation
+    if norm and in_channels != 3:
+        raise CheckpointFormatError(f"{what}: {in_channels} input channels, but the published input normalisation "
+                                    "has 3 channel means (and the file has no no_norm entry)")
+    config = {"arch": "span", "scale": scale, "channels": channels, "in_channels": in_channels,
+              "out_channels": in_channels, "norm": norm}
+    return config, _regex_rule([
+        (rf"({_SPAN_CONV3XC})\.conv\.(weight|bias)", r"\1.conv.\2"),  # merged by _span_merge
+        (r"conv_cat\.(weight|bias)", r"conv_cat.conv.\1"),
+        (r"upsampler\.0\.(weight|bias)", r"upsampler.conv.\1"),
+    ])
+
+
+_SPAN_CONV3XC = rf"conv_[12]|block_[1-{SPAN_BLOCKS}]\.c[123]_r"
+_CONV3XC_KEY = re.compile(rf"({_SPAN_CONV3XC})\.(sk|conv\.[012]|eval_conv)\.(weight|bias)")
+_CONV3XC_PARTS = ("sk.weight", "sk.bias", *(f"conv.{i}.{name}" for i in range(3) for name in ("weight", "bias")))
+
+
+def _span_merge(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A SPAN training state dict with each Conv3XC (``P.sk``, ``P.conv.0/1/2``) replaced by its
+    merged 3x3 conv ``P.conv.weight/bias``; ``P.eval_conv`` and ``no_norm`` dropped (read, if
+    at all, by the config)."""
+    merged, groups = {}, {}
+    for key, value in state.items():
+        if key == "no_norm":
+            continue
+        if not (m := _CONV3XC_KEY.fullmatch(key)):
+            merged[key] = value
+            continue
+        parts = groups.setdefault(m.group(1), {})
+        if m.group(2) != "eval_conv":  # possibly stale: the training forward never reads it
+            parts[f"{m.group(2)}.{m.group(3)}"] = value
+    for prefix, parts in groups.items():
+        missing = [p for p in _CONV3XC_PARTS if p not in parts]
+        if missing:
+            raise CheckpointFormatError(f"SPAN checkpoint: {prefix} lacks {', '.join(missing)} (fastsr merges a "
+                                        "Conv3XC from sk and conv.0/1/2, never from eval_conv)")
+        merged[f"{prefix}.conv.weight"], merged[f"{prefix}.conv.bias"] = merge_conv3xc(
+            parts["sk.weight"], parts["sk.bias"], [parts[f"conv.{i}.weight"] for i in range(3)],
+            [parts[f"conv.{i}.bias"] for i in range(3)])
+    return merged
+
+
 def _fastsr(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
     channels, in_channels = _shape(state, "head.conv.weight")[:2]
     ups = _count(state, r"upsample\.(\d+)\.conv\.conv\.weight")
@@ -225,41 +428,123 @@ def _regex_rule(rules: list[tuple[str, str]]) -> Rule:
     return rule
 
 
-# name -> (description, keys that identify it, converter)
-FORMATS: dict[str, tuple[str, tuple[str, ...], Callable]] = {
-    "lornatang": ("Lornatang SRGAN-PyTorch SRResNet/SRGAN generator", ("conv1.0.weight", "trunk.0.rcb.0.weight"),
-                  _lornatang),
-    "basicsr": ("BasicSR MSRResNet", ("conv_first.weight", "conv_last.weight", "upconv1.weight"), _basicsr),
-    "leftthomas": ("leftthomas SRGAN generator", ("block1.0.weight", "block7.0.weight"), _leftthomas),
-    "fastsr": ("fastsr SRResNet state dict", ("head.conv.weight", "body_tail.conv.weight"), _fastsr),
+@dataclass(frozen=True)
+class Format:
+    """A peer's checkpoint layout: a state dict holding all of ``keys`` is in it; ``convert`` gives
+    the fastsr config its tensors imply and the rename rule; ``merge`` (if any) rewrites the state
+    dict first, where several peer tensors make one fastsr tensor."""
+
+    description: str
+    keys: tuple[str, ...]
+    convert: Callable[[Mapping[str, torch.Tensor]], tuple[dict, Rule]]
+    merge: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+
+# Detection order matters where layouts share names: the RRDB layouts come before MSRResNet,
+# whose conv_first / upconv1 / conv_last the BSRGAN layout also has.
+FORMATS: dict[str, Format] = {
+    "lornatang": Format("Lornatang SRGAN-PyTorch SRResNet/SRGAN generator", ("conv1.0.weight", "trunk.0.rcb.0.weight"),
+                        _lornatang),
+    "rrdbnet": Format("BasicSR/Real-ESRGAN RRDBNet", ("conv_first.weight", "body.0.rdb1.conv1.weight",
+                                                      "conv_body.weight", "conv_last.weight"), _rrdbnet),
+    "esrgan": Format("original ESRGAN RRDBNet (old architecture)",
+                     ("model.0.weight", "model.1.sub.0.RDB1.conv1.0.weight"), _esrgan),
+    "esrgan_new": Format("BSRGAN/RealSR/ESRGAN new-architecture RRDBNet",
+                         ("conv_first.weight", "RRDB_trunk.0.RDB1.conv1.weight", "trunk_conv.weight",
+                          "conv_last.weight"), _esrgan_new),
+    "basicsr": Format("BasicSR MSRResNet", ("conv_first.weight", "body.0.conv1.weight", "upconv1.weight",
+                                            "conv_last.weight"), _basicsr),
+    "compact": Format("Real-ESRGAN SRVGGNetCompact", ("body.0.weight", "body.0.bias", "body.2.weight"), _compact),
+    "span": Format("SPAN", ("conv_1.sk.weight", "block_1.c1_r.sk.weight", "conv_cat.weight", "upsampler.0.weight"),
+                   _span, merge=_span_merge),
+    "leftthomas": Format("leftthomas SRGAN generator", ("block1.0.weight", "block7.0.weight"), _leftthomas),
+    "fastsr": Format("fastsr SRResNet state dict", ("head.conv.weight", "body_tail.conv.weight"), _fastsr),
 }
+_SPANDREL_HINT = ("other architectures load through spandrel when it is installed: pip install --no-deps spandrel "
+                  "einops, next to a torchvision that matches torch")
 
 
 def detect_format(state: Mapping[str, torch.Tensor]) -> str:
-    """The name of the format (a key of :data:`FORMATS`) whose identifying keys ``state`` has."""
-    for name, (_, keys, _) in FORMATS.items():
-        if all(k in state for k in keys):
+    """The name of the first format (a key of :data:`FORMATS`) whose identifying keys ``state`` has;
+    :class:`NoNativeFormatError` saying what the keys look like and which format came closest."""
+    for name, spec in FORMATS.items():
+        if all(k in state for k in spec.keys):
             return name
-    known = "; ".join(f"{desc} ({', '.join(keys)})" for desc, keys, _ in FORMATS.values())
-    raise CheckpointFormatError(f"unknown checkpoint format: none of its keys could be placed. Its keys: "
-                                f"{_listing(sorted(state))}. Known formats and their keys: {known}")
+    prefixes = Counter(key.split(".", 1)[0] for key in state)
+    shown = ", ".join(f"{prefix} ({n})" for prefix, n in prefixes.most_common(8))
+    known = "; ".join(f"{spec.description} ({', '.join(spec.keys)})" for spec in FORMATS.values())
+    raise NoNativeFormatError(f"unknown checkpoint format: {len(state)} tensors under {shown}; keys "
+                              f"{_listing(sorted(state), 6)}; {_closest_format(state)}. Known formats and their "
+                              f"identifying keys: {known}")
+
+
+def _closest_format(state: Mapping[str, torch.Tensor]) -> str:
+    """Which format's identifying keys ``state`` has most of (by share; ties: the one more of its
+    keys live under, then detection order), and which of them it lacks, as a phrase."""
+    def score(spec: Format) -> tuple[float, int]:
+        heads = {key.split(".", 1)[0] for key in spec.keys}
+        return sum(k in state for k in spec.keys) / len(spec.keys), sum(k.split(".", 1)[0] in heads for k in state)
+
+    best = max(FORMATS.values(), key=score)
+    if score(best)[0] == 0:
+        return "it has none of the identifying keys of a known format"
+    has = [k for k in best.keys if k in state]
+    lacks = [k for k in best.keys if k not in state]
+    return f"closest: {best.description} (has {', '.join(has)}; lacks {', '.join(lacks)})"
 
 
 def convert_state_dict(state: Mapping[str, torch.Tensor], *, fmt: str | None = None) -> nn.Module:
     """Build the fastsr model for a peer's generator state dict and load its weights; eval mode.
 
-    ``fmt`` names the format (see :data:`FORMATS`); ``None`` detects it from the keys. A conv bias
-    in front of a BatchNorm (leftthomas) is folded into the BatchNorm's running mean, which is exact
-    in eval and training mode. Raises :class:`CheckpointFormatError` listing any key it cannot place,
-    any weight the model still lacks and any tensor whose shape does not fit.
+    ``fmt`` names the format (see :data:`FORMATS`); ``None`` detects it from the keys, and a state
+    dict that no format builds (:class:`NoNativeFormatError`) goes to spandrel when it is installed
+    (module docstring), which returns its own torch module. A conv bias in front of a BatchNorm
+    (leftthomas) is folded into the BatchNorm's running mean, which is exact in eval and training
+    mode. Raises :class:`CheckpointFormatError` listing any key it cannot place, any weight the
+    model still lacks and any tensor whose shape does not fit.
     """
-    fmt = detect_format(state) if fmt is None else fmt
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise CheckpointFormatError(f"unknown checkpoint format {fmt!r}; known: {', '.join(FORMATS)}")
-    description, _, converter = FORMATS[fmt]
-    config, rule = converter(state)
+    try:
+        return _convert(state, fmt or detect_format(state))
+    except NoNativeFormatError as exc:
+        if fmt is not None:
+            raise
+        return _spandrel_model(state, exc)
+
+
+def _spandrel_model(state: Mapping[str, torch.Tensor], reason: NoNativeFormatError) -> nn.Module:
+    """spandrel's module for ``state`` in eval mode, or ``reason`` (extended) when it has none."""
+    try:
+        import spandrel
+    except ImportError:
+        raise NoNativeFormatError(f"{reason} ({_SPANDREL_HINT})") from None
+    try:
+        descriptor = spandrel.ModelLoader().load_from_state_dict(dict(state))
+    except Exception as exc:  # spandrel.UnsupportedModelError, or an architecture's own error on odd tensors
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NoNativeFormatError(f"{reason}; spandrel cannot load it either: {first_line}") from None
+    return descriptor.model.eval()
+
+
+def _convert(state: Mapping[str, torch.Tensor], fmt: str) -> nn.Module:
+    """The fastsr model of format ``fmt`` with the weights of ``state``; eval mode."""
+    spec = FORMATS[fmt]
+    config, rule = spec.convert(state)
+    if spec.merge is not None:
+        state = spec.merge(state)
     model = build_model(config)
     target = model.state_dict()
+    converted = _place(state, rule, target, f"{spec.description} checkpoint", config)
+    model.load_state_dict({k: v.to(target[k].dtype) for k, v in converted.items()})
+    return model.eval()
+
+
+def _place(state: Mapping[str, torch.Tensor], rule: Rule, target: Mapping[str, torch.Tensor], what: str,
+           config: dict) -> dict[str, torch.Tensor]:
+    """``state`` renamed by ``rule`` into the keys of ``target`` (the model's state dict), conv
+    biases in front of a BatchNorm folded into its running mean; every key placed, every target
+    key filled, every shape right, or :class:`CheckpointFormatError`."""
     converted: dict[str, torch.Tensor] = {}
     folded_biases: dict[str, torch.Tensor] = {}
     unplaced = []
@@ -275,26 +560,26 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], *, fmt: str | None = N
             continue
         converted[new_key] = value
     if unplaced:
-        raise CheckpointFormatError(f"{description} checkpoint: cannot place these keys in the fastsr model "
-                                    f"{config}: {_listing(unplaced)}")
+        raise CheckpointFormatError(f"{what}: cannot place these keys in the fastsr model {config}: "
+                                    f"{_listing(unplaced)}")
     for mean_key, bias in folded_biases.items():
         if mean_key in converted:  # otherwise it is reported as missing below
             # BN(conv(x) + b) with running mean m equals BN(conv(x)) with running mean m - b.
             converted[mean_key] = converted[mean_key].double() - bias.double()
     missing = sorted(set(target) - set(converted))
     if missing:
-        raise CheckpointFormatError(f"{description} checkpoint: no weights for {_listing(missing)}")
+        raise CheckpointFormatError(f"{what}: no weights for {_listing(missing)}")
     wrong = [f"{k} {tuple(v.shape)} (expected {tuple(target[k].shape)})"
              for k, v in converted.items() if v.shape != target[k].shape]
     if wrong:
-        raise CheckpointFormatError(f"{description} checkpoint: tensor shapes do not fit: {_listing(wrong)}")
-    model.load_state_dict({k: v.to(target[k].dtype) for k, v in converted.items()})
-    return model.eval()
+        raise CheckpointFormatError(f"{what}: tensor shapes do not fit: {_listing(wrong)}")
+    return converted
 
 
 def load_checkpoint(path: str | os.PathLike, *, prefer_ema: bool = True, fmt: str | None = None) -> nn.Module:
     """Load a peer's generator checkpoint (``.pth``, ``.pt``, ``.pth.tar`` or a safetensors file
-    without fastsr metadata) as a fastsr model in eval mode on the CPU."""
+    without fastsr metadata) as a fastsr model (or spandrel's module, see :func:`convert_state_dict`)
+    in eval mode on the CPU."""
     path = Path(path)
     if is_torch_file(path):
         obj = read_torch_file(path)
@@ -315,4 +600,4 @@ def convert_checkpoint(obj: object, path: str | os.PathLike, *, prefer_ema: bool
     try:
         return convert_state_dict(extract_state_dict(obj, prefer_ema=prefer_ema), fmt=fmt)
     except CheckpointFormatError as exc:
-        raise CheckpointFormatError(f"{path}: {exc}") from None
+        raise type(exc)(f"{path}: {exc}") from None

@@ -1,0 +1,588 @@
+"""Loading the checkpoints people use: ESRGAN-family RRDBNets (BasicSR/Real-ESRGAN, original ESRGAN,
+BSRGAN/RealSR), Real-ESRGAN's SRVGGNetCompact, SPAN, and other architectures through spandrel.
+
+The oracles below are plain torch modules written here from the published architectures, with
+the published module names, so their state dicts have exactly the published keys. Small sizes
+(8 channels, 2 blocks) keep the forward passes cheap; the full RealESRGAN_x4plus is only built and
+counted. Outputs are compared by the project's tolerance rule against the oracle in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tolerance import assert_within_rule
+from torch import nn
+
+import fastsr
+from fastsr.cli import main as cli_main
+from fastsr.models import load_model, save_model
+from fastsr.models.compact import SRVGGNetCompact
+from fastsr.models.peers import CheckpointFormatError, NoNativeFormatError, convert_checkpoint, detect_format
+from fastsr.models.rrdbnet import RRDBNet
+from fastsr.models.span import SPAN, merge_conv3xc
+
+C, G = 8, 4  # feature and growth channels of the small test models
+
+
+def conv(c_in: int, c_out: int, k: int = 3) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, k, 1, k // 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Oracles: BasicSR/Real-ESRGAN RRDBNet and BSRGAN/RealSR's "new architecture" (same arithmetic,
+# other names), the original ESRGAN's flattened Sequential
+
+
+class DenseBlock(nn.Module):
+    """ResidualDenseBlock(_5C): conv1..conv5, LeakyReLU(0.2) after the first four, 0.2 * x5 + x."""
+
+    def __init__(self, c: int, g: int) -> None:
+        super().__init__()
+        for k in range(1, 6):
+            self.add_module(f"conv{k}", conv(c + (k - 1) * g, c if k == 5 else g))
+
+    def forward(self, x):
+        features = [x]
+        for k in range(1, 5):
+            features.append(F.leaky_relu(getattr(self, f"conv{k}")(torch.cat(features, 1)), 0.2))
+        return self.conv5(torch.cat(features, 1)) * 0.2 + x
+
+
+class RRDB(nn.Module):
+    def __init__(self, c: int, g: int, names: tuple[str, str, str]) -> None:
+        super().__init__()
+        self.names = names
+        for name in names:
+            self.add_module(name, DenseBlock(c, g))
+
+    def forward(self, x):
+        out = x
+        for name in self.names:
+            out = getattr(self, name)(out)
+        return out * 0.2 + x
+
+
+class BasicSRRRDBNet(nn.Module):
+    """basicsr.archs.rrdbnet_arch.RRDBNet: x4, and x2 / x1 by pixel-unshuffling the input first."""
+
+    def __init__(self, scale: int = 4, c: int = C, blocks: int = 2, g: int = G, in_ch: int = 3, out_ch: int = 3):
+        super().__init__()
+        self.scale = scale
+        self.conv_first = conv(in_ch * {1: 16, 2: 4}.get(scale, 1), c)
+        self.body = nn.Sequential(*(RRDB(c, g, ("rdb1", "rdb2", "rdb3")) for _ in range(blocks)))
+        self.conv_body = conv(c, c)
+        self.conv_up1, self.conv_up2, self.conv_hr = conv(c, c), conv(c, c), conv(c, c)
+        self.conv_last = conv(c, out_ch)
+
+    def forward(self, x):
+        if self.scale in (1, 2):
+            x = F.pixel_unshuffle(x, 4 // self.scale)
+        feat = self.conv_first(x)
+        feat = feat + self.conv_body(self.body(feat))
+        for up in (self.conv_up1, self.conv_up2):
+            feat = F.leaky_relu(up(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
+        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
+
+
+class NewArchRRDBNet(nn.Module):
+    """BSRGAN / RealSR / ESRGAN's RRDBNet_arch: x4 with upconv1 + upconv2; BSRGAN's x2 only upconv1."""
+
+    def __init__(self, scale: int = 4, c: int = C, blocks: int = 2, g: int = G) -> None:
+        super().__init__()
+        self.conv_first = conv(3, c)
+        self.RRDB_trunk = nn.Sequential(*(RRDB(c, g, ("RDB1", "RDB2", "RDB3")) for _ in range(blocks)))
+        self.trunk_conv = conv(c, c)
+        self.ups = int(math.log2(scale))
+        for i in range(1, self.ups + 1):
+            self.add_module(f"upconv{i}", conv(c, c))
+        self.HRconv = conv(c, c)
+        self.conv_last = conv(c, 3)
+
+    def forward(self, x):
+        fea = self.conv_first(x)
+        fea = fea + self.trunk_conv(self.RRDB_trunk(fea))
+        for i in range(1, self.ups + 1):
+            fea = F.leaky_relu(getattr(self, f"upconv{i}")(F.interpolate(fea, scale_factor=2, mode="nearest")), 0.2)
+        return self.conv_last(F.leaky_relu(self.HRconv(fea), 0.2))
+
+
+class OldDenseBlock(nn.Module):
+    """The old architecture's ResidualDenseBlock_5C: each conv a conv_block Sequential (conv[, lrelu]),
+    so its keys are convK.0.weight; ESRGAN+ adds a conv1x1 path."""
+
+    def __init__(self, c: int, g: int, plus: bool = False) -> None:
+        super().__init__()
+        if plus:
+            self.conv1x1 = nn.Conv2d(c, g, 1, bias=False)
+        for k in range(1, 5):
+            self.add_module(f"conv{k}", nn.Sequential(conv(c + (k - 1) * g, g), nn.LeakyReLU(0.2)))
+        self.conv5 = nn.Sequential(conv(c + 4 * g, c))
+
+    def forward(self, x):
+        features = [x]
+        for k in range(1, 5):
+            features.append(getattr(self, f"conv{k}")(torch.cat(features, 1)))
+        return self.conv5(torch.cat(features, 1)) * 0.2 + x
+
+
+class OldRRDB(nn.Module):
+    def __init__(self, c: int, g: int, plus: bool = False) -> None:
+        super().__init__()
+        self.RDB1, self.RDB2, self.RDB3 = (OldDenseBlock(c, g, plus) for _ in range(3))
+
+    def forward(self, x):
+        return self.RDB3(self.RDB2(self.RDB1(x))) * 0.2 + x
+
+
+class ShortcutBlock(nn.Module):
+    def __init__(self, sub: nn.Module) -> None:
+        super().__init__()
+        self.sub = sub
+
+    def forward(self, x):
+        return x + self.sub(x)
+
+
+class OldESRGAN(nn.Module):
+    """The original ESRGAN (architecture.RRDBNet + block.sequential, which flattens everything):
+    model = [conv, Shortcut(RRDBs..., conv), (Upsample, conv, lrelu) per x2, conv, lrelu, conv]."""
+
+    def __init__(self, scale: int = 4, c: int = C, blocks: int = 2, g: int = G, plus: bool = False) -> None:
+        super().__init__()
+        layers = [conv(3, c), ShortcutBlock(nn.Sequential(*(OldRRDB(c, g, plus) for _ in range(blocks)), conv(c, c)))]
+        for _ in range(int(math.log2(scale))):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), conv(c, c), nn.LeakyReLU(0.2)]
+        layers += [conv(c, c), nn.LeakyReLU(0.2), conv(c, 3)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Oracles: Real-ESRGAN's SRVGGNetCompact and SPAN (training form)
+
+
+class RealESRGANCompact(nn.Module):
+    """realesrgan.archs.srvgg_arch.SRVGGNetCompact."""
+
+    def __init__(self, num_conv: int = 2, upscale: int = 4, c: int = C, in_ch: int = 3, act: str = "prelu") -> None:
+        super().__init__()
+        self.upscale = upscale
+        self.body = nn.ModuleList()
+        for c_in in (in_ch, *(c,) * num_conv):
+            self.body.append(nn.Conv2d(c_in, c, 3, 1, 1))
+            self.body.append({"prelu": lambda: nn.PReLU(c), "relu": nn.ReLU}[act]())
+        self.body.append(nn.Conv2d(c, in_ch * upscale * upscale, 3, 1, 1))
+        self.upsampler = nn.PixelShuffle(upscale)
+
+    def forward(self, x):
+        out = x
+        for layer in self.body:
+            out = layer(out)
+        return self.upsampler(out) + F.interpolate(x, scale_factor=self.upscale, mode="nearest")
+
+
+class Conv3XC(nn.Module):
+    """SPAN's re-parameterisable conv in its training form: conv.2(conv.1(conv.0(pad(x)))) + sk(x),
+    gain 2; ``eval_conv`` is only stored (the published eval mode recomputes it)."""
+
+    def __init__(self, c_in: int, c_out: int, gain: int = 2) -> None:
+        super().__init__()
+        self.sk = nn.Conv2d(c_in, c_out, 1)
+        self.conv = nn.Sequential(nn.Conv2d(c_in, c_in * gain, 1), nn.Conv2d(c_in * gain, c_out * gain, 3),
+                                  nn.Conv2d(c_out * gain, c_out, 1))
+        self.eval_conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (1, 1, 1, 1))) + self.sk(x)
+
+
+class SPAB(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c1_r, self.c2_r, self.c3_r = Conv3XC(c, c), Conv3XC(c, c), Conv3XC(c, c)
+        self.act1 = nn.SiLU(inplace=True)  # as published: in place, so out1 below is returned activated
+        self.act2 = nn.LeakyReLU(0.1, inplace=True)  # published but unused
+
+    def forward(self, x):
+        out1 = self.c1_r(x)
+        out1_act = self.act1(out1)
+        out2_act = self.act1(self.c2_r(out1_act))
+        out3 = self.c3_r(out2_act)
+        sim_att = torch.sigmoid(out3) - 0.5
+        return (out3 + x) * sim_att, out1, sim_att
+
+
+class SPANOracle(nn.Module):
+    """SPAN (hongyuanyu/SPAN span_arch.py; spandrel's ``no_norm`` buffer for norm=False)."""
+
+    def __init__(self, scale: int = 4, c: int = C, in_ch: int = 3, norm: bool = True) -> None:
+        super().__init__()
+        self.mean = torch.tensor([0.4488, 0.4371, 0.4040]).view(1, 3, 1, 1)
+        if not norm:
+            self.register_buffer("no_norm", torch.zeros(1))
+        self.norm = norm
+        self.conv_1 = Conv3XC(in_ch, c)
+        for i in range(1, 7):
+            self.add_module(f"block_{i}", SPAB(c))
+        self.conv_cat = nn.Conv2d(4 * c, c, 1)
+        self.conv_2 = Conv3XC(c, c)
+        self.upsampler = nn.Sequential(nn.Conv2d(c, in_ch * scale * scale, 3, 1, 1), nn.PixelShuffle(scale))
+
+    def forward(self, x):
+        if self.norm:
+            x = (x - self.mean.type_as(x)) * 255.0
+        out_feature = self.conv_1(x)
+        out_b1, _, _ = self.block_1(out_feature)
+        out = out_b1
+        for i in range(2, 6):
+            out, _, _ = getattr(self, f"block_{i}")(out)
+        out_b6, out_b5_2, _ = self.block_6(out)
+        out = self.conv_cat(torch.cat([out_feature, self.conv_2(out_b6), out_b1, out_b5_2], 1))
+        return self.upsampler(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Random weights and PReLU slopes (not the defaults: they hide bugs), activations of order 1."""
+    g = torch.Generator().manual_seed(seed)
+    for t in model.state_dict().values():
+        if t.dim() == 4:
+            t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel()))
+        elif t.is_floating_point():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def write(state: dict[str, torch.Tensor], path, container: str):
+    """``state`` as a bare .pth, inside {"params_ema": ...} as BasicSR writes it, or as safetensors."""
+    if container == "safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path.with_suffix(".safetensors")))
+        return path.with_suffix(".safetensors")
+    raw = {k: torch.zeros_like(v) for k, v in state.items()}  # the EMA weights must win
+    torch.save(state if container == "pth" else {"params": raw, "params_ema": state}, path)
+    return path
+
+
+@torch.no_grad()
+def span_oracle(scale: int = 4, norm: bool = True, seed: int = 0) -> SPANOracle:
+    """A random SPAN whose first conv undoes the x255 of the input normalisation, as a trained one
+    does: with order-1 features the network is as well conditioned as the real models."""
+    oracle = randomize(SPANOracle(scale, norm=norm), seed)
+    if norm:
+        oracle.conv_1.sk.weight.div_(255)
+        oracle.conv_1.conv[0].weight.div_(255)
+    return oracle
+
+
+def assert_matches(model: nn.Module, oracle: nn.Module, x: torch.Tensor) -> None:
+    """``model``'s output (torch backend, fp32) within the tolerance rule of the oracle's in float64."""
+    with torch.no_grad(), fastsr.use_backend("torch"):
+        ref64 = copy.deepcopy(oracle).double()(x.double())
+        same = oracle(x.clone())
+        ours = model(x)
+    assert_within_rule(type(oracle).__name__, ours, ref64, same, torch.float32)
+
+
+def assert_round_trips(model: nn.Module, tmp_path, x: torch.Tensor) -> None:
+    """save_model / load_model give the same architecture, config and outputs."""
+    save_model(model, tmp_path / "converted.safetensors")
+    again = load_model(tmp_path / "converted.safetensors")
+    assert type(again) is type(model) and again.config == model.config
+    with torch.no_grad(), fastsr.use_backend("torch"):
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+def one_line_error(path, match: str) -> str:
+    with pytest.raises(CheckpointFormatError, match=match) as info:
+        load_model(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+CONTAINERS = pytest.mark.parametrize("container", ["pth", "params_ema", "safetensors"])
+X = torch.rand(2, 3, 13, 11, generator=torch.Generator().manual_seed(0))  # odd sizes
+
+
+# ------------------------------------------------------------------------------------------------
+# RRDBNet layouts
+
+
+@CONTAINERS
+@pytest.mark.parametrize("scale", [1, 2, 4])
+def test_basicsr_rrdbnet(tmp_path, container, scale):
+    oracle = randomize(BasicSRRRDBNet(scale), seed=scale)
+    model = load_model(write(oracle.state_dict(), tmp_path / f"RealESRGAN_x{scale}plus.pth", container))
+    assert type(model) is RRDBNet and not model.training
+    assert model.config == {"arch": "rrdbnet", "scale": scale, "num_blocks": 2, "channels": C, "growth": G,
+                            "in_channels": 3, "out_channels": 3}
+    # pixel-unshuffled inputs must divide by 4 (x1) / 2 (x2), in BasicSR as here
+    x = X if scale == 4 else torch.rand(1, 3, 12, 8)
+    assert_matches(model, oracle, x)
+    if container == "pth":
+        assert_round_trips(model, tmp_path, x)
+
+
+def test_full_realesrgan_x4plus_keys_and_parameters(tmp_path):
+    """RealESRGAN_x4plus.pth's layout (23 blocks, 64 channels, growth 32): 702 tensors, 16,697,987
+    parameters, under params_ema; built and converted, not run."""
+    oracle = BasicSRRRDBNet(4, c=64, blocks=23, g=32)
+    state = oracle.state_dict()
+    assert len(state) == 702 and sum(v.numel() for v in state.values()) == 16_697_987
+    model = convert_checkpoint({"params_ema": state}, "RealESRGAN_x4plus.pth")
+    assert type(model) is RRDBNet and model.config["num_blocks"] == 23 and model.config["growth"] == 32
+    assert len(model.state_dict()) == 702 and sum(p.numel() for p in model.parameters()) == 16_697_987
+    assert torch.equal(model.body[22].rdb3.conv5.conv.weight, state["body.22.rdb3.conv5.weight"])
+
+
+@CONTAINERS
+@pytest.mark.parametrize("scale", [4, 8])
+def test_original_esrgan_old_architecture(tmp_path, container, scale):
+    oracle = randomize(OldESRGAN(scale), seed=10 + scale)
+    state = oracle.state_dict()
+    # the layout the converter relies on: convs at model.0, 1.sub.*, 3, 6(, 9), then HR and last conv
+    last = 3 * int(math.log2(scale)) + 4
+    assert {"model.1.sub.2.weight", "model.3.weight", "model.6.weight", f"model.{last - 2}.weight",
+            f"model.{last}.weight", "model.1.sub.1.RDB3.conv5.0.weight"} <= set(state)
+    model = load_model(write(state, tmp_path / f"RRDB_ESRGAN_x{scale}.pth", container))
+    assert type(model) is RRDBNet and model.config["scale"] == scale and model.config["num_blocks"] == 2
+    assert_matches(model, oracle, X)
+    if container == "pth":
+        assert_round_trips(model, tmp_path, X)
+
+
+@CONTAINERS
+def test_bsrgan_new_architecture(tmp_path, container):
+    oracle = randomize(NewArchRRDBNet(4), seed=20)
+    path = write(oracle.state_dict(), tmp_path / "BSRGAN.pth", container)
+    assert detect_format(oracle.state_dict()) == "esrgan_new"  # never BasicSR's MSRResNet
+    model = load_model(path)
+    assert type(model) is RRDBNet and model.config["scale"] == 4
+    assert_matches(model, oracle, X)
+
+
+def test_msrresnet_is_still_detected_as_msrresnet():
+    from fastsr.models.variants import MSRResNet
+
+    state = {k.replace(".conv.", ".", 1): v for k, v in MSRResNet(4, 2, C).state_dict().items()}
+    assert detect_format(state) == "basicsr"
+
+
+# ------------------------------------------------------------------------------------------------
+# SRVGGNetCompact
+
+
+@CONTAINERS
+@pytest.mark.parametrize("num_conv,scale", [(2, 4), (3, 2)])
+def test_realesrgan_compact(tmp_path, container, num_conv, scale):
+    oracle = randomize(RealESRGANCompact(num_conv, scale), seed=30 + scale)
+    model = load_model(write(oracle.state_dict(), tmp_path / "realesr-general-x4v3.pth", container))
+    assert type(model) is SRVGGNetCompact
+    assert model.config == {"arch": "srvggnet_compact", "scale": scale, "num_convs": num_conv, "channels": C,
+                            "in_channels": 3, "out_channels": 3}
+    assert_matches(model, oracle, X)
+    if container == "pth":
+        assert_round_trips(model, tmp_path, X)
+
+
+@pytest.mark.parametrize("num_conv", [16, 32])  # realesr-animevideov3, realesr-general-x4v3
+def test_compact_full_sizes_convert(num_conv):
+    state = RealESRGANCompact(num_conv, 4, c=64).state_dict()
+    model = convert_checkpoint(state, "realesr.pth")
+    assert model.config["num_convs"] == num_conv and model.config["channels"] == 64
+    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in state.values())
+
+
+def test_compact_without_prelu_weights_is_refused(tmp_path):
+    state = RealESRGANCompact(2, 4, act="relu").state_dict()
+    torch.save(state, tmp_path / "relu.pth")
+    one_line_error(tmp_path / "relu.pth", r"SRVGGNetCompact checkpoint: no PReLU weights .*ReLU or LeakyReLU")
+
+
+# ------------------------------------------------------------------------------------------------
+# SPAN
+
+
+def test_conv3xc_merge_equals_the_training_forward():
+    layer = randomize(Conv3XC(5, 7), seed=40).double()
+    x = torch.randn(2, 5, 9, 6, dtype=torch.float64)
+    weight, bias = merge_conv3xc(layer.sk.weight, layer.sk.bias, [c.weight for c in layer.conv],
+                                 [c.bias for c in layer.conv])
+    assert weight.shape == (7, 5, 3, 3) and weight.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(F.conv2d(x, weight, bias, padding=1), layer(x), rtol=1e-12, atol=1e-12)
+    # fp16 weights are merged in float64 and kept at float32
+    half = [t.half() for t in (layer.sk.weight, layer.sk.bias)]
+    assert merge_conv3xc(*half, [c.weight.half() for c in layer.conv], [c.bias.half() for c in layer.conv])[0].dtype \
+        == torch.float32
+
+
+@CONTAINERS
+@pytest.mark.parametrize("norm", [True, False])
+def test_span_loads_reparameterised(tmp_path, container, norm):
+    oracle = span_oracle(4, norm, seed=41)
+    state = oracle.state_dict()
+    for key in state:  # a training checkpoint's eval_conv can be stale: it must not be read
+        if ".eval_conv." in key:
+            state[key] = torch.full_like(state[key], 1e3)
+    assert ("no_norm" in state) is not norm
+    model = load_model(write(state, tmp_path / "spanx4_ch48.pth", container))
+    assert type(model) is SPAN and model.config["norm"] is norm and model.config["scale"] == 4
+    assert not [k for k in model.state_dict() if "sk" in k or "eval_conv" in k]  # one conv per Conv3XC
+    assert_matches(model, oracle, X)
+    if container == "pth":
+        assert_round_trips(model, tmp_path, X)
+
+
+def test_span_without_eval_conv_and_x2(tmp_path):
+    oracle = span_oracle(2, seed=42)
+    state = {k: v for k, v in oracle.state_dict().items() if ".eval_conv." not in k}
+    torch.save(state, tmp_path / "span_x2.pth")
+    model = load_model(tmp_path / "span_x2.pth")
+    assert model.config["scale"] == 2
+    assert_matches(model, oracle, X)
+
+
+def test_span_with_an_incomplete_conv3xc(tmp_path):
+    state = span_oracle(4, seed=43).state_dict()
+    del state["block_3.c2_r.conv.1.bias"]
+    torch.save(state, tmp_path / "span.pth")
+    one_line_error(tmp_path / "span.pth", r"SPAN checkpoint: block_3\.c2_r lacks conv\.1\.bias")
+
+
+def test_convert_command_on_span(tmp_path, capsys):
+    oracle = span_oracle(4, seed=44)
+    src, dst = tmp_path / "span.pth", tmp_path / "span.safetensors"
+    torch.save(oracle.state_dict(), src)
+    assert cli_main(["convert", str(src), str(dst)]) == 0
+    assert "arch=span" in capsys.readouterr().out
+    model = load_model(dst)
+    assert type(model) is SPAN
+    assert_matches(model, oracle, X)
+
+
+# ------------------------------------------------------------------------------------------------
+# Unknown and partial checkpoints
+
+
+def test_partial_x4plus_names_the_closest_format_and_its_missing_keys(tmp_path):
+    state = randomize(BasicSRRRDBNet(4), seed=50).state_dict()
+    del state["conv_body.weight"], state["conv_body.bias"]
+    torch.save({"params_ema": state}, tmp_path / "RealESRGAN_x4plus.pth")
+    message = one_line_error(tmp_path / "RealESRGAN_x4plus.pth", "unknown checkpoint format")
+    assert "closest: BasicSR/Real-ESRGAN RRDBNet (has conv_first.weight, body.0.rdb1.conv1.weight, " \
+           "conv_last.weight; lacks conv_body.weight)" in message
+    assert "body (60)" in message and "conv_first (2)" in message  # what it found: prefixes and counts
+
+
+def test_partial_bsrgan_is_not_taken_for_msrresnet(tmp_path):
+    state = randomize(NewArchRRDBNet(4), seed=51).state_dict()
+    del state["trunk_conv.weight"]
+    torch.save(state, tmp_path / "BSRGAN.pth")
+    one_line_error(tmp_path / "BSRGAN.pth", r"closest: BSRGAN/RealSR/ESRGAN new-architecture RRDBNet \(has "
+                                            r"conv_first\.weight, RRDB_trunk.0.RDB1.conv1.weight, conv_last\.weight; "
+                                            r"lacks trunk_conv\.weight\)")
+
+
+def test_unrelated_keys(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "spandrel", None)  # as if not installed: import fails
+    torch.save({"encoder.weight": torch.rand(3), "decoder.bias": torch.rand(3)}, tmp_path / "other.pth")
+    message = one_line_error(tmp_path / "other.pth", "unknown checkpoint format: 2 tensors under encoder "
+                                                     r"\(1\), decoder \(1\); keys decoder.bias, encoder.weight; it has "
+                                                     "none of the identifying keys of a known format")
+    assert "SPAN (conv_1.sk.weight" in message and "pip install --no-deps spandrel" in message
+
+
+@pytest.mark.parametrize("oracle,match", [
+    (lambda: NewArchRRDBNet(2), r"BSRGAN/RealSR/ESRGAN new-architecture checkpoint: 1 upsampling convs"),
+    (lambda: OldESRGAN(4, plus=True), r"original ESRGAN checkpoint: ESRGAN\+"),
+])
+def test_variants_fastsr_does_not_build(tmp_path, monkeypatch, oracle, match):
+    monkeypatch.setitem(sys.modules, "spandrel", None)
+    torch.save(oracle().state_dict(), tmp_path / "variant.pth")
+    with pytest.raises(NoNativeFormatError, match=match + ".*pip install --no-deps spandrel"):
+        load_model(tmp_path / "variant.pth")
+
+
+# ------------------------------------------------------------------------------------------------
+# spandrel for everything else (a fake module: spandrel itself would pull torchvision)
+
+
+class FakeSpandrel:
+    """The part of spandrel's API fastsr uses: ModelLoader().load_from_state_dict -> descriptor.model."""
+
+    class UnsupportedModelError(Exception):
+        pass
+
+    def __init__(self, build) -> None:
+        self.states = []
+        fake = self
+
+        class ModelLoader:
+            def load_from_state_dict(self, state):
+                fake.states.append(state)
+                if build is None:
+                    raise fake.UnsupportedModelError("Unsupported model architecture.")
+                model = build()
+                model.load_state_dict(state)
+                return types.SimpleNamespace(model=model.train(), scale=2)
+
+        self.module = types.ModuleType("spandrel")
+        self.module.ModelLoader = ModelLoader
+        self.module.UnsupportedModelError = self.UnsupportedModelError
+
+
+def install_fake_spandrel(monkeypatch, build) -> FakeSpandrel:
+    fake = FakeSpandrel(build)
+    monkeypatch.setitem(sys.modules, "spandrel", fake.module)
+    return fake
+
+
+def test_spandrel_loads_what_fastsr_does_not_build(tmp_path, monkeypatch, capsys):
+    oracle = randomize(NewArchRRDBNet(2), seed=60)  # BSRGANx2: one upsampling conv
+    fake = install_fake_spandrel(monkeypatch, lambda: NewArchRRDBNet(2))
+    state = {f"module.{k}": v for k, v in oracle.state_dict().items()}
+    torch.save({"params_ema": state}, tmp_path / "BSRGANx2.pth")
+    model = load_model(tmp_path / "BSRGANx2.pth")
+    assert type(model) is NewArchRRDBNet and not model.training
+    assert set(fake.states[0]) == set(oracle.state_dict())  # the unwrapped tensors, prefixes removed
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), oracle(X), rtol=0, atol=0)
+    # a spandrel module has no fastsr model file
+    assert cli_main(["convert", str(tmp_path / "BSRGANx2.pth"), str(tmp_path / "out.safetensors")]) == 2
+    assert "spandrel loaded it as NewArchRRDBNet" in capsys.readouterr().err
+
+
+def test_spandrel_gets_unknown_formats_but_never_native_ones(tmp_path, monkeypatch):
+    class Other(nn.Module):  # an architecture fastsr has no format for
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Conv2d(3, 3, 3, padding=1)
+
+    fake = install_fake_spandrel(monkeypatch, Other)
+    save_file({k: v.contiguous() for k, v in Other().state_dict().items()}, str(tmp_path / "other.safetensors"))
+    assert type(load_model(tmp_path / "other.safetensors")) is Other
+    torch.save(randomize(BasicSRRRDBNet(4), seed=61).state_dict(), tmp_path / "x4plus.pth")
+    assert type(load_model(tmp_path / "x4plus.pth")) is RRDBNet
+    assert len(fake.states) == 1
+
+
+def test_spandrel_failing_too(tmp_path, monkeypatch):
+    install_fake_spandrel(monkeypatch, None)
+    torch.save({"encoder.weight": torch.rand(3)}, tmp_path / "other.pth")
+    one_line_error(tmp_path / "other.pth", "unknown checkpoint format.*; spandrel cannot load it either: "
+                                           "Unsupported model architecture")
