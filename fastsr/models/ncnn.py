@@ -12,14 +12,15 @@ ncnn's two files (https://github.com/Tencent/ncnn/wiki/param-and-model-file-stru
   padded to 4 bytes after tag 0x01306B47, fp32 after tag 0 (or 0x0002C056); then C_out fp32
   biases, untagged. A PReLU (``0`` num_slope) stores its slopes as untagged fp32.
 
-Recognised: RRDBNet (RealESRGAN_x4plus, RealESRGAN_x4plus_anime_6B; x4 and x8) and
-SRVGGNetCompact (realesr-animevideov3, realesr-general). Recognition is by structure, not names:
-a candidate fastsr config is guessed from the layer shapes, the ncnn graph that fastsr model
+Recognised: RRDBNet x4/x8 (RealESRGAN_x4plus, RealESRGAN_x4plus_anime_6B; not the x1/x2 models,
+whose pixel-unshuffle is other layers) and SRVGGNetCompact at any scale (realesr-animevideov3-x4;
+realesr-general-x4v3 is the same graph with 32 convs). Recognition is by structure, not names: a
+candidate fastsr config is guessed from the layer shapes, the ncnn graph that fastsr model
 computes is built in the same hash-consed node table as the file's graph (Split layers are
-aliases, a ReLU right after a conv is its fused activation, sums are order-free), and the two
-reach the same output node exactly when they compute the same function of the input, wiring
-included. The match also tells which fastsr module each weighted layer fills. The graphs have no
-normalisation layers: like the PyTorch originals, they map RGB in [0, 1] to RGB in [0, 1].
+aliases, a ReLU layer right after a plain conv is its fused activation, sums are order-free), and
+the two reach the same output node only if they are the same graph, wiring included. The match
+also tells which fastsr module each weighted layer fills. The graphs have no normalisation
+layers: like the PyTorch originals, they map RGB in [0, 1] to RGB in [0, 1].
 """
 
 from __future__ import annotations
@@ -144,7 +145,10 @@ class _WeightReader:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.data = path.read_bytes()
+        try:
+            self.data = path.read_bytes()
+        except OSError as exc:
+            raise ModelFileError(f"{path}: cannot read the ncnn weights ({exc})") from None
         self.offset = 0
 
     def _take(self, size: int, what: str) -> bytes:
@@ -220,6 +224,8 @@ def conv_shape(layer: Layer, path: Path) -> tuple[int, int, int]:
 
 
 def _conv_op(layer: Layer, path: Path) -> tuple:
+    """``("conv", C_out, C_in, k, bias, slope)`` for a stride-1 'same' conv (``slope``: None, or its
+    fused ReLU's / LeakyReLU's negative slope); anything else is an op no fastsr model has."""
     p = layer.params
     out_channels, in_channels, kernel = conv_shape(layer, path)
     plain = (p.get(11, kernel) == kernel and all(p.get(key, 1) == 1 for key in (2, 12, 3, 13))
@@ -229,11 +235,12 @@ def _conv_op(layer: Layer, path: Path) -> tuple:
     leaky = activation == 2 and isinstance(activation_params, tuple) and len(activation_params) == 1
     if not plain or not (activation in (0, 1) or leaky):
         return ("unsupported Convolution",)  # matches nothing fastsr builds
-    slope = {0: None, 1: 0.0, 2: _f32(activation_params[0]) if leaky else None}[activation]
+    slope = None if activation == 0 else 0.0 if activation == 1 else _f32(activation_params[0])
     return ("conv", out_channels, in_channels, kernel, bool(p.get(5, 0)), slope)
 
 
 def _resize_op(layer: Layer) -> tuple:
+    """``("resize", mode, height_scale, width_scale)`` for an Interp by scale factors."""
     p = layer.params
     if any(p.get(key, 0) for key in (3, 4, 5, 6)):  # an output size, a dynamic size or align_corner
         return ("unsupported Interp",)
@@ -252,8 +259,8 @@ class _FileGraph:
 def _fold_relu(graph: _FileGraph, layer: Layer, x: int, producer: dict[int, str]) -> int:
     """A ReLU layer: fused into the conv before it (the form of the ncnn files with 9=2)."""
     slope = _f32(layer.params.get(0, 0.0))
-    (op, inputs) = graph.nodes.ops[x]
-    if op[0] != "conv" or op[5] is not None:
+    op, inputs = graph.nodes.ops[x]
+    if op[0] != "conv" or op[5] is not None:  # op[5]: the conv's fused activation (see _conv_op)
         return graph.nodes.add(("relu", slope), (x,))
     fused = graph.nodes.add(op[:5] + (slope,), inputs)
     graph.layer_node[producer[x]] = fused  # the conv's weights now fill the fused node's module
@@ -261,6 +268,7 @@ def _fold_relu(graph: _FileGraph, layer: Layer, x: int, producer: dict[int, str]
 
 
 def _layer_node(graph: _FileGraph, layer: Layer, xs: tuple[int, ...], path: Path) -> int:
+    """The node of a layer reading nodes ``xs``, its op normalised: equal computations, equal nodes."""
     p, nodes = layer.params, graph.nodes
     if layer.kind == "Convolution":
         return nodes.add(_conv_op(layer, path), xs)
@@ -330,8 +338,7 @@ def _output_blob(layers: list[Layer], path: Path) -> str:
 # A builder returns the output node and, for each weighted node, the fastsr module it is.
 
 
-def _guess_rrdbnet(layers: list[Layer], path: Path) -> dict | None:
-    convs = [layer for layer in layers if layer.kind == "Convolution"]
+def _guess_rrdbnet(layers: list[Layer], convs: list[Layer], path: Path) -> dict | None:
     upsamplings = sum(layer.kind == "Interp" and _resize_op(layer) == _NEAREST_X2 for layer in layers)
     # conv_first, conv_body, conv_hr, conv_last and one conv per upsampling besides 15 per RRDB
     num_blocks, rest = divmod(len(convs) - 4 - upsamplings, 15)
@@ -370,8 +377,7 @@ def _rrdbnet_graph(nodes: _Nodes, config: dict) -> tuple[int, dict[int, str]]:
     return conv("conv_last", h, channels, config["out_channels"], None), names
 
 
-def _guess_compact(layers: list[Layer], path: Path) -> dict | None:
-    convs = [layer for layer in layers if layer.kind == "Convolution"]
+def _guess_compact(layers: list[Layer], convs: list[Layer], path: Path) -> dict | None:
     shuffles = [layer for layer in layers if layer.kind == "PixelShuffle"]
     if len(shuffles) != 1 or len(convs) < 2:
         return None
@@ -399,17 +405,29 @@ def _compact_graph(nodes: _Nodes, config: dict) -> tuple[int, dict[int, str]]:
 @dataclass(frozen=True)
 class _Arch:
     model: type[nn.Module]
-    guess: Callable[[list[Layer], Path], dict | None]
+    guess: Callable[[list[Layer], list[Layer], Path], dict | None]  # (layers, distinct convs, path)
     graph: Callable[[_Nodes, dict], tuple[int, dict[int, str]]]
 
 
 _ARCHS = (_Arch(RRDBNet, _guess_rrdbnet, _rrdbnet_graph), _Arch(SRVGGNetCompact, _guess_compact, _compact_graph))
 
 
+def _distinct_convs(layers: list[Layer], graph: _FileGraph) -> list[Layer]:
+    """The Convolution layers in file order, one per node: a duplicate layer (same op on the same
+    input) must not spoil the counts the configs are guessed from; :func:`_recognise` refuses it."""
+    convs, seen = [], set()
+    for layer in layers:
+        if layer.kind == "Convolution" and graph.layer_node[layer.name] not in seen:
+            seen.add(graph.layer_node[layer.name])
+            convs.append(layer)
+    return convs
+
+
 def _match(layers: list[Layer], graph: _FileGraph, output: int, path: Path) -> tuple[_Arch, dict, dict] | None:
     """The architecture, config and {weighted node: module} whose graph computes ``output``."""
+    convs = _distinct_convs(layers, graph)
     for arch in _ARCHS:
-        config = arch.guess(layers, path)
+        config = arch.guess(layers, convs, path)
         if config is not None:
             node, names = arch.graph(graph.nodes, config)
             if node == output:
@@ -432,14 +450,19 @@ def _recognise(layers: list[Layer], path: Path) -> tuple[_Arch, dict, dict[str, 
     if found is None:
         raise ModelFileError(f"{path}: not an RRDBNet or SRVGGNetCompact graph fastsr knows; {_summary(layers)}")
     arch, config, names = found
-    # Hash-consing ignores weights: two layers on the same node would be one module with two sets.
+    # Hash-consing ignores weights: two layers on one node would be one module with two weight sets.
     modules: dict[str, tuple[str, str]] = {}
+    filled_by: dict[tuple[str, str], str] = {}
     for layer in layers:
         if layer.name in graph.layer_node:
             module = (names.get(graph.layer_node[layer.name]), layer.kind)
-            if module[0] is None or module in modules.values():
-                raise ModelFileError(f"{path}: layer {layer.name} is not one layer of the {arch.model.__name__}")
+            if module[0] is None:
+                raise ModelFileError(f"{path}: layer {layer.name} does not contribute to the graph's output")
+            if module in filled_by:
+                raise ModelFileError(f"{path}: layers {filled_by[module]} and {layer.name} both compute "
+                                     f"{module[0]} of the {arch.model.__name__}; one would lose its weights")
             modules[layer.name] = module
+            filled_by[module] = layer.name
     return arch, config, modules
 
 
