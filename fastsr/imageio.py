@@ -15,6 +15,7 @@ Every image is (H, W, C) with C = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA), dtype uint
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import warnings
@@ -48,6 +49,27 @@ class ImageTooLargeError(UserError):
 
 class ImageWriteError(UserError):
     """The output cannot be written (directory, format, disk space)."""
+
+
+class DiskFullError(ImageWriteError):
+    """The disk (or the user's quota) cannot hold the rest of a run. The run stopped with its
+    finished tiles kept for a resume, unlike other user errors, which discard the work folder."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that failed for want of space: a full disk or a full quota."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def format_bytes(n: float) -> str:
+    """A size for people: 980 bytes, 12.3 KiB, 4.5 MiB, 1.2 GiB, 3.4 TiB."""
+    if n < 1024:
+        return f"{int(n)} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
 
 
 def mode_of(channels: int) -> str:
@@ -341,8 +363,8 @@ def check_disk_space(dst: str | os.PathLike, needed: int) -> None:
     d = Path(dst).resolve().parent
     free = shutil.disk_usage(d).free
     if needed > free:
-        raise ImageWriteError(f"{dst}: not enough disk space in {d}: the output needs about {needed / 2**30:.1f} GiB, "
-                              f"{free / 2**30:.1f} GiB free")
+        raise ImageWriteError(f"{dst}: not enough disk space in {d}: the output needs about {format_bytes(needed)}, "
+                              f"{format_bytes(free)} free")
 
 
 def remove_path(path: Path) -> None:

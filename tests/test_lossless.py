@@ -5,18 +5,26 @@ are refused instead of upscaling their first frame only."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import torch
+from PIL import Image
 
 import fastsr
 from fastsr.cli import main as cli_main
 from fastsr.errors import UserError
 
 BACKEND = "torch"
+# One thread: on a shared 2-core machine, 2-thread OpenMP ops wait for descheduled peers.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FASTSR_BACKEND": "torch"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -125,3 +133,195 @@ def test_a_work_folder_without_finished_batches_is_replaced_silently(tmp_path, m
     assert work_of(dst).exists() and manifest_lines(dst) == []
     fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND)  # nothing to lose
     assert dst.exists() and not work_of(dst).exists()
+
+
+# ----------------------------------------------------------------------------- 2. disk full
+
+NOISE = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)  # compresses to ~95% of raw
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of ``size`` bytes (root only): ``small_disk(size)`` mounts it and returns its folder."""
+    mounted = []
+
+    def mount(size: int) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastsr", *args], capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+
+
+def assert_resumable(dst: Path, reference: np.ndarray, batches: int) -> list[int]:
+    """The work folder of a stopped run: listed batches are whole and equal the reference; nothing
+    under the final name, no half-written output file. Returns the listed batches."""
+    import zarr
+
+    listed = [int(line) for line in manifest_lines(dst)]
+    assert len(listed) == len(set(listed)) < batches
+    store = zarr.open_array(str(work_of(dst) / "tiles.zarr"), mode="r")
+    side = store.chunks[0]
+    cols = -(-store.shape[1] // side)
+    for g in listed:  # batch size 1: batch g is tile g
+        y, x = divmod(g, cols)
+        box = np.s_[y * side:(y + 1) * side, x * side:(x + 1) * side]
+        assert np.array_equal(store[box], reference[box]), f"batch {g} is not whole"
+    assert not dst.exists()
+    assert not list(work_of(dst).glob("output*"))
+    return listed
+
+
+def test_a_noisy_image_that_will_not_fit_stops_early_in_one_line_and_resumes(tmp_path, small_disk):
+    """The up-front check (60% compression) passes; the compressed sizes of the first batches show
+    that noise needs far more, and the run stops while its finished tiles are intact."""
+    src, ref = tmp_path / "noise.tif", tmp_path / "ref.tif"
+    tifffile.imwrite(src, NOISE, photometric="rgb")
+    fastsr.upscale_file(src, ref, tile=48, progress=False, backend=BACKEND)
+    reference = tifffile.imread(ref)
+    disk = small_disk(1 << 20)
+    ballast = disk / "ballast"
+    ballast.write_bytes(b"\0" * (300 << 10))
+    dst = disk / "out.tif"
+    r = cli("upscale", str(src), str(dst), "--tile", "48", "--backend", BACKEND, "--quiet")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"fastsr: error: {dst}: not enough disk space: the rest of the run needs about ")
+    assert f"free in {disk}" in lines[0] and "rerun with --resume" in lines[0]
+    assert_resumable(dst, reference, 4)
+    ballast.unlink()  # space freed
+    r = cli("upscale", str(src), str(dst), "--tile", "48", "--backend", BACKEND, "--quiet", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(tifffile.imread(dst), reference)
+    assert sorted(p.name for p in disk.iterdir()) == ["out.tif"]
+
+
+def fill(folder: Path) -> None:
+    """Fill the filesystem of ``folder`` to the last byte, as another program would."""
+    with open(folder / "ballast", "wb") as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+
+
+def test_a_disk_filled_by_someone_else_mid_run_stops_in_one_line_and_resumes(tmp_path, small_disk, monkeypatch,
+                                                                               capsys):
+    from fastsr.pipeline import engine
+
+    src, ref = tmp_path / "noise.tif", tmp_path / "ref.tif"
+    tifffile.imwrite(src, NOISE, photometric="rgb")
+    fastsr.upscale_file(src, ref, tile=48, progress=False, backend=BACKEND)
+    disk = small_disk(4 << 20)
+    dst = disk / "out.tif"
+    real, calls = engine.Upscaler.run_uint, []
+
+    def filling(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            fill(disk)
+        return real(self, batch)
+
+    monkeypatch.setattr(engine.Upscaler, "run_uint", filling)
+    assert cli_main(upscale_args(src, dst, "default", "--tile", "48")) == 2
+    err = one_line_error(capsys)
+    assert f"fastsr: error: {dst}: " in err and ("no space left on device" in err or "not enough disk space" in err)
+    assert "rerun with --resume" in err
+    assert_resumable(dst, tifffile.imread(ref), 4)
+    monkeypatch.undo()
+    (disk / "ballast").unlink()
+    assert cli_main(upscale_args(src, dst, "default", "--tile", "48", "--resume")) == 0
+    assert np.array_equal(tifffile.imread(dst), tifffile.imread(ref))
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_chunk_write_failing_for_want_of_space_keeps_the_finished_batches(tmp_path, model, monkeypatch, capsys,
+                                                                              code):
+    from fastsr.pipeline import stream
+
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    image = photo(48, 64)
+    tifffile.imwrite(src, image, photometric="rgb")
+    real, calls = stream.paste, []
+
+    def paste(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(code, os.strerror(code))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stream, "paste", paste)
+    with pytest.raises(fastsr.imageio.DiskFullError, match=os.strerror(code).lower()) as info:
+        fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND)
+    assert "\n" not in str(info.value) and "3 of 12 batches are finished and kept" in str(info.value)
+    assert manifest_lines(dst) == ["0", "1", "2"]
+    monkeypatch.undo()
+    fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND, resume=True)
+    assert np.array_equal(tifffile.imread(dst), fastsr.upscale(image, model, tile=16, backend=BACKEND))
+
+
+def test_too_little_free_space_measured_after_a_batch_stops_the_run(tmp_path, model, monkeypatch):
+    from fastsr.pipeline.assemble import SpaceWatch
+
+    src, dst = tmp_path / "in.tif", tmp_path / "out.png"
+    image = photo(48, 64)
+    tifffile.imwrite(src, image, photometric="rgb")
+    monkeypatch.setattr(SpaceWatch, "free", lambda self: 4096)
+    with pytest.raises(fastsr.imageio.DiskFullError, match=r"not enough disk space: .* 4\.0 KiB free"):
+        fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND)
+    assert manifest_lines(dst) == ["0"]  # judged after the first batch (8% of the output)
+    monkeypatch.undo()
+    fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND, resume=True)
+    assert np.array_equal(np.asarray(Image.open(dst)), fastsr.upscale(image, model, tile=16, backend=BACKEND))
+
+
+@pytest.mark.parametrize("suffix,writer", [(".png", "write_pillow"), (".tif", "write_tiff")])
+def test_the_output_file_failing_for_want_of_space_keeps_every_batch(tmp_path, model, monkeypatch, suffix, writer):
+    """The last step (the PNG at the end, the TIFF written alongside) runs out of space: all tiles
+    stay, and a resume only writes the file."""
+    src, dst = tmp_path / "in.tif", tmp_path / f"out{suffix}"
+    image = photo(32, 48)
+    tifffile.imwrite(src, image, photometric="rgb")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x"))
+
+    monkeypatch.setattr(fastsr.imageio, writer, full)
+    with pytest.raises(fastsr.imageio.DiskFullError, match="no space left on device: .* 6 of 6 batches are finished"):
+        fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND)
+    assert len(manifest_lines(dst)) == 6 and not dst.exists()
+    monkeypatch.undo()
+    fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND, resume=True)
+    got = tifffile.imread(dst) if suffix == ".tif" else np.asarray(Image.open(dst))
+    assert np.array_equal(got, fastsr.upscale(image, model, tile=16, backend=BACKEND))
+
+
+def test_a_line_cut_short_in_the_manifest_is_dropped_not_joined(tmp_path, model, monkeypatch):
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    tifffile.imwrite(src, photo(48, 64), photometric="rgb")
+    crash_after(monkeypatch, 3)
+    with pytest.raises(RuntimeError):
+        fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND)
+    manifest = next(work_of(dst).glob("done.rank*.txt"))
+    with open(manifest, "ab") as f:
+        f.write(b"1")  # "1" of "11\n", cut short by a full disk or a power cut
+    monkeypatch.undo()
+    crash_after(monkeypatch, 2)
+    with pytest.raises(RuntimeError):
+        fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND, resume=True)
+    assert manifest.read_text() == "0\n1\n2\n3\n4\n"

@@ -27,10 +27,10 @@ import torch
 from .. import imageio
 from ..distributed import DistInfo, barrier, process_group
 from ..errors import UserError
-from ..imageio import ImageSource, ImageWriteError
+from ..imageio import DiskFullError, ImageSource, ImageWriteError
 from ..ops.dispatch import get_backend
 from ..tiling import TilePlan, plan_tiles
-from .assemble import Assembler, Output, TileTracker, finish
+from .assemble import Assembler, Output, SpaceWatch, TileTracker, finish
 from .engine import UpscaleError, Upscaler, model_digest, resolve_device
 from .memory import tile_size
 from .resume import WorkDir, output_lock, work_path
@@ -83,9 +83,11 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
                 work = WorkDir(work_path(dst_path), run.header, tuple(run.header["shape"]), run.chunks,
                                source.dtype, resume=resume, dist=dist, restart=restart)
                 work.verify(run.plan, run.batch_size)
-                assembler = _start_assembler(run, work, dist)
-                _compute(up, source, run, work, dist, assembler, progress)
-                _commit(run, work, dist, assembler)
+                space = SpaceWatch(work, run.output, run.plan, run.batch_size, dist.world_size)
+                with space.stop_when_full():  # a full disk: one line, the finished tiles kept for --resume
+                    assembler = _start_assembler(run, work, dist)
+                    _compute(up, source, run, work, dist, assembler, progress, space)
+                    _commit(run, work, dist, assembler)
     return dst_path
 
 
@@ -132,22 +134,23 @@ def _start_assembler(run: _Run, work: WorkDir, dist: DistInfo) -> Assembler | No
 
 
 def _compute(up: Upscaler, source: ImageSource, run: _Run, work: WorkDir, dist: DistInfo,
-             assembler: Assembler | None, progress: bool) -> None:
+             assembler: Assembler | None, progress: bool, space: SpaceWatch) -> None:
     """This rank's batches not done yet. On a user error (bad input found while reading) the work
-    folder goes; on anything else (a crash, Ctrl-C) it stays for ``--resume``."""
+    folder goes; on a full disk or anything else (a crash, Ctrl-C) it stays for ``--resume``."""
     n = len(run.plan.batches(run.batch_size))
     if work.done and dist.rank == 0:
         log.info("resuming: %d of %d batches of tiles already done", len(work.done), n)
     groups = [g for g in range(dist.rank, n, dist.world_size) if g not in work.done]
     try:
         run_batches(up, source, run.plan, groups, run.batch_size, work, progress and dist.rank == 0,
-                    on_written=assembler.tracker.add if assembler else None, writers=writer_threads(up.device))
+                    on_written=assembler.tracker.add if assembler else None, writers=writer_threads(up.device),
+                    space=space)
     except BaseException as exc:
         work.close()
         if assembler is not None:
             assembler.abort()
         if isinstance(exc, UserError):
-            if dist.world_size == 1:
+            if dist.world_size == 1 and not isinstance(exc, DiskFullError):  # its message says how to resume
                 imageio.remove_path(work.path)
         else:
             log.warning("stopped; the finished tiles are kept in %s: rerun with --resume to continue", work.path)

@@ -4,6 +4,7 @@ header (the run's settings), the tile store and one manifest per rank."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -29,7 +30,8 @@ def work_path(dst: Path) -> Path:
 class WorkDir:
     """The resumable state next to the destination: ``tiles.zarr`` (the output, chunk = output
     tile) and ``done.rank<R>.txt`` manifests listing finished batch numbers, one per line, each
-    written after its tiles are in the store (so a listed batch is always complete)."""
+    written after its tiles are in the store (so a listed batch is always complete). ``done``:
+    the finished batches, those of the run resumed and those marked since."""
 
     def __init__(self, path: Path, header: dict, shape, chunks, dtype, *, resume: bool, dist: DistInfo,
                  restart: bool = False) -> None:
@@ -44,7 +46,8 @@ class WorkDir:
         barrier(dist)
         self.store = imageio.create_zarr(self.store_path, shape, chunks, dtype, mode="a")
         self.done = self._read_done()
-        self._manifest = open(path / f"done.rank{rank}.txt", "a")
+        self._manifest_path = path / f"done.rank{rank}.txt"
+        self._manifest = _open_manifest(self._manifest_path)
 
     def _prepare(self, header, shape, chunks, dtype, resume: bool, restart: bool) -> None:
         if self.path.exists() and resume:
@@ -94,9 +97,19 @@ class WorkDir:
         return done
 
     def mark(self, group: int) -> None:
-        self._manifest.write(f"{group}\n")
-        self._manifest.flush()  # in the page cache: survives kill -9 of this process
-        os.fsync(self._manifest.fileno())  # and a power cut (the chunks may not: verify() checks them)
+        """Record batch ``group`` as finished (its tiles are in the store). One unbuffered write:
+        in the page cache at once, which survives kill -9 of this process."""
+        line = f"{group}\n".encode()
+        written = os.write(self._manifest, line)
+        if written != len(line):  # the disk filled up mid-line: take the piece back, the batch is not done
+            os.ftruncate(self._manifest, os.fstat(self._manifest).st_size - written)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._manifest_path))
+        os.fsync(self._manifest)  # and a power cut (the chunks may not: verify() checks them)
+        self.done.add(group)
+
+    def chunk_path(self, tile: Tile) -> Path:
+        """The file of ``tile``'s output in the store: chunk (row, col, 0) (chunk = output tile)."""
+        return self.store_path / "c" / str(tile.row) / str(tile.col) / "0"
 
     def verify(self, plan: TilePlan, batch_size: int) -> None:
         """Drop from ``done`` the batches whose tiles are not all intact in the store (a chunk
@@ -110,8 +123,7 @@ class WorkDir:
         self.done -= bad
 
     def _tile_intact(self, tile: Tile, scale: int) -> bool:
-        # Tile (row, col)'s output is chunk (row, col, 0) of the store (chunk = output tile).
-        if not (self.store_path / "c" / str(tile.row) / str(tile.col) / "0").is_file():
+        if not self.chunk_path(tile).is_file():
             return False  # deleted, or an all-zero tile zarr never writes: computing it again is safe
         y0, y1, x0, x1 = tile.output_box(scale)
         try:
@@ -121,7 +133,18 @@ class WorkDir:
         return True
 
     def close(self) -> None:
-        self._manifest.close()
+        os.close(self._manifest)
+
+
+def _open_manifest(path: Path) -> int:
+    """A manifest opened for appending, without a line cut short at its end (by a full disk or a
+    power cut): appending after such a piece would join the two into a wrong batch number."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(fd).st_size
+    tail = os.pread(fd, min(size, 64), size - min(size, 64))  # a line is a batch number: < 64 bytes
+    if tail and not tail.endswith(b"\n"):
+        os.ftruncate(fd, size - len(tail) + tail.rfind(b"\n") + 1)
+    return fd
 
 
 def _tiles_in(header: dict, done: set[int]) -> int | None:

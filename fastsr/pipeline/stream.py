@@ -47,10 +47,12 @@ def writer_threads(device: torch.device) -> int:
 
 
 def run_batches(up: Upscaler, source: ImageSource, plan: TilePlan, groups: list[int], batch_size: int,
-                work: WorkDir, progress: bool, on_written=None, writers: int = 1) -> None:
+                work: WorkDir, progress: bool, on_written=None, writers: int = 1, space=None) -> None:
     """Compute the batches ``groups`` of ``plan`` and put their tiles in ``work``'s store, marking each
-    batch done once its tiles are written; ``on_written(tile indices)`` after each batch."""
-    _Stream(up, source, plan, plan.batches(batch_size), work, on_written, writers).run(groups, progress)
+    batch done once its tiles are written; ``on_written(tile indices)`` after each batch. ``space``
+    (a :class:`~.assemble.SpaceWatch`) checks the free space before the first batch and after each,
+    and turns a write that fails for want of space into its one-line error."""
+    _Stream(up, source, plan, plan.batches(batch_size), work, on_written, writers, space).run(groups, progress)
 
 
 def _area(tile) -> int:
@@ -62,9 +64,9 @@ class _Stream:
     stops the others (``stop``) and is raised in the calling thread."""
 
     def __init__(self, up: Upscaler, source: ImageSource, plan: TilePlan, batches, work: WorkDir, on_written,
-                 writers: int) -> None:
+                 writers: int, space) -> None:
         self.up, self.source, self.plan, self.batches, self.work = up, source, plan, batches, work
-        self.on_written, self.writers = on_written, writers
+        self.on_written, self.writers, self.space = on_written, writers, space
         self.stop = threading.Event()
         self.inq: queue.Queue = queue.Queue(maxsize=2)
         self.outq: queue.Queue = queue.Queue(maxsize=2 * writers)
@@ -75,6 +77,8 @@ class _Stream:
     def run(self, groups: list[int], progress: bool) -> None:
         from tqdm import tqdm
 
+        if self.space is not None:
+            self.space.check()  # a resumed run knows its compressed sizes already
         # Whole output pixels, scaled by tqdm (k, M, G): exact counts, so a small image shows its
         # pixels (not 0.0/0.0 Mpx) and the bar never passes its total (no negative ETA).
         total = sum(_area(self.plan.tile_at(i)) for g in groups for i in self.batches[g]) * self.plan.scale ** 2
@@ -123,17 +127,24 @@ class _Stream:
     def writer(self) -> None:
         try:
             while (item := self._next_result()) is not None:
-                g, tiles, result = item
-                for t, o in zip(tiles, result, strict=True):
-                    paste(self.work.store, t, o, self.plan.scale)  # whole chunks: no two writers share one
-                with self.written:
-                    self.work.mark(g)
-                    if self.on_written is not None:
-                        self.on_written(t.index for t in tiles)
-                    self.bar.update(sum(map(_area, tiles)) * self.plan.scale ** 2)
+                self._write(*item)
         except BaseException as exc:  # noqa: B036 - handed to the calling thread
+            if self.space is not None and imageio.is_disk_full(exc):
+                exc = self.space.error(exc)  # the batch being written is not marked: a resume redoes it
             self.failures.append(exc)
             self.stop.set()
+
+    def _write(self, g: int, tiles, result: np.ndarray) -> None:
+        """Batch ``g``'s tiles into the store, then into the manifest; then the space left is checked."""
+        for t, o in zip(tiles, result, strict=True):
+            paste(self.work.store, t, o, self.plan.scale)  # whole chunks: no two writers share one
+        with self.written:
+            self.work.mark(g)
+            if self.on_written is not None:
+                self.on_written(t.index for t in tiles)
+            self.bar.update(sum(map(_area, tiles)) * self.plan.scale ** 2)
+            if self.space is not None:
+                self.space.batch_done(g)
 
     def _next_result(self):
         """The next computed batch, or None at the end (or once the calling thread failed: what
