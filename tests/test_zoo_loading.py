@@ -153,18 +153,22 @@ class ShortcutBlock(nn.Module):
 
 class OldESRGAN(nn.Module):
     """The original ESRGAN (architecture.RRDBNet + block.sequential, which flattens everything):
-    model = [conv, Shortcut(RRDBs..., conv), (Upsample, conv, lrelu) per x2, conv, lrelu, conv]."""
+    model = [conv, Shortcut(RRDBs..., conv), (Upsample, conv, lrelu) per x2, conv, lrelu, conv].
+    ``unshuffle``: a Real-ESRGAN x2 / x1 model in this layout (as converted for ESRGAN tools)."""
 
-    def __init__(self, scale: int = 4, c: int = C, blocks: int = 2, g: int = G, plus: bool = False) -> None:
+    def __init__(self, scale: int = 4, c: int = C, blocks: int = 2, g: int = G, plus: bool = False,
+                 unshuffle: int = 1) -> None:
         super().__init__()
-        layers = [conv(3, c), ShortcutBlock(nn.Sequential(*(OldRRDB(c, g, plus) for _ in range(blocks)), conv(c, c)))]
-        for _ in range(int(math.log2(scale))):
+        self.unshuffle = unshuffle
+        body = nn.Sequential(*(OldRRDB(c, g, plus) for _ in range(blocks)), conv(c, c))
+        layers = [conv(3 * unshuffle**2, c), ShortcutBlock(body)]
+        for _ in range(int(math.log2(scale * unshuffle))):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), conv(c, c), nn.LeakyReLU(0.2)]
         layers += [conv(c, c), nn.LeakyReLU(0.2), conv(c, 3)]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x):
-        return self.model(x)
+        return self.model(F.pixel_unshuffle(x, self.unshuffle) if self.unshuffle > 1 else x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,6 +369,14 @@ def test_original_esrgan_old_architecture(tmp_path, container, scale):
         assert_round_trips(model, tmp_path, X)
 
 
+def test_original_esrgan_layout_of_an_unshuffled_x2(tmp_path):
+    oracle = randomize(OldESRGAN(2, unshuffle=2), seed=15)
+    torch.save(oracle.state_dict(), tmp_path / "x2.pth")
+    model = load_model(tmp_path / "x2.pth")
+    assert model.config["scale"] == 2 and model.config["in_channels"] == 3
+    assert_matches(model, oracle, torch.rand(1, 3, 14, 10))
+
+
 @CONTAINERS
 def test_bsrgan_new_architecture(tmp_path, container):
     oracle = randomize(NewArchRRDBNet(4), seed=20)
@@ -446,6 +458,19 @@ def test_span_loads_reparameterised(tmp_path, container, norm):
     assert_matches(model, oracle, X)
     if container == "pth":
         assert_round_trips(model, tmp_path, X)
+
+
+def test_span_tiles_like_the_whole_image():
+    """Tiled upscaling reads SPAN's receptive field from its layers (conv_2 registered before conv_cat)."""
+    from fastsr.pipeline.memory import upscale_image
+    from fastsr.tiling import receptive_field
+
+    model = convert_checkpoint(span_oracle(4, seed=45).state_dict(), "span.pth")
+    assert receptive_field(model) == 1 + 6 * 3 + 1 + 1  # conv_1, the blocks, conv_2, upsampler (conv_cat is 1x1)
+    x = torch.rand(1, 3, 40, 36)
+    with torch.no_grad(), fastsr.use_backend("torch"):
+        whole = model(x)  # before upscale_image optimizes the model in place
+        torch.testing.assert_close(upscale_image(x, model, tile=16, backend="torch"), whole, rtol=0, atol=1e-5)
 
 
 def test_span_without_eval_conv_and_x2(tmp_path):
