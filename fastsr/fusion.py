@@ -12,12 +12,15 @@ Both leave the model in eval mode and channels_last (the layout the CPU convolut
 The patterns of :func:`fuse`, each replaced by one :class:`FusedConv2d` (a :class:`fastsr.nn.ConvPReLU`, i.e. one
 ``fastsr.functional.conv2d_prelu`` call):
 
-    Conv2d -> [BatchNorm2d] -> [PixelShuffle] -> [PReLU | ReLU | LeakyReLU] -> [* c] -> [+ skip]
+    [nearest x2] -> Conv2d -> [BatchNorm2d] -> [PixelShuffle] -> [PReLU | ReLU | LeakyReLU] -> [* c] -> [+ skip]
 
 Conv2d must be stride 1, dilation 1, groups 1, zero 'same' padding with an odd square kernel.
 BatchNorm is folded with its running statistics (eval-mode semantics: the fused model is for
 inference and is returned in eval mode). A multiplication by a positive constant (EDSR/BasicSR's
-``res_scale``) is folded into the weights. Every other conv runs as a plain fused conv.
+``res_scale``) is folded into the weights. A nearest-neighbour x2 upsampling in front of a 3x3
+conv (ESRGAN's upsampling; ``F.interpolate`` or ``nn.Upsample``) becomes part of the conv: an LR
+conv to 4x the channels with a pixel shuffle (:func:`fastsr.nn.fold_nearest_upsampling`), when
+the pattern has no pixel shuffle of its own. Every other conv runs as a plain fused conv.
 
 How the model is read:
 * torch.fx, where the model (or a submodule) traces: any forward code, including skip additions
@@ -40,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .nn import ConvPReLU, fold_batchnorm
+from .nn import ConvPReLU, fold_batchnorm, fold_nearest_upsampling
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,7 @@ class _Chain:
         self.slope: torch.Tensor | None = None  # PReLU weights
         self.negative_slope = 0.0  # LeakyReLU
         self.multiplier = 1.0
+        self.nearest_x2 = False  # a nearest x2 upsampling in front, folded into the conv
 
     @property
     def out_channels(self) -> int:
@@ -115,9 +119,13 @@ class _Chain:
         # act(c * z) == c * act(z) for c > 0 and the PReLU family, so the constant goes into the conv.
         weight = weight * self.multiplier
         bias = None if bias is None else bias * self.multiplier
+        shuffle = self.shuffle
+        if self.nearest_x2:
+            weight, bias = fold_nearest_upsampling(weight, bias)
+            shuffle = 2
         num_slopes = 1 if self.slope is None else self.slope.numel()
-        fused = FusedConv2d(conv.in_channels, conv.out_channels, conv.kernel_size[0], bias=bias is not None,
-                            activation=self.activation, shuffle=self.shuffle, num_slopes=num_slopes,
+        fused = FusedConv2d(conv.in_channels, weight.shape[0], conv.kernel_size[0], bias=bias is not None,
+                            activation=self.activation, shuffle=shuffle, num_slopes=num_slopes,
                             negative_slope=self.negative_slope).to(conv.weight.device)
         fused.conv.to(conv.weight.dtype)
         fused.conv.weight.copy_(weight)
@@ -175,6 +183,24 @@ def _match_activation(node: fx.Node, prev: fx.Node, modules: dict, chain: _Chain
         slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
         return isinstance(slope, numbers.Real) and chain.set_activation("leaky_relu", slope)
     return False
+
+
+def _nearest_x2_module(m: nn.Module) -> bool:
+    return (type(m) is nn.Upsample and m.mode == "nearest" and m.size is None
+            and m.scale_factor in (2, 2.0, (2, 2), (2.0, 2.0)) and not m._forward_hooks and not m._forward_pre_hooks)
+
+
+def _nearest_x2_node(node: object, modules: dict, calls: Counter) -> bool:
+    """Whether fx node ``node`` is a nearest x2 upsampling of one tensor (F.interpolate or nn.Upsample)."""
+    if not isinstance(node, fx.Node) or len(node.args) != 1:
+        return False
+    if node.op == "call_module":
+        return calls[node.target] == 1 and not node.kwargs and _nearest_x2_module(modules[node.target])
+    if not _is_call(node, (F.interpolate, F.upsample), ()):
+        return False
+    kw = dict(node.kwargs)
+    ok = kw.pop("scale_factor", None) in (2, 2.0, (2, 2), (2.0, 2.0)) and kw.pop("mode", "nearest") == "nearest"
+    return ok and all(v in (None, False) for v in kw.values())
 
 
 def _match_chain(conv_node: fx.Node, modules: dict, calls: Counter) -> tuple[_Chain, list[fx.Node], object]:
@@ -235,9 +261,14 @@ def _fuse_graph(gm: fx.GraphModule) -> int:
         if not _plain_conv(modules[node.target]) or len(node.args) != 1 or node.kwargs:
             continue
         chain, nodes, residual = _match_chain(node, modules, calls)
+        source = node.args[0]
+        upsampling = source if chain.shuffle == 1 and chain.conv.kernel_size == (3, 3) else None
+        if _nearest_x2_node(upsampling, modules, calls) and _sole_user(upsampling) is node:
+            chain.nearest_x2, source = True, upsampling.args[0]
+            nodes.insert(0, upsampling)
         fused = chain.build()
         gm.add_submodule(node.target, fused)  # takes the conv's place in the module tree
-        args = (node.args[0],) if residual is None else (node.args[0], residual)
+        args = (source,) if residual is None else (source, residual)
         with gm.graph.inserting_before(nodes[-1]):
             new = gm.graph.call_module(node.target, args)
         nodes[-1].replace_all_uses_with(new)
@@ -279,6 +310,7 @@ def _fuse_sequential(seq: nn.Sequential) -> int:
             i += 1
             continue
         chain = _Chain(layers[i])
+        upsampled = i > 0 and _nearest_x2_module(layers[i - 1]) and chain.conv.kernel_size == (3, 3)
         j = i + 1
         if j < len(layers) and _foldable_bn(layers[j], chain.conv.out_channels):
             chain.bn = layers[j]
@@ -290,6 +322,9 @@ def _fuse_sequential(seq: nn.Sequential) -> int:
                 j += 1
         if j < len(layers) and _activation_module(layers[j], chain):
             j += 1
+        if upsampled and chain.shuffle == 1:
+            chain.nearest_x2 = True
+            seq[i - 1] = nn.Identity()
         seq[i] = chain.build()
         for k in range(i + 1, j):
             seq[k] = nn.Identity()

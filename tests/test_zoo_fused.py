@@ -143,3 +143,58 @@ def test_measured_halo_is_logged(caplog):
     with caplog.at_level("INFO", logger="fastsr.pipeline.halo"):
         _choice(model, _photo(40, 40), tile=16)
     assert any("measured on the image" in r.message for r in caplog.records)
+
+
+class _PlainUpsampler(torch.nn.Module):
+    """ESRGAN's upsampling tail written plainly: [nearest x2, 3x3 conv, LeakyReLU] x 2, then a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up1, self.up2 = torch.nn.Conv2d(16, 16, 3, 1, 1), torch.nn.Conv2d(16, 16, 3, 1, 1)
+        self.last = torch.nn.Conv2d(16, 3, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.leaky_relu(self.up1(F.interpolate(x, scale_factor=2, mode="nearest")), 0.2)
+        x = F.leaky_relu(self.up2(F.interpolate(x, scale_factor=2, mode="nearest")), 0.2)
+        return self.last(x)
+
+
+def _sequential_upsampler() -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="nearest"), torch.nn.Conv2d(16, 16, 3, 1, 1),
+                               torch.nn.LeakyReLU(0.2), torch.nn.Conv2d(16, 3, 3, 1, 1))
+
+
+@pytest.mark.parametrize("make", [_PlainUpsampler, _sequential_upsampler], ids=["fx", "sequential"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_fuse_folds_nearest_upsampling_into_the_conv(make, backend):
+    require_backend(backend)
+    plain = _randomised(make(), seed=9)
+    fused = fastsr.fuse(plain)
+    upsamplings = [m for m in fused.modules() if isinstance(m, torch.nn.Upsample)]
+    calls = [n for n in getattr(fused, "graph", torch.fx.Graph()).nodes if n.target is F.interpolate]
+    assert not upsamplings and not calls, "an upsampling was left unfused"
+    assert sum(getattr(m, "shuffle", 1) == 2 for m in fused.modules()) == (2 if make is _PlainUpsampler else 1)
+    x = torch.rand(1, 16, 7, 9, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref64 = copy.deepcopy(plain).double()(x.double())
+        with fastsr.use_backend(backend):
+            ours = fused(x)
+        same = plain(x)
+    assert_within_rule("fused upsampler", ours, ref64, same, torch.float32)
+
+
+def test_fuse_keeps_an_upsampling_whose_output_is_also_read_elsewhere():
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, 1, 1)
+
+        def forward(self, x):
+            up = F.interpolate(x, scale_factor=2, mode="nearest")
+            return self.conv(up) + up
+
+    plain = _randomised(Branchy(), seed=2)
+    fused = fastsr.fuse(plain)
+    x = torch.rand(1, 4, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-6)
