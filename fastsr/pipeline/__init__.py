@@ -7,6 +7,7 @@
 * :mod:`.stream` - the reader thread -> model -> writer threads of a file run
 * :mod:`.assemble` - the output file from the tile store, under a temporary name, then renamed
 * :mod:`.files` - :func:`upscale_file`: the composition
+* :mod:`.folder` - :func:`upscale_folder`: every image of a folder, one file after another
 
 Planning (tiles, halos, batches, pasting a tile's centre) is :mod:`fastsr.tiling`; sources and
 sinks are :mod:`fastsr.imageio`; the torchrun process group is :mod:`fastsr.distributed`.
@@ -14,7 +15,8 @@ sinks are :mod:`fastsr.imageio`; the torchrun process group is :mod:`fastsr.dist
 
 from .engine import UpscaleError, Upscaler, model_digest, resolve_device, resolve_dtype
 from .files import upscale_file
+from .folder import FolderSummary, upscale_folder
 from .memory import upscale_image
 
-__all__ = ["UpscaleError", "Upscaler", "model_digest", "resolve_device", "resolve_dtype", "upscale_file",
-           "upscale_image"]
+__all__ = ["FolderSummary", "UpscaleError", "Upscaler", "model_digest", "resolve_device", "resolve_dtype",
+           "upscale_file", "upscale_folder", "upscale_image"]

@@ -1,0 +1,240 @@
+"""Upscaling a folder of images (:func:`upscale_folder`): every image under a folder into the same
+relative path under another, one file at a time through :func:`.files.upscale_file`.
+
+It loses nothing. A file that fails (unreadable, corrupt, an unsupported mode) is reported on one
+line and the others go on. Each output is written under a temporary name and renamed when complete,
+so an output that exists is finished: a rerun skips it and computes only what is missing. The
+model is loaded once for all files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from .. import imageio
+from ..errors import BackendUnavailableError, UserError
+from ..imageio import PILLOW_SUFFIXES, TIFF_SUFFIXES
+from .engine import Upscaler
+from .files import upscale_file
+from .resume import work_path
+
+log = logging.getLogger("fastsr")
+
+# The images a folder run reads: files with these suffixes (any case) and zarr arrays (folders
+# named *.zarr). Everything else (.npy arrays, text, sidecar files) is left alone.
+INPUT_SUFFIXES = (*PILLOW_SUFFIXES, *TIFF_SUFFIXES, ".zarr")
+# What --format can turn every output into (without it each output keeps its input's suffix).
+OUTPUT_FORMATS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "zarr")
+
+
+class FolderError(UserError):
+    """A folder run that cannot start (the folders, the format, nothing to read, clashing names)."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A file that was not upscaled: why (one line), and whether it was the file's fault (a
+    :class:`~fastsr.errors.UserError`: unreadable input, unsupported mode, unwritable output) rather
+    than a crash."""
+
+    src: Path
+    reason: str
+    user_error: bool
+
+
+@dataclass
+class FolderSummary:
+    """What a folder run did: the inputs upscaled, skipped (output already there) and failed."""
+
+    dst_dir: Path
+    upscaled: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
+
+    def line(self) -> str:
+        """e.g. ``upscaled 12 files into out, skipped 3 already done, 1 failed: see above``."""
+        parts = [f"upscaled {_files(len(self.upscaled))} into {self.dst_dir}"]
+        if self.skipped:
+            parts.append(f"skipped {len(self.skipped)} already done")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed: see above")
+        return ", ".join(parts)
+
+
+def is_image_folder(path: str | os.PathLike) -> bool:
+    """A folder of images, as opposed to a file or a zarr array (which is one image)."""
+    p = Path(path)
+    zarr = p.suffix.lower() == ".zarr" or (p / "zarr.json").exists() or (p / ".zarray").exists()
+    return p.is_dir() and not zarr
+
+
+def find_inputs(src_dir: Path, exclude: Path | None = None) -> list[Path]:
+    """The images under ``src_dir`` as sorted relative paths. Hidden files and folders (a leading
+    dot: editors' and macOS' sidecars such as ``._photo.jpg``, fastsr's own work folders) and the
+    folder ``exclude`` (an output folder inside the input folder) are not read; symlinked folders
+    are not followed (no loops)."""
+    found = []
+    for root, dirs, files in os.walk(src_dir):
+        here = Path(root)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and (exclude is None or (here / d).resolve() != exclude)]
+        arrays = [d for d in dirs if d.lower().endswith(".zarr")]
+        dirs[:] = sorted(set(dirs) - set(arrays))  # a zarr array is one image: its chunks are not looked into
+        names = arrays + [f for f in files if not f.startswith(".") and Path(f).suffix.lower() in INPUT_SUFFIXES]
+        found.extend((here / name).relative_to(src_dir) for name in names)
+    return sorted(found)
+
+
+def upscale_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, model=None, *, fmt: str | None = None,
+                   tile: int = 512, halo: int | str = "auto", batch_size: int | None = None, device=None,
+                   dtype=None, resume: bool = False, compression: str = "zstd", pyramid: bool = False,
+                   restart: bool = False, progress: bool = True, backend: str | None = None) -> FolderSummary:
+    """Upscale every image under ``src_dir`` (recursively, see :data:`INPUT_SUFFIXES`) into the same
+    relative path under ``dst_dir``; returns a :class:`FolderSummary`.
+
+    Outputs keep their input's suffix, or all get ``.{fmt}`` (one of :data:`OUTPUT_FORMATS`).
+    Existing outputs are skipped (they are complete: :func:`upscale_file` renames a finished file
+    into place). A file that fails is logged on one line and the run goes on. ``dst_dir`` may lie
+    inside ``src_dir``: it is not read. ``pyramid`` applies to the TIFF outputs; ``resume`` continues
+    (``restart`` discards) the finished tiles of a file an interrupted run left unfinished; the other
+    arguments are :func:`upscale_file`'s. ``progress``: one bar over the files, with the output
+    pixel throughput.
+    """
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    pairs = _plan(src_dir, dst_dir, fmt)
+    # The model loaded once, and the settings shared by every file (device, dtype, halo) checked
+    # once: a bad one is one error, not one per file.
+    up = Upscaler(model, device=device, dtype=dtype, backend=backend)
+    up.halo(halo, 3)
+    settings = {"tile": tile, "halo": halo, "batch_size": batch_size, "device": device, "dtype": dtype,
+                "resume": resume, "restart": restart, "compression": compression, "pyramid": pyramid,
+                "backend": backend, "progress": False}  # one bar for the folder, not one per file
+    summary = FolderSummary(dst_dir, skipped=[src for src, dst in pairs if os.path.lexists(dst)])
+    todo = [(src, dst) for src, dst in pairs if not os.path.lexists(dst)]
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    _run(todo, up.source, up.scale, settings, progress, summary)
+    return summary
+
+
+def _check(src_dir: Path, dst_dir: Path, fmt: str | None) -> None:
+    """The folders and the format, before anything is read or written."""
+    if not src_dir.is_dir():
+        raise FolderError(f"{src_dir}: not a folder")
+    if fmt is not None and fmt not in OUTPUT_FORMATS:
+        raise FolderError(f"unknown output format {fmt!r}; choose from {', '.join(OUTPUT_FORMATS)}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FolderError("folders are upscaled in one process; torchrun shares out the tiles of one large file")
+    if dst_dir.exists() and not dst_dir.is_dir():
+        raise FolderError(f"{dst_dir}: exists and is not a folder; the input is a folder, so the output is one too")
+    if not dst_dir.exists() and dst_dir.suffix.lower() in (*PILLOW_SUFFIXES, *TIFF_SUFFIXES):
+        raise FolderError(f"{dst_dir}: an image name; the input is a folder, so the output is one too")
+    if dst_dir.resolve() == src_dir.resolve():
+        raise FolderError(f"{dst_dir}: the output folder is the input folder; choose another one (it may be "
+                          "inside the input folder)")
+
+
+def _plan(src_dir: Path, dst_dir: Path, fmt: str | None) -> list[tuple[Path, Path]]:
+    """(input, output) of every image, after the checks that need no model."""
+    _check(src_dir, dst_dir, fmt)
+    rels = find_inputs(src_dir, exclude=dst_dir.resolve())
+    if not rels:
+        raise FolderError(f"no images under {src_dir} (looked for {' '.join(INPUT_SUFFIXES)})")
+    pairs, seen = [], {}
+    for rel in rels:
+        dst = dst_dir / (rel if fmt is None else rel.with_suffix(f".{fmt}"))
+        if dst in seen:  # photo.png and photo.jpg with --format tif: one would overwrite the other
+            raise FolderError(f"{src_dir / seen[dst]} and {src_dir / rel} would both be written to {dst}; "
+                              "rename one, or keep their formats (no --format)")
+        seen[dst] = rel
+        pairs.append((src_dir / rel, dst))
+    return pairs
+
+
+def _run(todo: list[tuple[Path, Path]], net: nn.Module, scale: int, settings: dict, progress: bool,
+         summary: FolderSummary) -> None:
+    """Each file in turn under one progress bar; failures are logged (above the bar) and recorded."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    started, pixels = time.perf_counter(), 0
+    with tqdm(total=len(todo), unit="file", disable=not progress, dynamic_ncols=True) as bar, \
+            logging_redirect_tqdm():
+        for src, dst in todo:
+            failure = _upscale_one(src, dst, net, settings)
+            if failure is None:
+                summary.upscaled.append(src)
+                pixels += _input_pixels(src) * scale ** 2
+            else:
+                summary.failed.append(failure)
+                log.error("error: %s: %s", src, failure.reason)
+            bar.update(1)
+            if pixels:
+                rate = pixels / (time.perf_counter() - started)
+                bar.set_postfix_str(f"{tqdm.format_sizeof(pixels)}px out, {tqdm.format_sizeof(rate)}px/s")
+
+
+def _upscale_one(src: Path, dst: Path, net: nn.Module, settings: dict) -> Failure | None:
+    """One file; its failure, or None. A backend that cannot run is no fault of the file and stops
+    the run (every file would fail the same way), as does Ctrl-C (not an Exception)."""
+    created = _make_parents(dst)
+    try:
+        upscale_file(src, dst, net, **_for_file(dst, settings))
+    except BackendUnavailableError:
+        raise
+    except Exception as exc:
+        for folder in created:  # folders made for this output only, innermost first
+            _remove_if_empty(folder)
+        return Failure(src, _reason(exc, src), isinstance(exc, UserError))
+    return None
+
+
+def _for_file(dst: Path, settings: dict) -> dict:
+    """The settings for one output: a pyramid for a TIFF only; resuming only where an interrupted
+    run left a work folder (anywhere else it would just log that there is nothing to resume)."""
+    return {**settings, "pyramid": settings["pyramid"] and imageio.output_format(dst) == "tiff",
+            "resume": settings["resume"] and work_path(dst).exists()}
+
+
+def _make_parents(dst: Path) -> list[Path]:
+    """Create the missing folders above ``dst``; returns those it created, innermost first."""
+    missing = []
+    parent = dst.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty (or already gone): leave it
+
+
+def _reason(exc: Exception, src: Path) -> str:
+    """One line saying why, without repeating the file name the report line already starts with."""
+    text = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    return first.removeprefix(f"{src}: ")
+
+
+def _input_pixels(path: Path) -> int:
+    """The input's pixel count from its header, without decoding it again (for the throughput)."""
+    if path.suffix.lower() in PILLOW_SUFFIXES:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.width * im.height
+    with imageio.open_image(path) as source:  # TIFF and zarr are read lazily
+        return source.height * source.width
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
