@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,29 +30,39 @@ class ImageScore:
         return {**asdict(self), "gain_db": self.gain_db}
 
 
+# Called with each score and the images it was measured on: HR, bicubic, model, (1, 3, H, W) in [0, 1].
+OnImage = Callable[[ImageScore, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
 @torch.inference_mode()
-def score_image(model: nn.Module, hr: torch.Tensor, scale: int, name: str = "") -> ImageScore:
-    """Score one (1, 3, H, W) HR image in [0, 1]; the model runs in fp32 on the model's device."""
+def score_image(model: nn.Module, hr: torch.Tensor, scale: int, name: str = "",
+                on_image: OnImage | None = None) -> ImageScore:
+    """Score one (1, 3, H, W) HR image in [0, 1]; the model runs in fp32 on the model's device.
+    ``on_image`` sees the images too (a comparison sheet is made from them)."""
     lr = bicubic_downscale(hr, scale)
     hr = hr[..., : lr.shape[-2] * scale, : lr.shape[-1] * scale]
     device = next(model.parameters()).device
     sr = quantize(model(lr.to(device)).float().cpu())
     bic = quantize(bicubic_upscale(lr, scale))
     kw = {"crop_border": scale, "y_channel": True}
-    return ImageScore(
+    score = ImageScore(
         name,
         float(metrics.psnr(bic, hr, **kw)), float(metrics.psnr(sr, hr, **kw)),
         float(metrics.ssim(bic, hr, **kw)), float(metrics.ssim(sr, hr, **kw)),
     )
+    if on_image is not None:
+        on_image(score, hr, bic, sr)
+    return score
 
 
-def score_folder(model: nn.Module, paths: list[Path] | str | os.PathLike, scale: int) -> list[ImageScore]:
+def score_folder(model: nn.Module, paths: list[Path] | str | os.PathLike, scale: int,
+                 on_image: OnImage | None = None) -> list[ImageScore]:
     if not isinstance(paths, list):
         paths = find_images(paths)
     was_training = model.training
     model.eval()
     try:
-        return [score_image(model, to_float(load_rgb(p)), scale, p.stem) for p in paths]
+        return [score_image(model, to_float(load_rgb(p)), scale, p.stem, on_image) for p in paths]
     finally:
         model.train(was_training)
 
