@@ -325,3 +325,107 @@ def test_a_line_cut_short_in_the_manifest_is_dropped_not_joined(tmp_path, model,
     with pytest.raises(RuntimeError):
         fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND, resume=True)
     assert manifest.read_text() == "0\n1\n2\n3\n4\n"
+
+
+# ----------------------------------------------------------------------------- 3. training: one-line errors
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    from fastsr.data import export_skimage_photos
+
+    root = tmp_path_factory.mktemp("photos")
+    export_skimage_photos(root, ("chelsea", "coins"))
+    return root
+
+
+def train_args(photos: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(photos), "--out", str(out), "--steps", "2", "--batch-size", "2", "--crop", "32",
+            "--num-blocks", "1", "--channels", "8", "--save-every", "1", "--log-every", "1", "--backend", BACKEND,
+            *extra]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--batch-size", "-4"], "--batch-size must be at least 1, got -4"),
+    (["--steps", "-5"], "--steps must be at least 1, got -5"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--lr", "0"], "--lr must be greater than 0, got 0"),
+    (["--lr=-1e-4"], "--lr must be greater than 0, got -0.0001"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--min-lr", "-1"], "--min-lr must be at least 0, got -1"),
+    (["--min-lr", "0.1"], "--min-lr 0.1 is above --lr 0.0002"),
+    (["--crop", "0"], "--crop must be at least 1, got 0"),
+    (["--crop", "30"], "--crop 30 must be a multiple of --scale 4"),
+    (["--channels", "0"], "--channels must be at least 1, got 0"),
+    (["--num-blocks", "-1"], "--num-blocks must be at least 0, got -1"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be at least 0, got -1"),
+    (["--ema-decay", "1"], "--ema-decay must be less than 1, got 1"),
+    (["--ema-decay", "-0.5"], "--ema-decay must be at least 0, got -0.5"),
+    (["--save-every", "0"], "--save-every must be at least 1, got 0"),
+    (["--log-every", "-1"], "--log-every must be at least 1, got -1"),
+    (["--stop-at", "0"], "--stop-at must be at least 1, got 0"),
+    (["--seed", "-1"], "--seed must be at least 0, got -1"),
+    (["--workers", "-1"], "--workers must be at least 0, got -1"),
+    (["--d-channels", "0"], "--d-channels must be at least 1, got 0"),
+    (["--d-lr", "0"], "--d-lr must be greater than 0, got 0"),
+    (["--adv-weight", "-1"], "--adv-weight must be at least 0, got -1"),
+    (["--pixel-weight", "nan"], "--pixel-weight must be a finite number, got nan"),
+])
+def test_nonsensical_training_numbers_are_one_line_errors(photos, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert cli_main(train_args(photos, out, *extra)) == 2
+    assert one_line_error(capsys).startswith(f"fastsr: error: {message}")
+    assert not out.exists()  # refused before anything is written
+
+
+@pytest.fixture(scope="module")
+def finished_run(photos, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert cli_main(train_args(photos, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "empty", "another kind of file"])
+def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(photos, finished_run, tmp_path, capsys, damage):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    ckpt = out / "checkpoint.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes({"truncated": data[:len(data) // 2], "random bytes": np.random.default_rng(0).bytes(4096),
+                      "empty": b""}.get(damage, b""))
+    if damage == "another kind of file":
+        torch.save({"weights": torch.zeros(3)}, ckpt)
+    capsys.readouterr()
+    assert cli_main(train_args(photos, out, "--steps", "4", "--resume")) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"fastsr: error: cannot resume: {ckpt} ")
+    assert ("is empty (0 bytes)" if damage == "empty" else "is not a readable training checkpoint") in err
+    assert f"--init {out / 'model.safetensors'}" in err
+
+
+def test_resume_with_other_model_options_is_a_one_line_error(photos, finished_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    capsys.readouterr()
+    argv = train_args(photos, out, "--steps", "4", "--resume")
+    argv[argv.index("--channels") + 1] = "16"
+    assert cli_main(argv) == 2
+    err = one_line_error(capsys)
+    assert "does not fit this run's options" in err and "--scale 4 --num-blocks 1 --channels 8" in err
+
+
+def test_a_damaged_checkpoint_error_has_no_traceback(photos, finished_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:1000])
+    r = cli(*train_args(photos, out, "--steps", "4", "--resume"))
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

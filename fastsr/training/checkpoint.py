@@ -56,8 +56,12 @@ class Checkpointer:
             log.info("no checkpoint in %s yet: starting a new run", self.path.parent)
             return 0
         device = self.dist.device
-        state = torch.load(self.path, map_location=device, weights_only=True)
-        trainer.load_state_dict(state)
+        state = self._read()
+        try:
+            trainer.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as exc:  # missing entries, other shapes
+            raise TrainingError(f"{self.path} does not fit this run's options ({_first_line(exc)}); resume with the "
+                                f"options it was trained with{_options_of(state)}") from None
         if "rng" in state:
             _set_rng_state(state["rng"], device)
         else:  # version-1 checkpoint
@@ -67,6 +71,42 @@ class Checkpointer:
                         "from step %d on, crops come from per-step seeds", self.path, state["step"])
         log.info("resumed %s at step %d", self.path, state["step"])
         return state["step"]
+
+
+    def _read(self) -> dict:
+        """The checkpoint as a dict; a one-line :class:`TrainingError` for a file that is empty,
+        truncated, damaged or not a training checkpoint (never a loader's traceback)."""
+        size = self.path.stat().st_size
+        try:
+            state = torch.load(self.path, map_location=self.dist.device, weights_only=True) if size else None
+        except Exception:  # whatever the loader trips on, the file is unusable
+            state = None
+        if not isinstance(state, dict) or not _CHECKPOINT_KEYS <= state.keys():
+            what = "is empty (0 bytes)" if not size else f"is not a readable training checkpoint ({size} bytes: " \
+                                                          "truncated, damaged or another kind of file)"
+            backup = f" (--init {self.model_path} starts from the weights exported at the last save)" \
+                if self.model_path.is_file() else ""
+            raise TrainingError(f"cannot resume: {self.path} {what}; restore it from a backup, or start a new run "
+                                f"in another --out{backup}")
+        return state
+
+
+# What every checkpoint, version 1 on, holds.
+_CHECKPOINT_KEYS = frozenset({"step", "model", "optimizer", "scheduler", "ema"})
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, at most 120 characters (torch's run over many lines)."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line if len(line) <= 120 else line[:117] + "..."
+
+
+def _options_of(state: dict) -> str:
+    """': --scale S --num-blocks B --channels C' from the checkpoint's config, if it has one."""
+    config = state.get("config")
+    if not isinstance(config, dict) or not {"scale", "num_blocks", "channels"} <= config.keys():
+        return ""
+    return f": --scale {config['scale']} --num-blocks {config['num_blocks']} --channels {config['channels']}"
 
 
 def _check_ranks_in_sync(trainer: Trainer, step: int) -> None:

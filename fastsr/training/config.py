@@ -7,6 +7,7 @@ appears in the CLI without being restated there; :mod:`fastsr.commands.train` bu
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +22,14 @@ class TrainingError(RuntimeError):
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
-           flag: str | None = None, group: str | None = None) -> Any:
+           flag: str | None = None, group: str | None = None, at_least: float | None = None,
+           above: float | None = None, below: float | None = None) -> Any:
     """A :class:`TrainConfig` field and its CLI option: ``help`` text, allowed ``choices``, the
     ``flag`` (default: ``--`` + the field name with dashes) and the help ``group`` it is listed in.
-    A field without a default is a required option."""
-    metadata = {"help": help, "choices": choices, "flag": flag, "group": group}
+    A number may be bounded: ``at_least`` (inclusive), ``above`` and ``below`` (exclusive); a float
+    must be finite. A field without a default is a required option."""
+    metadata = {"help": help, "choices": choices, "flag": flag, "group": group, "at_least": at_least,
+                "above": above, "below": below}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -41,24 +45,24 @@ class TrainConfig:
     data: str = option(help="folder of HR images (searched recursively)")
     out: str = option(help="run folder: checkpoint.pt, log.csv, model.safetensors")
     stage: str = option("pretrain", "training stage", choices=STAGES)
-    steps: int = option(10000, "total optimizer steps")
-    batch_size: int = option(16, "crops per step: the global batch, split over the DDP ranks")
-    crop: int = option(96, "HR crop size in pixels")
+    steps: int = option(10000, "total optimizer steps", at_least=1)
+    batch_size: int = option(16, "crops per step: the global batch, split over the DDP ranks", at_least=1)
+    crop: int = option(96, "HR crop size in pixels", at_least=1)
     scale: int = option(4, "upscaling factor", choices=(2, 4, 8))
-    num_blocks: int = option(16, "residual blocks")
-    channels: int = option(64, "feature channels")
-    lr: float = option(2e-4, "peak learning rate of Adam")
-    min_lr: float = option(1e-6, "learning rate at the end of the cosine decay")
-    warmup_steps: int = option(200, "linear warm-up steps")
+    num_blocks: int = option(16, "residual blocks", at_least=0)
+    channels: int = option(64, "feature channels", at_least=1)
+    lr: float = option(2e-4, "peak learning rate of Adam", above=0.0)
+    min_lr: float = option(1e-6, "learning rate at the end of the cosine decay", at_least=0.0)
+    warmup_steps: int = option(200, "linear warm-up steps", at_least=0)
     loss: str = option("mse", "pixel loss: the pretrain loss, and the gan stage's optional pixel term",
                        choices=("mse", "l1"))
-    ema_decay: float = option(0.999, "EMA decay of the exported weights")
+    ema_decay: float = option(0.999, "EMA decay of the exported weights", at_least=0.0, below=1.0)
     permute_channels: bool = option(True, "random RGB permutation of the crops")
     amp: str = option("off", "mixed precision", choices=("off", "bf16", "fp16"))
-    save_every: int = option(500, "checkpoint every N steps")
-    log_every: int = option(10, "CSV/TensorBoard row every N steps")
+    save_every: int = option(500, "checkpoint every N steps", at_least=1)
+    log_every: int = option(10, "CSV/TensorBoard row every N steps", at_least=1)
     val: str | None = option(None, "folder of HR images to evaluate (PSNR vs bicubic) at every checkpoint")
-    seed: int = option(0, "random seed")
+    seed: int = option(0, "random seed", at_least=0)
     resume: bool = option(False, "continue the run in --out from its checkpoint")
     device: str = option("cpu", "cpu or cuda")
     # Added with the gan stage; absent from older config.json files.
@@ -70,32 +74,50 @@ class TrainConfig:
                                      group=GAN_GROUP)
     content_layer: str = option("conv5_4", "VGG19 layer, e.g. conv5_4 (after ReLU, the paper) or conv5_4_prerelu",
                                 group=GAN_GROUP)
-    content_weight: float = option(1.0, "weight of the content loss", group=GAN_GROUP)
-    adv_weight: float = option(1e-3, "weight of the adversarial loss", group=GAN_GROUP)
+    content_weight: float = option(1.0, "weight of the content loss", group=GAN_GROUP, at_least=0.0)
+    adv_weight: float = option(1e-3, "weight of the adversarial loss", group=GAN_GROUP, at_least=0.0)
     gan_pixel_weight: float = option(0.0, "weight of an extra --loss pixel term in the generator loss",
-                                     flag="--pixel-weight", group=GAN_GROUP)
-    d_lr: float | None = option(None, "discriminator learning rate (default: --lr)", group=GAN_GROUP)
-    d_channels: int = option(64, "discriminator base channels", group=GAN_GROUP)
-    workers: int = option(0, "DataLoader worker processes")
+                                     flag="--pixel-weight", group=GAN_GROUP, at_least=0.0)
+    d_lr: float | None = option(None, "discriminator learning rate (default: --lr)", group=GAN_GROUP, above=0.0)
+    d_channels: int = option(64, "discriminator base channels", group=GAN_GROUP, at_least=1)
+    workers: int = option(0, "DataLoader worker processes", at_least=0)
     sync_bn: bool = option(True, "under DDP, BatchNorm statistics over the global batch, as one process would "
                                  "have them (--no-sync-bn: per rank, cheaper)")
     backend: str | None = option(None, "fused-op backend (default: $FASTSR_BACKEND, else auto)",
                                  choices=("auto", *BACKENDS))
-    stop_at: int | None = option(None, "save and stop at this step (the schedule still runs to --steps)")
+    stop_at: int | None = option(None, "save and stop at this step (the schedule still runs to --steps)",
+                                 at_least=1)
     compile: bool = option(False, "torch.compile the models (slow start, faster steps)")
 
 
+def _check_value(field: dataclasses.Field, value: Any) -> None:
+    """Raise :class:`TrainingError` for ``value`` outside ``field``'s choices or bounds (None: unset)."""
+    meta, flag = field.metadata, flag_of(field)
+    if value is None or isinstance(value, bool):
+        return
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise TrainingError(f"{flag} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TrainingError(f"{flag} must be a finite number, got {value}")
+    if meta["at_least"] is not None and value < meta["at_least"]:
+        raise TrainingError(f"{flag} must be at least {meta['at_least']:g}, got {value:g}")
+    if meta["above"] is not None and value <= meta["above"]:
+        raise TrainingError(f"{flag} must be greater than {meta['above']:g}, got {value:g}")
+    if meta["below"] is not None and value >= meta["below"]:
+        raise TrainingError(f"{flag} must be less than {meta['below']:g}, got {value:g}")
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Raise :class:`TrainingError` for a value outside a field's choices, an impossible count or
-    a gan stage without its inputs."""
+    """Raise :class:`TrainingError` for a value outside a field's choices or bounds, options that
+    contradict each other, or a gan stage without its inputs."""
     for field in dataclasses.fields(cfg):
-        value, choices = getattr(cfg, field.name), field.metadata["choices"]
-        if choices is not None and value is not None and value not in choices:
-            raise TrainingError(f"{flag_of(field)} must be one of {', '.join(map(str, choices))}, got {value!r}")
-    if cfg.steps < 1 or cfg.save_every < 1 or cfg.log_every < 1:
-        raise TrainingError("--steps, --save-every and --log-every must be >= 1")
-    if cfg.workers < 0:
-        raise TrainingError(f"--workers must be >= 0, got {cfg.workers}")
+        _check_value(field, getattr(cfg, field.name))
+    if cfg.crop % cfg.scale:
+        raise TrainingError(f"--crop {cfg.crop} must be a multiple of --scale {cfg.scale} (the LR crop is "
+                            f"crop / scale pixels)")
+    if cfg.min_lr > cfg.lr:
+        raise TrainingError(f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: the schedule decays from --lr "
+                            f"down to --min-lr")
     if cfg.stage == "gan" and not cfg.init:
         raise TrainingError("the gan stage starts from a pre-trained generator: pass --init PATH "
                             "(a pretrain run's checkpoint.pt or model.safetensors)")
