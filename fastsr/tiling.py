@@ -8,7 +8,9 @@ the whole-image output at those pixels (up to float rounding). Stitching keeps o
 cores, so there are no seams to blend.
 
 All windows of a plan have the same shape: near the borders the window slides inwards
-rather than shrinking, so tiles can be batched.
+rather than shrinking, so tiles can be batched. Models that pixel-unshuffle their input by a
+factor ``a`` (RRDBNet x1/x2) compute the same output for a window only if it starts on the same
+``a``-pixel grid as the image: a plan with ``align=a`` keeps every window start a multiple of it.
 """
 
 from __future__ import annotations
@@ -133,19 +135,23 @@ def _window(start: int, stop: int, size: int, length: int, halo: int) -> tuple[i
 @dataclass(frozen=True)
 class TilePlan:
     """Tiles of ``tile`` x ``tile`` input pixels on a (height, width) image, each read with a
-    ``halo``-pixel margin. ``window_shape`` is the same for every tile (batchable)."""
+    ``halo``-pixel margin. ``window_shape`` is the same for every tile (batchable). ``align``:
+    ``tile`` and ``halo`` must be multiples of it, and every window starts on a multiple of it."""
 
     height: int
     width: int
     tile: int
     halo: int
     scale: int
+    align: int = 1
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
             raise ValueError(f"cannot tile an empty image of {self.height}x{self.width} pixels")
         if self.tile < 1 or self.halo < 0:
             raise ValueError(f"tile must be >= 1 and halo >= 0, got tile={self.tile}, halo={self.halo}")
+        if self.align < 1 or self.tile % self.align or self.halo % self.align:
+            raise ValueError(f"tile {self.tile} and halo {self.halo} must be multiples of align={self.align}")
 
     @property
     def rows(self) -> int:
@@ -160,7 +166,13 @@ class TilePlan:
 
     @property
     def window_shape(self) -> tuple[int, int]:
-        return min(self.tile + 2 * self.halo, self.height), min(self.tile + 2 * self.halo, self.width)
+        return self._window_size(self.height), self._window_size(self.width)
+
+    def _window_size(self, length: int) -> int:
+        size = min(self.tile + 2 * self.halo, length)
+        # A window slid against the far border starts at length - size: make that a multiple of
+        # align too (the near ones start at 0 or at core start - halo, both multiples already).
+        return size + (length - size) % self.align
 
     @property
     def output_shape(self) -> tuple[int, int]:
@@ -191,6 +203,12 @@ class TilePlan:
         return len(self) * wh * ww
 
 
-def plan_tiles(height: int, width: int, *, tile: int, halo: int, scale: int) -> TilePlan:
-    """Plan tiles for an image; see :class:`TilePlan`."""
-    return TilePlan(height, width, tile, halo, scale)
+def align_up(value: int, align: int) -> int:
+    """``value`` rounded up to a multiple of ``align``."""
+    return -(-value // align) * align
+
+
+def plan_tiles(height: int, width: int, *, tile: int, halo: int, scale: int, align: int = 1) -> TilePlan:
+    """Plan tiles for an image; see :class:`TilePlan`. ``tile`` and ``halo`` are rounded up to
+    multiples of ``align``."""
+    return TilePlan(height, width, align_up(tile, align), align_up(halo, align), scale, align)

@@ -198,3 +198,37 @@ def test_fuse_keeps_an_upsampling_whose_output_is_also_read_elsewhere():
     x = torch.rand(1, 4, 5, 6)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_unshuffling_rrdbnet_runs_any_size_and_tiles_like_the_whole_image(scale):
+    """x1/x2 RRDBNets pixel-unshuffle their input: odd sizes are padded like Real-ESRGAN does, and
+    tile windows stay on the unshuffle grid, so tiled output equals the whole image's."""
+    model = _randomised(RRDBNet(scale=scale, num_blocks=1, channels=16, growth=8), seed=scale)
+    image = _photo(37, 29)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    whole = fastsr.upscale(x, model, tile=40)
+    assert whole.shape == (1, 3, 37 * scale, 29 * scale)
+    for tile in (7, 12):
+        tiled = fastsr.upscale(x, model, tile=tile, batch_size=3)
+        assert (tiled - whole).abs().max().item() <= 1e-5, f"tile {tile}"
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 1, 3)).shape == (1, 3, scale, 3 * scale)  # too small to reflect
+
+
+def test_aligned_plan_keeps_windows_on_the_grid():
+    from fastsr.tiling import plan_tiles
+
+    for h, w in [(37, 29), (64, 64), (9, 101)]:
+        plan = plan_tiles(h, w, tile=7, halo=5, scale=1, align=4)
+        assert plan.tile == 8 and plan.halo == 8
+        covered = np.zeros((h, w), bool)
+        for t in plan:
+            y0, y1, x0, x1 = t.window
+            assert y0 % 4 == 0 and x0 % 4 == 0 and (y1 - y0, x1 - x0) == plan.window_shape
+            assert y1 <= h and x1 <= w
+            cy0, cy1, cx0, cx1 = t.core
+            assert y0 <= max(cy0 - plan.halo, 0) and y1 >= min(cy1 + plan.halo, h)
+            assert x0 <= max(cx0 - plan.halo, 0) and x1 >= min(cx1 + plan.halo, w)
+            covered[cy0:cy1, cx0:cx1] = True
+        assert covered.all()

@@ -124,9 +124,29 @@ class RRDBNet(nn.Module):
     def upsampling_convs(self) -> list[ConvPReLU]:
         return [getattr(self, f"conv_up{i}") for i in range(1, self.num_upsamplings + 1)]
 
+    @property
+    def input_alignment(self) -> int:
+        """Tiles of an unshuffling model must start on its unshuffle grid (fastsr.tiling)."""
+        return self.unshuffle
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.unshuffle > 1:
-            x = F.pixel_unshuffle(x, self.unshuffle)
+            return self._forward_unshuffled(x)
+        return self._forward_features(x)
+
+    def _forward_unshuffled(self, x: torch.Tensor) -> torch.Tensor:
+        """x1/x2: any size, as Real-ESRGAN runs them: the bottom/right edge reflect-padded to a
+        multiple of the unshuffle factor (replicated where the image is too small to reflect),
+        the output cropped back."""
+        h, w, a = x.shape[-2], x.shape[-1], self.unshuffle
+        pad_h, pad_w = -h % a, -w % a
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+        out = self._forward_features(F.pixel_unshuffle(x, a))
+        return out[..., : h * self.scale, : w * self.scale]
+
+    def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
         features = self.conv_first(x)
         features = self.conv_body(self.body(features), residual=features)
         for conv in self.upsampling_convs():

@@ -98,7 +98,8 @@ def model_digest(model: nn.Module) -> str:
 
 class Upscaler:
     """A model prepared for inference: its own copy on ``device`` in ``dtype`` (BN folded and
-    channels_last where fastsr.optimize provides it), its ``scale`` and receptive ``radius``.
+    channels_last where fastsr.optimize provides it), its ``scale``, receptive ``radius`` and the
+    ``align`` its tile windows need (the model's ``input_alignment``, else 1).
 
     ``forward(x)``: (B, C, h, w) float in [0, 1] on the device -> (B, C, h*s, w*s) float, C in
     1..4: gray is run as RGB and averaged back, alpha is upscaled with bicubic.
@@ -109,6 +110,8 @@ class Upscaler:
         source = _load(model)
         self.device, self.dtype, self.backend = resolve_device(device), resolve_dtype(dtype), backend
         self.scale, self.radius = model_scale(source), receptive_field(source)
+        # Models that pixel-unshuffle their input need windows on its grid (fastsr.tiling).
+        self.align = int(getattr(source, "input_alignment", 1))
         self.in_channels = int(getattr(source, "config", {}).get("in_channels", 3))
         self.source = source
         net = copy.deepcopy(source).eval().to(self.device)

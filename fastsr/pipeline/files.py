@@ -29,11 +29,12 @@ from ..distributed import DistInfo, barrier, process_group
 from ..errors import UserError
 from ..imageio import DiskFullError, ImageSource, ImageWriteError
 from ..ops.dispatch import get_backend
-from ..tiling import TilePlan, plan_tiles
+from ..tiling import TilePlan, align_up, plan_tiles
 from .assemble import Assembler, Output, SpaceWatch, TileTracker, finish
 from .engine import UpscaleError, Upscaler, model_digest, resolve_device
 from .memory import tile_size
-from .resume import WorkDir, output_lock, work_path
+from .halo import choose_halo, source_reader
+from .resume import WorkDir, interrupted_header, output_lock, work_path
 from .stream import run_batches, writer_threads
 
 log = logging.getLogger("fastsr")
@@ -63,8 +64,9 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
     uint8 or uint16; gray, gray+alpha, RGB, RGBA. dst: .tif (tiled BigTIFF; tiles of
     ``tile * scale`` pixels, ``compression`` none/deflate/zstd/jpeg, ``pyramid`` adds
     half-resolution levels as SubIFDs), .zarr (v3, chunks of ``tile * scale``) or
-    .png/.jpg/.webp (in memory, limited size). ``halo="auto"`` is the model's receptive field,
-    which makes the output equal to whole-image inference. ``resume=True`` continues a killed
+    .png/.jpg/.webp (in memory, limited size). ``halo="auto"`` is the model's receptive field
+    (output equal to whole-image inference) where that is affordable, else a halo measured on the
+    image (:mod:`fastsr.pipeline.halo`: deep models such as RRDBNet). ``resume=True`` continues a killed
     run from its manifest (same settings required); ``restart=True`` discards such a run's
     finished tiles and starts over (without either, finding them is an error). Raises
     :class:`fastsr.errors.UserError` subclasses for bad inputs and outputs, all checked before
@@ -77,7 +79,7 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
     with process_group(resolve_device(device)) as dist:
         up = Upscaler(model, device=dist.device, dtype=dtype, backend=backend)
         with imageio.open_image(src_path) as source:
-            run = _plan_run(up, source, src_path, dst_path, tile=tile, halo=halo, batch_size=batch_size,
+            run = _plan_run(up, source, src_path, dst_path, tile=tile, halo=halo, resume=resume, batch_size=batch_size,
                             compression=compression, pyramid=pyramid, backend=backend)
             with output_lock(dst_path, dist):  # after the checks: the output folder exists and is writable
                 work = WorkDir(work_path(dst_path), run.header, tuple(run.header["shape"]), run.chunks,
@@ -91,14 +93,15 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
     return dst_path
 
 
-def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, halo, batch_size, compression,
+def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, halo, resume, batch_size, compression,
               pyramid, backend) -> _Run:
     """The tile plan, the output checks (format, TIFF tile size, disk space) and the resume header."""
     batch_size = (4 if up.device.type == "cuda" else 1) if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise UpscaleError(f"batch size must be >= 1, got {batch_size}")
-    tile = tile_size(tile, source.height, source.width)
-    plan = plan_tiles(source.height, source.width, tile=tile, halo=up.halo(halo, source.channels), scale=up.scale)
+    tile = align_up(tile_size(tile, source.height, source.width), up.align)
+    plan = plan_tiles(source.height, source.width, tile=tile, halo=_run_halo(up, source, dst, halo, tile, resume),
+                      scale=up.scale, align=up.align)
     out_shape = (*plan.output_shape, source.channels)
     fmt = imageio.check_output(dst, shape=out_shape, dtype=source.dtype, compression=compression)
     if pyramid and fmt != "tiff":
@@ -119,6 +122,19 @@ def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, 
               "shape": list(out_shape), "scale": up.scale}
     output = Output(dst, fmt, out_tile, compression, pyramid, source.icc_profile)
     return _Run(output, plan, batch_size, header)
+
+
+def _run_halo(up: Upscaler, source: ImageSource, dst: Path, halo, tile: int, resume: bool) -> int:
+    """The halo (:func:`.halo.choose_halo`); a resumed "auto" run keeps the one its header stored
+    (a measured halo is not measured again)."""
+    stored = interrupted_header(dst) if resume and halo in ("auto", None) else None
+    if stored is not None and isinstance(stored.get("halo"), int):
+        return stored["halo"]
+    choice = choose_halo(up, halo, height=source.height, width=source.width, channels=source.channels, tile=tile,
+                         read=source_reader(source))
+    if choice.how == "measured":
+        log.warning("%s: %s", source.path, choice.describe())
+    return choice.halo
 
 
 def _start_assembler(run: _Run, work: WorkDir, dist: DistInfo) -> Assembler | None:

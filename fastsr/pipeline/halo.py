@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..tiling import align_up
 from .engine import UpscaleError, Upscaler
 
 log = logging.getLogger(__name__)
@@ -68,14 +69,15 @@ def choose_halo(up: Upscaler, requested: int | str | None, *, height: int, width
 
     ``requested``: "auto"/None, or a number of pixels (checked; a warning below the radius).
     """
-    exact = max(up.radius, 2 if channels in (2, 4) else 0)  # bicubic alpha needs 2
+    exact = align_up(max(up.radius, 2 if channels in (2, 4) else 0), up.align)  # bicubic alpha needs 2
     if requested not in ("auto", None):
-        return HaloChoice(up.halo(requested, channels), "given", exact)
+        return HaloChoice(align_up(up.halo(requested, channels), up.align), "given", exact)
     if tile >= max(height, width):
         return HaloChoice(exact, "whole image", exact)
     if window_area(max(tile, AFFORDABLE_TILE), exact) <= AFFORDABLE_AREA:
         return HaloChoice(exact, "exact", exact)
-    choice = HaloChoice(max(measure_halo(up, height, width, read), 2 if channels in (2, 4) else 0), "measured", exact)
+    measured = align_up(max(measure_halo(up, height, width, read), 2 if channels in (2, 4) else 0), up.align)
+    choice = HaloChoice(measured, "measured", exact)
     log.info("%s", choice.describe())
     return choice
 
@@ -108,10 +110,11 @@ def measure_halo(up: Upscaler, height: int, width: int, read: Reader) -> int:
     """The smallest :data:`CANDIDATES` halo whose probe outputs match the reference context's."""
     if min(height, width) < PROBE_CORE:
         raise UpscaleError(f"image of {height}x{width} pixels is too small to measure a halo; pass --halo N")
-    context = min(up.radius, REFERENCE_HALO)
-    cores = probe_cores(height, width, context)
+    context = align_up(min(up.radius, REFERENCE_HALO), up.align)
+    # Windows on the model's input grid (see fastsr.tiling): aligned cores and halos.
+    cores = [(y // up.align * up.align, x // up.align * up.align) for y, x in probe_cores(height, width, context)]
     references = [_probe(up, read, core, context, height, width) for core in cores]
-    for halo in (c for c in CANDIDATES if c < context):
+    for halo in sorted({align_up(c, up.align) for c in CANDIDATES if c < context}):
         worst = max(_levels_apart(_probe(up, read, core, halo, height, width), ref)
                     for core, ref in zip(cores, references, strict=True))
         log.debug("halo %d: %.2f levels from the %d-pixel context", halo, worst, context)

@@ -7,7 +7,7 @@ import torch
 
 from .. import imageio
 from ..imageio import ImageSource
-from ..tiling import TilePlan, paste, plan_tiles
+from ..tiling import TilePlan, align_up, paste, plan_tiles
 from .engine import UpscaleError, Upscaler
 from .halo import choose_halo, source_reader
 
@@ -60,10 +60,10 @@ def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | Non
     else:
         raise UpscaleError(f"cannot upscale a {type(image).__name__}; pass a PIL image, a numpy array or a tensor")
     source = imageio.array_source(array, "<array>", "array")
-    tile = tile_size(tile, source.height, source.width)
+    tile = align_up(tile_size(tile, source.height, source.width), up.align)
     halo = choose_halo(up, halo, height=source.height, width=source.width, channels=source.channels, tile=tile,
                        read=source_reader(source)).halo
-    plan = plan_tiles(source.height, source.width, tile=tile, halo=halo, scale=up.scale)
+    plan = plan_tiles(source.height, source.width, tile=tile, halo=halo, scale=up.scale, align=up.align)
     out = np.empty((*plan.output_shape, source.channels), dtype=source.dtype)
     _uint_tiles(up, source, plan, batch_size, out)
     if pil_mode is None:
@@ -82,10 +82,10 @@ def _upscale_tensor(up: Upscaler, x: torch.Tensor, tile, halo, batch_size: int) 
     squeeze = x.dim() == 3
     x4 = x[None] if squeeze else x
     n, c, h, w = x4.shape
-    tile = tile_size(tile, h, w)
+    tile = align_up(tile_size(tile, h, w), up.align)
     halo = choose_halo(up, halo, height=h, width=w, channels=c, tile=tile,
                        read=lambda y0, y1, x0, x1: x4[:1, :, y0:y1, x0:x1].float().cpu()).halo
-    plan = plan_tiles(h, w, tile=tile, halo=halo, scale=up.scale)
+    plan = plan_tiles(h, w, tile=tile, halo=halo, scale=up.scale, align=up.align)
     s = up.scale
     out = torch.empty((n, c, h * s, w * s), dtype=x.dtype, device=x.device)
     with torch.inference_mode():

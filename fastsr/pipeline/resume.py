@@ -22,9 +22,20 @@ log = logging.getLogger("fastsr")
 WORK_SUFFIX = ".fastsr-partial"
 
 
+HEADER_NAME = "header.json"
+
+
 def work_path(dst: Path) -> Path:
     """The work folder of destination ``dst`` (hidden, in the same folder: renames are atomic)."""
     return dst.with_name(f".{dst.name}{WORK_SUFFIX}")
+
+
+def interrupted_header(dst: Path) -> dict | None:
+    """The settings of an interrupted run for ``dst`` (its work folder's header), or None."""
+    try:
+        return json.loads((work_path(dst) / HEADER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class WorkDir:
@@ -40,7 +51,7 @@ class WorkDir:
                                "--restart discards its finished tiles")
         rank = dist.rank
         self.path, self.rank = path, rank
-        self.header_path, self.store_path = path / "header.json", path / "tiles.zarr"
+        self.header_path, self.store_path = path / HEADER_NAME, path / "tiles.zarr"
         if rank == 0:
             self._prepare(header, shape, chunks, dtype, resume, restart)
         barrier(dist)
