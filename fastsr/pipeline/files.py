@@ -32,8 +32,8 @@ from ..ops.dispatch import get_backend
 from ..tiling import TilePlan, align_up, plan_tiles
 from .assemble import Assembler, Output, SpaceWatch, TileTracker, finish
 from .engine import UpscaleError, Upscaler, model_digest, resolve_device
-from .memory import tile_size
 from .halo import choose_halo, source_reader
+from .memory import tile_size
 from .resume import WorkDir, interrupted_header, output_lock, work_path
 from .stream import run_batches, writer_threads
 
