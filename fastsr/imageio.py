@@ -11,20 +11,30 @@ from an iterator of tiles in row-major order; a zarr v3 array is written chunk b
 PNG / JPEG / WebP outputs are assembled in memory, so they are limited to what fits.
 
 Every image is (H, W, C) with C = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA), dtype uint8 or uint16.
+What a file carries besides its pixels (color profile, EXIF, resolution, GeoTIFF tags, OME-XML)
+is read into :class:`Metadata`, scaled with the image (:meth:`Metadata.scaled`) and written by
+the sinks that can hold it. A file of several frames or pages is refused, never cut to its first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import logging
 import os
 import shutil
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import UserError
+
+log = logging.getLogger("fastsr")
 
 MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
@@ -41,6 +51,10 @@ class ImageReadError(UserError):
 
 class UnsupportedImageError(UserError):
     """The input image has a mode, dtype or layout fastsr does not handle."""
+
+
+class MultiFrameError(UnsupportedImageError):
+    """The input holds several frames or pages (an animation, a stack): fastsr upscales one image."""
 
 
 class ImageTooLargeError(UserError):
@@ -76,17 +90,188 @@ def mode_of(channels: int) -> str:
     return MODES[channels]
 
 
+# ----------------------------------------------------------------------------- metadata
+
+EXIF_ORIENTATION, EXIF_X_RESOLUTION, EXIF_Y_RESOLUTION, EXIF_IFD = 0x0112, 0x011A, 0x011B, 0x8769
+EXIF_PIXEL_X, EXIF_PIXEL_Y = 0xA002, 0xA003
+# IFD0 text tags that a TIFF output carries from EXIF: Make, Model, DateTime, Artist, Copyright.
+EXIF_TIFF_TEXT = (271, 272, 306, 315, 33432)
+# GeoTIFF: the tags that place pixels (scaled) and those carried as they are (keys, params, nodata).
+GEO_PIXEL_SCALE, GEO_TIEPOINT, GEO_TRANSFORMATION = 33550, 33922, 34264
+GEO_KEYS, GEO_KEPT = 34735, (34735, 34736, 34737, 42113)
+GEO_TAGS = (GEO_PIXEL_SCALE, GEO_TIEPOINT, GEO_TRANSFORMATION, *GEO_KEPT)
+GEO_RASTER_TYPE, PIXEL_IS_POINT = 1025, 2
+RESOLUTION_UNITS = {1: "none", 2: "inch", 3: "cm"}
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What an input carries besides its pixels, for the output to carry. ``icc_profile``: the
+    color profile; ``exif``: EXIF as Pillow loads and saves it; ``resolution``: pixels per
+    ``resolution_unit`` ("inch", "cm" or "none") in x and y; ``geotiff``: GeoTIFF tags as tifffile
+    extratags (code, TIFF data type, count, value); ``ome_xml``: an OME-TIFF's OME-XML."""
+
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
+    resolution: tuple[float, float] | None = None
+    resolution_unit: str = "inch"
+    geotiff: tuple[tuple[int, int, int, Any], ...] = ()
+    ome_xml: str | None = None
+
+    @property
+    def dpi(self) -> tuple[float, float] | None:
+        """The resolution in pixels per inch, if it has a physical unit."""
+        if self.resolution is None or self.resolution_unit == "none":
+            return None
+        factor = 2.54 if self.resolution_unit == "cm" else 1.0
+        return self.resolution[0] * factor, self.resolution[1] * factor
+
+    def scaled(self, scale: int, width: int, height: int) -> Metadata:
+        """The metadata of the image upscaled ``scale`` times to ``width`` x ``height``: the same
+        physical size and place (resolution times ``scale``, pixel sizes divided by it, pixel
+        coordinates multiplied), EXIF dimensions updated and its orientation 1 (the pixels were
+        turned upright on reading)."""
+        return dataclasses.replace(
+            self, exif=_scaled_exif(self.exif, scale, width, height) if self.exif else None,
+            resolution=(self.resolution[0] * scale, self.resolution[1] * scale) if self.resolution else None,
+            geotiff=_scaled_geotiff(self.geotiff, scale),
+            ome_xml=_scaled_ome(self.ome_xml, scale, width, height) if self.ome_xml else None)
+
+    def exif_text_tags(self) -> list[tuple[int, int, int, Any, bool]]:
+        """EXIF's camera and author text (Make, Model, DateTime, Artist, Copyright) as tifffile
+        extratags: a TIFF output keeps them in its own tags (tifffile writes no EXIF directory)."""
+        if not self.exif:
+            return []
+        from PIL import Image
+
+        exif = Image.Exif()
+        exif.load(self.exif)
+        return [(tag, 2, 0, str(exif[tag]).encode(), True) for tag in EXIF_TIFF_TEXT
+                if isinstance(exif.get(tag), str) and exif[tag]]
+
+
+def _scaled_exif(blob: bytes, scale: int, width: int, height: int) -> bytes:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.load(blob)
+    if EXIF_ORIENTATION in exif:
+        exif[EXIF_ORIENTATION] = 1  # the pixels are already upright (ImageOps.exif_transpose on reading)
+    for tag in (EXIF_X_RESOLUTION, EXIF_Y_RESOLUTION):
+        if tag in exif:
+            exif[tag] = float(exif[tag]) * scale
+    if EXIF_IFD in exif:
+        ifd = exif.get_ifd(EXIF_IFD)  # the dict tobytes() writes back
+        ifd[EXIF_PIXEL_X], ifd[EXIF_PIXEL_Y] = width, height
+    return exif.tobytes()
+
+
+def _raster_offset(geotiff, scale: int) -> float:
+    """Where the centre of an input pixel lands in output pixel coordinates, minus ``scale`` times
+    its own: 0 for PixelIsArea rasters (coordinates at pixel corners, the default), (s - 1) / 2
+    for PixelIsPoint ones (coordinates at pixel centres)."""
+    keys = next((tag[3] for tag in geotiff if tag[0] == GEO_KEYS), ())
+    for i in range(4, len(keys) - 3, 4):  # after the header: (key, location, count, value) entries
+        if keys[i] == GEO_RASTER_TYPE and keys[i + 1] == 0 and keys[i + 3] == PIXEL_IS_POINT:
+            return (scale - 1) / 2
+    return 0.0
+
+
+def _scaled_geotiff(geotiff, scale: int) -> tuple:
+    """GeoTIFF tags for the upscaled raster: the same place on the ground, ``scale`` times the pixels."""
+    offset, out = _raster_offset(geotiff, scale), []
+    for code, dtype, count, value in geotiff:
+        if code == GEO_PIXEL_SCALE:
+            value = (value[0] / scale, value[1] / scale, *value[2:])
+        elif code == GEO_TIEPOINT:  # (I, J, K, X, Y, Z) per point: raster coordinates scale, model ones stay
+            value = tuple(v * scale + offset if i % 6 < 2 else v for i, v in enumerate(value))
+        elif code == GEO_TRANSFORMATION:  # model = M @ raster; raster_in = (raster_out - offset) / scale
+            m = np.array(value, dtype=np.float64).reshape(4, 4)
+            a = np.diag([1 / scale, 1 / scale, 1.0, 1.0])
+            a[0, 3] = a[1, 3] = -offset / scale
+            value = tuple((m @ a).ravel().tolist())
+        out.append((code, dtype, count, value))
+    return tuple(out)
+
+
+OME_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
+
+
+def _scaled_ome(xml: str, scale: int, width: int, height: int) -> str:
+    """The OME-XML of the upscaled image: SizeX/SizeY, PhysicalSizeX/Y divided by ``scale``, a new UUID."""
+    import xml.etree.ElementTree as ET
+
+    ET.register_namespace("", OME_NS)
+    root = ET.fromstring(xml)
+    pixels = root.find(f"{{{OME_NS}}}Image/{{{OME_NS}}}Pixels")
+    pixels.set("SizeX", str(width))
+    pixels.set("SizeY", str(height))
+    for axis in ("X", "Y"):
+        if (size := pixels.get(f"PhysicalSize{axis}")) is not None:
+            pixels.set(f"PhysicalSize{axis}", repr(float(size) / scale))
+    if "UUID" in root.attrib:
+        root.set("UUID", f"urn:uuid:{uuid.uuid4()}")  # another file: its own identity
+    for data in pixels.iter(f"{{{OME_NS}}}TiffData"):
+        for ref in data.findall(f"{{{OME_NS}}}UUID"):  # links to the input file
+            data.remove(ref)
+    return '<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(root, encoding="unicode")
+
+
+def _ome_single_plane(path: str, xml: str) -> str | None:
+    """``xml`` when it describes one image of one plane (all channels interleaved), the layout the
+    output has; else None, with a warning (a stack or planar channels: the XML would not match)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        log.warning("%s: the OME-XML does not parse; the output will not carry it", path)
+        return None
+    images = root.findall(f"{{{OME_NS}}}Image")
+    pixels = images[0].find(f"{{{OME_NS}}}Pixels") if len(images) == 1 else None
+    channels = pixels.findall(f"{{{OME_NS}}}Channel") if pixels is not None else []
+    if (pixels is None or pixels.get("SizeZ", "1") != "1" or pixels.get("SizeT", "1") != "1" or len(channels) > 1
+            or (channels and channels[0].get("SamplesPerPixel", "1") != pixels.get("SizeC", "1"))):
+        log.warning("%s: the OME-XML describes several images or planes; the output (one image, channels "
+                    "interleaved) will not carry it", path)
+        return None
+    return xml
+
+
+def _tiff_metadata(path: str, tif) -> Metadata:
+    """The metadata of a TIFF's first page: profile, resolution, GeoTIFF tags, OME-XML."""
+    page = tif.pages.first
+    tags = page.tags
+    resolution = None
+    if 282 in tags and 283 in tags:  # XResolution, YResolution: rationals
+        x, y = (tags[c].value for c in (282, 283))
+        resolution = (x[0] / x[1], y[0] / y[1]) if x[1] and y[1] else None
+    unit = RESOLUTION_UNITS.get(int(tags[296].value), "none") if 296 in tags else "inch"  # TIFF's default
+    geotiff = tuple((c, int(tags[c].dtype), tags[c].count, tags[c].value) for c in GEO_TAGS if c in tags)
+    ome = _ome_single_plane(path, tif.ome_metadata) if tif.is_ome and tif.ome_metadata else None
+    return Metadata(icc_profile=page.iccprofile, resolution=resolution, resolution_unit=unit, geotiff=geotiff,
+                    ome_xml=ome)
+
+
+def _pillow_metadata(im) -> Metadata:
+    """The metadata of an opened Pillow image (before its EXIF orientation is applied)."""
+    exif = im.getexif()
+    dpi = im.info.get("dpi")
+    return Metadata(icc_profile=im.info.get("icc_profile") or None, exif=exif.tobytes() if len(exif) else None,
+                    resolution=(float(dpi[0]), float(dpi[1])) if dpi and min(dpi) > 0 else None)
+
+
 class ImageSource:
     """A readable image: ``height``, ``width``, ``channels``, ``dtype`` and ``read(y0, y1, x0, x1)``
     returning an (y1 - y0, x1 - x0, channels) array. Reads touch only the requested region.
-    ``icc_profile``: the file's embedded color profile (bytes) or None, for the output to carry."""
+    ``metadata``: what the file carries besides its pixels (:class:`Metadata`), for the output."""
 
     def __init__(self, path: str, array, height: int, width: int, channels: int, dtype: np.dtype,
                  read: Callable[[int, int, int, int], np.ndarray], closer: Callable[[], None] | None = None,
-                 kind: str = "", icc_profile: bytes | None = None) -> None:
+                 kind: str = "", metadata: Metadata | None = None) -> None:
         self.path, self.array, self.height, self.width = path, array, height, width
         self.channels, self.dtype, self._read, self._closer, self.kind = channels, np.dtype(dtype), read, closer, kind
-        self.icc_profile = icc_profile
+        self.metadata = metadata or Metadata()
 
     @property
     def mode(self) -> str:
@@ -131,14 +316,14 @@ def _check_layout(path: str, shape: tuple[int, ...], dtype: np.dtype, what: str)
 
 
 def array_source(array, path: str = "<array>", kind: str = "array", closer=None,
-                 icc_profile: bytes | None = None) -> ImageSource:
+                 metadata: Metadata | None = None) -> ImageSource:
     """Wrap an (H, W) or (H, W, C) array-like that supports slicing (numpy, memmap, zarr)."""
     height, width, channels = _check_layout(path, tuple(array.shape), array.dtype, kind)
     if len(array.shape) == 2:
         read = lambda y0, y1, x0, x1: np.asarray(array[y0:y1, x0:x1])[..., None]
     else:
         read = lambda y0, y1, x0, x1: np.asarray(array[y0:y1, x0:x1])
-    return ImageSource(path, array, height, width, channels, array.dtype, read, closer, kind, icc_profile)
+    return ImageSource(path, array, height, width, channels, array.dtype, read, closer, kind, metadata)
 
 
 def _open_tiff(path: str) -> ImageSource:
@@ -154,8 +339,10 @@ def _open_tiff(path: str) -> ImageSource:
             raise ImageReadError(f"{path}: TIFF file contains no image")
         series = tif.series[0]
         axes, shape = series.axes, series.shape
+        _refuse_stacks(path, tif)
         # Level 0 of series 0 as a zarr array whose chunks are the TIFF's tiles or strips.
         arr = zarr.open_array(series.aszarr(level=0), mode="r")
+        metadata = _tiff_metadata(path, tif)
     except UserError:
         tif.close()
         raise
@@ -189,8 +376,25 @@ def _open_tiff(path: str) -> ImageSource:
         block = np.asarray(arr[tuple(sel)]).transpose(order)
         return block if block.ndim == 3 else block[..., None]
 
-    return ImageSource(path, arr, height, width, channels, arr.dtype, read, tif.close, "TIFF",
-                       tif.pages.first.iccprofile)
+    return ImageSource(path, arr, height, width, channels, arr.dtype, read, tif.close, "TIFF", metadata)
+
+
+def _refuse_stacks(path: str, tif) -> None:
+    """Raise :class:`MultiFrameError` for a TIFF of several images: pages stacked along an axis
+    that is not a channel one (frames, Z, T, pages of one size), or several series of the first
+    one's size (OME positions, pages). Pyramid levels, SubIFDs and smaller pages (thumbnails,
+    labels) are not images of their own."""
+    series = tif.series[0]
+    extra = [(ax, n) for ax, n in zip(series.axes, series.shape, strict=True) if ax not in "YXSC" and n > 1]
+    frames = int(np.prod([n for _, n in extra])) if extra else 1
+    size = [series.shape[series.axes.index(a)] for a in "YX"]
+    others = sum(1 for s in tif.series[1:] if "Y" in s.axes and "X" in s.axes
+                 and [s.shape[s.axes.index(a)] for a in "YX"] == size)
+    if frames * (1 + others) > 1:
+        what = f"{frames * (1 + others)} pages or frames" + (f" (axes {series.axes}, shape {tuple(series.shape)})"
+                                                             if extra else f" in {1 + others} series")
+        raise MultiFrameError(f"{path}: holds {what}; fastsr upscales one image per file: extract the pages first "
+                              f"(e.g. 'tiffsplit' or 'magick IN page_%03d.tif') and upscale each")
 
 
 def _png_16bit_color(path: str) -> bool:
@@ -218,8 +422,14 @@ def _open_pillow(path: str) -> ImageSource:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 fmt = im.format
+                frames = getattr(im, "n_frames", 1)
+                # MPO (camera JPEG with a preview or depth image): the first image is the photo.
+                if frames > 1 and fmt != "MPO":
+                    raise MultiFrameError(f"{path}: holds {frames} frames ({fmt} animation); fastsr upscales one "
+                                          "image per file: extract the frames first (e.g. 'ffmpeg -i IN "
+                                          "frame_%03d.png' or 'magick IN frame_%03d.png') and upscale each")
                 im.load()
-                icc = im.info.get("icc_profile") or None
+                metadata = _pillow_metadata(im)
                 # EXIF orientation applied: the pixels as viewers show them, the output oriented normally.
                 array = _pil_to_array(path, ImageOps.exif_transpose(im))
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
@@ -233,7 +443,7 @@ def _open_pillow(path: str) -> ImageSource:
         raise
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: cannot decode image, the file may be truncated or corrupt ({exc})") from None
-    return array_source(array, path, kind=fmt or "image", icc_profile=icc)
+    return array_source(array, path, kind=fmt or "image", metadata=metadata)
 
 
 def _pil_to_array(path: str, im) -> np.ndarray:
@@ -440,11 +650,12 @@ def build_pyramid(base, folder: Path, block: int, min_size: int) -> list:
 
 
 def write_tiff(path: str | os.PathLike, base, *, tile: int, compression: str = "zstd", levels=(),
-               num_levels: int | None = None, icc_profile: bytes | None = None) -> None:
+               num_levels: int | None = None, metadata: Metadata | None = None) -> None:
     """Write the (H, W, C) array-like ``base`` (e.g. a zarr array) as a tiled BigTIFF, reading
     it one ``tile`` x ``tile`` block at a time in row-major order, plus ``levels`` as reduced-
     resolution SubIFDs (a pyramid viewers can use). ``levels`` may be a callable returning
-    them, called once the base is written (``num_levels`` then says how many there will be)."""
+    them, called once the base is written (``num_levels`` then says how many there will be).
+    The first page carries ``metadata`` (profile, resolution, GeoTIFF tags, OME-XML, EXIF text)."""
     import tifffile
 
     if tile % 16:
@@ -467,9 +678,22 @@ def write_tiff(path: str | os.PathLike, base, *, tile: int, compression: str = "
 
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         write_level(tif, base, subifds=num_levels or None, metadata=None, software="fastsr",
-                    iccprofile=icc_profile)
+                    **_tiff_metadata_kwargs(metadata or Metadata()))
         for level in (levels() if callable(levels) else levels):
             write_level(tif, level, subfiletype=1, metadata=None)
+
+
+def _tiff_metadata_kwargs(metadata: Metadata) -> dict:
+    """tifffile ``write`` arguments for ``metadata``."""
+    extratags = [(code, dtype, count, value, True) for code, dtype, count, value in metadata.geotiff]
+    extratags += metadata.exif_text_tags()
+    if metadata.ome_xml:  # UTF-8 bytes: OME-XML is not 7-bit ASCII (µm), which tifffile's description wants
+        extratags.append((270, 2, 0, metadata.ome_xml.encode(), True))
+    kwargs: dict[str, Any] = {"iccprofile": metadata.icc_profile, "extratags": extratags}
+    if metadata.resolution:
+        unit = {name: code for code, name in RESOLUTION_UNITS.items()}[metadata.resolution_unit]
+        kwargs.update(resolution=metadata.resolution, resolutionunit=unit)
+    return kwargs
 
 
 class _Squeeze:
@@ -484,9 +708,10 @@ class _Squeeze:
 
 
 def write_pillow(path: str | os.PathLike, array: np.ndarray, fmt: str | None = None,
-                 icc_profile: bytes | None = None) -> None:
-    """Write an (H, W, C) uint8 array (or uint16 PNG) with Pillow, with ``icc_profile`` embedded;
-    16-bit color PNG with imagecodecs, since Pillow cannot write it (no profile then)."""
+                 metadata: Metadata | None = None) -> None:
+    """Write an (H, W, C) uint8 array (or uint16 PNG) with Pillow, with ``metadata`` embedded where
+    the format holds it (profile; EXIF in JPEG, PNG, WebP; DPI in JPEG, PNG, BMP); 16-bit color
+    PNG with imagecodecs, since Pillow cannot write it (no metadata then)."""
     from PIL import Image
 
     if array.dtype == np.uint16 and array.shape[2] > 1:
@@ -496,9 +721,15 @@ def write_pillow(path: str | os.PathLike, array: np.ndarray, fmt: str | None = N
         return
 
     im = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)  # mode from shape and dtype
-    kwargs = {"quality": 95} if (fmt or Path(path).suffix.lower().lstrip(".")) in ("jpg", "jpeg", "JPEG") else {}
-    if icc_profile:
-        kwargs["icc_profile"] = icc_profile
+    fmt = fmt or pillow_format(path)
+    kwargs: dict[str, Any] = {"quality": 95} if fmt == "JPEG" else {}
+    metadata = metadata or Metadata()
+    if metadata.icc_profile:
+        kwargs["icc_profile"] = metadata.icc_profile
+    if metadata.exif and fmt in ("JPEG", "PNG", "WEBP"):
+        kwargs["exif"] = metadata.exif
+    if metadata.dpi and fmt in ("JPEG", "PNG", "BMP"):
+        kwargs["dpi"] = metadata.dpi
     im.save(path, format=fmt, **kwargs)
 
 

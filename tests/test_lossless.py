@@ -204,7 +204,8 @@ def test_a_noisy_image_that_will_not_fit_stops_early_in_one_line_and_resumes(tmp
     assert lines[0].startswith(f"fastsr: error: {dst}: not enough disk space: the rest of the run needs about ")
     assert f"free in {disk}" in lines[0] and "rerun with --resume" in lines[0]
     assert_resumable(dst, reference, 4)
-    ballast.unlink()  # space freed
+    ballast.unlink()  # space freed, and more: the whole run needs about 1 MiB with its margin
+    subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
     r = cli("upscale", str(src), str(dst), "--tile", "48", "--backend", BACKEND, "--quiet", "--resume")
     assert r.returncode == 0, r.stderr
     assert np.array_equal(tifffile.imread(dst), reference)
@@ -429,3 +430,225 @@ def test_a_damaged_checkpoint_error_has_no_traceback(photos, finished_run, tmp_p
     r = cli(*train_args(photos, out, "--steps", "4", "--resume"))
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ----------------------------------------------------------------------------- 4. metadata
+
+
+def small(h: int = 12, w: int = 16) -> np.ndarray:
+    return photo(h, w)
+
+
+def upscale_to(src: Path, dst: Path) -> None:
+    """With the embedded default model (x4), as users run it."""
+    fastsr.upscale_file(src, dst, progress=False, backend=BACKEND)
+
+
+def camera_exif() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110], exif[0x0112] = "Camera Maker", "Model 7", 6  # orientation 6: turn 90 degrees
+    exif[0x011A] = exif[0x011B] = 300.0
+    exif[0x0128] = 2  # inch
+    ifd = exif.get_ifd(0x8769)
+    ifd[0xA002], ifd[0xA003], ifd[0x829A] = 16, 12, 0.01  # PixelX/YDimension as stored, exposure time
+    return exif
+
+
+@pytest.mark.parametrize("dst_suffix", [".jpg", ".png", ".webp"])
+def test_exif_is_carried_with_the_output_dimensions_and_orientation_1(tmp_path, dst_suffix):
+    src, dst = tmp_path / "in.jpg", tmp_path / f"out{dst_suffix}"
+    Image.fromarray(small()).save(src, exif=camera_exif(), dpi=(300, 300), quality=95)  # 16 x 12 stored
+    upscale_to(src, dst)
+    out = Image.open(dst)
+    assert out.size == (48, 64)  # shown upright (12 x 16), x4
+    exif = out.getexif()
+    assert exif[0x0112] == 1 and exif[0x010F] == "Camera Maker" and exif[0x0110] == "Model 7"
+    ifd = exif.get_ifd(0x8769)
+    assert (ifd[0xA002], ifd[0xA003]) == (48, 64)
+    assert float(ifd[0x829A]) == pytest.approx(0.01)
+    assert float(exif[0x011A]) == float(exif[0x011B]) == 1200.0
+
+
+def test_exif_text_reaches_a_tiff_output(tmp_path):
+    src, dst = tmp_path / "in.jpg", tmp_path / "out.tif"
+    Image.fromarray(small()).save(src, exif=camera_exif(), quality=95)
+    upscale_to(src, dst)
+    with tifffile.TiffFile(dst) as tif:
+        tags = tif.pages.first.tags
+        assert tags["Make"].value == "Camera Maker" and tags["Model"].value == "Model 7"
+
+
+@pytest.mark.parametrize("src_suffix,dst_suffix", [(".png", ".png"), (".jpg", ".jpg"), (".png", ".tif"),
+                                                   (".tif", ".tif"), (".tif", ".png")])
+def test_dpi_is_scaled_so_the_physical_size_stays(tmp_path, src_suffix, dst_suffix):
+    src, dst = tmp_path / f"in{src_suffix}", tmp_path / f"out{dst_suffix}"
+    if src_suffix == ".tif":
+        tifffile.imwrite(src, small(), photometric="rgb", resolution=(300, 300), resolutionunit="INCH")
+    else:
+        Image.fromarray(small()).save(src, dpi=(300, 300))
+    upscale_to(src, dst)
+    if dst_suffix == ".tif":
+        with tifffile.TiffFile(dst) as tif:
+            tags = tif.pages.first.tags
+            x, y = tags["XResolution"].value, tags["YResolution"].value
+            assert x[0] / x[1] == pytest.approx(1200, rel=1e-4) and y[0] / y[1] == pytest.approx(1200, rel=1e-4)
+            assert tags["ResolutionUnit"].value == 2  # inch
+    else:
+        assert Image.open(dst).info["dpi"] == pytest.approx((1200, 1200), rel=1e-4)
+
+
+def test_a_centimetre_resolution_stays_in_centimetres(tmp_path):
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    tifffile.imwrite(src, small(), photometric="rgb", resolution=(100, 50), resolutionunit="CENTIMETER")
+    upscale_to(src, dst)
+    with tifffile.TiffFile(dst) as tif:
+        tags = tif.pages.first.tags
+        assert tags["XResolution"].value == (400, 1) and tags["YResolution"].value == (200, 1)
+        assert tags["ResolutionUnit"].value == 3
+
+
+GEO_KEYS = (1, 1, 0, 4, 1024, 0, 1, 1, 1025, 0, 1, 1, 2048, 0, 1, 4326, 3073, 34737, 7, 0)  # PixelIsArea, WGS 84
+
+
+def geotiff(path: Path, *, tiepoint=(0.0, 0.0, 0.0, 500000.0, 4000000.0, 0.0), keys=GEO_KEYS, transform=None):
+    tags = [(34735, 3, len(keys), keys, True), (34736, 12, 2, (6378137.0, 298.257223563), True),
+            (34737, 2, 0, "WGS 84|", True), (42113, 2, 0, "255", True)]
+    if transform is None:
+        tags += [(33550, 12, 3, (0.5, 0.25, 0.0), True), (33922, 12, len(tiepoint), tiepoint, True)]
+    else:
+        tags.append((34264, 12, 16, transform, True))
+    tifffile.imwrite(path, small(), photometric="rgb", extratags=tags, metadata=None)
+
+
+def tags_of(path: Path) -> dict:
+    with tifffile.TiffFile(path) as tif:
+        return {tag.code: tag.value for tag in tif.pages.first.tags.values()}
+
+
+def test_geotiff_tags_are_carried_with_the_pixel_size_divided(tmp_path):
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    geotiff(src)
+    upscale_to(src, dst)
+    tags = tags_of(dst)
+    assert tags[33550] == (0.125, 0.0625, 0.0)
+    assert tags[33922] == (0.0, 0.0, 0.0, 500000.0, 4000000.0, 0.0)  # the corner stays where it was
+    assert tags[34735] == GEO_KEYS and tags[34736] == (6378137.0, 298.257223563)
+    assert tags[34737] == "WGS 84|" and tags[42113] == "255"
+
+
+def test_a_tie_point_inside_the_raster_moves_with_the_pixels(tmp_path):
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    geotiff(src, tiepoint=(0, 0, 0, 500000, 4000000, 0, 10, 5, 0, 500005, 3999998.75, 0))
+    upscale_to(src, dst)
+    assert tags_of(dst)[33922] == (0, 0, 0, 500000, 4000000, 0, 40, 20, 0, 500005, 3999998.75, 0)
+
+
+def test_a_pixel_is_point_raster_keeps_its_pixel_centres_in_place(tmp_path):
+    """PixelIsPoint: raster coordinates are pixel centres; input pixel 0's centre is at output 1.5."""
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    keys = list(GEO_KEYS)
+    keys[11] = 2  # GTRasterTypeGeoKey = PixelIsPoint
+    geotiff(src, keys=tuple(keys))
+    upscale_to(src, dst)
+    assert tags_of(dst)[33922] == (1.5, 1.5, 0.0, 500000.0, 4000000.0, 0.0)
+
+
+def test_a_model_transformation_is_scaled(tmp_path):
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    m = (0.5, 0.1, 0.0, 500000.0, -0.1, -0.25, 0.0, 4000000.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    geotiff(src, transform=m)
+    upscale_to(src, dst)
+    out = np.array(tags_of(dst)[34264]).reshape(4, 4)
+    assert np.allclose(out @ [8, 12, 0, 1], np.array(m).reshape(4, 4) @ [2, 3, 0, 1])  # same place on the ground
+    assert np.allclose(out[:2, :2], np.array(m).reshape(4, 4)[:2, :2] / 4)
+
+
+def test_ome_tiff_physical_size_is_divided_and_sizes_updated(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    src, dst = tmp_path / "in.ome.tif", tmp_path / "out.ome.tif"
+    tifffile.imwrite(src, small(), photometric="rgb", ome=True,
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.25, "PhysicalSizeXUnit": "µm",
+                               "PhysicalSizeYUnit": "µm", "Name": "cells"})
+    upscale_to(src, dst)
+    with tifffile.TiffFile(dst) as tif:
+        assert tif.is_ome
+        out = ET.fromstring(tif.ome_metadata)
+        assert tif.series[0].shape == (48, 64, 3)
+    with tifffile.TiffFile(src) as tif:
+        before = ET.fromstring(tif.ome_metadata)
+    ns = {"ome": "http://www.openmicroscopy.org/Schemas/OME/2016-06"}
+    pixels = out.find("ome:Image/ome:Pixels", ns)
+    assert (pixels.get("SizeX"), pixels.get("SizeY")) == ("64", "48")
+    assert float(pixels.get("PhysicalSizeX")) == 0.125 and float(pixels.get("PhysicalSizeY")) == 0.0625
+    assert pixels.get("PhysicalSizeXUnit") == "µm"
+    assert out.find("ome:Image", ns).get("Name") == "cells"
+    assert out.get("UUID") != before.get("UUID")
+
+
+def test_metadata_survives_resume_and_the_pyramid(tmp_path, monkeypatch):
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    geotiff(src)
+    crash_after(monkeypatch, 0)
+    with pytest.raises(RuntimeError):
+        fastsr.upscale_file(src, dst, tile=16, pyramid=True, progress=False, backend=BACKEND)
+    monkeypatch.undo()
+    fastsr.upscale_file(src, dst, tile=16, pyramid=True, progress=False, backend=BACKEND, resume=True)
+    assert tags_of(dst)[33550] == (0.125, 0.0625, 0.0)
+
+
+# ----------------------------------------------------------------------------- 5. multi-frame inputs
+
+
+def frames(n: int = 3) -> list:
+    return [Image.fromarray(np.full((12, 16, 3), 40 * i, np.uint8)) for i in range(n)]
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".png", ".webp"])
+def test_an_animation_is_refused_not_cut_to_its_first_frame(tmp_path, capsys, tiny_model_file, suffix):
+    src, dst = tmp_path / f"anim{suffix}", tmp_path / "out.png"
+    first, *rest = frames()
+    first.save(src, save_all=True, append_images=rest)
+    assert cli_main(["upscale", str(src), str(dst), "--model", str(tiny_model_file), "--quiet"]) == 2
+    err = one_line_error(capsys)
+    assert f"{src}: holds 3 frames" in err and "extract the frames first" in err
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("layout", ["pillow pages", "tifffile pages", "ome series", "z stack"])
+def test_a_multi_page_tiff_is_refused(tmp_path, capsys, tiny_model_file, layout):
+    src, dst = tmp_path / "pages.tif", tmp_path / "out.tif"
+    if layout == "pillow pages":
+        first, *rest = frames()
+        first.save(src, save_all=True, append_images=rest)
+    elif layout == "tifffile pages":
+        with tifffile.TiffWriter(src) as tif:
+            for f in frames():
+                tif.write(np.asarray(f), photometric="rgb", metadata=None)
+    elif layout == "ome series":
+        with tifffile.TiffWriter(src, ome=True) as tif:
+            for f in frames():
+                tif.write(np.asarray(f), photometric="rgb")
+    else:
+        tifffile.imwrite(src, np.zeros((3, 12, 16), np.uint8), imagej=True, metadata={"axes": "ZYX"})
+    assert cli_main(["upscale", str(src), str(dst), "--model", str(tiny_model_file), "--quiet"]) == 2
+    err = one_line_error(capsys)
+    assert f"{src}: holds 3 pages or frames" in err and "extract the pages first" in err
+    assert not dst.exists()
+
+
+def test_single_images_with_extra_pages_are_not_refused(tmp_path, model):
+    """A pyramid (SubIFDs or reduced pages), a thumbnail page, channel planes and a one-frame GIF
+    are one image each."""
+    pyramid, thumb, planes, gif = (tmp_path / n for n in ("pyramid.tif", "thumb.tif", "planes.tif", "one.gif"))
+    Image.fromarray(small(32, 32)).save(tmp_path / "src.png")
+    fastsr.upscale_file(tmp_path / "src.png", pyramid, model, tile=16, pyramid=True, progress=False, backend=BACKEND)
+    with tifffile.TiffFile(pyramid) as tif:
+        assert len(tif.series[0].levels) == 2  # the base and one SubIFD level
+    with tifffile.TiffWriter(thumb) as tif:
+        tif.write(small(), photometric="rgb", metadata=None)
+        tif.write(small(6, 8), photometric="rgb", metadata=None, subfiletype=1)
+    tifffile.imwrite(planes, np.ascontiguousarray(small().transpose(2, 0, 1)), imagej=True, metadata={"axes": "CYX"})
+    frames(1)[0].save(gif)
+    for src in (pyramid, thumb, planes, gif):
+        fastsr.upscale_file(src, tmp_path / f"out-{src.stem}.tif", model, tile=16, progress=False, backend=BACKEND)

@@ -69,14 +69,15 @@ class _WaitingArray:
 @dataclass(frozen=True)
 class Output:
     """What the finished tile store becomes: ``dst`` in format ``fmt`` ("tiff", "zarr" or a Pillow
-    format), TIFF tiles of ``out_tile`` pixels, and the color profile the input carried."""
+    format), TIFF tiles of ``out_tile`` pixels, and what the input carried besides its pixels,
+    scaled to the output (:meth:`fastsr.imageio.Metadata.scaled`)."""
 
     dst: Path
     fmt: str
     out_tile: int
     compression: str
     pyramid: bool
-    icc_profile: bytes | None = None
+    metadata: imageio.Metadata = imageio.Metadata()
 
 
 class Assembler(threading.Thread):
@@ -101,7 +102,7 @@ class Assembler(threading.Thread):
             num = len(imageio.pyramid_shapes(tuple(store.shape), out.out_tile)) if out.pyramid else 0
             imageio.write_tiff(self.tmp, _WaitingArray(store, self.tracker), tile=out.out_tile,
                                compression=out.compression, levels=levels, num_levels=num,
-                               icc_profile=out.icc_profile)
+                               metadata=out.metadata)
         except BaseException as exc:  # noqa: B036 - reported by upscale_file
             self.error = exc
 
@@ -117,9 +118,9 @@ def finish(work: WorkDir, out: Output) -> None:
         if out.fmt == "tiff":
             levels = imageio.build_pyramid(work.store, work.path, out.out_tile, out.out_tile) if out.pyramid else ()
             imageio.write_tiff(tmp, work.store, tile=out.out_tile, compression=out.compression, levels=tuple(levels),
-                               icc_profile=out.icc_profile)
+                               metadata=out.metadata)
         else:
-            imageio.write_pillow(tmp, np.asarray(work.store[...]), imageio.pillow_format(out.dst), out.icc_profile)
+            imageio.write_pillow(tmp, np.asarray(work.store[...]), imageio.pillow_format(out.dst), out.metadata)
         imageio.commit_path(tmp, out.dst)
     finally:
         imageio.remove_path(tmp)

@@ -120,7 +120,8 @@ def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, 
               "model": model_digest(up.source), "tile": tile, "halo": plan.halo, "batch_size": batch_size,
               "dtype": str(up.dtype), "device": up.device.type, "backend": backend or get_backend(),
               "shape": list(out_shape), "scale": up.scale}
-    output = Output(dst, fmt, out_tile, compression, pyramid, source.icc_profile)
+    metadata = source.metadata.scaled(up.scale, out_shape[1], out_shape[0])  # the same physical size and place
+    output = Output(dst, fmt, out_tile, compression, pyramid, metadata)
     return _Run(output, plan, batch_size, header)
 
 
