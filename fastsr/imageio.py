@@ -109,7 +109,9 @@ class Metadata:
     """What an input carries besides its pixels, for the output to carry. ``icc_profile``: the
     color profile; ``exif``: EXIF as Pillow loads and saves it; ``resolution``: pixels per
     ``resolution_unit`` ("inch", "cm" or "none") in x and y; ``geotiff``: GeoTIFF tags as tifffile
-    extratags (code, TIFF data type, count, value); ``ome_xml``: an OME-TIFF's OME-XML."""
+    extratags (code, TIFF data type, count, value); ``ome_xml``: an OME-TIFF's OME-XML;
+    ``ome_zarr``: an OME-Zarr image's ``axes`` (those read: channel, y, x), their ``scale`` and
+    ``translation`` (physical units per pixel and offset), ``name`` and ``omero`` (display)."""
 
     icc_profile: bytes | None = None
     exif: bytes | None = None
@@ -117,6 +119,7 @@ class Metadata:
     resolution_unit: str = "inch"
     geotiff: tuple[tuple[int, int, int, Any], ...] = ()
     ome_xml: str | None = None
+    ome_zarr: dict | None = None
 
     @property
     def dpi(self) -> tuple[float, float] | None:
@@ -135,7 +138,8 @@ class Metadata:
             self, exif=_scaled_exif(self.exif, scale, width, height) if self.exif else None,
             resolution=(self.resolution[0] * scale, self.resolution[1] * scale) if self.resolution else None,
             geotiff=_scaled_geotiff(self.geotiff, scale),
-            ome_xml=_scaled_ome(self.ome_xml, scale, width, height) if self.ome_xml else None)
+            ome_xml=_scaled_ome(self.ome_xml, scale, width, height) if self.ome_xml else None,
+            ome_zarr=_scaled_ome_zarr(self.ome_zarr, scale) if self.ome_zarr else None)
 
     def exif_text_tags(self) -> list[tuple[int, int, int, Any, bool]]:
         """EXIF's camera and author text (Make, Model, DateTime, Artist, Copyright) as tifffile
@@ -215,6 +219,13 @@ def _scaled_ome(xml: str, scale: int, width: int, height: int) -> str:
         for ref in data.findall(f"{{{OME_NS}}}UUID"):  # links to the input file
             data.remove(ref)
     return '<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(root, encoding="unicode")
+
+
+def _scaled_ome_zarr(ome: dict, scale: int) -> dict:
+    """The OME-Zarr scale of y and x divided by ``scale`` (the translation, the position of pixel
+    0, is kept, as OME-Zarr writers do for their own lower-resolution levels)."""
+    factors = [scale if axis.get("type") == "space" else 1 for axis in ome["axes"]]
+    return {**ome, "scale": [v / f for v, f in zip(ome["scale"], factors, strict=True)]}
 
 
 def _ome_single_plane(path: str, xml: str) -> str | None:
@@ -476,7 +487,7 @@ def open_image(path: str | os.PathLike) -> ImageSource:
     if not p.exists():
         raise ImageReadError(f"{path}: no such file")
     if p.is_dir():
-        if (p / "zarr.json").exists() or (p / ".zarray").exists():
+        if any((p / name).exists() for name in ("zarr.json", ".zarray", ".zgroup")):
             return _open_zarr(path)
         raise ImageReadError(f"{path}: is a directory, not an image (nor a zarr array)")
     if not os.access(path, os.R_OK):
@@ -499,13 +510,79 @@ def open_image(path: str | os.PathLike) -> ImageSource:
 
 
 def _open_zarr(path: str) -> ImageSource:
+    """A zarr array, or an OME-Zarr image (a group with multiscales metadata: its full resolution)."""
     import zarr
 
     try:
-        array = zarr.open_array(path, mode="r")
+        node = zarr.open(path, mode="r")
     except Exception as exc:
         raise ImageReadError(f"{path}: cannot open zarr array ({exc})") from None
-    return array_source(array, path, kind="zarr array")
+    if isinstance(node, zarr.Group):
+        return _open_ome_zarr(path, node)
+    return array_source(node, path, kind="zarr array")
+
+
+def _open_ome_zarr(path: str, group) -> ImageSource:
+    """Level 0 of an OME-Zarr image (0.4 or 0.5) read as (H, W, C): the channel axis, if any, goes
+    last; time and z must be single planes."""
+    attrs = dict(group.attrs)
+    multiscales = attrs.get("ome", attrs).get("multiscales")  # 0.5 nests it under "ome"
+    if not multiscales:
+        raise UnsupportedImageError(f"{path}: a zarr group without OME-Zarr multiscales metadata; name the array "
+                                    f"inside it (e.g. {path}/0)")
+    image = multiscales[0]
+    array = group[image["datasets"][0]["path"]]
+    # Axes as dicts (0.4 on) or names (0.3); before 0.3 always t, c, z, y, x.
+    axes = [a if isinstance(a, dict) else {"name": a} for a in image.get("axes", "tczyx"[-array.ndim:])]
+    names = [a["name"] for a in axes]
+    if "y" not in names or "x" not in names or len(names) != array.ndim:
+        raise UnsupportedImageError(f"{path}: OME-Zarr axes {names} for an array of shape {array.shape}; fastsr "
+                                    "reads images with y and x axes")
+    extra = [(n, k) for n, k, a in zip(names, array.shape, axes, strict=True)
+             if n not in "yx" and a.get("type", "channel" if n == "c" else "") != "channel" and k > 1]
+    if extra:
+        raise MultiFrameError(f"{path}: holds {int(np.prod([k for _, k in extra]))} planes (axes {names}, shape "
+                              f"{tuple(array.shape)}); fastsr upscales one image: pass a single plane")
+    channel = next((i for i, (n, a) in enumerate(zip(names, axes, strict=True))
+                    if a.get("type") == "channel" or (n == "c" and "type" not in a)), None)
+    wanted = [i for i in (channel, names.index("y"), names.index("x")) if i is not None]  # OME-Zarr's order
+    scale, translation = _ome_zarr_transform(image, array.ndim)
+    ome = {"axes": [axes[i] for i in wanted], "scale": [scale[i] for i in wanted],
+           "translation": [translation[i] for i in wanted] if translation else None,
+           "name": image.get("name"), "omero": attrs.get("ome", attrs).get("omero")}
+    view = _AxesView(array, [names.index("y"), names.index("x")] + ([channel] if channel is not None else []))
+    return array_source(view, path, kind="OME-Zarr image", metadata=Metadata(ome_zarr=ome))
+
+
+def _ome_zarr_transform(image: dict, ndim: int) -> tuple[list[float], list[float] | None]:
+    """Level 0's scale and translation per axis, the multiscales-wide transformation applied on top."""
+    scale, translation = [1.0] * ndim, None
+    for transforms in (image["datasets"][0].get("coordinateTransformations", []),
+                       image.get("coordinateTransformations", [])):
+        for t in transforms:
+            if t.get("type") == "scale":
+                scale = [a * b for a, b in zip(scale, t["scale"], strict=True)]
+                translation = [a * b for a, b in zip(translation, t["scale"], strict=True)] if translation else None
+            elif t.get("type") == "translation":
+                translation = [a + b for a, b in zip(translation or [0.0] * ndim, t["translation"], strict=True)]
+    return scale, translation
+
+
+class _AxesView:
+    """An N-D array seen through the axes ``axes`` (array axis numbers, in the view's order), the
+    other axes (single planes) at index 0. Slicing the view slices the array: region reads."""
+
+    def __init__(self, array, axes: list[int]) -> None:
+        self.array, self.axes, self.dtype = array, axes, array.dtype
+        self.shape = tuple(array.shape[a] for a in axes)
+        kept = sorted(axes)  # the order the axes have after indexing the others away
+        self.perm = [kept.index(a) for a in axes]
+
+    def __getitem__(self, key) -> np.ndarray:
+        sel: list = [slice(None) if a in self.axes else 0 for a in range(self.array.ndim)]
+        for a, part in zip(self.axes, key if isinstance(key, tuple) else (key,), strict=False):
+            sel[a] = part
+        return np.asarray(self.array[tuple(sel)]).transpose(self.perm)
 
 
 # ----------------------------------------------------------------------------- writers
@@ -603,6 +680,35 @@ def create_zarr(path: str | os.PathLike, shape: tuple[int, int, int], chunks: tu
     return zarr.create_array(str(path), shape=shape, chunks=chunks, dtype=np.dtype(dtype),
                              serializer=BytesCodec(), compressors=ZstdCodec(level=1), zarr_format=3,
                              fill_value=0, overwrite=True)
+
+
+def write_ome_zarr(path: str | os.PathLike, base, ome: dict, block: int) -> None:
+    """An OME-Zarr 0.5 image at ``path`` (a zarr v3 group) from the (H, W, C) array-like ``base``:
+    array "0" in the axes of ``ome`` (channel first, as OME-Zarr requires, or y, x only), written
+    block by block, and its multiscales metadata (one level, ``ome``'s scale and translation)."""
+    import zarr
+    from zarr.codecs import BytesCodec, ZstdCodec
+
+    transforms = [{"type": "scale", "scale": ome["scale"]}]
+    if ome.get("translation"):
+        transforms.append({"type": "translation", "translation": ome["translation"]})
+    image = {"axes": ome["axes"], "datasets": [{"path": "0", "coordinateTransformations": transforms}]}
+    if ome.get("name"):
+        image["name"] = ome["name"]
+    attrs = {"version": "0.5", "multiscales": [image], **({"omero": ome["omero"]} if ome.get("omero") else {})}
+    group = zarr.create_group(str(path), zarr_format=3, attributes={"ome": attrs}, overwrite=True)
+    height, width, channels = base.shape
+    planes = len(ome["axes"]) == 3  # (c, y, x); else (y, x), one channel
+    array = group.create_array("0", shape=(channels, height, width) if planes else (height, width),
+                               chunks=(channels, block, block) if planes else (block, block), dtype=base.dtype,
+                               serializer=BytesCodec(), compressors=ZstdCodec(level=1), fill_value=0)
+    for y in range(0, height, block):
+        for x in range(0, width, block):
+            tile = np.asarray(base[y:y + block, x:x + block])
+            if planes:
+                array[:, y:y + block, x:x + block] = tile.transpose(2, 0, 1)
+            else:
+                array[y:y + block, x:x + block] = tile[..., 0]
 
 
 def iter_chunks(array, block: tuple[int, int]) -> Iterator[np.ndarray]:

@@ -652,3 +652,67 @@ def test_single_images_with_extra_pages_are_not_refused(tmp_path, model):
     frames(1)[0].save(gif)
     for src in (pyramid, thumb, planes, gif):
         fastsr.upscale_file(src, tmp_path / f"out-{src.stem}.tif", model, tile=16, progress=False, backend=BACKEND)
+
+
+def ome_zarr(path: Path, image: np.ndarray, version: str = "0.5", extra_axes: str = "") -> None:
+    """An OME-Zarr image of the (H, W, C) ``image``: axes ``extra_axes`` (single planes) + c, y, x,
+    0.5 on zarr v3 or 0.4 on zarr v2, two levels, a scale and a translation."""
+    import zarr
+
+    planes = image.transpose(2, 0, 1).reshape((1,) * len(extra_axes) + (image.shape[2], *image.shape[:2]))
+    kinds = {"t": "time", "z": "space", "c": "channel"}
+    axes = [{"name": a, "type": kinds[a]} for a in extra_axes + "c"] + [
+        {"name": a, "type": "space", "unit": "micrometer"} for a in "yx"]
+    ones = [1.0] * (len(extra_axes) + 1)
+    datasets = [{"path": str(level), "coordinateTransformations": [
+        {"type": "scale", "scale": [*ones, 0.5 * 2 ** level, 0.25 * 2 ** level]},
+        {"type": "translation", "translation": [*([0.0] * len(ones)), 10.0, 20.0]}]} for level in (0, 1)]
+    image_meta = {"name": "cells", "axes": axes, "datasets": datasets}
+    omero = {"channels": [{"label": c, "color": "FFFFFF"} for c in "RGB"]}
+    if version == "0.5":
+        group = zarr.create_group(str(path), zarr_format=3,
+                                  attributes={"ome": {"version": "0.5", "multiscales": [image_meta], "omero": omero}})
+    else:
+        group = zarr.create_group(str(path), zarr_format=2,
+                                  attributes={"multiscales": [{"version": "0.4", **image_meta}], "omero": omero})
+    group.create_array("0", data=planes, chunks=planes.shape)
+    group.create_array("1", data=planes[..., ::2, ::2], chunks=planes.shape)
+
+
+@pytest.mark.parametrize("version,extra_axes", [("0.5", ""), ("0.4", "tz")])
+def test_ome_zarr_scale_is_divided_for_the_output(tmp_path, model, version, extra_axes):
+    import zarr
+
+    image = small()
+    src, dst = tmp_path / "in.zarr", tmp_path / "out.zarr"
+    ome_zarr(src, image, version, extra_axes)
+    fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND)
+    group = zarr.open_group(str(dst), mode="r")
+    meta = group.attrs["ome"]
+    assert meta["version"] == "0.5" and meta["omero"]["channels"][0]["label"] == "R"
+    (out_image,) = meta["multiscales"]
+    assert [a["name"] for a in out_image["axes"]] == ["c", "y", "x"] and out_image["name"] == "cells"
+    (dataset,) = out_image["datasets"]
+    assert dataset["coordinateTransformations"] == [{"type": "scale", "scale": [1.0, 0.125, 0.0625]},
+                                                    {"type": "translation", "translation": [0.0, 10.0, 20.0]}]
+    planes = np.asarray(group[dataset["path"]])
+    assert planes.shape == (3, 48, 64)
+    assert np.array_equal(planes.transpose(1, 2, 0), fastsr.upscale(image, model, tile=16, backend=BACKEND))
+
+
+def test_an_ome_zarr_stack_is_refused(tmp_path, model):
+    import zarr
+
+    src = tmp_path / "stack.zarr"
+    ome_zarr(src, small())
+    group = zarr.open_group(str(src), mode="r+")
+    attrs = dict(group.attrs)
+    image = attrs["ome"]["multiscales"][0]
+    image["axes"].insert(0, {"name": "z", "type": "space"})
+    for d in image["datasets"]:
+        d["coordinateTransformations"] = [{"type": "scale", "scale": [1.0] * 4}]
+    group.attrs.put(attrs)
+    del group["0"]
+    group.create_array("0", data=np.zeros((5, 3, 12, 16), np.uint8))
+    with pytest.raises(fastsr.imageio.MultiFrameError, match=r"holds 5 planes"):
+        fastsr.upscale_file(src, tmp_path / "out.zarr", model, tile=16, progress=False, backend=BACKEND)

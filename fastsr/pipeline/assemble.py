@@ -109,13 +109,15 @@ class Assembler(threading.Thread):
 
 def finish(work: WorkDir, out: Output) -> None:
     """Turn the complete tile store into the output file (atomic rename), then drop the work folder."""
-    if out.fmt == "zarr":
+    if out.fmt == "zarr" and not out.metadata.ome_zarr:
         imageio.commit_path(work.store_path, out.dst)
         imageio.remove_path(work.path)
         return
     tmp = work.path / f"output{out.dst.suffix}"  # same folder as dst: the rename is atomic
     try:
-        if out.fmt == "tiff":
+        if out.fmt == "zarr":  # OME-Zarr in, OME-Zarr out: channel-first planes and their metadata
+            imageio.write_ome_zarr(tmp, work.store, out.metadata.ome_zarr, out.out_tile)
+        elif out.fmt == "tiff":
             levels = imageio.build_pyramid(work.store, work.path, out.out_tile, out.out_tile) if out.pyramid else ()
             imageio.write_tiff(tmp, work.store, tile=out.out_tile, compression=out.compression, levels=tuple(levels),
                                metadata=out.metadata)
@@ -187,9 +189,9 @@ class SpaceWatch:
     def _file_bpp(self, store_bpp: float) -> float:
         """Bytes per pixel of the output file, from the store's (zstd): about the same for lossless
         codecs, raw for uncompressed ones, at most half of raw for lossy ones; nothing for .zarr
-        (the store is renamed)."""
+        (the store is renamed, unless it becomes an OME-Zarr image)."""
         out, suffix = self.output, self.output.dst.suffix.lower()
-        if out.fmt == "zarr":
+        if out.fmt == "zarr" and not out.metadata.ome_zarr:
             return 0.0
         if (out.fmt == "tiff" and out.compression == "none") or suffix == ".bmp":
             return float(self.raw_bpp)
