@@ -716,3 +716,33 @@ def test_an_ome_zarr_stack_is_refused(tmp_path, model):
     group.create_array("0", data=np.zeros((5, 3, 12, 16), np.uint8))
     with pytest.raises(fastsr.imageio.MultiFrameError, match=r"holds 5 planes"):
         fastsr.upscale_file(src, tmp_path / "out.zarr", model, tile=16, progress=False, backend=BACKEND)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_last_one_survives(photos, tmp_path, small_disk,
+                                                                                      capsys):
+    disk = small_disk(400 << 10)  # one checkpoint (~220 KB) and the exported model fit, not a second beside it
+    out = disk / "run"
+    argv = train_args(photos, out, "--steps", "4")
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's line
+    assert err.startswith("fastsr: error: ") and "no space left on device" in err and f"the last checkpoint in {out} is intact" in err
+    assert "rerun with --resume" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+    subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+    assert cli_main([*argv, "--resume"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+@pytest.mark.parametrize("out,message", [("afile", "exists and is not a folder"),
+                                         ("afile/run", "cannot create the run folder")])
+def test_an_impossible_run_folder_is_one_line(photos, tmp_path, capsys, out, message):
+    (tmp_path / "afile").write_text("not a folder")
+    assert cli_main(train_args(photos, tmp_path / out)) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_a_missing_gpu_is_one_line(photos, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert cli_main(train_args(photos, tmp_path / "run", "--device", "cuda")) == 2
+    assert "no CUDA GPU is available" in one_line_error(capsys)

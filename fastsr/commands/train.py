@@ -56,6 +56,7 @@ def _option_kwargs(field: dataclasses.Field, hint: object) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import BackendUnavailableError
+    from ..imageio import is_disk_full
     from ..train import TrainingError, train
 
     cfg = TrainConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)})
@@ -63,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
         path = train(cfg)
     except (TrainingError, BackendUnavailableError, FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        # Checkpoints are written atomically: the last one survived the failed write.
+        raise UserError(f"{exc.filename or cfg.out}: {exc.strerror.lower()}; the last checkpoint in {cfg.out} is "
+                        f"intact: free some space and rerun with --resume") from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 wrote it
         print(f"exported the EMA generator to {path}")
     return 0

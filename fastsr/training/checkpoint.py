@@ -9,7 +9,10 @@ strings and containers only. Version-1 checkpoints (no ``rng``, ``scaler``, ``st
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -30,6 +33,7 @@ class Checkpointer:
     weights are compared under DDP); only the writer rank writes."""
 
     def __init__(self, out: Path, cfg: TrainConfig, dist_info: DistInfo) -> None:
+        _check_out(out)
         self.cfg, self.dist = cfg, dist_info
         self.path = out / "checkpoint.pt"
         self.model_path = out / "model.safetensors"  # the EMA generator
@@ -45,9 +49,16 @@ class Checkpointer:
         _save_atomic({**trainer.state_dict(), "step": step, "rng": _rng_state(device),
                       "data": {"scheme": "per-step-seed", "seed": self.cfg.seed},
                       "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(self.cfg)}, self.path)
-        save_model(trainer.ema.model_copy(trainer.generator), self.model_path)
-        if trainer.gan:
-            save_model(trainer.discriminator, self.discriminator_path)
+        try:
+            save_model(trainer.ema.model_copy(trainer.generator), self.model_path)
+            if trainer.gan:
+                save_model(trainer.discriminator, self.discriminator_path)
+        except Exception as exc:
+            # safetensors reports a full disk in its message only; as an OSError it reaches the CLI's one line.
+            code = next((c for c in (errno.ENOSPC, errno.EDQUOT) if f"os error {c})" in str(exc)), None)
+            if code is None:
+                raise
+            raise OSError(code, os.strerror(code), str(self.model_path)) from None
 
     def resume(self, trainer: Trainer) -> int:
         """Load the checkpoint into ``trainer`` and restore the RNG states; returns its step
@@ -118,9 +129,23 @@ def _check_ranks_in_sync(trainer: Trainer, step: int) -> None:
     log.debug("step %d: %d ranks in sync", step, trainer.world_size)
 
 
+def _check_out(out: Path) -> None:
+    """Refuse a run folder that cannot be one (a file, or under a file) before any work."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out}: exists and is not a folder; choose a folder for the run")
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not out.exists() and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        why = "is not a folder" if not parent.is_dir() else "is not writable"
+        raise TrainingError(f"--out {out}: cannot create the run folder: {parent} {why}")
+
+
 def _save_atomic(obj: dict, path: Path) -> None:
+    # Serialized in memory first: torch.save reports a full disk as an unexplained "unexpected pos"
+    # RuntimeError, a plain write as OSError ENOSPC (one line in the CLI).
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:  # a crash mid-write leaves the previous checkpoint intact
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def _rng_state(device: torch.device) -> dict:

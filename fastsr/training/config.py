@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..ops.dispatch import BACKENDS
 
 STAGES = ("pretrain", "gan")
@@ -107,6 +109,18 @@ def _check_value(field: dataclasses.Field, value: Any) -> None:
         raise TrainingError(f"{flag} must be less than {meta['below']:g}, got {value:g}")
 
 
+def _check_device(device: str) -> None:
+    """``--device`` names a device this machine has (cpu, cuda, cuda:N)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TrainingError(f"--device {device!r}: unknown device; use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise TrainingError(f"--device {device!r}: unsupported; use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"--device {device}: no CUDA GPU is available (torch.cuda.is_available() is False)")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise :class:`TrainingError` for a value outside a field's choices or bounds, options that
     contradict each other, or a gan stage without its inputs."""
@@ -115,6 +129,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.crop % cfg.scale:
         raise TrainingError(f"--crop {cfg.crop} must be a multiple of --scale {cfg.scale} (the LR crop is "
                             f"crop / scale pixels)")
+    _check_device(cfg.device)
     if cfg.min_lr > cfg.lr:
         raise TrainingError(f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: the schedule decays from --lr "
                             f"down to --min-lr")
