@@ -260,8 +260,20 @@ def _tiff_metadata(path: str, tif) -> Metadata:
     unit = RESOLUTION_UNITS.get(int(tags[296].value), "none") if 296 in tags else "inch"  # TIFF's default
     geotiff = tuple((c, int(tags[c].dtype), tags[c].count, tags[c].value) for c in GEO_TAGS if c in tags)
     ome = _ome_single_plane(path, tif.ome_metadata) if tif.is_ome and tif.ome_metadata else None
-    return Metadata(icc_profile=page.iccprofile, resolution=resolution, resolution_unit=unit, geotiff=geotiff,
-                    ome_xml=ome)
+    return Metadata(icc_profile=page.iccprofile, exif=_exif_of_text(tags), resolution=resolution,
+                    resolution_unit=unit, geotiff=geotiff, ome_xml=ome)
+
+
+def _exif_of_text(tags) -> bytes | None:
+    """A TIFF's camera and author text tags (Make, Model, DateTime, Artist, Copyright) as EXIF,
+    the form every output that holds such text takes it in (its EXIF directory is not read)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    for code in EXIF_TIFF_TEXT:
+        if code in tags and isinstance(tags[code].value, str) and tags[code].value:
+            exif[code] = tags[code].value
+    return exif.tobytes() if len(exif) else None
 
 
 def _pillow_metadata(im) -> Metadata:

@@ -725,7 +725,8 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_last_one_surv
     argv = train_args(photos, out, "--steps", "4")
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's line
-    assert err.startswith("fastsr: error: ") and "no space left on device" in err and f"the last checkpoint in {out} is intact" in err
+    assert err.startswith("fastsr: error: ") and "no space left on device" in err
+    assert f"the last checkpoint in {out} is intact" in err
     assert "rerun with --resume" in err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
     subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
@@ -746,3 +747,27 @@ def test_a_missing_gpu_is_one_line(photos, tmp_path, capsys):
         pytest.skip("this machine has a GPU")
     assert cli_main(train_args(photos, tmp_path / "run", "--device", "cuda")) == 2
     assert "no CUDA GPU is available" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("dst_suffix", [".tif", ".jpg"])
+def test_tiff_camera_text_is_carried(tmp_path, dst_suffix):
+    src, dst = tmp_path / "in.tif", tmp_path / f"out{dst_suffix}"
+    tifffile.imwrite(src, small(), photometric="rgb", metadata=None,
+                     extratags=[(271, 2, 0, "Scanner Co", True), (33432, 2, 0, "(c) someone", True)])
+    upscale_to(src, dst)
+    if dst_suffix == ".tif":
+        tags = tags_of(dst)
+        assert tags[271] == "Scanner Co" and tags[33432] == "(c) someone"
+    else:
+        exif = Image.open(dst).getexif()
+        assert exif[271] == "Scanner Co" and exif[33432] == "(c) someone"
+
+
+def test_a_camera_jpeg_with_a_preview_image_is_upscaled_not_refused(tmp_path, model):
+    """MPO: a camera JPEG carrying a second (preview or depth) image; the first one is the photo."""
+    src = tmp_path / "camera.jpg"
+    photo_image, preview = Image.fromarray(small()), Image.fromarray(small()[::2, ::2])
+    photo_image.save(src, format="MPO", save_all=True, append_images=[preview], quality=95)
+    assert Image.open(src).format == "MPO" and Image.open(src).n_frames == 2
+    fastsr.upscale_file(src, tmp_path / "out.png", model, progress=False, backend=BACKEND)
+    assert Image.open(tmp_path / "out.png").size == (64, 48)
