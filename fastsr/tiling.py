@@ -11,6 +11,12 @@ All windows of a plan have the same shape: near the borders the window slides in
 rather than shrinking, so tiles can be batched. Models that pixel-unshuffle their input by a
 factor ``a`` (RRDBNet x1/x2) compute the same output for a window only if it starts on the same
 ``a``-pixel grid as the image: a plan with ``align=a`` keeps every window start a multiple of it.
+
+Borders: a plan with ``pad=P`` tiles the image as if it were reflect-padded by P pixels on every
+side (numpy's "reflect", repeated for images smaller than P): windows may reach P pixels beyond
+the image and :func:`window_indices` says which image pixels they read there. The model's own
+zero padding then starts P pixels out, so a flat image stays flat and borders look like the
+rest of the image; tiled output still equals whole-image output with the same padding.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 from torch import nn
 
 
@@ -126,17 +133,46 @@ def paste(out, tile: Tile, result, scale: int, *, channels_first: bool = False) 
         out[y0:y1, x0:x1] = result[rows, cols]
 
 
-def _window(start: int, stop: int, size: int, length: int, halo: int) -> tuple[int, int]:
-    # A window of `size` pixels around [start, stop), slid inside [0, length) at the borders.
-    w0 = min(max(start - halo, 0), length - size)
+def _window(start: int, stop: int, size: int, length: int, halo: int, pad: int) -> tuple[int, int]:
+    # A window of `size` pixels around [start, stop), slid inside [-pad, length + pad) at the borders.
+    w0 = min(max(start - halo, -pad), length + pad - size)
     return w0, w0 + size
+
+
+def reflect_index(index: np.ndarray, length: int) -> np.ndarray:
+    """Image coordinates of (possibly outside) positions ``index`` under reflect padding: numpy's
+    ``np.pad(mode="reflect")``, repeated with period 2 (length - 1); a 1-pixel axis repeats its pixel."""
+    if length == 1:
+        return np.zeros_like(index)
+    period = 2 * (length - 1)
+    m = np.mod(index, period)
+    return np.where(m < length, m, period - m)
+
+
+def window_indices(window: tuple[int, int, int, int], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The image rows and columns a window (y0, y1, x0, x1) reads, reflecting positions outside."""
+    y0, y1, x0, x1 = window
+    return reflect_index(np.arange(y0, y1), height), reflect_index(np.arange(x0, x1), width)
+
+
+def read_window(read, window: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
+    """A window's pixels (h, w, C) through ``read(y0, y1, x0, x1)`` (an image source's region
+    reader), reflected where the window reaches beyond the image; one read of the region it covers."""
+    y0, y1, x0, x1 = window
+    if y0 >= 0 and x0 >= 0 and y1 <= height and x1 <= width:
+        return read(*window)
+    rows, cols = window_indices(window, height, width)
+    r0, c0 = int(rows.min()), int(cols.min())
+    region = read(r0, int(rows.max()) + 1, c0, int(cols.max()) + 1)
+    return np.ascontiguousarray(region[rows - r0][:, cols - c0])
 
 
 @dataclass(frozen=True)
 class TilePlan:
     """Tiles of ``tile`` x ``tile`` input pixels on a (height, width) image, each read with a
     ``halo``-pixel margin. ``window_shape`` is the same for every tile (batchable). ``align``:
-    ``tile`` and ``halo`` must be multiples of it, and every window starts on a multiple of it."""
+    ``tile``, ``halo`` and ``pad`` must be multiples of it, and every window starts on a multiple
+    of it. ``pad``: reflect padding around the image that windows may read (module docstring)."""
 
     height: int
     width: int
@@ -144,14 +180,18 @@ class TilePlan:
     halo: int
     scale: int
     align: int = 1
+    pad: int = 0
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
             raise ValueError(f"cannot tile an empty image of {self.height}x{self.width} pixels")
         if self.tile < 1 or self.halo < 0:
             raise ValueError(f"tile must be >= 1 and halo >= 0, got tile={self.tile}, halo={self.halo}")
-        if self.align < 1 or self.tile % self.align or self.halo % self.align:
-            raise ValueError(f"tile {self.tile} and halo {self.halo} must be multiples of align={self.align}")
+        if self.align < 1 or self.tile % self.align or self.halo % self.align or self.pad % self.align:
+            raise ValueError(f"tile {self.tile}, halo {self.halo} and pad {self.pad} must be multiples of "
+                             f"align={self.align}")
+        if not 0 <= self.pad <= self.halo:
+            raise ValueError(f"pad must be between 0 and the halo ({self.halo}), got {self.pad}")
 
     @property
     def rows(self) -> int:
@@ -169,10 +209,11 @@ class TilePlan:
         return self._window_size(self.height), self._window_size(self.width)
 
     def _window_size(self, length: int) -> int:
-        size = min(self.tile + 2 * self.halo, length)
-        # A window slid against the far border starts at length - size: make that a multiple of
-        # align too (the near ones start at 0 or at core start - halo, both multiples already).
-        return size + (length - size) % self.align
+        padded = length + 2 * self.pad
+        size = min(self.tile + 2 * self.halo, padded)
+        # A window slid against the far border starts at length + pad - size: make that a multiple
+        # of align too (the others start at -pad or at core start - halo, multiples already).
+        return size + (padded - size) % self.align
 
     @property
     def output_shape(self) -> tuple[int, int]:
@@ -183,8 +224,8 @@ class TilePlan:
         y0, x0 = row * self.tile, col * self.tile
         y1, x1 = min(y0 + self.tile, self.height), min(x0 + self.tile, self.width)
         wh, ww = self.window_shape
-        wy = _window(y0, y1, wh, self.height, self.halo)
-        wx = _window(x0, x1, ww, self.width, self.halo)
+        wy = _window(y0, y1, wh, self.height, self.halo, self.pad)
+        wx = _window(x0, x1, ww, self.width, self.halo, self.pad)
         return Tile(index, row, col, (y0, y1, x0, x1), (wy[0], wy[1], wx[0], wx[1]))
 
     def __iter__(self) -> Iterator[Tile]:
@@ -208,7 +249,8 @@ def align_up(value: int, align: int) -> int:
     return -(-value // align) * align
 
 
-def plan_tiles(height: int, width: int, *, tile: int, halo: int, scale: int, align: int = 1) -> TilePlan:
-    """Plan tiles for an image; see :class:`TilePlan`. ``tile`` and ``halo`` are rounded up to
-    multiples of ``align``."""
-    return TilePlan(height, width, align_up(tile, align), align_up(halo, align), scale, align)
+def plan_tiles(height: int, width: int, *, tile: int, halo: int, scale: int, align: int = 1,
+               pad: int = 0) -> TilePlan:
+    """Plan tiles for an image; see :class:`TilePlan`. ``tile``, ``halo`` and ``pad`` are rounded
+    up to multiples of ``align``."""
+    return TilePlan(height, width, align_up(tile, align), align_up(halo, align), scale, align, align_up(pad, align))

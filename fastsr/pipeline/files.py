@@ -29,10 +29,10 @@ from ..distributed import DistInfo, barrier, process_group
 from ..errors import UserError
 from ..imageio import DiskFullError, ImageSource, ImageWriteError
 from ..ops.dispatch import get_backend
-from ..tiling import TilePlan, align_up, plan_tiles
+from ..tiling import TilePlan
 from .assemble import Assembler, Output, SpaceWatch, TileTracker, finish
 from .engine import UpscaleError, Upscaler, model_digest, resolve_device
-from .halo import choose_halo, source_reader
+from .halo import plan_for, source_reader
 from .memory import tile_size
 from .resume import WorkDir, interrupted_header, output_lock, work_path
 from .stream import run_batches, writer_threads
@@ -55,7 +55,8 @@ class _Run:
 
 
 def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, tile: int = 512,
-                 halo: int | str = "auto", batch_size: int | None = None, device=None, dtype=None,
+                 halo: int | str = "auto", border: str = "reflect", batch_size: int | None = None, device=None,
+                 dtype=None,
                  resume: bool = False, compression: str = "zstd", pyramid: bool = False, progress: bool = True,
                  backend: str | None = None, restart: bool = False) -> Path:
     """Upscale the image file ``src`` into ``dst`` in tiles, in bounded memory; returns ``dst``.
@@ -66,7 +67,9 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
     half-resolution levels as SubIFDs), .zarr (v3, chunks of ``tile * scale``) or
     .png/.jpg/.webp (in memory, limited size). ``halo="auto"`` is the model's receptive field
     (output equal to whole-image inference) where that is affordable, else a halo measured on the
-    image (:mod:`fastsr.pipeline.halo`: deep models such as RRDBNet). ``resume=True`` continues a killed
+    image (:mod:`fastsr.pipeline.halo`: deep models such as RRDBNet). ``border``: "reflect"
+    (default; the image is reflect-padded by 10 pixels, so a flat image stays flat) or "zero" (the
+    plain model's zero padding at the border). ``resume=True`` continues a killed
     run from its manifest (same settings required); ``restart=True`` discards such a run's
     finished tiles and starts over (without either, finding them is an error). Raises
     :class:`fastsr.errors.UserError` subclasses for bad inputs and outputs, all checked before
@@ -79,7 +82,8 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
     with process_group(resolve_device(device)) as dist:
         up = Upscaler(model, device=dist.device, dtype=dtype, backend=backend)
         with imageio.open_image(src_path) as source:
-            run = _plan_run(up, source, src_path, dst_path, tile=tile, halo=halo, resume=resume, batch_size=batch_size,
+            run = _plan_run(up, source, src_path, dst_path, tile=tile, halo=halo, border=border, resume=resume,
+                            batch_size=batch_size,
                             compression=compression, pyramid=pyramid, backend=backend)
             with output_lock(dst_path, dist):  # after the checks: the output folder exists and is writable
                 work = WorkDir(work_path(dst_path), run.header, tuple(run.header["shape"]), run.chunks,
@@ -93,15 +97,17 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
     return dst_path
 
 
-def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, halo, resume, batch_size, compression,
-              pyramid, backend) -> _Run:
+def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, halo, border, resume, batch_size,
+              compression, pyramid, backend) -> _Run:
     """The tile plan, the output checks (format, TIFF tile size, disk space) and the resume header."""
     batch_size = (4 if up.device.type == "cuda" else 1) if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise UpscaleError(f"batch size must be >= 1, got {batch_size}")
-    tile = align_up(tile_size(tile, source.height, source.width), up.align)
-    plan = plan_tiles(source.height, source.width, tile=tile, halo=_run_halo(up, source, dst, halo, tile, resume),
-                      scale=up.scale, align=up.align)
+    stored = interrupted_header(dst) if resume and halo in ("auto", None) else None
+    plan = plan_for(up, height=source.height, width=source.width, channels=source.channels,
+                    tile=tile_size(tile, source.height, source.width), halo=halo, border=border,
+                    read=source_reader(source), stored_halo=(stored or {}).get("halo"))
+    tile = plan.tile
     out_shape = (*plan.output_shape, source.channels)
     fmt = imageio.check_output(dst, shape=out_shape, dtype=source.dtype, compression=compression)
     if pyramid and fmt != "tiff":
@@ -117,25 +123,13 @@ def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, 
     imageio.check_disk_space(dst, imageio.estimate_output_bytes(out_shape, source.dtype, fmt, compression))
     st = src.stat()
     header = {"version": 1, "src": str(src.resolve()), "src_size": st.st_size, "src_mtime_ns": st.st_mtime_ns,
-              "model": model_digest(up.source), "tile": tile, "halo": plan.halo, "batch_size": batch_size,
+              "model": model_digest(up.source), "tile": tile, "halo": plan.halo, "border": border,
+              "batch_size": batch_size,
               "dtype": str(up.dtype), "device": up.device.type, "backend": backend or get_backend(),
               "shape": list(out_shape), "scale": up.scale}
     metadata = source.metadata.scaled(up.scale, out_shape[1], out_shape[0])  # the same physical size and place
     output = Output(dst, fmt, out_tile, compression, pyramid, metadata)
     return _Run(output, plan, batch_size, header)
-
-
-def _run_halo(up: Upscaler, source: ImageSource, dst: Path, halo, tile: int, resume: bool) -> int:
-    """The halo (:func:`.halo.choose_halo`); a resumed "auto" run keeps the one its header stored
-    (a measured halo is not measured again)."""
-    stored = interrupted_header(dst) if resume and halo in ("auto", None) else None
-    if stored is not None and isinstance(stored.get("halo"), int):
-        return stored["halo"]
-    choice = choose_halo(up, halo, height=source.height, width=source.width, channels=source.channels, tile=tile,
-                         read=source_reader(source))
-    if choice.how == "measured":
-        log.warning("%s: %s", source.path, choice.describe())
-    return choice.halo
 
 
 def _start_assembler(run: _Run, work: WorkDir, dist: DistInfo) -> Assembler | None:

@@ -15,6 +15,12 @@ window 5.6x the tile's area. Their outputs depend on far context only weakly, so
    :data:`TOLERANCE_LEVELS` of an 8-bit level of the reference at every probe pixel wins.
 
 The choice is logged; the pipeline stores it in the resume header, so a resumed run keeps it.
+
+Borders (``border="reflect"``, the default): the image is tiled as if reflect-padded by
+:data:`BORDER_PAD` pixels (:mod:`fastsr.tiling`), so the model's zero padding starts that far
+out and a flat image stays flat; ``border="zero"`` is the plain model's zero padding at the
+image border.
+:func:`plan_for` makes the whole plan: aligned tile, halo, border padding.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..tiling import align_up
+from ..tiling import TilePlan, align_up, plan_tiles
 from .engine import UpscaleError, Upscaler
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,31 @@ class HaloChoice:
         return f"halo {self.halo} ({self.how}; receptive-field radius {self.radius})"
 
 
+BORDERS = ("reflect", "zero")
+# Reflect padding width (LR pixels; at most the halo). Measured with the default model: 8 already
+# keeps a flat image flat (within 3 levels; zero padding: 19, and a 1x1 image's mean drops from
+# (200, 100, 50) to (29, 24, 24)), and 8, 16, 24 or the whole halo give the same PSNR on the
+# held-out photos (benchmarks/borders.py); Real-ESRGAN's pre_pad default is 10.
+BORDER_PAD = 10
+
+
+def plan_for(up: Upscaler, *, height: int, width: int, channels: int, tile: int, halo: int | str | None,
+             border: str, read: Reader, stored_halo: int | None = None) -> TilePlan:
+    """The tile plan of a run: ``tile`` rounded to the model's alignment, the halo chosen by
+    :func:`choose_halo` (or ``stored_halo``, an interrupted run's), reflect padding of
+    :data:`BORDER_PAD` (at most the halo) for ``border="reflect"``."""
+    if border not in BORDERS:
+        raise UpscaleError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
+    tile = align_up(tile, up.align)
+    if stored_halo is None:
+        choice = choose_halo(up, halo, height=height, width=width, channels=channels, tile=tile, read=read)
+        stored_halo = choice.halo
+        if choice.how == "measured":
+            log.warning("%s", choice.describe())
+    pad = min(stored_halo, BORDER_PAD) if border == "reflect" else 0
+    return plan_tiles(height, width, tile=tile, halo=stored_halo, scale=up.scale, align=up.align, pad=pad)
+
+
 def window_area(tile: int, halo: int) -> float:
     """Window area over core area for a tile of ``tile`` pixels with ``halo`` on each side."""
     return ((tile + 2 * halo) / tile) ** 2
@@ -77,9 +108,7 @@ def choose_halo(up: Upscaler, requested: int | str | None, *, height: int, width
     if window_area(max(tile, AFFORDABLE_TILE), exact) <= AFFORDABLE_AREA:
         return HaloChoice(exact, "exact", exact)
     measured = align_up(max(measure_halo(up, height, width, read), 2 if channels in (2, 4) else 0), up.align)
-    choice = HaloChoice(measured, "measured", exact)
-    log.info("%s", choice.describe())
-    return choice
+    return HaloChoice(measured, "measured", exact)
 
 
 def probe_cores(height: int, width: int, context: int) -> list[tuple[int, int]]:

@@ -7,9 +7,9 @@ import torch
 
 from .. import imageio
 from ..imageio import ImageSource
-from ..tiling import TilePlan, align_up, paste, plan_tiles
+from ..tiling import TilePlan, paste, read_window, window_indices
 from .engine import UpscaleError, Upscaler
-from .halo import choose_halo, source_reader
+from .halo import plan_for, source_reader
 
 # Images up to this many pixels are upscaled whole by upscale_image(tile=None); larger ones in
 # tiles of AUTO_TILE (the activations of a whole 4x SRResNet pass grow with the image).
@@ -20,7 +20,8 @@ AUTO_TILE_MAX_PIXELS = AUTO_TILE * AUTO_TILE
 def _uint_tiles(up: Upscaler, source: ImageSource, plan: TilePlan, batch_size: int, out: np.ndarray) -> None:
     for group in plan.batches(batch_size):
         tiles = [plan.tile_at(i) for i in group]
-        result = up.run_uint(np.stack([source.read(*t.window) for t in tiles]))
+        result = up.run_uint(np.stack([read_window(source.read, t.window, source.height, source.width)
+                                       for t in tiles]))
         for t, o in zip(tiles, result, strict=True):
             paste(out, t, o, plan.scale)
 
@@ -35,7 +36,7 @@ def tile_size(tile: int | None, height: int, width: int) -> int:
 
 
 def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | None = None, halo="auto",
-                  batch_size: int | None = None, backend: str | None = None):
+                  border: str = "reflect", batch_size: int | None = None, backend: str | None = None):
     """Upscale an image held in memory; returns the same kind of object.
 
     image: a PIL image (L, LA, RGB, RGBA, P, I;16), an (H, W) or (H, W, C) uint8/uint16 numpy
@@ -44,13 +45,15 @@ def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | Non
     (the embedded default). tile: None = whole image up to 512x512 pixels, tiles of 512
     beyond; an int forces tiles of that size (same output up to float rounding when the halo
     covers the receptive field, as halo="auto" does where affordable; see
-    :mod:`fastsr.pipeline.halo`). Safe to call from several threads.
+    :mod:`fastsr.pipeline.halo`). border: "reflect" (default: the image is reflect-padded by 10
+    pixels, so a flat image stays flat) or "zero" (the plain
+    model's zero padding). Safe to call from several threads.
     """
     up = Upscaler(model, device=device, dtype=dtype, backend=backend)
     if batch_size is None:
         batch_size = 4 if up.device.type == "cuda" else 1
     if isinstance(image, torch.Tensor):
-        return _upscale_tensor(up, image, tile, halo, batch_size)
+        return _upscale_tensor(up, image, tile, halo, border, batch_size)
     pil_mode = None
     if isinstance(image, np.ndarray):
         array = image
@@ -60,10 +63,9 @@ def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | Non
     else:
         raise UpscaleError(f"cannot upscale a {type(image).__name__}; pass a PIL image, a numpy array or a tensor")
     source = imageio.array_source(array, "<array>", "array")
-    tile = align_up(tile_size(tile, source.height, source.width), up.align)
-    halo = choose_halo(up, halo, height=source.height, width=source.width, channels=source.channels, tile=tile,
-                       read=source_reader(source)).halo
-    plan = plan_tiles(source.height, source.width, tile=tile, halo=halo, scale=up.scale, align=up.align)
+    plan = plan_for(up, height=source.height, width=source.width, channels=source.channels,
+                    tile=tile_size(tile, source.height, source.width), halo=halo, border=border,
+                    read=source_reader(source))
     out = np.empty((*plan.output_shape, source.channels), dtype=source.dtype)
     _uint_tiles(up, source, plan, batch_size, out)
     if pil_mode is None:
@@ -73,7 +75,14 @@ def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | Non
     return Image.fromarray(out[..., 0] if out.shape[2] == 1 else out)  # mode from shape and dtype
 
 
-def _upscale_tensor(up: Upscaler, x: torch.Tensor, tile, halo, batch_size: int) -> torch.Tensor:
+def _tensor_window(image: torch.Tensor, window: tuple[int, int, int, int], height: int, width: int) -> torch.Tensor:
+    """(C, h, w) pixels of ``window``, reflected beyond the image like :func:`fastsr.tiling.read_window`."""
+    rows, cols = window_indices(window, height, width)
+    rows, cols = (torch.from_numpy(i).to(image.device) for i in (rows, cols))
+    return image.index_select(1, rows).index_select(2, cols)
+
+
+def _upscale_tensor(up: Upscaler, x: torch.Tensor, tile, halo, border: str, batch_size: int) -> torch.Tensor:
     if not x.is_floating_point() or x.dim() not in (3, 4) or x.shape[-3] not in imageio.MODES:
         raise UpscaleError(f"tensor input must be float (N, C, H, W) or (C, H, W) with C in 1..4, "
                            f"got {x.dtype} {tuple(x.shape)}")
@@ -82,17 +91,15 @@ def _upscale_tensor(up: Upscaler, x: torch.Tensor, tile, halo, batch_size: int) 
     squeeze = x.dim() == 3
     x4 = x[None] if squeeze else x
     n, c, h, w = x4.shape
-    tile = align_up(tile_size(tile, h, w), up.align)
-    halo = choose_halo(up, halo, height=h, width=w, channels=c, tile=tile,
-                       read=lambda y0, y1, x0, x1: x4[:1, :, y0:y1, x0:x1].float().cpu()).halo
-    plan = plan_tiles(h, w, tile=tile, halo=halo, scale=up.scale, align=up.align)
+    plan = plan_for(up, height=h, width=w, channels=c, tile=tile_size(tile, h, w), halo=halo, border=border,
+                    read=lambda y0, y1, x0, x1: x4[:1, :, y0:y1, x0:x1].float().cpu())
     s = up.scale
     out = torch.empty((n, c, h * s, w * s), dtype=x.dtype, device=x.device)
     with torch.inference_mode():
         for i in range(n):
             for group in plan.batches(batch_size):
                 tiles = [plan.tile_at(j) for j in group]
-                windows = torch.stack([x4[i, :, t.window[0]:t.window[1], t.window[2]:t.window[3]] for t in tiles])
+                windows = torch.stack([_tensor_window(x4[i], t.window, h, w) for t in tiles])
                 result = up.forward(windows.to(up.device).float()).to(x.device, x.dtype)
                 for t, o in zip(tiles, result, strict=True):
                     paste(out[i], t, o, s, channels_first=True)

