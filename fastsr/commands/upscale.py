@@ -104,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> dict:
-    return {"tile": args.tile, "halo": args.halo, "border": args.border, "batch_size": args.batch_size, "device": args.device,
-            "dtype": args.dtype, "resume": args.resume, "restart": args.restart, "compression": args.compression,
-            "pyramid": args.pyramid, "progress": not args.quiet, "backend": args.backend}
+    names = ("tile", "halo", "border", "batch_size", "device", "dtype", "resume", "restart", "compression", "pyramid",
+             "backend")
+    return {**{name: getattr(args, name) for name in names}, "progress": not args.quiet}
 
 
 def _file(args: argparse.Namespace) -> int:

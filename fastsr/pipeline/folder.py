@@ -92,8 +92,9 @@ def find_inputs(src_dir: Path, exclude: Path | None = None) -> list[Path]:
 
 def upscale_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, model=None, *, fmt: str | None = None,
                    tile: int = 512, halo: int | str = "auto", border: str = "reflect",
-                   batch_size: int | None = None, device=None, dtype=None, resume: bool = False, compression: str = "zstd", pyramid: bool = False,
-                   restart: bool = False, progress: bool = True, backend: str | None = None) -> FolderSummary:
+                   batch_size: int | None = None, device=None, dtype=None, resume: bool = False,
+                   compression: str = "zstd", pyramid: bool = False, restart: bool = False, progress: bool = True,
+                   backend: str | None = None) -> FolderSummary:
     """Upscale every image under ``src_dir`` (recursively, see :data:`INPUT_SUFFIXES`) into the same
     relative path under ``dst_dir``; returns a :class:`FolderSummary`.
 
@@ -111,8 +112,8 @@ def upscale_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, model
     # once: a bad one is one error, not one per file.
     up = Upscaler(model, device=device, dtype=dtype, backend=backend)
     up.halo(halo, 3)
-    settings = {"tile": tile, "halo": halo, "border": border, "batch_size": batch_size, "device": device, "dtype": dtype,
-                "resume": resume, "restart": restart, "compression": compression, "pyramid": pyramid,
+    settings = {"tile": tile, "halo": halo, "border": border, "batch_size": batch_size, "device": device,
+                "dtype": dtype, "resume": resume, "restart": restart, "compression": compression, "pyramid": pyramid,
                 "backend": backend, "progress": False}  # one bar for the folder, not one per file
     summary = FolderSummary(dst_dir, skipped=[src for src, dst in pairs if os.path.lexists(dst)])
     todo = [(src, dst) for src, dst in pairs if not os.path.lexists(dst)]
