@@ -86,7 +86,7 @@ def _run(benchmark, fn, x, name: str, label: str) -> None:
         return out
 
     benchmark.group = f"{name}-{x.shape[-1]}"
-    out = benchmark.pedantic(step, rounds=1 if DRY else 3, warmup_rounds=0 if DRY else 1)
+    out = benchmark.pedantic(step, rounds=1 if DRY else 5, warmup_rounds=0 if DRY else 1)
     benchmark.extra_info.update({"what": label, "model": name, "device": DEVICE, "dtype": str(DTYPE),
                                  "input": f"{x.shape[-2]}x{x.shape[-1]}",
                                  "output_mpix_per_s": out.shape[-1] * out.shape[-2] / 1e6 / benchmark.stats.stats.mean})

@@ -153,8 +153,8 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def _out_format(x: torch.Tensor) -> torch.memory_format:
-    # The same rule as output_format() in csrc/common.h.
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    # The same rule as output_format() in csrc/common.h: channels adjacent, not NCHW-contiguous.
+    if x.dim() == 4 and x.stride(1) == 1 and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
 

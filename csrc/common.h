@@ -11,12 +11,15 @@
 
 namespace fastsr {
 
-// The memory format every op produces: channels_last when the input is channels_last (and not
-// also plain contiguous, which happens for C == 1 or H == W == 1), else NCHW. fastsr/ext.py's
-// fake (meta) implementations mirror this rule exactly, so torch.compile sees the real strides.
+// The memory format every op produces: channels_last when the input's channels are adjacent in
+// memory (stride 1) and it is not plain NCHW-contiguous (which a channels_last tensor also is for
+// C == 1 or H == W == 1), else NCHW. That covers channels_last tensors and channel slices of them
+// (x[:, :k] of an NHWC buffer: RRDBNet's concat-free dense blocks), as PyTorch's own ops decide.
+// csrc/backend.py's fake (meta) implementations, kernels/_common.py and ops/dispatch.py mirror
+// this rule exactly, so torch.compile sees the real strides.
 inline at::MemoryFormat output_format(const at::Tensor& x) {
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
-                                                                                  : at::MemoryFormat::Contiguous;
+  return x.dim() == 4 && x.stride(1) == 1 && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
+                                                                 : at::MemoryFormat::Contiguous;
 }
 
 // Grain size for at::parallel_for over items of `work` elements each: small tensors run on the

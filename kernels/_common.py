@@ -28,8 +28,9 @@ def nhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def like_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when ``x`` is stored channels_last (and not also plain contiguous), else NCHW."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    """channels_last when ``x``'s channels are adjacent in memory and it is not plain contiguous (a
+    channels_last tensor or a channel slice of one), else NCHW: csrc/common.h's rule."""
+    if x.dim() == 4 and x.stride(1) == 1 and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
 

@@ -202,3 +202,26 @@ def test_transformed_weights_follow_in_place_updates(forced):
             fresh = torch.randn(64, 64, 3, 3, generator=torch.Generator().manual_seed(10 + seed))
             assert torch.equal(conv(x, fresh, None, None, None, 1), conv(x, fresh.clone(), None, None, None, 1))
             del fresh
+
+
+@pytest.mark.parametrize("cin", [64, 96])
+def test_channel_slices_are_read_in_place(cin, forced):
+    """RRDBNet's concat-free dense blocks hand the conv x = buffer[:, :cin] of a channels_last
+    buffer (and a residual sliced the same way): read in place, output channels_last, within the
+    rule, the same numbers as for the contiguous copies."""
+    g = torch.Generator().manual_seed(cin)
+    buffer = fmt(torch.rand(2, 128, 11, 13, generator=g), True)
+    x, residual = buffer[:, :cin], buffer[:, 64:128]
+    w = torch.randn(64, cin, 3, 3, generator=g) * 0.05
+    b = torch.randn(64, generator=g)
+    conv = torch.ops.fastsr.conv2d_prelu
+    before = _calls()
+    out = conv(x, w, b, torch.tensor([0.2]), residual, 1)
+    assert _calls() == before + 1
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    expected = conv(fmt(x.clone(), True), w, b, torch.tensor([0.2]), fmt(residual.clone(), True), 1)
+    assert torch.equal(out, expected)
+    ref64 = torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1),
+                                           0.2) + residual.double()
+    same = torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(x, w, b, padding=1), 0.2) + residual
+    assert_within_rule("winograd on channel slices", out, ref64, same, torch.float32)

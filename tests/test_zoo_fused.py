@@ -232,3 +232,17 @@ def test_aligned_plan_keeps_windows_on_the_grid():
             assert x0 <= max(cx0 - plan.halo, 0) and x1 >= min(cx1 + plan.halo, w)
             covered[cy0:cy1, cx0:cx1] = True
         assert covered.all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_concat_free_dense_block_equals_concatenation(backend):
+    """Inference writes the dense features into one buffer; autograd concatenates: same features."""
+    require_backend(backend)
+    block = _randomised(RRDBNet(num_blocks=1, channels=32, growth=16), seed=4).body[0].rdb1
+    x = fmt(torch.rand(2, 32, 9, 11, generator=torch.Generator().manual_seed(3)), True)
+    with fastsr.use_backend(backend):
+        with torch.no_grad():
+            buffered = block.dense_features(x)
+        concatenated = block.dense_features(x.clone().requires_grad_()).detach()
+    assert buffered.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(buffered, concatenated, rtol=1e-6, atol=1e-6)

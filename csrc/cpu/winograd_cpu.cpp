@@ -100,6 +100,8 @@ inline void micro_kernel(const float* __restrict__ a, int64_t lda, const float* 
 
 struct Plan {
   int64_t N, H, W, Cin, Cout, r, C;  // C = Cout / r^2, the output channels
+  int64_t xsN, xsH, xsW;             // input strides (channels adjacent: a channels_last tensor or a
+                                     // channel slice of one, read in place)
   int64_t TH, TW, tiles;             // tile grid (ceil(H/2) x ceil(W/2)) per image, total tiles
   int64_t CW, chunks;                // output-channel chunk width and count
 };
@@ -211,12 +213,12 @@ inline void input_tile(const float* __restrict__ x, const Plan& p, int64_t tile,
                        int64_t slot) {
   const int64_t n = tile / (p.TH * p.TW), ty = (tile / p.TW) % p.TH, tx = tile % p.TW;
   const int64_t h0 = 2 * ty - 1, w0 = 2 * tx - 1, Cin = p.Cin;
-  const float* img = x + n * p.H * p.W * Cin;
+  const float* img = x + n * p.xsN;
   const float* src[4][4];
   for (int a = 0; a < 4; ++a)
     for (int b = 0; b < 4; ++b) {
       const int64_t ih = h0 + a, iw = w0 + b;
-      src[a][b] = (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) ? img + (ih * p.W + iw) * Cin : nullptr;
+      src[a][b] = (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) ? img + ih * p.xsH + iw * p.xsW : nullptr;
     }
   const int64_t estride = kTiles * Cin;
   float* dst = vt + slot * Cin;
@@ -241,19 +243,20 @@ inline void input_tile(const float* __restrict__ x, const Plan& p, int64_t tile,
 }
 
 struct Epilogue {
-  const float* bias;   // Cout values in shuffled order, or null
-  const float* slope;  // C values (per output channel), or null
-  const float* res;    // NHWC residual (N, H r, W r, C), or null
-  float* out;          // NHWC output (N, H r, W r, C)
+  const float* bias;          // Cout values in shuffled order, or null
+  const float* slope;         // C values (per output channel), or null
+  const float* res;           // residual (N, H r, W r, C), channels adjacent, or null
+  int64_t rsN, rsH, rsW;      // its strides (a channel slice of a buffer is read in place)
+  float* out;                 // NHWC output (N, H r, W r, C), contiguous
 };
 
-inline V finish(V v, const Epilogue& ep, int64_t co, int64_t c, int64_t off) {
+inline V finish(V v, const Epilogue& ep, int64_t co, int64_t c, int64_t res_off) {
   if (ep.bias) v = v + V::loadu(ep.bias + co);
   if (ep.slope) {
     const V s = V::loadu(ep.slope + c);
     v = V::blendv(v * s, v, v > V(0.f));
   }
-  if (ep.res) v = v + V::loadu(ep.res + off);
+  if (ep.res) v = v + V::loadu(ep.res + res_off);
   return v;
 }
 
@@ -283,7 +286,8 @@ inline void output_tile(const float* __restrict__ m, const Plan& p, int64_t tile
         if (j == 1 && !in_w1) break;
         const int64_t ow = (2 * tx + j) * p.r + sj;
         const int64_t off = ((n * OH + oh) * OW + ow) * p.C + c;
-        finish(y[i][j], ep, co, c, off).store(ep.out + off);
+        const int64_t res_off = n * ep.rsN + oh * ep.rsH + ow * ep.rsW + c;
+        finish(y[i][j], ep, co, c, res_off).store(ep.out + off);
       }
     }
   }
@@ -326,6 +330,9 @@ void run(const float* x, const float* U, const Plan& p, const Epilogue& ep) {
 
 }  // namespace
 
+// Channels adjacent in memory (stride 1), rows and pixels at any stride: read in place.
+static bool channels_adjacent(const at::Tensor& t) { return t.stride(1) == 1; }
+
 // The shapes and dtypes the kernel handles, whatever the mode.
 static bool supported(const at::Tensor& x, const at::Tensor& weight, int64_t shuffle) {
   if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat || x.dim() != 4 || weight.dim() != 4)
@@ -357,7 +364,8 @@ at::Tensor winograd_conv2d_prelu(const at::Tensor& x, const at::Tensor& weight, 
   p.CW = p.Cout % 64 == 0 ? 64 : p.Cout % 32 == 0 ? 32 : 16;
   p.chunks = p.Cout / p.CW;
   const auto cl = at::MemoryFormat::ChannelsLast;
-  const at::Tensor xin = x.contiguous(cl);
+  const at::Tensor xin = channels_adjacent(x) ? x : x.contiguous(cl);
+  p.xsN = xin.stride(0), p.xsH = xin.stride(2), p.xsW = xin.stride(3);
   const auto U = weight_cache().get(weight, shuffle, [&] { return transform_weights(weight.contiguous(), p); });
   at::Tensor out = at::empty({p.N, p.C, p.H * p.r, p.W * p.r}, x.options(), cl);
   at::Tensor b, s, res;
@@ -370,10 +378,12 @@ at::Tensor winograd_conv2d_prelu(const at::Tensor& x, const at::Tensor& weight, 
   if (residual) {
     TORCH_CHECK(residual->sizes() == out.sizes(), "fastsr: residual must have shape ", out.sizes(), ", got ",
                 residual->sizes());
-    res = residual->to(at::kFloat).contiguous(cl);
+    res = residual->to(at::kFloat);
+    if (!channels_adjacent(res)) res = res.contiguous(cl);
   }
-  const Epilogue ep{b.defined() ? b.const_data_ptr<float>() : nullptr, s.defined() ? s.const_data_ptr<float>() : nullptr,
-                    res.defined() ? res.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>()};
+  Epilogue ep{b.defined() ? b.const_data_ptr<float>() : nullptr, s.defined() ? s.const_data_ptr<float>() : nullptr,
+              res.defined() ? res.const_data_ptr<float>() : nullptr, 0, 0, 0, out.mutable_data_ptr<float>()};
+  if (res.defined()) ep.rsN = res.stride(0), ep.rsH = res.stride(2), ep.rsW = res.stride(3);
   run(xin.const_data_ptr<float>(), U->data(), p, ep);
   return is_channels_last(fmt) ? out : out.contiguous(fmt);
 }

@@ -114,8 +114,7 @@ def resolve(name: str | None, tensor: torch.Tensor, op: str) -> ModuleType:
     next backend with one warning when it fails, a named backend raises BackendUnavailableError.
     """
     device_type = "cuda" if tensor.is_cuda else "cpu"
-    channels_last = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) \
-        and not tensor.is_contiguous()
+    channels_last = tensor.dim() == 4 and tensor.stride(1) == 1 and not tensor.is_contiguous()  # csrc/common.h's rule
     return _LOADED[_resolve_name(name, device_type, op, tensor.dtype, channels_last)]
 
 
