@@ -53,7 +53,8 @@ def work_of(dst: Path) -> Path:
 
 
 def manifest_lines(dst: Path) -> list[str]:
-    return sorted(line for f in work_of(dst).glob("done.rank*.txt") for line in f.read_text().splitlines())
+    """The finished batch numbers of ``dst``'s manifests (each line: number, then chunk checksums)."""
+    return sorted(line.split()[0] for f in work_of(dst).glob("done.rank*.txt") for line in f.read_text().splitlines())
 
 
 def one_line_error(capsys) -> str:
@@ -325,7 +326,7 @@ def test_a_line_cut_short_in_the_manifest_is_dropped_not_joined(tmp_path, model,
     crash_after(monkeypatch, 2)
     with pytest.raises(RuntimeError):
         fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND, resume=True)
-    assert manifest.read_text() == "0\n1\n2\n3\n4\n"
+    assert [line.split()[0] for line in manifest.read_text().splitlines()] == ["0", "1", "2", "3", "4"]
 
 
 # ----------------------------------------------------------------------------- 3. training: one-line errors
@@ -771,3 +772,22 @@ def test_a_camera_jpeg_with_a_preview_image_is_upscaled_not_refused(tmp_path, mo
     assert Image.open(src).format == "MPO" and Image.open(src).n_frames == 2
     fastsr.upscale_file(src, tmp_path / "out.png", model, progress=False, backend=BACKEND)
     assert Image.open(tmp_path / "out.png").size == (64, 48)
+
+
+def test_resume_recomputes_a_chunk_whose_checksum_changed(tmp_path, model, monkeypatch):
+    """A chunk that still decodes but is not what was written (stale, overwritten, bit rot) fails
+    its CRC-32 from the manifest: that batch is computed again, the output is still exact."""
+    image = photo(48, 64)
+    src, dst = tmp_path / "in.tif", tmp_path / "out.tif"
+    tifffile.imwrite(src, image, photometric="rgb")
+    crash_after(monkeypatch, 4)
+    with pytest.raises(RuntimeError):
+        fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND)
+    monkeypatch.undo()
+    chunks = sorted((work_of(dst) / "tiles.zarr" / "c").rglob("0"))
+    first, second = [c for c in chunks if c.is_file()][:2]
+    first.write_bytes(second.read_bytes())  # a valid chunk, the wrong one
+    line = next(work_of(dst).glob("done.rank*.txt")).read_text().splitlines()[0]
+    assert len(line.split()) == 2 and all(len(c) == 8 for c in line.split()[1].split(","))
+    fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND, resume=True)
+    assert np.array_equal(tifffile.imread(dst), fastsr.upscale(image, model, tile=16, backend=BACKEND))

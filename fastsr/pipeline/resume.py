@@ -9,6 +9,7 @@ import fcntl
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,9 +41,11 @@ def interrupted_header(dst: Path) -> dict | None:
 
 class WorkDir:
     """The resumable state next to the destination: ``tiles.zarr`` (the output, chunk = output
-    tile) and ``done.rank<R>.txt`` manifests listing finished batch numbers, one per line, each
-    written after its tiles are in the store (so a listed batch is always complete). ``done``:
-    the finished batches, those of the run resumed and those marked since."""
+    tile) and ``done.rank<R>.txt`` manifests listing finished batches, one per line: the batch
+    number and the CRC-32 of each of its chunk files (``-`` for an all-zero tile, which zarr does
+    not write). A line is written after its chunks are fsynced, and fsynced itself, so a listed
+    batch is complete on disk; resume recomputes any batch whose chunks no longer match.
+    ``done``: the finished batches, those of the run resumed and those marked since."""
 
     def __init__(self, path: Path, header: dict, shape, chunks, dtype, *, resume: bool, dist: DistInfo,
                  restart: bool = False) -> None:
@@ -101,22 +104,45 @@ class WorkDir:
                            f"continue it, or with --restart to discard them and start over")
 
     def _read_done(self) -> set[int]:
-        done = set()
+        """Finished batches; their chunks' checksums go to ``self.checksums``."""
+        done, self.checksums = set(), {}
         for f in self.path.glob("done.rank*.txt"):
             # The last element is "" or a line cut short by a kill (no newline yet): ignored.
-            done.update(int(line) for line in f.read_text().split("\n")[:-1] if line.isdigit())
+            for line in f.read_text().split("\n")[:-1]:
+                group, _, sums = line.partition(" ")
+                if group.isdigit():
+                    done.add(int(group))
+                    self.checksums[int(group)] = sums.split(",") if sums else None
         return done
 
-    def mark(self, group: int) -> None:
-        """Record batch ``group`` as finished (its tiles are in the store). One unbuffered write:
-        in the page cache at once, which survives kill -9 of this process."""
-        line = f"{group}\n".encode()
+    def mark(self, group: int, tiles: list[Tile]) -> None:
+        """Record batch ``group`` as finished: its chunks (``tiles``') fsynced and checksummed, then
+        one unbuffered write of the line, fsynced (survives kill -9 and a power cut)."""
+        sums = ",".join(self._sync_chunk(self.chunk_path(t)) for t in tiles)
+        line = f"{group} {sums}\n".encode()
         written = os.write(self._manifest, line)
         if written != len(line):  # the disk filled up mid-line: take the piece back, the batch is not done
             os.ftruncate(self._manifest, os.fstat(self._manifest).st_size - written)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._manifest_path))
-        os.fsync(self._manifest)  # and a power cut (the chunks may not: verify() checks them)
+        os.fsync(self._manifest)
         self.done.add(group)
+        self.checksums[group] = sums.split(",")
+
+    @staticmethod
+    def _sync_chunk(path: Path) -> str:
+        """fsync a chunk file and return its CRC-32 (hex), or "-" where zarr wrote none (all zero)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return "-"
+        try:
+            os.fsync(fd)
+            crc = 0
+            while block := os.read(fd, 1 << 20):
+                crc = zlib.crc32(block, crc)
+            return f"{crc:08x}"
+        finally:
+            os.close(fd)
 
     def chunk_path(self, tile: Tile) -> Path:
         """The file of ``tile``'s output in the store: chunk (row, col, 0) (chunk = output tile)."""
@@ -127,11 +153,20 @@ class WorkDir:
         deleted, truncated or lost in a crash), so that they are computed again: a resumed output
         never has black or broken tiles. Costs one read of the finished tiles."""
         batches = plan.batches(batch_size)
-        bad = {g for g in self.done if not all(self._tile_intact(plan.tile_at(i), plan.scale) for i in batches[g])}
+        bad = {g for g in self.done if not self._batch_intact(g, [plan.tile_at(i) for i in batches[g]], plan.scale)}
         if bad:
             log.warning("resume: %d of %d finished batches have missing or damaged tiles in %s; computing them "
                         "again", len(bad), len(self.done), self.store_path)
         self.done -= bad
+
+    def _batch_intact(self, group: int, tiles: list[Tile], scale: int) -> bool:
+        """Every chunk of the batch has the checksum the manifest recorded (a line of an older
+        manifest without checksums: every chunk exists and decodes)."""
+        sums = self.checksums.get(group)
+        if sums is None:
+            return all(self._tile_intact(t, scale) for t in tiles)
+        return len(sums) == len(tiles) and all(self._sync_chunk(self.chunk_path(t)) == crc
+                                               for t, crc in zip(tiles, sums, strict=True))
 
     def _tile_intact(self, tile: Tile, scale: int) -> bool:
         if not self.chunk_path(tile).is_file():

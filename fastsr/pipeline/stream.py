@@ -140,7 +140,7 @@ class _Stream:
         for t, o in zip(tiles, result, strict=True):
             paste(self.work.store, t, o, self.plan.scale)  # whole chunks: no two writers share one
         with self.written:
-            self.work.mark(g)
+            self.work.mark(g, tiles)
             if self.on_written is not None:
                 self.on_written(t.index for t in tiles)
             self.bar.update(sum(map(_area, tiles)) * self.plan.scale ** 2)
