@@ -791,3 +791,32 @@ def test_resume_recomputes_a_chunk_whose_checksum_changed(tmp_path, model, monke
     assert len(line.split()) == 2 and all(len(c) == 8 for c in line.split()[1].split(","))
     fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND, resume=True)
     assert np.array_equal(tifffile.imread(dst), fastsr.upscale(image, model, tile=16, backend=BACKEND))
+
+
+def test_no_space_to_create_the_work_folder_is_one_line(tmp_path, model, monkeypatch, capsys):
+    import errno
+
+    from fastsr.cli import main
+    from fastsr.pipeline import files
+
+    src = tmp_path / "in.png"
+    Image.fromarray(photo(16, 16)).save(src)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "WorkDir", full)
+    assert main(["upscale", str(src), str(tmp_path / "out.png"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no space left to start the run" in err, err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_in_memory_pil_image_keeps_its_profile_and_physical_size(model):
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    im = Image.fromarray(photo(12, 10))
+    im.info.update({"icc_profile": icc, "dpi": (300, 300)})
+    out = fastsr.upscale(im, model)
+    assert out.info["icc_profile"] == icc and out.info["dpi"] == (1200, 1200)

@@ -16,8 +16,10 @@ chunks of the same store (no locks) and one manifest each; rank 0 assembles the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,9 +85,8 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
         up = Upscaler(model, device=dist.device, dtype=dtype, backend=backend)
         with imageio.open_image(src_path) as source:
             run = _plan_run(up, source, src_path, dst_path, tile=tile, halo=halo, border=border, resume=resume,
-                            batch_size=batch_size,
-                            compression=compression, pyramid=pyramid, backend=backend)
-            with output_lock(dst_path, dist):  # after the checks: the output folder exists and is writable
+                            batch_size=batch_size, compression=compression, pyramid=pyramid, backend=backend)
+            with _space_to_start(dst_path), output_lock(dst_path, dist):  # after the checks: the folder is writable
                 work = WorkDir(work_path(dst_path), run.header, tuple(run.header["shape"]), run.chunks,
                                source.dtype, resume=resume, dist=dist, restart=restart)
                 work.verify(run.plan, run.batch_size)
@@ -95,6 +96,18 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
                     _compute(up, source, run, work, dist, assembler, progress, space)
                     _commit(run, work, dist, assembler)
     return dst_path
+
+
+@contextlib.contextmanager
+def _space_to_start(dst: Path) -> Iterator[None]:
+    """A full disk while taking the lock or making the work folder: one line, nothing computed yet."""
+    try:
+        yield
+    except OSError as exc:
+        if not imageio.is_disk_full(exc):
+            raise
+        raise DiskFullError(f"{dst}: no space left to start the run in {dst.parent} ({exc.strerror}); free some "
+                            "space and run again") from None
 
 
 def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, halo, border, resume, batch_size,

@@ -39,7 +39,8 @@ def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | Non
                   border: str = "reflect", batch_size: int | None = None, backend: str | None = None):
     """Upscale an image held in memory; returns the same kind of object.
 
-    image: a PIL image (L, LA, RGB, RGBA, P, I;16), an (H, W) or (H, W, C) uint8/uint16 numpy
+    image: a PIL image (L, LA, RGB, RGBA, P, I;16; its ICC profile and DPI, scaled, are carried
+    in the result's ``info``), an (H, W) or (H, W, C) uint8/uint16 numpy
     array (C = 1..4), or a float tensor (N, C, H, W) / (C, H, W) in [0, 1] (output on the
     input's device and dtype, not clamped). model: a module, a model file, "default" or None
     (the embedded default). tile: None = whole image up to 512x512 pixels, tiles of 512
@@ -70,9 +71,21 @@ def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | Non
     _uint_tiles(up, source, plan, batch_size, out)
     if pil_mode is None:
         return out if array.ndim == 3 else out[..., 0]
+    return _pil_like(image, out, up.scale)
+
+
+def _pil_like(image, out: np.ndarray, scale: int):
+    """The PIL image of ``out`` with what ``image.info`` says about its look and size carried: the
+    color profile, and the DPI times ``scale`` (the same physical size), which ``save`` writes."""
     from PIL import Image
 
-    return Image.fromarray(out[..., 0] if out.shape[2] == 1 else out)  # mode from shape and dtype
+    result = Image.fromarray(out[..., 0] if out.shape[2] == 1 else out)  # mode from shape and dtype
+    if image.info.get("icc_profile"):
+        result.info["icc_profile"] = image.info["icc_profile"]
+    dpi = image.info.get("dpi")
+    if dpi and min(dpi) > 0:
+        result.info["dpi"] = (dpi[0] * scale, dpi[1] * scale)
+    return result
 
 
 def _tensor_window(image: torch.Tensor, window: tuple[int, int, int, int], height: int, width: int) -> torch.Tensor:
