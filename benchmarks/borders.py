@@ -1,4 +1,4 @@
-"""PSNR at the image border: zero padding (the plain model) vs fastsr's reflect padding.
+"""PSNR at the image border: zero padding (the plain model) vs fastsr's mirror and reflect padding.
 
 Each held-out photo (fastsr.data.HELD_OUT_PHOTOS) is bicubic-downscaled x4, upscaled with the
 default model through ``fastsr.upscale(..., border=...)`` and compared with the original on the Y
@@ -48,7 +48,7 @@ def measure(band: int) -> list[dict]:
         inner = np.zeros((h, w), bool)
         inner[band:h - band, band:w - band] = True
         row = {"photo": name, "size": f"{w}x{h}"}
-        for border in ("zero", "reflect"):
+        for border in ("zero", "reflect", "mirror"):
             sr = quantize(fastsr.upscale(lr, model, border=border).clamp(0, 1))
             a, b = _y(sr), _y(hr)
             row[border] = {"psnr": round(_psnr(a, b, keep), 3), "border_band": round(_psnr(a, b, keep & ~inner), 3),
@@ -67,13 +67,13 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"band": args.band, "scale": SCALE, "model": "default", "rows": rows}, f, indent=1)
-    print(f"| photo | PSNR zero / reflect | border band ({args.band} px) zero / reflect | interior zero / reflect |")
+    print(f"| photo | PSNR zero / reflect / mirror | border band ({args.band} px) zero / reflect / mirror "
+          "| interior zero / reflect / mirror |")
     print("|---|---|---|---|")
     for r in rows:
-        z, f = r["zero"], r["reflect"]
-        print(f"| {r['photo']} | {z['psnr']} / {f['psnr']} | {z['border_band']} / {f['border_band']} "
-              f"| {z['interior']} / {f['interior']} |")
-
+        cells = [" / ".join(str(r[b][k]) for b in ("zero", "reflect", "mirror"))
+                 for k in ("psnr", "border_band", "interior")]
+        print(f"| {r['photo']} | " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     main()

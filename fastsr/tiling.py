@@ -12,11 +12,12 @@ rather than shrinking, so tiles can be batched. Models that pixel-unshuffle thei
 factor ``a`` (RRDBNet x1/x2) compute the same output for a window only if it starts on the same
 ``a``-pixel grid as the image: a plan with ``align=a`` keeps every window start a multiple of it.
 
-Borders: a plan with ``pad=P`` tiles the image as if it were reflect-padded by P pixels on every
-side (numpy's "reflect", repeated for images smaller than P): windows may reach P pixels beyond
-the image and :func:`window_indices` says which image pixels they read there. The model's own
-zero padding then starts P pixels out, so a flat image stays flat and borders look like the
-rest of the image; tiled output still equals whole-image output with the same padding.
+Borders: a plan with ``pad=P`` tiles the image as if it were padded by P pixels on every side,
+mirrored (:data:`PAD_MODES`; repeated for images smaller than P): windows may reach P pixels
+beyond the image and :meth:`TilePlan.window_indices` says which image pixels they read there.
+The model's own zero padding then starts P pixels out, so a flat image stays flat and borders
+look like the rest of the image; tiled output still equals whole-image output with the same
+padding.
 """
 
 from __future__ import annotations
@@ -139,32 +140,24 @@ def _window(start: int, stop: int, size: int, length: int, halo: int, pad: int) 
     return w0, w0 + size
 
 
-def reflect_index(index: np.ndarray, length: int) -> np.ndarray:
-    """Image coordinates of (possibly outside) positions ``index`` under reflect padding: numpy's
-    ``np.pad(mode="reflect")``, repeated with period 2 (length - 1); a 1-pixel axis repeats its pixel."""
-    if length == 1:
+# How positions outside the image map into it (numpy's np.pad modes, repeated for any distance):
+# "mirror" = numpy "symmetric" (the edge pixel repeated: ... b a | a b c ... ), "reflect" = numpy
+# "reflect" (... c b | a b c ..., PyTorch's and Real-ESRGAN's pre_pad).
+PAD_MODES = ("mirror", "reflect")
+
+
+def border_index(index: np.ndarray, length: int, mode: str) -> np.ndarray:
+    """Image coordinates of positions ``index`` (any integers) under padding ``mode`` (PAD_MODES)."""
+    if mode == "mirror":
+        m = np.mod(index, 2 * length)
+        return np.where(m < length, m, 2 * length - 1 - m)
+    if mode != "reflect":
+        raise ValueError(f"pad mode must be one of {', '.join(PAD_MODES)}, got {mode!r}")
+    if length == 1:  # nothing to reflect: numpy repeats the pixel
         return np.zeros_like(index)
     period = 2 * (length - 1)
     m = np.mod(index, period)
     return np.where(m < length, m, period - m)
-
-
-def window_indices(window: tuple[int, int, int, int], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """The image rows and columns a window (y0, y1, x0, x1) reads, reflecting positions outside."""
-    y0, y1, x0, x1 = window
-    return reflect_index(np.arange(y0, y1), height), reflect_index(np.arange(x0, x1), width)
-
-
-def read_window(read, window: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
-    """A window's pixels (h, w, C) through ``read(y0, y1, x0, x1)`` (an image source's region
-    reader), reflected where the window reaches beyond the image; one read of the region it covers."""
-    y0, y1, x0, x1 = window
-    if y0 >= 0 and x0 >= 0 and y1 <= height and x1 <= width:
-        return read(*window)
-    rows, cols = window_indices(window, height, width)
-    r0, c0 = int(rows.min()), int(cols.min())
-    region = read(r0, int(rows.max()) + 1, c0, int(cols.max()) + 1)
-    return np.ascontiguousarray(region[rows - r0][:, cols - c0])
 
 
 @dataclass(frozen=True)
@@ -172,7 +165,8 @@ class TilePlan:
     """Tiles of ``tile`` x ``tile`` input pixels on a (height, width) image, each read with a
     ``halo``-pixel margin. ``window_shape`` is the same for every tile (batchable). ``align``:
     ``tile``, ``halo`` and ``pad`` must be multiples of it, and every window starts on a multiple
-    of it. ``pad``: reflect padding around the image that windows may read (module docstring)."""
+    of it. ``pad``: padding around the image that windows may read, filled by ``pad_mode``
+    (:data:`PAD_MODES`; see the module docstring); :meth:`read` and :meth:`window_indices` apply it."""
 
     height: int
     width: int
@@ -181,6 +175,7 @@ class TilePlan:
     scale: int
     align: int = 1
     pad: int = 0
+    pad_mode: str = "mirror"
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
@@ -192,6 +187,8 @@ class TilePlan:
                              f"align={self.align}")
         if not 0 <= self.pad <= self.halo:
             raise ValueError(f"pad must be between 0 and the halo ({self.halo}), got {self.pad}")
+        if self.pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {', '.join(PAD_MODES)}, got {self.pad_mode!r}")
 
     @property
     def rows(self) -> int:
@@ -228,6 +225,23 @@ class TilePlan:
         wx = _window(x0, x1, ww, self.width, self.halo, self.pad)
         return Tile(index, row, col, (y0, y1, x0, x1), (wy[0], wy[1], wx[0], wx[1]))
 
+    def window_indices(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+        """The image rows and columns ``tile``'s window reads (padding mapped into the image)."""
+        y0, y1, x0, x1 = tile.window
+        return (border_index(np.arange(y0, y1), self.height, self.pad_mode),
+                border_index(np.arange(x0, x1), self.width, self.pad_mode))
+
+    def read(self, read, tile: Tile) -> np.ndarray:
+        """``tile``'s window (h, w, C) through ``read(y0, y1, x0, x1)`` (an image source's region
+        reader), padded where it reaches beyond the image; one read of the region it covers."""
+        y0, y1, x0, x1 = tile.window
+        if y0 >= 0 and x0 >= 0 and y1 <= self.height and x1 <= self.width:
+            return read(*tile.window)
+        rows, cols = self.window_indices(tile)
+        r0, c0 = int(rows.min()), int(cols.min())
+        region = read(r0, int(rows.max()) + 1, c0, int(cols.max()) + 1)
+        return np.ascontiguousarray(region[rows - r0][:, cols - c0])
+
     def __iter__(self) -> Iterator[Tile]:
         return (self.tile_at(i) for i in range(len(self)))
 
@@ -250,7 +264,8 @@ def align_up(value: int, align: int) -> int:
 
 
 def plan_tiles(height: int, width: int, *, tile: int, halo: int, scale: int, align: int = 1,
-               pad: int = 0) -> TilePlan:
+               pad: int = 0, pad_mode: str = "mirror") -> TilePlan:
     """Plan tiles for an image; see :class:`TilePlan`. ``tile``, ``halo`` and ``pad`` are rounded
     up to multiples of ``align``."""
-    return TilePlan(height, width, align_up(tile, align), align_up(halo, align), scale, align, align_up(pad, align))
+    return TilePlan(height, width, align_up(tile, align), align_up(halo, align), scale, align, align_up(pad, align),
+                    pad_mode)

@@ -167,25 +167,25 @@ def test_upscale_tiles_automatically_when_large():
     assert np.abs(auto.astype(int) - whole).max() <= 1
 
 
-def test_reflect_index_matches_numpy_pad():
-    from fastsr.tiling import reflect_index
+@pytest.mark.parametrize("mode,numpy_mode", [("mirror", "symmetric"), ("reflect", "reflect")])
+def test_border_index_matches_numpy_pad(mode, numpy_mode):
+    from fastsr.tiling import border_index
 
     for length in (1, 2, 3, 7):
         for pad in (0, 1, 5, 20):
-            expected = np.pad(np.arange(length), pad, mode="reflect")
-            assert (reflect_index(np.arange(-pad, length + pad), length) == expected).all(), (length, pad)
+            expected = np.pad(np.arange(length), pad, mode=numpy_mode)
+            assert (border_index(np.arange(-pad, length + pad), length, mode) == expected).all(), (length, pad)
 
 
-def test_padded_plan_reads_reflected_windows():
-    from fastsr.tiling import read_window
-
+@pytest.mark.parametrize("mode,numpy_mode", [("mirror", "symmetric"), ("reflect", "reflect")])
+def test_padded_plan_reads_padded_windows(mode, numpy_mode):
     image = np.arange(9 * 7 * 1).reshape(9, 7, 1)
-    plan = plan_tiles(9, 7, tile=4, halo=3, scale=1, pad=2)
-    padded = np.pad(image, ((2, 2), (2, 2), (0, 0)), mode="reflect")
+    plan = plan_tiles(9, 7, tile=4, halo=3, scale=1, pad=2, pad_mode=mode)
+    padded = np.pad(image, ((2, 2), (2, 2), (0, 0)), mode=numpy_mode)
     for t in plan:
         y0, y1, x0, x1 = t.window
         assert -2 <= y0 and y1 <= 11 and -2 <= x0 and x1 <= 9 and (y1 - y0, x1 - x0) == plan.window_shape
-        window = read_window(lambda a, b, c, d: image[a:b, c:d], t.window, 9, 7)
+        window = plan.read(lambda a, b, c, d: image[a:b, c:d], t)
         assert (window == padded[y0 + 2:y1 + 2, x0 + 2:x1 + 2]).all()
 
 
@@ -194,19 +194,19 @@ def test_pad_must_fit_the_halo():
         TilePlan(10, 10, 4, 2, 1, 1, 3)
 
 
-@pytest.mark.parametrize("border", ["reflect", "zero"])
-def test_flat_image_stays_flat_with_reflect_border(border):
+@pytest.mark.parametrize("border", ["mirror", "reflect", "zero"])
+def test_flat_image_stays_flat_with_a_mirrored_border(border):
     flat = np.empty((1, 1, 3), np.uint8)
     flat[...] = (200, 100, 50)
     out = fastsr.upscale(flat, "default", border=border).reshape(-1, 3).astype(int)
     error = np.abs(out - (200, 100, 50)).max()
-    if border == "reflect":
+    if border != "zero":
         assert error <= 3
-    else:  # the plain model's zero padding darkens everything: why reflect is the default
+    else:  # the plain model's zero padding darkens everything: why a mirrored border is the default
         assert error > 100
 
 
-def test_tiled_equals_whole_with_reflect_border():
+def test_tiled_equals_whole_with_a_mirrored_border():
     image = _photo(37, 41)
     whole = fastsr.upscale(image, "default", tile=64).astype(int)
     for tile in (8, 13):

@@ -111,8 +111,8 @@ def test_gray_16bit_and_alpha(model):
     assert out.mode == "RGBA"
     out = np.asarray(out)
     assert np.array_equal(out[..., :3], fastsr.upscale(rgb, model, backend=BACKEND))  # colour: the model
-    # alpha: bicubic, of the image reflect-padded like the colour (border="reflect", 10 pixels)
-    padded = np.pad(alpha, 10, mode="reflect")
+    # alpha: bicubic, of the image padded like the colour (border="mirror": 10 pixels, numpy "symmetric")
+    padded = np.pad(alpha, 10, mode="symmetric")
     bicubic = F.interpolate(torch.from_numpy(padded)[None, None].float() / 255, scale_factor=4, mode="bicubic",
                             align_corners=False).clamp(0, 1)[0, 0, 40:-40, 40:-40].numpy() * 255
     assert np.abs(out[..., 3] - np.round(bicubic)).max() <= 1

@@ -66,10 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "field, which makes tiled output equal whole-image output, for fields up to 128 pixels "
                         "(SRResNet: 40); for deeper models (RRDBNet: ~350) the smallest halo whose output "
                         "stays within half a level of a 128-pixel context, measured on the image)")
-    p.add_argument("--border", default="reflect", choices=["reflect", "zero"],
-                   help="what the model sees beyond the image border: reflect (default: the image mirrored "
-                        "by 10 pixels, as Real-ESRGAN's pre_pad, so flat images stay flat) or zero "
-                        "(the plain model's zero padding)")
+    p.add_argument("--border", default="mirror", choices=["mirror", "reflect", "zero"],
+                   help="what the model sees beyond the image's edges: mirror (default: 10 pixels of the "
+                        "image mirrored, so edges look like the interior and flat images stay flat), reflect "
+                        "(mirrored without repeating the edge pixel, as Real-ESRGAN's pre_pad) or zero (the "
+                        "plain model's zero padding)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="tiles per model call (default: 1 on CPU, 4 on CUDA)")
     p.add_argument("--compression", default="zstd", choices=["none", "deflate", "zstd", "jpeg"],

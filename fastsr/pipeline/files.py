@@ -57,7 +57,7 @@ class _Run:
 
 
 def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, tile: int = 512,
-                 halo: int | str = "auto", border: str = "reflect", batch_size: int | None = None, device=None,
+                 halo: int | str = "auto", border: str = "mirror", batch_size: int | None = None, device=None,
                  dtype=None,
                  resume: bool = False, compression: str = "zstd", pyramid: bool = False, progress: bool = True,
                  backend: str | None = None, restart: bool = False) -> Path:
@@ -69,8 +69,9 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
     half-resolution levels as SubIFDs), .zarr (v3, chunks of ``tile * scale``) or
     .png/.jpg/.webp (in memory, limited size). ``halo="auto"`` is the model's receptive field
     (output equal to whole-image inference) where that is affordable, else a halo measured on the
-    image (:mod:`fastsr.pipeline.halo`: deep models such as RRDBNet). ``border``: "reflect"
-    (default; the image is reflect-padded by 10 pixels, so a flat image stays flat) or "zero" (the
+    image (:mod:`fastsr.pipeline.halo`: deep models such as RRDBNet). ``border``: "mirror"
+    (default; the image is padded by 10 pixels of its mirror image, so a flat image stays flat),
+    "reflect" (mirrored without repeating the edge) or "zero" (the
     plain model's zero padding at the border). ``resume=True`` continues a killed
     run from its manifest (same settings required); ``restart=True`` discards such a run's
     finished tiles and starts over (without either, finding them is an error). Raises

@@ -91,7 +91,7 @@ def find_inputs(src_dir: Path, exclude: Path | None = None) -> list[Path]:
 
 
 def upscale_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, model=None, *, fmt: str | None = None,
-                   tile: int = 512, halo: int | str = "auto", border: str = "reflect",
+                   tile: int = 512, halo: int | str = "auto", border: str = "mirror",
                    batch_size: int | None = None, device=None, dtype=None, resume: bool = False,
                    compression: str = "zstd", pyramid: bool = False, restart: bool = False, progress: bool = True,
                    backend: str | None = None) -> FolderSummary:

@@ -16,10 +16,11 @@ window 5.6x the tile's area. Their outputs depend on far context only weakly, so
 
 The choice is logged; the pipeline stores it in the resume header, so a resumed run keeps it.
 
-Borders (``border="reflect"``, the default): the image is tiled as if reflect-padded by
-:data:`BORDER_PAD` pixels (:mod:`fastsr.tiling`), so the model's zero padding starts that far
-out and a flat image stays flat; ``border="zero"`` is the plain model's zero padding at the
-image border.
+Borders (``border="mirror"``, the default): the image is tiled as if padded by
+:data:`BORDER_PAD` pixels of its mirror image, edge pixel repeated (:mod:`fastsr.tiling`), so the
+model's zero padding starts that far out and a flat image stays flat; ``"reflect"`` mirrors
+without repeating the edge (Real-ESRGAN's ``pre_pad``); ``"zero"`` is the plain model's zero
+padding at the image border.
 :func:`plan_for` makes the whole plan: aligned tile, halo, border padding.
 """
 
@@ -64,19 +65,20 @@ class HaloChoice:
         return f"halo {self.halo} ({self.how}; receptive-field radius {self.radius})"
 
 
-BORDERS = ("reflect", "zero")
-# Reflect padding width (LR pixels; at most the halo). Measured with the default model: 8 already
-# keeps a flat image flat (within 3 levels; zero padding: 19, and a 1x1 image's mean drops from
+BORDERS = ("mirror", "reflect", "zero")
+# Padding width (LR pixels; at most the halo). Measured with the default model: 8 already keeps a
+# flat image flat (within 3 levels; zero padding: 19, and a 1x1 image's mean drops from
 # (200, 100, 50) to (29, 24, 24)), and 8, 16, 24 or the whole halo give the same PSNR on the
-# held-out photos (benchmarks/borders.py); Real-ESRGAN's pre_pad default is 10.
+# held-out photos; "mirror" gave the best border-band PSNR there (benchmarks/borders.py).
+# Real-ESRGAN's pre_pad default is 10.
 BORDER_PAD = 10
 
 
 def plan_for(up: Upscaler, *, height: int, width: int, channels: int, tile: int, halo: int | str | None,
              border: str, read: Reader, stored_halo: int | None = None) -> TilePlan:
     """The tile plan of a run: ``tile`` rounded to the model's alignment, the halo chosen by
-    :func:`choose_halo` (or ``stored_halo``, an interrupted run's), reflect padding of
-    :data:`BORDER_PAD` (at most the halo) for ``border="reflect"``."""
+    :func:`choose_halo` (or ``stored_halo``, an interrupted run's), padding of :data:`BORDER_PAD`
+    (at most the halo) for ``border`` "mirror" or "reflect"."""
     if border not in BORDERS:
         raise UpscaleError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
     tile = align_up(tile, up.align)
@@ -85,8 +87,9 @@ def plan_for(up: Upscaler, *, height: int, width: int, channels: int, tile: int,
         stored_halo = choice.halo
         if choice.how == "measured":
             log.warning("%s", choice.describe())
-    pad = min(stored_halo, BORDER_PAD) if border == "reflect" else 0
-    return plan_tiles(height, width, tile=tile, halo=stored_halo, scale=up.scale, align=up.align, pad=pad)
+    pad = 0 if border == "zero" else min(stored_halo, BORDER_PAD)
+    return plan_tiles(height, width, tile=tile, halo=stored_halo, scale=up.scale, align=up.align, pad=pad,
+                      pad_mode="reflect" if border == "reflect" else "mirror")
 
 
 def window_area(tile: int, halo: int) -> float:

@@ -7,7 +7,7 @@ import torch
 
 from .. import imageio
 from ..imageio import ImageSource
-from ..tiling import TilePlan, paste, read_window, window_indices
+from ..tiling import Tile, TilePlan, paste
 from .engine import UpscaleError, Upscaler
 from .halo import plan_for, source_reader
 
@@ -20,8 +20,7 @@ AUTO_TILE_MAX_PIXELS = AUTO_TILE * AUTO_TILE
 def _uint_tiles(up: Upscaler, source: ImageSource, plan: TilePlan, batch_size: int, out: np.ndarray) -> None:
     for group in plan.batches(batch_size):
         tiles = [plan.tile_at(i) for i in group]
-        result = up.run_uint(np.stack([read_window(source.read, t.window, source.height, source.width)
-                                       for t in tiles]))
+        result = up.run_uint(np.stack([plan.read(source.read, t) for t in tiles]))
         for t, o in zip(tiles, result, strict=True):
             paste(out, t, o, plan.scale)
 
@@ -36,7 +35,7 @@ def tile_size(tile: int | None, height: int, width: int) -> int:
 
 
 def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | None = None, halo="auto",
-                  border: str = "reflect", batch_size: int | None = None, backend: str | None = None):
+                  border: str = "mirror", batch_size: int | None = None, backend: str | None = None):
     """Upscale an image held in memory; returns the same kind of object.
 
     image: a PIL image (L, LA, RGB, RGBA, P, I;16; its ICC profile and DPI, scaled, are carried
@@ -46,8 +45,8 @@ def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | Non
     (the embedded default). tile: None = whole image up to 512x512 pixels, tiles of 512
     beyond; an int forces tiles of that size (same output up to float rounding when the halo
     covers the receptive field, as halo="auto" does where affordable; see
-    :mod:`fastsr.pipeline.halo`). border: "reflect" (default: the image is reflect-padded by 10
-    pixels, so a flat image stays flat) or "zero" (the plain
+    :mod:`fastsr.pipeline.halo`). border: "mirror" (default: the image is padded by 10 pixels of its
+    mirror image, so a flat image stays flat), "reflect" (mirrored without repeating the edge) or "zero" (the plain
     model's zero padding). Safe to call from several threads.
     """
     up = Upscaler(model, device=device, dtype=dtype, backend=backend)
@@ -88,9 +87,9 @@ def _pil_like(image, out: np.ndarray, scale: int):
     return result
 
 
-def _tensor_window(image: torch.Tensor, window: tuple[int, int, int, int], height: int, width: int) -> torch.Tensor:
-    """(C, h, w) pixels of ``window``, reflected beyond the image like :func:`fastsr.tiling.read_window`."""
-    rows, cols = window_indices(window, height, width)
+def _tensor_window(image: torch.Tensor, plan: TilePlan, tile: Tile) -> torch.Tensor:
+    """(C, h, w) pixels of ``tile``'s window, padded beyond the image like :meth:`TilePlan.read`."""
+    rows, cols = plan.window_indices(tile)
     rows, cols = (torch.from_numpy(i).to(image.device) for i in (rows, cols))
     return image.index_select(1, rows).index_select(2, cols)
 
@@ -112,7 +111,7 @@ def _upscale_tensor(up: Upscaler, x: torch.Tensor, tile, halo, border: str, batc
         for i in range(n):
             for group in plan.batches(batch_size):
                 tiles = [plan.tile_at(j) for j in group]
-                windows = torch.stack([_tensor_window(x4[i], t.window, h, w) for t in tiles])
+                windows = torch.stack([_tensor_window(x4[i], plan, t) for t in tiles])
                 result = up.forward(windows.to(up.device).float()).to(x.device, x.dtype)
                 for t, o in zip(tiles, result, strict=True):
                     paste(out[i], t, o, s, channels_first=True)

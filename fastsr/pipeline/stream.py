@@ -18,7 +18,7 @@ import torch
 
 from .. import imageio
 from ..imageio import ImageSource
-from ..tiling import TilePlan, paste, read_window
+from ..tiling import TilePlan, paste
 from .engine import Upscaler
 from .resume import WorkDir
 
@@ -114,8 +114,7 @@ class _Stream:
             for g in groups:
                 tiles = [self.plan.tile_at(i) for i in self.batches[g]]
                 try:
-                    windows = np.stack([read_window(self.source.read, t.window, self.source.height, self.source.width)
-                                        for t in tiles])
+                    windows = np.stack([self.plan.read(self.source.read, t) for t in tiles])
                 except Exception as exc:
                     raise imageio.ImageReadError(f"{self.source.path}: cannot read tiles {tiles[0].window} ... "
                                                  f"({exc})") from exc
