@@ -23,8 +23,10 @@ import errno
 import logging
 import os
 import shutil
+import struct
 import uuid
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -432,13 +434,7 @@ def _open_pillow(path: str) -> ImageSource:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if _png_16bit_color(path):
-        import imagecodecs
-
-        try:
-            return array_source(imagecodecs.png_decode(Path(path).read_bytes()), path, kind="PNG")
-        except imagecodecs.PngError as exc:
-            raise ImageReadError(f"{path}: cannot decode 16-bit PNG, the file may be truncated or corrupt "
-                                 f"({exc})") from None
+        return _open_png_16bit_color(path)
     try:
         with warnings.catch_warnings():
             # Above Pillow's bomb limit, refuse clearly instead of decoding gigabytes.
@@ -467,6 +463,31 @@ def _open_pillow(path: str) -> ImageSource:
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: cannot decode image, the file may be truncated or corrupt ({exc})") from None
     return array_source(array, path, kind=fmt or "image", metadata=metadata)
+
+
+def _open_png_16bit_color(path: str) -> ImageSource:
+    """A 16-bit color PNG: pixels decoded by imagecodecs (Pillow reads them as 8 bit), metadata and
+    EXIF orientation read by Pillow, which parses the chunks without decoding the pixels."""
+    import imagecodecs
+    from PIL import Image
+
+    try:
+        array = imagecodecs.png_decode(Path(path).read_bytes())
+    except imagecodecs.PngError as exc:
+        raise ImageReadError(f"{path}: cannot decode 16-bit PNG, the file may be truncated or corrupt "
+                             f"({exc})") from None
+    with Image.open(path) as im:
+        metadata = _pillow_metadata(im)
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    return array_source(np.ascontiguousarray(_upright(array, orientation)), path, kind="PNG", metadata=metadata)
+
+
+def _upright(array: np.ndarray, orientation: int) -> np.ndarray:
+    """(H, W, C) pixels turned as EXIF ``orientation`` (1..8) says viewers show them (PIL's exif_transpose)."""
+    turns = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+             5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+             7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}
+    return turns.get(orientation, lambda a: a)(array)
 
 
 def _pil_to_array(path: str, im) -> np.ndarray:
@@ -829,13 +850,14 @@ def write_pillow(path: str | os.PathLike, array: np.ndarray, fmt: str | None = N
                  metadata: Metadata | None = None) -> None:
     """Write an (H, W, C) uint8 array (or uint16 PNG) with Pillow, with ``metadata`` embedded where
     the format holds it (profile; EXIF in JPEG, PNG, WebP; DPI in JPEG, PNG, BMP); 16-bit color
-    PNG with imagecodecs, since Pillow cannot write it (no metadata then)."""
+    PNG with imagecodecs, since Pillow cannot write it, its metadata chunks added by fastsr."""
     from PIL import Image
 
     if array.dtype == np.uint16 and array.shape[2] > 1:
         import imagecodecs
 
-        Path(path).write_bytes(imagecodecs.png_encode(np.ascontiguousarray(array)))
+        png = imagecodecs.png_encode(np.ascontiguousarray(array))
+        Path(path).write_bytes(_png_with_metadata(png, metadata or Metadata()))
         return
 
     im = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)  # mode from shape and dtype
@@ -849,6 +871,25 @@ def write_pillow(path: str | os.PathLike, array: np.ndarray, fmt: str | None = N
     if metadata.dpi and fmt in ("JPEG", "PNG", "BMP"):
         kwargs["dpi"] = metadata.dpi
     im.save(path, format=fmt, **kwargs)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_with_metadata(png: bytes, metadata: Metadata) -> bytes:
+    """``png`` with iCCP (profile), pHYs (DPI, as pixels per metre) and eXIf (EXIF) chunks inserted
+    after its IHDR, where the PNG specification wants them (before the image data)."""
+    chunks = b""
+    if metadata.icc_profile:
+        chunks += _png_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(metadata.icc_profile))
+    if metadata.dpi:
+        x, y = (round(d / 0.0254) for d in metadata.dpi)
+        chunks += _png_chunk(b"pHYs", struct.pack(">IIB", x, y, 1))
+    if metadata.exif:
+        chunks += _png_chunk(b"eXIf", metadata.exif.removeprefix(b"Exif\0\0"))
+    ihdr_end = 8 + 8 + struct.unpack(">I", png[8:12])[0] + 4  # signature, IHDR length/type, data, CRC
+    return png[:ihdr_end] + chunks + png[ihdr_end:]
 
 
 def pillow_format(dst: str | os.PathLike) -> str:

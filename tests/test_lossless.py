@@ -820,3 +820,38 @@ def test_in_memory_pil_image_keeps_its_profile_and_physical_size(model):
     im.info.update({"icc_profile": icc, "dpi": (300, 300)})
     out = fastsr.upscale(im, model)
     assert out.info["icc_profile"] == icc and out.info["dpi"] == (1200, 1200)
+
+
+def test_16bit_color_png_output_keeps_profile_dpi_and_exif(tmp_path, model):
+    """Pillow cannot write 16-bit color PNG (imagecodecs does): fastsr adds the metadata chunks."""
+    import imagecodecs
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x010F] = "fastsr camera"  # Make
+    src, dst = tmp_path / "in.png", tmp_path / "out.png"
+    fastsr.imageio.write_pillow(src, photo(12, 10).astype(np.uint16) * 257,
+                                metadata=fastsr.imageio.Metadata(icc_profile=icc, exif=exif.tobytes(),
+                                                                 resolution=(300.0, 300.0)))
+    fastsr.upscale_file(src, dst, model, progress=False)
+    with Image.open(dst) as im:
+        assert im.info["icc_profile"] == icc
+        assert tuple(round(d) for d in im.info["dpi"]) == (1200, 1200)
+        assert im.getexif()[0x010F] == "fastsr camera"
+    assert imagecodecs.png_decode(dst.read_bytes()).dtype == np.uint16
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_upright_matches_pillow_exif_transpose(orientation):
+    from PIL import ImageOps
+
+    from fastsr.imageio import _upright
+
+    array = np.arange(3 * 5 * 3, dtype=np.uint8).reshape(3, 5, 3)
+    im = Image.fromarray(array)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.info["exif"] = exif.tobytes()
+    expected = np.asarray(ImageOps.exif_transpose(im))
+    assert np.array_equal(_upright(array, orientation), expected)
