@@ -246,3 +246,18 @@ def test_concat_free_dense_block_equals_concatenation(backend):
         concatenated = block.dense_features(x.clone().requires_grad_()).detach()
     assert buffered.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(buffered, concatenated, rtol=1e-6, atol=1e-6)
+
+
+def test_rrdbnet_inference_form_on_triton():
+    """The inference form uses only conv2d_prelu, so the Triton backend serves it too (on a CPU
+    through the interpreter: one small case), channel-slice inputs of the dense blocks included."""
+    require_backend("triton")
+    plain = _randomised(RRDBNet(scale=4, num_blocks=1, channels=16, growth=16), seed=8)
+    optimized = fastsr.optimize(copy.deepcopy(plain))
+    x = torch.rand(1, 3, 6, 5, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref64 = copy.deepcopy(plain).double()(x.double())
+        same = plain(x)
+        with fastsr.use_backend("triton"):
+            ours = optimized(x)
+    assert_within_rule("RRDBNet inference form (triton)", ours, ref64, same, torch.float32)
