@@ -1,9 +1,10 @@
 """Upscale an image file of any size (or a folder of images) with an SRGAN model, tile by tile in bounded memory.
 
-The output equals whole-image inference: each tile is computed with a halo of at least the
-model's receptive field and only its centre is kept. Large images stream from a tiled TIFF,
-zarr or .npy input into a tiled BigTIFF or zarr output; PNG/JPEG work for images that fit in
-memory. The output is written under a hidden temporary name and renamed when complete;
+Each tile is computed with a halo of context and only its centre is kept: the model's receptive
+field (output equal to whole-image inference) for models such as SRResNet and SRVGGNetCompact; a
+halo measured on the image for deep ones such as RRDBNet (see --halo). Large images stream from a
+tiled TIFF, zarr or .npy input into a tiled BigTIFF or zarr output; PNG/JPEG work for images that
+fit in memory. The output is written under a hidden temporary name and renamed when complete;
 finished tiles are recorded next to it, so an interrupted run continues with --resume.
 
 Inputs:  .tif/.tiff (tiled or stripped, BigTIFF too), .zarr, .npy, .png, .jpg, ...
@@ -56,7 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=OUTPUT_FORMATS, default=None,
                    help="folders: write every output in this format (default: each keeps its input's)")
     p.add_argument("--model", default="default",
-                   help="embedded model name or a fastsr model file (default: default, an x4 SRResNet)")
+                   help="embedded model name or a model file: fastsr's own, a checkpoint of ESRGAN / "
+                        "Real-ESRGAN / BSRGAN / SPAN / SRResNet code (.pth, .pt, .safetensors) or an ncnn "
+                        ".param (default: default, an x4 SRResNet)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="compute dtype (default: fp32)")
     p.add_argument("--tile", type=int, default=512, metavar="N",
