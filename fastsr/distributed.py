@@ -66,3 +66,12 @@ def all_gather(tensor: torch.Tensor, world_size: int) -> list[torch.Tensor]:
     gathered = [torch.empty_like(tensor) for _ in range(world_size)]
     dist.all_gather(gathered, tensor)
     return gathered
+
+
+def broadcast_object(value: object, info: DistInfo) -> object:
+    """Rank 0's ``value`` (any picklable object) on every rank; the value itself in one process."""
+    if info.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

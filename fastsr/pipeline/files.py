@@ -27,14 +27,14 @@ import numpy as np
 import torch
 
 from .. import imageio
-from ..distributed import DistInfo, barrier, process_group
+from ..distributed import DistInfo, barrier, broadcast_object, process_group
 from ..errors import UserError
 from ..imageio import DiskFullError, ImageSource, ImageWriteError
 from ..ops.dispatch import get_backend
 from ..tiling import TilePlan
 from .assemble import Assembler, Output, SpaceWatch, TileTracker, finish
 from .engine import UpscaleError, Upscaler, model_digest, resolve_device
-from .halo import plan_for, source_reader
+from .halo import pick_halo, plan_for, source_reader
 from .memory import tile_size
 from .resume import WorkDir, interrupted_header, output_lock, work_path
 from .stream import run_batches, writer_threads
@@ -86,7 +86,8 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
         up = Upscaler(model, device=dist.device, dtype=dtype, backend=backend)
         with imageio.open_image(src_path) as source:
             run = _plan_run(up, source, src_path, dst_path, tile=tile, halo=halo, border=border, resume=resume,
-                            batch_size=batch_size, compression=compression, pyramid=pyramid, backend=backend)
+                            batch_size=batch_size, compression=compression, pyramid=pyramid, backend=backend,
+                            dist=dist)
             with _space_to_start(dst_path), output_lock(dst_path, dist):  # after the checks: the folder is writable
                 work = WorkDir(work_path(dst_path), run.header, tuple(run.header["shape"]), run.chunks,
                                source.dtype, resume=resume, dist=dist, restart=restart)
@@ -112,15 +113,17 @@ def _space_to_start(dst: Path) -> Iterator[None]:
 
 
 def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, halo, border, resume, batch_size,
-              compression, pyramid, backend) -> _Run:
+              compression, pyramid, backend, dist: DistInfo) -> _Run:
     """The tile plan, the output checks (format, TIFF tile size, disk space) and the resume header."""
     batch_size = (4 if up.device.type == "cuda" else 1) if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise UpscaleError(f"batch size must be >= 1, got {batch_size}")
-    stored = interrupted_header(dst) if resume and halo in ("auto", None) else None
-    plan = plan_for(up, height=source.height, width=source.width, channels=source.channels,
-                    tile=tile_size(tile, source.height, source.width), halo=halo, border=border,
-                    read=source_reader(source), stored_halo=(stored or {}).get("halo"))
+    tile = tile_size(tile, source.height, source.width)
+    shape = {"height": source.height, "width": source.width, "channels": source.channels, "tile": tile}
+    stored = (interrupted_header(dst) or {}).get("halo") if resume and halo in ("auto", None) else None
+    if stored is None and dist.world_size > 1:
+        stored = _halo_of_rank_0(up, halo, source, shape, dist)
+    plan = plan_for(up, halo=halo, border=border, read=source_reader(source), stored_halo=stored, **shape)
     tile = plan.tile
     out_shape = (*plan.output_shape, source.channels)
     fmt = imageio.check_output(dst, shape=out_shape, dtype=source.dtype, compression=compression)
@@ -144,6 +147,21 @@ def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, 
     metadata = source.metadata.scaled(up.scale, out_shape[1], out_shape[0])  # the same physical size and place
     output = Output(dst, fmt, out_tile, compression, pyramid, metadata)
     return _Run(output, plan, batch_size, header)
+
+
+def _halo_of_rank_0(up: Upscaler, halo, source: ImageSource, shape: dict, dist: DistInfo) -> int:
+    """Every rank must cut the same tiles: rank 0 chooses the halo (a measured one could differ
+    between ranks) and the others take it; an error there is raised on every rank, none waits."""
+    mine: int | UserError | None = None
+    if dist.rank == 0:
+        try:
+            mine = pick_halo(up, halo, read=source_reader(source), **shape)
+        except UserError as exc:
+            mine = exc
+    chosen = broadcast_object(mine, dist)
+    if isinstance(chosen, UserError):
+        raise chosen
+    return chosen
 
 
 def _start_assembler(run: _Run, work: WorkDir, dist: DistInfo) -> Assembler | None:

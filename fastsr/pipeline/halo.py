@@ -83,13 +83,20 @@ def plan_for(up: Upscaler, *, height: int, width: int, channels: int, tile: int,
         raise UpscaleError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
     tile = align_up(tile, up.align)
     if stored_halo is None:
-        choice = choose_halo(up, halo, height=height, width=width, channels=channels, tile=tile, read=read)
-        stored_halo = choice.halo
-        if choice.how == "measured":
-            log.warning("%s", choice.describe())
+        stored_halo = pick_halo(up, halo, height=height, width=width, channels=channels, tile=tile, read=read)
     pad = 0 if border == "zero" else min(stored_halo, BORDER_PAD)
     return plan_tiles(height, width, tile=tile, halo=stored_halo, scale=up.scale, align=up.align, pad=pad,
                       pad_mode="reflect" if border == "reflect" else "mirror")
+
+
+def pick_halo(up: Upscaler, requested: int | str | None, *, height: int, width: int, channels: int, tile: int,
+              read: Reader) -> int:
+    """:func:`choose_halo`'s halo for ``tile`` rounded to the model's alignment; a measured one is logged."""
+    choice = choose_halo(up, requested, height=height, width=width, channels=channels, tile=align_up(tile, up.align),
+                         read=read)
+    if choice.how == "measured":
+        log.warning("%s", choice.describe())
+    return choice.halo
 
 
 def window_area(tile: int, halo: int) -> float:
