@@ -261,3 +261,11 @@ def test_rrdbnet_inference_form_on_triton():
         with fastsr.use_backend("triton"):
             ours = optimized(x)
     assert_within_rule("RRDBNet inference form (triton)", ours, ref64, same, torch.float32)
+
+
+def test_an_image_too_thin_to_probe_gets_the_reference_context():
+    model = _randomised(RRDBNet(num_blocks=9, channels=16, growth=8), seed=11)
+    strip = _photo(5, 70)
+    choice = _choice(model, strip, tile=16)
+    assert (choice.how, choice.halo) == ("measured", halo_mod.REFERENCE_HALO)
+    assert fastsr.upscale(strip, model, tile=16).shape == (20, 280, 3)

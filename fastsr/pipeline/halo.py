@@ -146,10 +146,11 @@ def source_reader(source) -> Reader:
 
 
 def measure_halo(up: Upscaler, height: int, width: int, read: Reader) -> int:
-    """The smallest :data:`CANDIDATES` halo whose probe outputs match the reference context's."""
-    if min(height, width) < PROBE_CORE:
-        raise UpscaleError(f"image of {height}x{width} pixels is too small to measure a halo; pass --halo N")
+    """The smallest :data:`CANDIDATES` halo whose probe outputs match the reference context's (the
+    reference context itself for an image thinner than a probe core, which cannot be probed)."""
     context = align_up(min(up.radius, REFERENCE_HALO), up.align)
+    if min(height, width) < PROBE_CORE:
+        return context
     # Windows on the model's input grid (see fastsr.tiling): aligned cores and halos.
     cores = [(y // up.align * up.align, x // up.align * up.align) for y, x in probe_cores(height, width, context)]
     references = [_probe(up, read, core, context, height, width) for core in cores]
