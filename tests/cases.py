@@ -1,7 +1,9 @@
-"""Inputs shared by the backend suites (test_conformance.py, test_cpp.py, test_triton.py)."""
+"""Inputs shared by the test files: conv cases of the backend suites (test_conformance.py,
+test_cpp.py, test_triton.py) and the photo crops of the pipeline tests."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tolerance import fmt
 
@@ -45,3 +47,10 @@ def small_srresnet(seed=0):
             if isinstance(m, fastsr.nn.ConvPReLU) and isinstance(m.slope, torch.nn.Parameter):
                 m.slope.uniform_(0.0, 0.5)
     return model
+
+
+def photo(h: int = 64, w: int = 80) -> np.ndarray:
+    """An (h, w, 3) uint8 crop of a real photo (scikit-image's chelsea)."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.chelsea()[60:60 + h, 100:100 + w])

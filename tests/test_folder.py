@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 from PIL import Image
 
 import fastsr
@@ -30,14 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def torch_backend(monkeypatch):
     """The reference backend: no C++ build in these tests (they test the folder logic)."""
     monkeypatch.setenv("FASTSR_BACKEND", "torch")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    fastsr.save_model(fastsr.SRResNet(scale=4, num_blocks=1, channels=8), path)
-    return path
 
 
 def image(seed: int, channels: int = 3, size: int = 24) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from cases import photo
 from PIL import Image
 
 import fastsr
@@ -27,25 +28,6 @@ BACKEND = "torch"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FASTSR_BACKEND": "torch"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    fastsr.save_model(fastsr.SRResNet(scale=4, num_blocks=1, channels=8), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_file):
-    return fastsr.load_model(tiny_model_file)
-
-
-def photo(h: int = 64, w: int = 80) -> np.ndarray:
-    from skimage import data
-
-    return np.ascontiguousarray(data.chelsea()[60:60 + h, 100:100 + w])
 
 
 def work_of(dst: Path) -> Path:

@@ -21,6 +21,7 @@ import tifffile
 import torch
 import torch.nn.functional as F
 from backends import require_backend
+from cases import photo
 from PIL import Image
 
 import fastsr
@@ -33,25 +34,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FASTSR_BACKEND": "torch"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    fastsr.save_model(fastsr.SRResNet(scale=4, num_blocks=1, channels=8), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_file):
-    return fastsr.load_model(tiny_model_file)
-
-
-def photo(h: int = 64, w: int = 80) -> np.ndarray:
-    from skimage import data
-
-    return np.ascontiguousarray(data.chelsea()[60:60 + h, 100:100 + w])
 
 
 def no_leftovers(folder: Path, keep: set[str]) -> None:

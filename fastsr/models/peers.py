@@ -290,9 +290,9 @@ def _esrgan(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
         raise NoNativeFormatError(
             f"{what}: convs at model.{', '.join(map(str, top))}; fastsr reads the nearest-upsampling layout (first "
             "conv at model.0, upsampling convs at model.3, 6[, 9], then the HR and last convs 2 and 4 further)")
-    num_blocks = _count(state, r"model\.1\.sub\.(\d+)\.RDB1\.conv1\.0\.weight")
     config = _rrdb_config(state, what, "model.0.weight", f"model.{last}.weight", "model.1.sub.0.RDB1.conv1.0.weight",
                           r"model\.1\.sub\.(\d+)\.RDB1\.conv1\.0\.weight", ups)
+    num_blocks = config["num_blocks"]
     return config, _regex_rule([
         (r"model\.0\.(weight|bias)", r"conv_first.conv.\1"),
         (r"model\.1\.sub\.(\d+)\.RDB([123])\.conv([1-5])\.0\.(weight|bias)", r"body.\1.rdb\2.conv\3.conv.\4"),
