@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from fastsr.ops.reference import sigmoid_gate_backward
+
 # Build state, filled by _build() once per process.
 _lock = threading.RLock()
 _state: dict = {"attempted": False, "ok": False, "reason": "not built yet (builds on first use)", "with_cuda": False}
@@ -118,6 +120,12 @@ def conv2d_prelu(x, weight, bias, slope, residual, shuffle):
     return torch.ops.fastsr.conv2d_prelu(x, weight, bias, slope, residual, int(shuffle))
 
 
+def conv2d_silu(x, weight, bias, skip):
+    """See :func:`fastsr.ops.functional.conv2d_silu`. Output (N, C_out, H, W), x.dtype."""
+    _ensure()
+    return torch.ops.fastsr.conv2d_silu(x, weight, bias, skip)
+
+
 def pixel_shuffle_prelu(x, slope, upscale_factor):
     """See :func:`fastsr.ops.functional.pixel_shuffle_prelu`. (N, C*r*r, H, W) -> (N, C, H*r, W*r)."""
     _ensure()
@@ -169,6 +177,11 @@ def _fake_conv2d_prelu(x, weight, bias, slope, residual, shuffle):
     return _empty(x, (n, weight.shape[0] // (shuffle * shuffle), h * shuffle, w * shuffle))
 
 
+def _fake_conv2d_silu(x, weight, bias, skip):
+    n, _, h, w = x.shape
+    return _empty(x, (n, weight.shape[0], h, w))
+
+
 def _fake_shuffle_prelu(x, slope, residual, r):
     n, c, h, w = x.shape
     return _empty(x, (n, c // (r * r), h * r, w * r))
@@ -214,12 +227,33 @@ def _conv_backward(ctx, grad):
         grad_pre, grad_slope = torch.ops.fastsr.shuffle_prelu_backward(grad, pre, slope, r)
     else:
         grad_pre = torch.nn.functional.pixel_unshuffle(grad, r) if r > 1 else grad
+    grad_x, grad_w, grad_b = _conv_input_weight_grads(grad_pre, x, weight, bias, (need_x, need_w, need_b))
+    return grad_x, grad_w, grad_b, grad_slope if need_slope else None, grad if ctx.has_residual else None, None
+
+
+def _conv_input_weight_grads(grad_pre, x, weight, bias, needs):
+    """(grad_x, grad_weight, grad_bias) of the 'same' convolution for the upstream gradient of its
+    output ``grad_pre``; None where ``needs`` (same order) is False."""
+    need_x, need_w, need_b = needs
     pad = weight.shape[-1] // 2
     grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad_pre, x, weight, None if bias is None else [bias.shape[0]], [1, 1], [pad, pad], [1, 1], False,
         [0, 0], 1, [need_x, need_w, need_b and bias is not None])
-    return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None,
-            grad_slope if need_slope else None, grad if ctx.has_residual else None, None)
+    return grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None
+
+
+# conv2d_silu: like conv2d_prelu, the backward recomputes the convolution for the activation's
+# derivative (reference.sigmoid_gate_backward, the one formula every backend uses).
+def _silu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _silu_backward(ctx, grad):
+    x, weight, bias, skip = ctx.saved_tensors
+    pre = torch.ops.fastsr.conv2d_prelu(x, weight, bias, None, None, 1)
+    grad_pre, grad_skip = sigmoid_gate_backward(grad, pre, skip)
+    grads = _conv_input_weight_grads(grad_pre, x, weight, bias, ctx.needs_input_grad[:3])
+    return *grads, grad_skip if ctx.needs_input_grad[3] else None
 
 
 def _shuffle_setup(ctx, inputs, output):
@@ -248,10 +282,11 @@ def _mse_backward(ctx, grad):
     return (grad_a if need_a else None, (-grad_a).to(b.dtype) if need_b else None, None, None, None)
 
 
-_FAKES = {"conv2d_prelu": _fake_conv2d_prelu, "shuffle_prelu": _fake_shuffle_prelu,
+_FAKES = {"conv2d_prelu": _fake_conv2d_prelu, "conv2d_silu": _fake_conv2d_silu, "shuffle_prelu": _fake_shuffle_prelu,
           "shuffle_prelu_backward": _fake_shuffle_prelu_backward, "mse_per_image": _fake_mse_per_image,
           "mse_per_image_backward": _fake_mse_per_image_backward, "to_uint8": _fake_to_uint8}
-_AUTOGRAD = {"conv2d_prelu": (_conv_backward, _conv_setup), "shuffle_prelu": (_shuffle_backward, _shuffle_setup),
+_AUTOGRAD = {"conv2d_prelu": (_conv_backward, _conv_setup), "conv2d_silu": (_silu_backward, _silu_setup),
+             "shuffle_prelu": (_shuffle_backward, _shuffle_setup),
              "mse_per_image": (_mse_backward, _mse_setup)}
 
 

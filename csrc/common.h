@@ -29,6 +29,11 @@ inline int64_t grain_for(int64_t work) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work));
 }
 
+// What follows a convolution: conv2d_prelu's PReLU (none without a slope) then "+ residual", or
+// conv2d_silu's (y + a) * (sigmoid(y) - b): SiLU (a = b = 0) or SPAN's attention (a = the skip,
+// passed as the residual, b = 0.5).
+enum class Act : int { kPReLU = 0, kSiLU = 1, kAttention = 2 };
+
 inline bool is_channels_last(at::MemoryFormat f) { return f == at::MemoryFormat::ChannelsLast; }
 
 // Slope of a (P)ReLU as one value per channel in the accumulation dtype (fp64 for fp64, else

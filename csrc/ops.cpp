@@ -6,6 +6,9 @@
 TORCH_LIBRARY(fastsr, m) {
   // prelu(pixel_shuffle(conv2d(x, weight, bias, 'same'), shuffle), slope) + residual.
   m.def("conv2d_prelu(Tensor x, Tensor weight, Tensor? bias, Tensor? slope, Tensor? residual, int shuffle) -> Tensor");
+  // y = conv2d(x, weight, bias, 'same'); silu(y), or with a skip SPAN's parameter-free attention
+  // (y + skip) * (sigmoid(y) - 0.5).
+  m.def("conv2d_silu(Tensor x, Tensor weight, Tensor? bias, Tensor? skip) -> Tensor");
   // prelu(pixel_shuffle(x, r), slope) + residual: the epilogue alone (pixel_shuffle_prelu when
   // residual is None; the backward of conv2d_prelu recomputes the conv and reuses it).
   m.def("shuffle_prelu(Tensor x, Tensor? slope, Tensor? residual, int r) -> Tensor");

@@ -1,6 +1,6 @@
 """The ``triton`` backend of :mod:`fastsr.ops.functional` (ships as ``fastsr.kernels``).
 
-Each op has its own module (``conv_prelu``, ``shuffle_prelu``, ``mse_psnr``, ``uint8``) holding the
+Each op has its own module (``conv_prelu``, ``conv_silu``, ``shuffle_prelu``, ``mse_psnr``, ``uint8``) holding the
 ``@triton.jit`` kernels, host launchers and a ``torch.autograd.Function``. This module implements
 the backend contract (:class:`fastsr.ops.contract.Backend`): :func:`availability` and the ops with
 the positional signatures of :mod:`fastsr.ops.reference`. Triton itself is imported only when an
@@ -59,6 +59,19 @@ def conv2d_prelu(
         )
         return conv2d_prelu_op(x, weight, bias, slope, residual, int(shuffle), needs_grad)[0]
     return ConvPReLUFunction.apply(x, weight, bias, slope, residual, int(shuffle))
+
+
+def conv2d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                skip: torch.Tensor | None) -> torch.Tensor:
+    """Fused conv2d ('same', stride 1) + bias + SiLU, or SPAN's attention ``(y + skip) * (sigmoid(y) - 0.5)``
+    with a skip; see :func:`fastsr.functional.conv2d_silu`. Output (N, C_out, H, W), x's dtype and
+    memory format; differentiable in x, weight, bias and skip."""
+    from .conv_silu import ConvSiLUFunction, conv2d_silu_op
+
+    if torch.compiler.is_compiling():
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, skip))
+        return conv2d_silu_op(x, weight, bias, skip, needs_grad)[0]
+    return ConvSiLUFunction.apply(x, weight, bias, skip)
 
 
 def pixel_shuffle_prelu(x: torch.Tensor, slope: torch.Tensor, upscale_factor: int) -> torch.Tensor:

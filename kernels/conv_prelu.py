@@ -115,9 +115,11 @@ def _conv_prelu_fwd_kernel(
     slope_stride,
     KS: tl.constexpr, R: tl.constexpr, TAP_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SLOPE: tl.constexpr, HAS_RES: tl.constexpr, STORE_Z: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACT: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """ACT: ACT_PRELU (PReLU with a slope, then + residual), ACT_SILU, or ACT_ATTENTION (SPAN's
+    (y + res) * (sigmoid(y) - 0.5), the residual being the skip); the last two need R == 1."""
     PAD: tl.constexpr = KS // 2
     pid_m = tl.program_id(0).to(tl.int64)  # int64: N*H*W*C can pass 2**31 (gigapixel tiles)
     pid_n = tl.program_id(1)
@@ -158,7 +160,16 @@ def _conv_prelu_fwd_kernel(
         s = tl.load(slope_ptr + oc * slope_stride, mask=co_mask, other=0.0).to(ACC)
         acc = tl.where(acc > 0, acc, acc * s[None, :])
     if HAS_RES:
-        acc += tl.load(res_ptr + nn * srn + yh * srh + yw * srw + ocb * src, mask=mask, other=0.0).to(ACC)
+        res = tl.load(res_ptr + nn * srn + yh * srh + yw * srw + ocb * src, mask=mask, other=0.0).to(ACC)
+    if ACT == 0:  # ACT_PRELU
+        if HAS_RES:
+            acc += res
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-acc))
+        if ACT == 1:  # ACT_SILU
+            acc = acc * sig
+        else:  # ACT_ATTENTION
+            acc = (acc + res) * (sig - 0.5)
     tl.store(out_ptr + nn * son + yh * soh + yw * sow + ocb * soc, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -270,6 +281,10 @@ _bwd_input = triton.autotune(_FWD_CONFIGS, key=["C_in", "C_out", "KS", "R"])(_co
 _bwd_weight = triton.autotune(_WGRAD_CONFIGS, key=["C_in", "C_out", "KS", "R"])(_conv_prelu_bwd_weight_kernel)
 
 
+# The activations of the forward kernel (its ACT argument).
+ACT_PRELU, ACT_SILU, ACT_ATTENTION = 0, 1, 2
+
+
 def _slope_stride(slope: torch.Tensor | None) -> int:
     """0 broadcasts a single slope to every channel; 1 indexes a per-channel slope."""
     return 0 if slope is None or slope.numel() == 1 else slope.stride(0)
@@ -283,14 +298,15 @@ def conv_prelu_forward(
     residual: torch.Tensor | None,
     shuffle: int,
     store_preactivation: bool = False,
+    act: int = ACT_PRELU,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the fused forward kernel.
 
     x (N, C_in, H, W); weight (C_out, C_in, K, K); bias (C_out,) or None; slope (1,) or
-    (C_out / shuffle**2,) or None; residual like the output or None. Returns the output
-    (N, C_out / shuffle**2, H*shuffle, W*shuffle) in x's dtype and memory format, and, when
-    ``store_preactivation`` and there is an activation, the pre-activation z (same shape, for
-    the PReLU backward; else None).
+    (C_out / shuffle**2,) or None; residual like the output or None (with ``act=ACT_ATTENTION``:
+    the skip). Returns the output (N, C_out / shuffle**2, H*shuffle, W*shuffle) in x's dtype and
+    memory format, and, when ``store_preactivation`` and there is an activation, the
+    pre-activation z (same shape, for the activation's backward; else None).
     """
     check_interpreter_dtype(x.dtype)
     n, c_in, h, w = x.shape
@@ -299,7 +315,7 @@ def conv_prelu_forward(
     out_shape = (n, c_out // (r * r), h * r, w * r)
     fmt = like_memory_format(x)
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-    store_z = store_preactivation and slope is not None
+    store_z = store_preactivation and (slope is not None or act != ACT_PRELU)
     z = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt) if store_z else out
     res = residual if residual is not None else out
     slope_arg = slope if slope is not None else out
@@ -319,7 +335,7 @@ def conv_prelu_forward(
         _slope_stride(slope),
         KS=ks, R=r, TAP_ALIGNED=c_in % _TAP_QUANTUM == 0,
         HAS_BIAS=bias is not None, HAS_SLOPE=slope is not None, HAS_RES=residual is not None, STORE_Z=store_z,
-        ACC=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+        ACT=act, ACC=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
     )
     return out, (z if store_z else None)
 

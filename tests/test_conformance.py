@@ -154,6 +154,77 @@ def test_conv2d_prelu_gradcheck(target, k, shuffle, slope, residual, channels_la
 
 
 # ---------------------------------------------------------------------------------------------
+# conv2d_silu (SPAN's SiLU convs and its parameter-free attention)
+
+# (n, C_in, C_out, H, W, k, bias, skip). 48 channels are SPAN's (the CPU Winograd path at 31x17).
+SILU_CASES = [
+    ((1, 48, 48, 31, 17, 3, True, False), True),   # SPAN's SiLU conv (Winograd on CPU)
+    ((1, 48, 48, 31, 17, 3, True, True), True),    # SPAN's attention conv (Winograd on CPU)
+    ((3, 48, 48, 7, 13, 3, True, True), False),    # the same, too small for Winograd
+    ((3, 5, 17, 7, 13, 3, False, True), False),    # odd channels, no bias
+    ((1, 3, 16, 31, 17, 3, True, False), False),   # C_in = 3
+    ((2, 17, 3, 7, 13, 9, True, True), False),     # 9x9 to 3 channels (cpp's few-output kernel)
+]
+SILU_GRAD_CASES = [
+    ((3, 5, 17, 7, 13, 3, True, True), False),
+    ((1, 16, 16, 17, 16, 3, True, False), False),
+    ((1, 48, 48, 17, 16, 3, False, True), True),
+]
+
+
+def _silu_inputs(device, case, channels_last):
+    """(x, weight, bias, skip) in float64: conv_inputs without a slope, its residual as the skip."""
+    n, c_in, c_out, h, w, k, bias, skip = case
+    x, wt, b, _, s = conv_inputs(device, n, c_in, c_out, h, w, k, 1, bias, None, skip, channels_last)
+    return [x, wt, b, s]
+
+
+def _silu_cases(cases):
+    return [pytest.param(t, d, c, id=f"{t}-{str(d).removeprefix('torch.')}-" + "n{}_ci{}_co{}_{}x{}_k{}_b{}_skip{}"
+                         .format(*c)) for t in TARGETS for d in t.dtypes for c, heavy in cases
+            if not (heavy and t.light)]
+
+
+@FORMATS
+@pytest.mark.parametrize("target,dtype,case", _silu_cases(SILU_CASES))
+def test_conv2d_silu_forward(target, dtype, case, channels_last):
+    ins = _silu_inputs(target.device, case, channels_last)
+    ours = ops.conv2d_silu(*cast(ins, dtype), backend=target.backend)
+    assert ours.dtype == dtype
+    assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert_within_rule("conv2d_silu", ours, ref.conv2d_silu(*ins), ref.conv2d_silu(*cast(ins, dtype)), dtype)
+
+
+@FORMATS
+@pytest.mark.parametrize("target,dtype,case", _silu_cases(SILU_GRAD_CASES))
+def test_conv2d_silu_gradients(target, dtype, case, channels_last):
+    ins = _silu_inputs(target.device, case, channels_last)
+    x, weight = ins[0], ins[1]
+    g = torch.randn(x.shape[0], weight.shape[0], *x.shape[2:], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
+    g = fmt(g.to(x.device), channels_last)
+    ref64 = grads(ref.conv2d_silu, ins, g)
+    same = grads(ref.conv2d_silu, cast(ins, dtype), g)
+    ours = grads(lambda *a: ops.conv2d_silu(*a, backend=target.backend), cast(ins, dtype), g)
+    for name, o, r64, s in zip(("x", "weight", "bias", "skip"), ours, ref64, same, strict=True):
+        if r64 is None:
+            assert o is None
+            continue
+        assert o.dtype == dtype, f"grad of {name} has dtype {o.dtype}"
+        assert_within_rule(f"d{name}", o, r64, s, dtype)
+
+
+@pytest.mark.parametrize("k,skip", [(3, False), (3, True), (5, True)])
+@FORMATS
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+def test_conv2d_silu_gradcheck(target, k, skip, channels_last):
+    ins = _silu_inputs(target.device, (2, 3, 4, 4, 5, k, True, skip), channels_last)
+    leaves = [None if t is None else t.requires_grad_() for t in ins]
+    assert torch.autograd.gradcheck(lambda *a: ops.conv2d_silu(*a, backend=target.backend), leaves,
+                                    eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # pixel_shuffle_prelu
 
 

@@ -56,6 +56,14 @@ def test_opcheck_conv2d_prelu():
             _opcheck(torch.ops.fastsr.conv2d_prelu.default, (*args, case[6]))
 
 
+def test_opcheck_conv2d_silu():
+    for channels_last in (False, True):
+        for case in [(2, 5, 12, 5, 7, 3, 1, True, None, True), (1, 16, 16, 17, 16, 3, 1, False, None, False)]:
+            x, w, b, _, s = conv_inputs("cpu", *case, channels_last)
+            _opcheck(torch.ops.fastsr.conv2d_silu.default,
+                     [t if t is None else t.float().requires_grad_() for t in (x, w, b, s)])
+
+
 def test_opcheck_shuffle_prelu_and_backward():
     for channels_last in (False, True):
         x = fmt(torch.randn(2, 12, 5, 7), channels_last)

@@ -134,6 +134,22 @@ def test_library_op_matches_reference_and_gradchecks():
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=True)
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_silu_library_op_matches_reference_and_gradchecks(skip):
+    """conv2d_silu's triton_op front door, eagerly: forward against the reference and its
+    register_autograd formula by gradcheck in float64."""
+    from fastsr.kernels.conv_silu import conv2d_silu_op
+
+    x, wt, b, _, s = conv_inputs(DEVICE, 2, 5, 8, 4, 5, 3, 1, True, None, skip, True)
+    leaves = [t if t is None else t.requires_grad_() for t in (x, wt, b, s)]
+
+    def fn(*a):
+        return conv2d_silu_op(*a, True)[0]
+
+    torch.testing.assert_close(fn(*leaves), ref.conv2d_silu(*leaves), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
 @pytest.mark.gpu
 def test_torch_compile_fullgraph_traces_conv2d_prelu():
     from fastsr.kernels.conv_prelu import conv2d_prelu_op
@@ -184,12 +200,18 @@ common = dict(ACC=tl.float32, DOT_PRECISION="tf32", **blocks)
 for aligned, r in [(True, 1), (False, 2)]:
     build(cp._conv_prelu_fwd_kernel, dict.fromkeys(
         ["x_ptr", "w_ptr", "b_ptr", "slope_ptr", "res_ptr", "out_ptr", "z_ptr"], bf),
-        dict(KS=3, R=r, TAP_ALIGNED=aligned, HAS_BIAS=True, HAS_SLOPE=True, HAS_RES=True, STORE_Z=True, **common))
+        dict(KS=3, R=r, TAP_ALIGNED=aligned, HAS_BIAS=True, HAS_SLOPE=True, HAS_RES=True, STORE_Z=True,
+             ACT=cp.ACT_PRELU, **common))
     build(cp._conv_prelu_bwd_input_kernel, dict.fromkeys(["g_ptr", "z_ptr", "slope_ptr", "w_ptr", "dx_ptr"], bf),
         dict(KS=3, R=r, HAS_SLOPE=True, TAP_ALIGNED=aligned, **common))
     build(cp._conv_prelu_bwd_weight_kernel, {**dict.fromkeys(["g_ptr", "z_ptr", "slope_ptr", "x_ptr"], bf),
         **dict.fromkeys(["dw_ptr", "db_ptr", "dslope_ptr"], f32)},
         dict(KS=9, R=r, HAS_SLOPE=True, TAP_ALIGNED=aligned, **common))
+for act in (cp.ACT_SILU, cp.ACT_ATTENTION):  # conv2d_silu's epilogues
+    build(cp._conv_prelu_fwd_kernel, dict.fromkeys(
+        ["x_ptr", "w_ptr", "b_ptr", "slope_ptr", "res_ptr", "out_ptr", "z_ptr"], bf),
+        dict(KS=3, R=1, TAP_ALIGNED=False, HAS_BIAS=True, HAS_SLOPE=False, HAS_RES=act == cp.ACT_ATTENTION,
+             STORE_Z=True, ACT=act, **common))
 ps = dict(R=2, ACC=tl.float32, BLOCK_P=sp._BLOCK_P, BLOCK_C=sp._BLOCK_C)
 build(sp._pixel_shuffle_prelu_fwd_kernel, dict.fromkeys(["x_ptr", "slope_ptr", "out_ptr"], bf), ps)
 build(sp._pixel_shuffle_prelu_bwd_kernel, {**dict.fromkeys(["g_ptr", "x_ptr", "slope_ptr", "dx_ptr"], bf),

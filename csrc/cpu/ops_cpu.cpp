@@ -15,6 +15,7 @@
 
 #include "../common.h"
 #include "conv_cpu.h"
+#include "vec_util.h"
 #include "winograd_cpu.h"
 
 namespace fastsr {
@@ -173,13 +174,53 @@ at::Tensor conv2d_prelu_cpu(const at::Tensor& x, const at::Tensor& weight, const
   // fp32 3x3 convs with many channels: Winograd F(2x2, 3x3) with the whole epilogue fused into
   // its output transform (winograd_cpu.cpp).
   if (cpu::winograd_applies(x, weight, shuffle))
-    return cpu::winograd_conv2d_prelu(x, weight, bias, slope, residual, shuffle, fmt);
+    return cpu::winograd_conv2d(x, weight, bias, slope, residual, shuffle, fmt);
   // The bias goes into the convolution (oneDNN adds it in-register); activation, residual and the
   // pixel-shuffle store are the single pass over the conv output. Convs with very few output
   // channels (the 64 -> 3 tail) use fastsr's own direct kernel, vectorised over pixels.
   at::Tensor pre = cpu::few_out_conv_applies(x, weight) ? cpu::few_out_conv(x, weight, bias, fmt)
                                                          : conv_same(x, weight, bias);
   return epilogue(std::move(pre), slope, residual, shuffle, fmt, /*may_overwrite=*/true);
+}
+
+// y = silu(y), or (y + skip) * (sigmoid(y) - 0.5) with a skip, in place over `len` elements in
+// memory order (y and skip contiguous in the same format).
+template <typename T>
+void sigmoid_gate_run(T* y, const T* skip, int64_t len) {
+  using A = acc_t<T>;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + Vectorized<float>::size() <= len; i += Vectorized<float>::size())
+      cpu::sigmoid_gate(Vectorized<float>::loadu(y + i), skip ? skip + i : nullptr).store(y + i);
+  }
+  for (; i < len; ++i) {
+    const A s = skip ? static_cast<A>(skip[i]) : A(0);
+    y[i] = static_cast<T>(cpu::sigmoid_gate(static_cast<A>(y[i]), skip ? &s : nullptr));
+  }
+}
+
+at::Tensor conv2d_silu_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& skip) {
+  check_4d(x, "x");
+  const auto fmt = output_format(x);
+  const Act act = skip ? Act::kAttention : Act::kSiLU;
+  // SPAN's 48-channel 3x3 convs: the activation is fused into Winograd's output transform.
+  if (cpu::winograd_applies(x, weight, 1)) return cpu::winograd_conv2d(x, weight, bias, std::nullopt, skip, 1, fmt, act);
+  at::Tensor y = (cpu::few_out_conv_applies(x, weight) ? cpu::few_out_conv(x, weight, bias, fmt)
+                                                        : conv_same(x, weight, bias)).contiguous(fmt);
+  at::Tensor s;
+  if (skip) {
+    TORCH_CHECK(skip->sizes() == y.sizes(), "fastsr: skip must have shape ", y.sizes(), ", got ", skip->sizes());
+    s = skip->to(y.scalar_type()).contiguous(fmt);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastsr_conv2d_silu", [&] {
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const scalar_t* sp = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, y.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+      sigmoid_gate_run<scalar_t>(yp + begin, sp ? sp + begin : nullptr, end - begin);
+    });
+  });
+  return y;
 }
 
 at::Tensor shuffle_prelu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& slope,
@@ -464,6 +505,7 @@ at::Tensor to_uint8_cpu(const at::Tensor& x) {
 
 TORCH_LIBRARY_IMPL(fastsr, CPU, m) {
   m.impl("conv2d_prelu", &conv2d_prelu_cpu);
+  m.impl("conv2d_silu", &conv2d_silu_cpu);
   m.impl("shuffle_prelu", &shuffle_prelu_cpu);
   m.impl("shuffle_prelu_backward", &shuffle_prelu_backward_cpu);
   m.impl("mse_per_image", &mse_per_image_cpu);

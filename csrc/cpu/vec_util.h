@@ -3,6 +3,8 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <cmath>
+
 namespace fastsr::cpu {
 
 // Load once, use many times: left alone, GCC folds a vector load into each FMA that uses it,
@@ -20,6 +22,22 @@ inline at::vec::Vectorized<float> in_register(at::vec::Vectorized<float> v) {
 #else
   return v;
 #endif
+}
+
+// conv2d_silu's activation on a vector: SiLU y * sigmoid(y), or with a skip SPAN's attention
+// (y + skip) * (sigmoid(y) - 0.5). exp() is Sleef's 1-ulp one; exp(-y) = inf gives sigmoid 0.
+inline at::vec::Vectorized<float> sigmoid_gate(at::vec::Vectorized<float> y, const float* skip) {
+  using V = at::vec::Vectorized<float>;
+  const V one(1.f);
+  const V sig = one / (one + y.neg().exp());
+  return skip ? (y + V::loadu(skip)) * (sig - V(0.5f)) : y * sig;
+}
+
+// The same in scalar form (fp64, and the accumulation of fp16/bf16).
+template <typename A>
+inline A sigmoid_gate(A y, const A* skip) {
+  const A sig = A(1) / (A(1) + std::exp(-y));
+  return skip ? (y + *skip) * (sig - A(0.5)) : y * sig;
 }
 
 }  // namespace fastsr::cpu

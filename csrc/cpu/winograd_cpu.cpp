@@ -248,10 +248,12 @@ struct Epilogue {
   const float* res;           // residual (N, H r, W r, C), channels adjacent, or null
   int64_t rsN, rsH, rsW;      // its strides (a channel slice of a buffer is read in place)
   float* out;                 // NHWC output (N, H r, W r, C), contiguous
+  Act act;                    // kPReLU: slope, then + res; kSiLU / kAttention: res is the skip
 };
 
 inline V finish(V v, const Epilogue& ep, int64_t co, int64_t c, int64_t res_off) {
   if (ep.bias) v = v + V::loadu(ep.bias + co);
+  if (ep.act != Act::kPReLU) return sigmoid_gate(v, ep.res ? ep.res + res_off : nullptr);
   if (ep.slope) {
     const V s = V::loadu(ep.slope + c);
     v = V::blendv(v * s, v, v > V(0.f));
@@ -351,11 +353,12 @@ bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t shu
   return mode == 2 || x.size(2) * x.size(3) >= kMinPixels;
 }
 
-at::Tensor winograd_conv2d_prelu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                 const std::optional<at::Tensor>& slope, const std::optional<at::Tensor>& residual,
-                                 int64_t shuffle, at::MemoryFormat fmt) {
+at::Tensor winograd_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& slope, const std::optional<at::Tensor>& residual,
+                           int64_t shuffle, at::MemoryFormat fmt, Act act) {
   TORCH_CHECK(supported(x, weight, shuffle), "fastsr: winograd does not apply to x ",
               x.sizes(), ", weight ", weight.sizes());
+  TORCH_CHECK(act == Act::kPReLU || (shuffle == 1 && !slope), "fastsr: SiLU / attention take no shuffle or slope");
   g_calls.fetch_add(1, std::memory_order_relaxed);
   Plan p;
   p.N = x.size(0), p.Cin = x.size(1), p.H = x.size(2), p.W = x.size(3), p.Cout = weight.size(0), p.r = shuffle;
@@ -382,7 +385,7 @@ at::Tensor winograd_conv2d_prelu(const at::Tensor& x, const at::Tensor& weight, 
     if (!channels_adjacent(res)) res = res.contiguous(cl);
   }
   Epilogue ep{b.defined() ? b.const_data_ptr<float>() : nullptr, s.defined() ? s.const_data_ptr<float>() : nullptr,
-              res.defined() ? res.const_data_ptr<float>() : nullptr, 0, 0, 0, out.mutable_data_ptr<float>()};
+              res.defined() ? res.const_data_ptr<float>() : nullptr, 0, 0, 0, out.mutable_data_ptr<float>(), act};
   if (res.defined()) ep.rsN = res.stride(0), ep.rsH = res.stride(2), ep.rsW = res.stride(3);
   run(xin.const_data_ptr<float>(), U->data(), p, ep);
   return is_channels_last(fmt) ? out : out.contiguous(fmt);

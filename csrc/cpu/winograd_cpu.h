@@ -1,6 +1,7 @@
 // Winograd F(2x2, 3x3) convolution for the fp32 3x3 layers with many channels (SRResNet's
 // 64 -> 64 body convs and 64 -> 256 upsample convs), with the whole conv2d_prelu epilogue (bias,
-// PReLU, residual, pixel-shuffle store) fused into the output transform.
+// PReLU, residual, pixel-shuffle store; or conv2d_silu's SiLU / attention) fused into the output
+// transform.
 //
 // Why F(2x2) and not F(4x4): the correctness rule (tests/tolerance.py: |ours - ref64| <=
 // 2 |torch_fp32 - ref64| + 2e-6 max|ref64|, elementwise) is violated by F(4x4) in fp32 with the
@@ -15,16 +16,19 @@
 #include <cstdint>
 #include <optional>
 
+#include "../common.h"
+
 namespace fastsr::cpu {
 
-// Whether winograd_conv2d_prelu serves this call: fp32, 3x3 kernel, C_in and C_out / shuffle^2
+// Whether winograd_conv2d serves this call: fp32, 3x3 kernel, C_in and C_out / shuffle^2
 // multiples of 16, and (in the default "auto" mode) an image large enough for it to pay.
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t shuffle);
 
-// prelu(pixel_shuffle(conv2d(x, weight, bias, 'same'), shuffle), slope) + residual, output in
-// memory format `fmt` (common.h's output_format(x)).
-at::Tensor winograd_conv2d_prelu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                 const std::optional<at::Tensor>& slope, const std::optional<at::Tensor>& residual,
-                                 int64_t shuffle, at::MemoryFormat fmt);
+// prelu(pixel_shuffle(conv2d(x, weight, bias, 'same'), shuffle), slope) + residual (act kPReLU),
+// or conv2d_silu's activation of the conv (kSiLU; kAttention with the skip as `residual`, shuffle
+// 1), output in memory format `fmt` (common.h's output_format(x)).
+at::Tensor winograd_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& slope, const std::optional<at::Tensor>& residual,
+                           int64_t shuffle, at::MemoryFormat fmt, Act act = Act::kPReLU);
 
 }  // namespace fastsr::cpu

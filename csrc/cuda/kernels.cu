@@ -199,6 +199,16 @@ __global__ void squared_error_bwd_kernel(const typename Acc<T>::type* __restrict
 }
 
 template <typename T>
+__global__ void sigmoid_gate_kernel(T* __restrict__ y, const T* __restrict__ skip, int64_t total) {
+  using A = typename Acc<T>::type;
+  FASTSR_GRID_STRIDE(i, total) {
+    const A v = Acc<T>::load(y[i]);
+    const A sig = A(1) / (A(1) + exp(-v));
+    y[i] = Acc<T>::store(skip != nullptr ? (v + Acc<T>::load(skip[i])) * (sig - A(0.5)) : v * sig);
+  }
+}
+
+template <typename T>
 __global__ void to_uint8_kernel(const T* __restrict__ x, uint8_t* __restrict__ out, Shape s) {
   using A = typename Acc<T>::type;
   const int64_t total = s.N * s.C * s.H * s.W;
@@ -234,6 +244,14 @@ cudaError_t shuffle_prelu_forward(DType dtype, const void* x, const void* slope,
     shuffle_prelu_fwd_kernel<T><<<blocks_for(os.N * os.C * os.H * os.W), kThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const A*>(slope), static_cast<const T*>(res), static_cast<T*>(out), in,
         os, r);
+  });
+}
+
+cudaError_t sigmoid_gate(DType dtype, void* y, const void* skip, int64_t numel, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    sigmoid_gate_kernel<T><<<blocks_for(numel), kThreads, 0, stream>>>(static_cast<T*>(y), static_cast<const T*>(skip),
+                                                                        numel);
   });
 }
 

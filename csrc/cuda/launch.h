@@ -25,6 +25,10 @@ struct Shape {
 cudaError_t shuffle_prelu_forward(DType dtype, const void* x, const void* slope, const void* res, void* out,
                                   Shape in, int64_t r, cudaStream_t stream);
 
+// In place over `numel` elements in memory order: y = silu(y), or with skip (same shape and format)
+// y = (y + skip) * (sigmoid(y) - 0.5), SPAN's parameter-free attention.
+cudaError_t sigmoid_gate(DType dtype, void* y, const void* skip, int64_t numel, cudaStream_t stream);
+
 // Backward of shuffle_prelu: grad_x (like x) and, when slope is set, grad_slope_acc (C acc values,
 // zeroed by the caller) accumulates sum(grad * min(x, 0)) per channel.
 cudaError_t shuffle_prelu_backward(DType dtype, const void* grad_out, const void* x, const void* slope, void* grad_x,

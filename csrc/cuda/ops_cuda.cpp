@@ -64,6 +64,23 @@ at::Tensor conv2d_prelu_cuda(const at::Tensor& x, const at::Tensor& weight, cons
   return epilogue(std::move(pre), slope, residual, shuffle, fmt);
 }
 
+at::Tensor conv2d_silu_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& skip) {
+  check_4d(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = output_format(x);
+  at::Tensor y = conv_same(x, weight, bias).contiguous(fmt);  // cuDNN adds the bias
+  at::Tensor s;
+  if (skip) {
+    TORCH_CHECK(skip->sizes() == y.sizes(), "fastsr: skip must have shape ", y.sizes(), ", got ", skip->sizes());
+    s = skip->to(y.scalar_type()).contiguous(fmt);
+  }
+  check(cuda::sigmoid_gate(dtype_of(y), y.mutable_data_ptr(), ptr_or_null(s), y.numel(),
+                           c10::cuda::getCurrentCUDAStream().stream()),
+        "sigmoid_gate");
+  return y;
+}
+
 at::Tensor shuffle_prelu_cuda(const at::Tensor& x, const std::optional<at::Tensor>& slope,
                               const std::optional<at::Tensor>& residual, int64_t r) {
   check_4d(x, "x");
@@ -158,6 +175,7 @@ at::Tensor to_uint8_cuda(const at::Tensor& x) {
 
 TORCH_LIBRARY_IMPL(fastsr, CUDA, m) {
   m.impl("conv2d_prelu", &conv2d_prelu_cuda);
+  m.impl("conv2d_silu", &conv2d_silu_cuda);
   m.impl("shuffle_prelu", &shuffle_prelu_cuda);
   m.impl("shuffle_prelu_backward", &shuffle_prelu_backward_cuda);
   m.impl("mse_per_image", &mse_per_image_cuda);

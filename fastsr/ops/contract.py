@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-OPS = ("conv2d_prelu", "pixel_shuffle_prelu", "mse", "psnr", "to_uint8")
+OPS = ("conv2d_prelu", "conv2d_silu", "pixel_shuffle_prelu", "mse", "psnr", "to_uint8")
 
 
 @runtime_checkable
@@ -26,6 +26,11 @@ class Backend(Protocol):
                      slope: torch.Tensor | None, residual: torch.Tensor | None, shuffle: int) -> torch.Tensor:
         """prelu(pixel_shuffle(conv2d(x, weight, bias, 'same'), shuffle), slope) + residual:
         (N, C_in, H, W) -> (N, C_out / shuffle**2, H * shuffle, W * shuffle); slope None = no activation."""
+
+    def conv2d_silu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    skip: torch.Tensor | None) -> torch.Tensor:
+        """y = conv2d(x, weight, bias, 'same'); silu(y) when skip is None, else SPAN's parameter-free
+        attention (y + skip) * (sigmoid(y) - 0.5): (N, C_in, H, W) -> (N, C_out, H, W)."""
 
     def pixel_shuffle_prelu(self, x: torch.Tensor, slope: torch.Tensor, upscale_factor: int) -> torch.Tensor:
         """prelu(pixel_shuffle(x, r), slope): (N, C r^2, H, W) -> (N, C, H r, W r)."""

@@ -42,6 +42,19 @@ def _check_slope(slope: torch.Tensor, channels: int) -> None:
         raise ValueError(f"slope must have 1 or {channels} elements (one per output channel), got {slope.numel()}")
 
 
+def _check_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shuffle: int = 1) -> None:
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0:
+        raise ValueError(f"weight must be (C_out, C_in, K, K) with odd K, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight expects {weight.shape[1]} input channels but x has {x.shape[1]}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if shuffle < 1 or weight.shape[0] % (shuffle * shuffle):
+        raise ValueError(f"C_out={weight.shape[0]} is not divisible by shuffle**2 = {shuffle * shuffle}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
 def conv2d_prelu(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -62,16 +75,7 @@ def conv2d_prelu(
     """
     _check_image_batch("x", x)
     x, weight, bias, slope, residual = _autocast(x, weight, bias, slope, residual)
-    if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0:
-        raise ValueError(f"weight must be (C_out, C_in, K, K) with odd K, got shape {tuple(weight.shape)}")
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight expects {weight.shape[1]} input channels but x has {x.shape[1]}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
-    if shuffle < 1 or weight.shape[0] % (shuffle * shuffle):
-        raise ValueError(f"C_out={weight.shape[0]} is not divisible by shuffle**2 = {shuffle * shuffle}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    _check_conv(x, weight, bias, shuffle)
     n, _, h, w = x.shape
     out_shape = (n, weight.shape[0] // (shuffle * shuffle), h * shuffle, w * shuffle)
     if slope is not None:
@@ -79,6 +83,32 @@ def conv2d_prelu(
     if residual is not None and tuple(residual.shape) != out_shape:
         raise ValueError(f"residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
     return resolve(backend, x, "conv2d_prelu").conv2d_prelu(x, weight, bias, slope, residual, shuffle)
+
+
+def conv2d_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``y = conv2d(x, weight, bias, stride 1, 'same' padding)``, then ``silu(y) = y * sigmoid(y)``, or
+    with ``skip`` SPAN's parameter-free attention ``(y + skip) * (sigmoid(y) - 0.5)``.
+
+    Both are ``(y + a) * (sigmoid(y) - b)``: (a, b) = (0, 0) for SiLU, (skip, 0.5) for the attention
+    (Wan et al., SPAN: the block's last conv output gates itself plus the block input).
+    Shapes: ``x`` (N, C_in, H, W); ``weight`` (C_out, C_in, K, K) with odd K; ``bias`` (C_out,);
+    ``skip`` and the output (N, C_out, H, W). Output dtype = ``x.dtype``, or the autocast dtype
+    inside ``torch.autocast``.
+    """
+    _check_image_batch("x", x)
+    x, weight, bias, skip = _autocast(x, weight, bias, skip)
+    _check_conv(x, weight, bias)
+    out_shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    if skip is not None and tuple(skip.shape) != out_shape:
+        raise ValueError(f"skip must have the output's shape {out_shape}, got {tuple(skip.shape)}")
+    return resolve(backend, x, "conv2d_silu").conv2d_silu(x, weight, bias, skip)
 
 
 def pixel_shuffle_prelu(

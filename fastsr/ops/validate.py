@@ -5,7 +5,7 @@ runs it on small probes through the same entry point real calls use (for the cpp
 registered ops, so a kernel that is wrong at run time is caught) and compares with the float64
 reference by the tolerance rule (:mod:`.tolerance`). The verdict is cached for the process. The
 probes cover the code paths real models take: a 3x3 conv large enough for the CPU Winograd path,
-with and without a pixel shuffle, the 9x9 head and few-output tail, the pixel shuffle, the
+with and without a pixel shuffle, the 9x9 head and few-output tail, SPAN's SiLU and attention convs, the pixel shuffle, the
 reductions and ``to_uint8``. ``FASTSR_VALIDATE=0`` turns it off (for benchmarking).
 """
 
@@ -27,6 +27,14 @@ CONV_PROBES = [
     (1, 16, 64, 17, 16, 3, 2, True, "channel", False),  # upsample: conv + shuffle 2 + PReLU
     (1, 3, 16, 9, 8, 9, 1, True, "scalar", False),      # 9x9 head
     (1, 16, 3, 9, 8, 9, 1, True, None, False),          # 9x9 tail, few outputs
+]
+
+# (n, C_in, C_out, H, W, k, skip): SPAN's convs, SiLU and attention (Winograd on CPU), and a
+# conv too small for Winograd.
+SILU_PROBES = [
+    (1, 16, 16, 17, 16, 3, False),
+    (1, 16, 16, 17, 16, 3, True),
+    (1, 3, 16, 9, 8, 3, True),
 ]
 
 _lock = threading.Lock()
@@ -55,6 +63,15 @@ def _conv_args(case, device, channels_last: bool, gen: torch.Generator) -> list:
     return [_place(t, device, channels_last) for t in (x, wt, b, s, res)] + [r]
 
 
+def _silu_args(case, device, channels_last: bool, gen: torch.Generator) -> list:
+    n, c_in, c_out, h, w, k, skip = case
+    x = torch.randn(n, c_in, h, w, generator=gen, dtype=torch.float64)
+    wt = torch.randn(c_out, c_in, k, k, generator=gen, dtype=torch.float64) / (c_in * k * k) ** 0.5
+    b = torch.randn(c_out, generator=gen, dtype=torch.float64) * 0.1
+    s = torch.randn(n, c_out, h, w, generator=gen, dtype=torch.float64) if skip else None
+    return [_place(t, device, channels_last) for t in (x, wt, b, s)]
+
+
 def _place(t, device, channels_last: bool):
     if not isinstance(t, torch.Tensor):
         return t
@@ -74,6 +91,8 @@ def probes(op: str, device, channels_last: bool) -> list[list]:
     gen = torch.Generator().manual_seed(0)
     if op == "conv2d_prelu":
         return [_conv_args(c, device, channels_last, gen) for c in CONV_PROBES]
+    if op == "conv2d_silu":
+        return [_silu_args(c, device, channels_last, gen) for c in SILU_PROBES]
     if op == "pixel_shuffle_prelu":
         x = torch.randn(2, 16, 5, 7, generator=gen, dtype=torch.float64)
         return [[_place(x, device, channels_last), (torch.rand(4, generator=gen, dtype=torch.float64) - 0.5).to(device),
