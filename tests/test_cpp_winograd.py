@@ -68,7 +68,10 @@ WINOGRAD_CASES = [
     (1, 64, 256, 16, 16, 3, 2, True, None, True),
     (1, 16, 16, 9, 10, 3, 1, True, "channel", True),     # the smallest channel counts it takes
     (1, 32, 64, 7, 7, 3, 2, True, "channel", False),     # shuffle into 16 channels: 4 sub-pixels a chunk
-    (1, 48, 48, 11, 6, 3, 1, True, "scalar", True),      # chunks of 16 output channels
+    (1, 48, 48, 11, 6, 3, 1, True, "scalar", True),      # one chunk of 48 output channels (SPAN)
+    (1, 32, 96, 9, 7, 3, 1, False, "channel", True),     # two chunks of 48
+    (1, 16, 48, 5, 6, 3, 1, True, None, False),
+    (1, 16, 16 * 9, 3, 5, 3, 3, True, "channel", False),  # shuffle 3 into 16 channels: chunks of 48
 ]
 
 
@@ -126,6 +129,19 @@ def test_srresnet_shapes_take_winograd(auto):
     with torch.inference_mode(), fastsr.use_backend("cpp"):
         model(x)
     assert _calls() - before == 35
+
+
+def test_span_shapes_take_winograd(auto):
+    """SPAN x4 (48 channels) at 32x32 in "auto" mode: its 18 block convs (conv2d_silu, SiLU and
+    attention fused into the output transform), conv_1 (3 inputs: no) and conv_2 run Winograd."""
+    from fastsr.models.span import SPAN
+
+    model = fastsr.optimize(SPAN(scale=4, channels=48).eval())
+    x = fmt(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)), True)
+    before = _calls()
+    with torch.inference_mode(), fastsr.use_backend("cpp"):
+        model(x)
+    assert _calls() - before == 19
 
 
 def test_auto_mode_leaves_tiny_images_to_onednn(auto):

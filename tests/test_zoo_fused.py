@@ -5,6 +5,7 @@
 * RRDBNet's inference form (residual scales in the weights, upsampling folded) equals the plain
   form on odd shapes, scales 1/2/4, both memory formats, on the torch and cpp backends, within
   the 2x-of-PyTorch rule against the float64 plain model;
+* SPAN's blocks as conv2d_silu ops equal the published form, on every backend;
 * ``halo="auto"``: exact for models with small receptive fields whatever the tile; measured for
   a deep RRDBNet, and the tiled output with the measured halo stays within a level of the whole.
 """
@@ -19,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from backends import require_backend
 from tolerance import assert_within_rule, fmt
+from zoo_oracles import span_oracle
 
 import fastsr
 from fastsr.models.compact import SRVGGNetCompact
+from fastsr.models.peers import convert_checkpoint
 from fastsr.models.rrdbnet import RRDBNet
 from fastsr.nn import fold_nearest_upsampling
 from fastsr.pipeline import halo as halo_mod
@@ -93,6 +96,24 @@ def test_compact_optimized_equals_plain(backend):
             ours = fastsr.optimize(copy.deepcopy(plain))(x)
         same = plain(x)
     assert_within_rule("SRVGGNetCompact", ours, ref64, same, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_span_fused_blocks_equal_the_published_form(backend):
+    """SPAN's blocks run as conv2d_silu ops (conv + SiLU, conv + attention) on every backend; the
+    result stays within the rule of the published training-form network in float64. On a CPU the
+    Triton case goes through the interpreter (a small image); cpp's 48-channel convs take Winograd."""
+    require_backend(backend)
+    oracle = span_oracle(4, seed=46)
+    model = convert_checkpoint(oracle.state_dict(), "span.pth")
+    size = (7, 6) if backend == "triton" else (23, 19)
+    x = fmt(torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(4)), backend == "cpp")
+    with torch.no_grad():
+        ref64 = copy.deepcopy(oracle).double()(x.double())
+        same = oracle(x.clone())
+        with fastsr.use_backend(backend):
+            ours = fastsr.optimize(model)(x)
+    assert_within_rule(f"SPAN ({backend})", ours, ref64, same, torch.float32)
 
 
 def _photo(h: int, w: int) -> np.ndarray:

@@ -28,7 +28,8 @@ from zoo_oracles import (
     NewArchRRDBNet,
     OldESRGAN,
     RealESRGANCompact,
-    SPANOracle,
+    randomize,
+    span_oracle,
 )
 
 import fastsr
@@ -43,18 +44,6 @@ from fastsr.models.span import SPAN, merge_conv3xc
 # Helpers
 
 
-@torch.no_grad()
-def randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Random weights and PReLU slopes (not the defaults: they hide bugs), activations of order 1."""
-    g = torch.Generator().manual_seed(seed)
-    for t in model.state_dict().values():
-        if t.dim() == 4:
-            t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel()))
-        elif t.is_floating_point():
-            t.copy_(torch.randn(t.shape, generator=g) * 0.2)
-    return model.eval()
-
-
 def write(state: dict[str, torch.Tensor], path, container: str):
     """``state`` as a bare .pth, inside {"params_ema": ...} as BasicSR writes it, or as safetensors."""
     if container == "safetensors":
@@ -63,17 +52,6 @@ def write(state: dict[str, torch.Tensor], path, container: str):
     raw = {k: torch.zeros_like(v) for k, v in state.items()}  # the EMA weights must win
     torch.save(state if container == "pth" else {"params": raw, "params_ema": state}, path)
     return path
-
-
-@torch.no_grad()
-def span_oracle(scale: int = 4, norm: bool = True, seed: int = 0) -> SPANOracle:
-    """A random SPAN whose first conv undoes the x255 of the input normalisation, as a trained one
-    does: with order-1 features the network is as well conditioned as the real models."""
-    oracle = randomize(SPANOracle(scale, norm=norm), seed)
-    if norm:
-        oracle.conv_1.sk.weight.div_(255)
-        oracle.conv_1.conv[0].weight.div_(255)
-    return oracle
 
 
 def assert_matches(model: nn.Module, oracle: nn.Module, x: torch.Tensor) -> None:

@@ -1,8 +1,8 @@
 """Plain torch oracles of the ESRGAN family, SRVGGNetCompact and SPAN, written from the published
 architectures with the published module names (their state dicts have exactly the published keys).
 
-Used by tests/test_zoo_loading.py (loading each layout) and benchmarks/test_zoo.py (the plain
-modules fastsr is compared with).
+Used by tests/test_zoo_loading.py (loading each layout), tests/test_zoo_fused.py (the fused
+inference forms) and benchmarks/test_zoo.py (the plain modules fastsr is compared with).
 """
 
 from __future__ import annotations
@@ -237,3 +237,31 @@ class SPANOracle(nn.Module):
         out_b6, out_b5_2, _ = self.block_6(out)
         out = self.conv_cat(torch.cat([out_feature, self.conv_2(out_b6), out_b1, out_b5_2], 1))
         return self.upsampler(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Random weights
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Random weights and PReLU slopes (not the defaults: they hide bugs), activations of order 1."""
+    g = torch.Generator().manual_seed(seed)
+    for t in model.state_dict().values():
+        if t.dim() == 4:
+            t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel()))
+        elif t.is_floating_point():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+@torch.no_grad()
+def span_oracle(scale: int = 4, norm: bool = True, seed: int = 0, channels: int = C) -> SPANOracle:
+    """A random SPAN whose first conv undoes the x255 of the input normalisation, as a trained one
+    does: with order-1 features the network is as well conditioned as the real models. The
+    published models have 48 channels; the tests use 8."""
+    oracle = randomize(SPANOracle(scale, c=channels, norm=norm), seed)
+    if norm:
+        oracle.conv_1.sk.weight.div_(255)
+        oracle.conv_1.conv[0].weight.div_(255)
+    return oracle

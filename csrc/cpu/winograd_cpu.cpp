@@ -321,6 +321,7 @@ void run(const float* x, const float* U, const Plan& p, const Epilogue& ep) {
         const float* uk = U + k * p.Cin * p.CW;
         switch (nrv) {
           case 4: gemm_chunk<4 <= kNRV ? 4 : 1>(vt.data(), uk, m.data(), p, rows); break;
+          case 3: gemm_chunk<3 <= kNRV ? 3 : 1>(vt.data(), uk, m.data(), p, rows); break;
           case 2: gemm_chunk<2>(vt.data(), uk, m.data(), p, rows); break;
           default: gemm_chunk<1>(vt.data(), uk, m.data(), p, rows); break;
         }
@@ -364,7 +365,9 @@ at::Tensor winograd_conv2d(const at::Tensor& x, const at::Tensor& weight, const 
   p.N = x.size(0), p.Cin = x.size(1), p.H = x.size(2), p.W = x.size(3), p.Cout = weight.size(0), p.r = shuffle;
   p.C = p.Cout / (p.r * p.r);
   p.TH = (p.H + 1) / 2, p.TW = (p.W + 1) / 2, p.tiles = p.N * p.TH * p.TW;
-  p.CW = p.Cout % 64 == 0 ? 64 : p.Cout % 32 == 0 ? 32 : 16;
+  // Chunks as wide as the register block allows (SPAN's 48 channels: one chunk of 3 AVX-512 vectors,
+  // not three of one, which would load a broadcast per FMA).
+  p.CW = p.Cout % 64 == 0 ? 64 : p.Cout % 48 == 0 ? 48 : p.Cout % 32 == 0 ? 32 : 16;
   p.chunks = p.Cout / p.CW;
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor xin = channels_adjacent(x) ? x : x.contiguous(cl);

@@ -3,7 +3,8 @@
 The published model trains every 3x3 conv as a ``Conv3XC``: a 1x1 skip conv ``sk`` plus a
 1x1 -> 3x3 -> 1x1 chain ``conv.0/1/2`` applied to the zero-padded input, and keeps an
 ``eval_conv`` that its eval mode refreshes from them. All of it is linear, so here each Conv3XC
-is one 3x3 :class:`~fastsr.nn.ConvPReLU`, its weights merged from ``sk`` and ``conv.*`` on loading
+is one 3x3 conv (:class:`~fastsr.nn.ConvPReLU`, or :class:`~fastsr.nn.ConvSiLU` inside the blocks,
+where SiLU and the attention are fused into it), its weights merged from ``sk`` and ``conv.*`` on loading
 by :func:`merge_conv3xc`; ``eval_conv`` is never read (a training checkpoint may hold a stale one).
 
 Module names follow the published ones (``conv_1``, ``block_N.c{1,2,3}_r``, ``conv_2``,
@@ -15,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..nn import ConvPReLU
+from ..nn import ConvPReLU, ConvSiLU
 
 NUM_BLOCKS = 6
 # The published normalisation: (x - rgb_mean) * img_range before the first conv, and no
@@ -53,18 +53,20 @@ class SPAB(nn.Module):
     """Swift parameter-free attention block: three 3x3 convs with SiLU between them; the last
     conv's output ``y`` gates ``y + x`` by ``sigmoid(y) - 0.5``. Returns that and the first
     conv's SiLU-activated output (the published block applies SiLU in place, so the "first conv
-    output" it hands to ``conv_cat`` is already activated)."""
+    output" it hands to ``conv_cat`` is already activated).
+
+    Three fused ops (:func:`fastsr.functional.conv2d_silu`): conv + SiLU twice, then conv + the
+    attention, which reads the block input as its skip."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.c1_r = ConvPReLU(channels, channels, 3, activation=None)
-        self.c2_r = ConvPReLU(channels, channels, 3, activation=None)
-        self.c3_r = ConvPReLU(channels, channels, 3, activation=None)
+        self.c1_r = ConvSiLU(channels, channels, 3)
+        self.c2_r = ConvSiLU(channels, channels, 3)
+        self.c3_r = ConvSiLU(channels, channels, 3)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        first = F.silu(self.c1_r(x))
-        y = self.c3_r(F.silu(self.c2_r(first)))
-        return (y + x) * (torch.sigmoid(y) - 0.5), first
+        first = self.c1_r(x)
+        return self.c3_r(self.c2_r(first), skip=x), first
 
 
 class SPAN(nn.Module):
