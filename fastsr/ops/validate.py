@@ -5,8 +5,8 @@ runs it on small probes through the same entry point real calls use (for the cpp
 registered ops, so a kernel that is wrong at run time is caught) and compares with the float64
 reference by the tolerance rule (:mod:`.tolerance`). The verdict is cached for the process. The
 probes cover the code paths real models take: a 3x3 conv large enough for the CPU Winograd path,
-with and without a pixel shuffle, the 9x9 head and few-output tail, SPAN's SiLU and attention convs, the pixel shuffle, the
-reductions and ``to_uint8``. ``FASTSR_VALIDATE=0`` turns it off (for benchmarking).
+with and without a pixel shuffle, the 9x9 head and few-output tail, SPAN's SiLU and attention
+convs, the pixel shuffle, the reductions and ``to_uint8``. ``FASTSR_VALIDATE=0`` turns it off (for benchmarking).
 """
 
 from __future__ import annotations
