@@ -14,6 +14,8 @@ The patterns of :func:`fuse`, each replaced by one :class:`FusedConv2d` (a :clas
 
     [nearest x2] -> Conv2d -> [BatchNorm2d] -> [PixelShuffle] -> [PReLU | ReLU | LeakyReLU] -> [* c] -> [+ skip]
 
+or by one :class:`fastsr.nn.ConvSiLU` (one ``conv2d_silu`` call): Conv2d -> [BatchNorm2d] -> SiLU.
+
 Conv2d must be stride 1, dilation 1, groups 1, zero 'same' padding with an odd square kernel.
 BatchNorm is folded with its running statistics (eval-mode semantics: the fused model is for
 inference and is returned in eval mode). A multiplication by a positive constant (EDSR/BasicSR's
@@ -43,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .nn import ConvPReLU, fold_batchnorm, fold_nearest_upsampling
+from .nn import ConvPReLU, ConvSiLU, fold_batchnorm, fold_nearest_upsampling
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,8 @@ class _Chain:
     def set_activation(self, kind: str, slope: torch.Tensor | float) -> bool:
         if kind == "prelu" and slope.numel() not in (1, self.out_channels):
             return False
+        if kind == "silu" and self.shuffle != 1:  # conv2d_silu has no pixel shuffle
+            return False
         self.activation = kind
         if kind == "prelu":
             self.slope = slope
@@ -110,7 +114,7 @@ class _Chain:
         return True
 
     @torch.no_grad()
-    def build(self) -> FusedConv2d:
+    def build(self) -> FusedConv2d | ConvSiLU:
         conv = self.conv
         weight = conv.weight.detach().double()
         bias = None if conv.bias is None else conv.bias.detach().double()
@@ -123,6 +127,13 @@ class _Chain:
         if self.nearest_x2:
             weight, bias = fold_nearest_upsampling(weight, bias)
             shuffle = 2
+        if self.activation == "silu":
+            fused = ConvSiLU(conv.in_channels, weight.shape[0], conv.kernel_size[0], bias=bias is not None)
+            fused.to(conv.weight.device, conv.weight.dtype)
+            fused.conv.weight.copy_(weight)
+            if bias is not None:
+                fused.conv.bias.copy_(bias)
+            return fused.eval()
         num_slopes = 1 if self.slope is None else self.slope.numel()
         fused = FusedConv2d(conv.in_channels, weight.shape[0], conv.kernel_size[0], bias=bias is not None,
                             activation=self.activation, shuffle=shuffle, num_slopes=num_slopes,
@@ -143,11 +154,12 @@ class _Chain:
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # fastsr's own layers are already fused; their forward dispatches to backends fx cannot trace.
-        return isinstance(m, ConvPReLU) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (ConvPReLU, ConvSiLU)) or super().is_leaf_module(m, qualname)
 
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
 _LEAKY_FUNCTIONS = (F.leaky_relu, F.leaky_relu_)
+_SILU_FUNCTIONS = (F.silu, torch.nn.functional.silu)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
 
@@ -179,6 +191,8 @@ def _match_activation(node: fx.Node, prev: fx.Node, modules: dict, chain: _Chain
         return False
     if _is_call(node, _RELU_FUNCTIONS, ("relu", "relu_")):
         return len(node.args) <= 2 and chain.set_activation("relu", 0.0)  # (x) or (x, inplace)
+    if _is_call(node, _SILU_FUNCTIONS, ()):
+        return len(node.args) <= 2 and not node.kwargs.keys() - {"inplace"} and chain.set_activation("silu", 0.0)
     if _is_call(node, _LEAKY_FUNCTIONS, ()):
         slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
         return isinstance(slope, numbers.Real) and chain.set_activation("leaky_relu", slope)
@@ -226,6 +240,8 @@ def _match_chain(conv_node: fx.Node, modules: dict, calls: Counter) -> tuple[_Ch
     if node is not None and _match_activation(node, nodes[-1], modules, chain):
         nodes.append(node)
         node = _sole_user(node)
+    if chain.activation == "silu":  # silu(c z) != c silu(z), and conv2d_silu adds no residual
+        return chain, nodes, None
     if node is not None and _is_call(node, _MUL_FUNCTIONS, ("mul", "mul_")):
         c = _other_operand(node, nodes[-1])
         if isinstance(c, numbers.Real) and not isinstance(c, bool) and (c > 0 or chain.activation is None):
@@ -262,7 +278,8 @@ def _fuse_graph(gm: fx.GraphModule) -> int:
             continue
         chain, nodes, residual = _match_chain(node, modules, calls)
         source = node.args[0]
-        upsampling = source if chain.shuffle == 1 and chain.conv.kernel_size == (3, 3) else None
+        upsampling = (source if chain.shuffle == 1 and chain.conv.kernel_size == (3, 3) and chain.activation != "silu"
+                      else None)
         if _nearest_x2_node(upsampling, modules, calls) and _sole_user(upsampling) is node:
             chain.nearest_x2, source = True, upsampling.args[0]
             nodes.insert(0, upsampling)
@@ -296,6 +313,8 @@ def _activation_module(m: nn.Module, chain: _Chain) -> bool:
         return chain.set_activation("relu", 0.0)
     if type(m) is nn.LeakyReLU:
         return chain.set_activation("leaky_relu", m.negative_slope)
+    if type(m) is nn.SiLU:
+        return chain.set_activation("silu", 0.0)
     return False
 
 
@@ -322,7 +341,7 @@ def _fuse_sequential(seq: nn.Sequential) -> int:
                 j += 1
         if j < len(layers) and _activation_module(layers[j], chain):
             j += 1
-        if upsampled and chain.shuffle == 1:
+        if upsampled and chain.shuffle == 1 and chain.activation != "silu":
             chain.nearest_x2 = True
             seq[i - 1] = nn.Identity()
         seq[i] = chain.build()
@@ -343,7 +362,7 @@ def _check_no_lost_updates(graph: fx.Graph) -> None:
 
 
 def _fuse_module(m: nn.Module, name: str) -> tuple[nn.Module, int]:
-    if isinstance(m, ConvPReLU):
+    if isinstance(m, (ConvPReLU, ConvSiLU)):
         return m, 0
     if _plain_conv(m):
         return _Chain(m).build(), 1

@@ -313,6 +313,43 @@ def test_fuse_functional_forms_multiplier_and_broadcast_skip():
         assert_close_to_reference(fused_in_place(x), in_place, x)
 
 
+class _SiLUNet(nn.Module):
+    """Conv -> SiLU (functional), Conv -> BN -> SiLU (modules), and conv -> shuffle -> SiLU, which
+    conv2d_silu cannot take (it has no shuffle): that one stays a plain fused conv + F.silu."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, C, 3, padding=1)
+        self.b = nn.Conv2d(C, C, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(C)
+        self.act = nn.SiLU()
+        self.up = nn.Conv2d(C, 4 * C, 3, padding=1)
+
+    def forward(self, x):
+        y = F.silu(self.a(x))
+        y = self.act(self.bn(self.b(y))) + y
+        return F.silu(F.pixel_shuffle(self.up(y), 2))
+
+
+def test_fuse_conv_silu_patterns():
+    from fastsr.nn import ConvSiLU
+
+    model = randomize(_SiLUNet(), 16)
+    fused = fastsr.fuse(model)
+    silu = {name for name, m in fused.named_modules() if type(m) is ConvSiLU}
+    assert silu == {"a", "b"}
+    assert isinstance(fused.up, FusedConv2d) and fused.up.shuffle == 2 and fused.up.activation is None
+    x = torch.rand(2, 3, 7, 9)
+    for backend in ("torch", "cpp"):
+        with fastsr.use_backend(backend), torch.no_grad():
+            assert_close_to_reference(fused(x), model, x)
+    seq = randomize(nn.Sequential(nn.Conv2d(3, C, 3, padding=1), nn.SiLU(), nn.Conv2d(C, 3, 3, padding=1)), 17)
+    fused_seq = fastsr.fuse(seq)
+    assert type(fused_seq[0]) is ConvSiLU and isinstance(fused_seq[1], nn.Identity)
+    with fastsr.use_backend("torch"), torch.no_grad():
+        assert_close_to_reference(fused_seq(x), seq, x)
+
+
 def test_fuse_keeps_fastsr_models_and_float64():
     model = fastsr.SRResNet(scale=2, num_blocks=2, channels=C).eval()
     randomize(model, 2)
