@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
 import fastsr
@@ -128,6 +129,31 @@ def test_the_model_is_loaded_once(tmp_path, tiny_model_file, monkeypatch):
     summary = upscale_folder(src, tmp_path / "out", str(tiny_model_file), progress=False)
     assert len(summary.upscaled) == 3 and not summary.failed and not summary.skipped
     assert len(calls) == 1
+
+
+def test_a_deep_model_measures_its_halo_once_per_folder(tmp_path, monkeypatch, caplog):
+    """halo="auto" with a deep model (receptive field past the exact limit) measures an effective
+    halo on the first image larger than a tile, and every later file uses that value."""
+    from fastsr.models.rrdbnet import RRDBNet
+    from fastsr.pipeline import halo as halo_mod
+
+    model = RRDBNet(num_blocks=9, channels=8, growth=4).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * (0.5 / p[0].numel() ** 0.5))
+    measured, real = [], halo_mod.measure_halo
+    monkeypatch.setattr(halo_mod, "measure_halo", lambda up, h, w, rd: measured.append((h, w)) or real(up, h, w, rd))
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(image(0, size=12)).save(src / "a_small.png")  # fits one tile: nothing to measure
+    for name in ("b.png", "c.png", "d.png"):
+        Image.fromarray(image(len(name), size=40)).save(src / name)
+    with caplog.at_level(logging.WARNING, logger="fastsr"):
+        summary = upscale_folder(src, tmp_path / "out", model, tile=16, progress=False)
+    assert len(summary.upscaled) == 4 and not summary.failed
+    assert measured == [(40, 40)]
+    notes = [r.getMessage() for r in caplog.records if "measured on the image" in r.getMessage()]
+    assert len(notes) == 1 and "the other files of the folder use it too" in notes[0]
 
 
 def test_a_crash_on_one_file_is_exit_1_and_the_others_are_done(tmp_path, tiny_model_file, monkeypatch, caplog):

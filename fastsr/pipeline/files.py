@@ -34,7 +34,7 @@ from ..ops.dispatch import get_backend
 from ..tiling import TilePlan
 from .assemble import Assembler, Output, SpaceWatch, TileTracker, finish
 from .engine import UpscaleError, Upscaler, model_digest, resolve_device
-from .halo import pick_halo, plan_for, source_reader
+from .halo import HaloChoice, pick_halo, plan_for, source_reader
 from .memory import tile_size
 from .resume import WorkDir, interrupted_header, output_lock, work_path
 from .stream import run_batches, writer_threads
@@ -120,7 +120,9 @@ def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, 
         raise UpscaleError(f"batch size must be >= 1, got {batch_size}")
     tile = tile_size(tile, source.height, source.width)
     shape = {"height": source.height, "width": source.width, "channels": source.channels, "tile": tile}
-    stored = (interrupted_header(dst) or {}).get("halo") if resume and halo in ("auto", None) else None
+    # A run resumed with "auto" (or a folder's halo measured on another file) keeps the halo it started with.
+    keeps_stored = resume and (halo in ("auto", None) or isinstance(halo, HaloChoice))
+    stored = (interrupted_header(dst) or {}).get("halo") if keeps_stored else None
     if stored is None and dist.world_size > 1:
         stored = _halo_of_rank_0(up, halo, source, shape, dist)
     plan = plan_for(up, halo=halo, border=border, read=source_reader(source), stored_halo=stored, **shape)

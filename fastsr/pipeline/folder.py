@@ -15,13 +15,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch import nn
-
 from .. import imageio
 from ..errors import BackendUnavailableError, UserError
 from ..imageio import PILLOW_SUFFIXES, TIFF_SUFFIXES
+from ..tiling import align_up
+from . import halo as halo_mod
 from .engine import Upscaler
 from .files import upscale_file
+from .memory import tile_size
 from .resume import work_path
 
 log = logging.getLogger("fastsr")
@@ -118,7 +119,7 @@ def upscale_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, model
     summary = FolderSummary(dst_dir, skipped=[src for src, dst in pairs if os.path.lexists(dst)])
     todo = [(src, dst) for src, dst in pairs if not os.path.lexists(dst)]
     dst_dir.mkdir(parents=True, exist_ok=True)
-    _run(todo, up.source, up.scale, settings, progress, summary)
+    _run(todo, up, settings, progress, summary)
     return summary
 
 
@@ -156,7 +157,7 @@ def _plan(src_dir: Path, dst_dir: Path, fmt: str | None) -> list[tuple[Path, Pat
     return pairs
 
 
-def _run(todo: list[tuple[Path, Path]], net: nn.Module, scale: int, settings: dict, progress: bool,
+def _run(todo: list[tuple[Path, Path]], up: Upscaler, settings: dict, progress: bool,
          summary: FolderSummary) -> None:
     """Each file in turn under one progress bar; failures are logged (above the bar) and recorded."""
     from tqdm import tqdm
@@ -166,10 +167,10 @@ def _run(todo: list[tuple[Path, Path]], net: nn.Module, scale: int, settings: di
     with tqdm(total=len(todo), unit="file", disable=not progress, dynamic_ncols=True) as bar, \
             logging_redirect_tqdm():
         for src, dst in todo:
-            failure = _upscale_one(src, dst, net, settings)
+            failure = _upscale_one(src, dst, up, settings)
             if failure is None:
                 summary.upscaled.append(src)
-                pixels += _input_pixels(src) * scale ** 2
+                pixels += _input_pixels(src) * up.scale ** 2
             else:
                 summary.failed.append(failure)
                 log.error("error: %s: %s", src, failure.reason)
@@ -179,12 +180,13 @@ def _run(todo: list[tuple[Path, Path]], net: nn.Module, scale: int, settings: di
                 bar.set_postfix_str(f"{tqdm.format_sizeof(pixels)}px out, {tqdm.format_sizeof(rate)}px/s")
 
 
-def _upscale_one(src: Path, dst: Path, net: nn.Module, settings: dict) -> Failure | None:
+def _upscale_one(src: Path, dst: Path, up: Upscaler, settings: dict) -> Failure | None:
     """One file; its failure, or None. A backend that cannot run is no fault of the file and stops
     the run (every file would fail the same way), as does Ctrl-C (not an Exception)."""
     created = _make_parents(dst)
     try:
-        upscale_file(src, dst, net, **_for_file(dst, settings))
+        _measure_halo_once(src, up, settings)
+        upscale_file(src, dst, up.source, **_for_file(dst, settings))
     except BackendUnavailableError:
         raise
     except Exception as exc:
@@ -192,6 +194,22 @@ def _upscale_one(src: Path, dst: Path, net: nn.Module, settings: dict) -> Failur
             _remove_if_empty(folder)
         return Failure(src, _reason(exc, src), isinstance(exc, UserError))
     return None
+
+
+def _measure_halo_once(src: Path, up: Upscaler, settings: dict) -> None:
+    """``halo="auto"`` with a deep model measures an effective halo on the image, tens of seconds on
+    a CPU (:mod:`.halo`). A folder measures once, on the first image larger than a tile, and hands
+    that choice to every later file (``settings["halo"]`` becomes it); a file resumed from an
+    interrupted run keeps the halo it started with."""
+    if settings["halo"] not in ("auto", None) or not halo_mod.measures(up, settings["tile"] or 0):
+        return
+    with imageio.open_image(src) as source:
+        tile = align_up(tile_size(settings["tile"], source.height, source.width), up.align)
+        choice = halo_mod.choose_halo(up, "auto", height=source.height, width=source.width,
+                                      channels=source.channels, tile=tile, read=halo_mod.source_reader(source))
+    if choice.how == "measured":  # else the image fits in one tile: there was nothing to measure
+        settings["halo"] = halo_mod.HaloChoice(choice.halo, f"measured on {src.name}", choice.radius)
+        log.warning("%s; the other files of the folder use it too (--halo N sets one)", choice.describe())
 
 
 def _for_file(dst: Path, settings: dict) -> dict:

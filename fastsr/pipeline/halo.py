@@ -51,7 +51,8 @@ Reader = Callable[[int, int, int, int], torch.Tensor]
 
 @dataclass(frozen=True)
 class HaloChoice:
-    """The halo a run uses and why: ``how`` is "given", "exact", "whole image" or "measured"."""
+    """The halo a run uses and why: ``how`` is "given", "exact", "whole image", "measured" or
+    "measured on NAME" (on another image of the same folder run, which measures once)."""
 
     halo: int
     how: str
@@ -108,17 +109,27 @@ def choose_halo(up: Upscaler, requested: int | str | None, *, height: int, width
                 read: Reader) -> HaloChoice:
     """The halo for a run over a ``height`` x ``width`` image in tiles of ``tile``; see the module doc.
 
-    ``requested``: "auto"/None, or a number of pixels (checked; a warning below the radius).
+    ``requested``: "auto"/None, a number of pixels (checked; a warning below the radius), or a
+    HaloChoice made earlier (a folder's measured halo), which is kept.
     """
+    if isinstance(requested, HaloChoice):
+        return requested
     exact = align_up(max(up.radius, 2 if channels in (2, 4) else 0), up.align)  # bicubic alpha needs 2
     if requested not in ("auto", None):
         return HaloChoice(align_up(up.halo(requested, channels), up.align), "given", exact)
     if tile >= max(height, width):
         return HaloChoice(exact, "whole image", exact)
-    if window_area(max(tile, AFFORDABLE_TILE), exact) <= AFFORDABLE_AREA:
+    if not measures(up, tile, channels):
         return HaloChoice(exact, "exact", exact)
     measured = align_up(max(measure_halo(up, height, width, read), 2 if channels in (2, 4) else 0), up.align)
     return HaloChoice(measured, "measured", exact)
+
+
+def measures(up: Upscaler, tile: int, channels: int = 3) -> bool:
+    """Whether ``"auto"`` measures a halo for this model at ``tile`` (on images larger than a tile):
+    the exact radius would cost more than :data:`AFFORDABLE_AREA` x the tiles."""
+    exact = align_up(max(up.radius, 2 if channels in (2, 4) else 0), up.align)
+    return window_area(max(align_up(tile, up.align), AFFORDABLE_TILE), exact) > AFFORDABLE_AREA
 
 
 def probe_cores(height: int, width: int, context: int) -> list[tuple[int, int]]:
