@@ -136,6 +136,25 @@ class ConvSiLU(nn.Module):
         return ops.conv2d_silu(x, self.conv.weight.to(x.dtype), bias, skip)
 
 
+class BicubicDownscale(nn.Module):
+    """Bicubic resize by ``factor`` < 1 (``F.interpolate``, A = -0.75, no antialiasing, edge pixels
+    repeated): the output resize of Real-ESRGAN's x2/x3 ncnn models, whose network is x4.
+
+    (N, C, H, W) -> (N, C, H * factor, W * factor); ``factor`` must make those whole numbers for
+    the sizes it is used on. Each output pixel reads 4 x 4 input pixels within 2 of its mapped
+    position, which tiling counts as a 5 x 5 convolution (:mod:`fastsr.tiling`).
+    """
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        if not 0 < factor < 1:
+            raise ValueError(f"BicubicDownscale needs a factor in (0, 1), got {factor}")
+        self.factor = float(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=self.factor, mode="bicubic", align_corners=False)
+
+
 class ResidualBlock(nn.Module):
     """SRGAN residual block: conv3x3 (no bias) - BN - PReLU - conv3x3 (no bias) - BN, + skip."""
 

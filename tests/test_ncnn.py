@@ -4,6 +4,7 @@ loaded as fastsr models, with ncnn itself (its Python binding, fp32 on the CPU) 
 No skips: both packages are in the ``dev`` extra, so a missing one is a failure.
 """
 
+import copy
 import shutil
 import struct
 import sys
@@ -14,7 +15,6 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-import torch.nn.functional as F
 
 import fastsr
 from fastsr.cli import main as cli_main
@@ -122,15 +122,42 @@ def test_published_model_matches_ncnn(name, photo, one_thread):
     np.testing.assert_allclose(out, expected, rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("name, factor", [("realesr-animevideov3-x2", 0.5), ("realesr-animevideov3-x3", 0.75)])
-def test_animevideov3_x2_x3_are_the_x4_network_and_a_resize_and_are_refused(name, factor, photo, one_thread):
-    with pytest.raises(ModelFileError, match=rf"SRVGGNetCompact x4 network .* \(bicubic x{factor}\)") as info:
-        fastsr.load_model(published(name))
+@pytest.mark.parametrize("name, scale", [("realesr-animevideov3-x2", 2), ("realesr-animevideov3-x3", 3)])
+def test_animevideov3_x2_x3_are_the_x4_network_and_a_bicubic_downscale(name, scale, photo, one_thread):
+    model = fastsr.load_model(published(name))
+    assert type(model) is SRVGGNetCompact and model.scale == scale
+    assert model.config["scale"] == 4 and model.config["output_scale"] == scale
+    assert_same_weights(model, fastsr.load_model(published("realesr-animevideov3-x4")))  # one .bin for all three
+    expected = run_ncnn(published(name), photo)
+    out = run_fastsr(model, photo)
+    assert out.shape == expected.shape == (3, 21 * scale, 19 * scale)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=ATOL)
+
+
+def test_x3_tiles_like_the_whole_image(photo):
+    """The bicubic downscale counts in the receptive field (18 + 1): tiles of an x3 run equal the whole."""
+    from fastsr.pipeline.memory import upscale_image
+    from fastsr.tiling import receptive_field
+
+    model = fastsr.load_model(published("realesr-animevideov3-x3"))
+    assert receptive_field(model) == 19
+    x = torch.from_numpy(photo)[None]
+    with torch.no_grad(), fastsr.use_backend("torch"):
+        whole = upscale_image(x, copy.deepcopy(model), tile=64, backend="torch")
+        tiled = upscale_image(x, copy.deepcopy(model), tile=8, backend="torch")
+    assert tiled.shape == (1, 3, 63, 57)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+
+
+def test_another_output_resize_is_refused_in_one_line(tmp_path):
+    """Only a bicubic downscale to a whole scale is read: a bilinear one is refused, saying what it is."""
+    param = copy_model(published("realesr-animevideov3-x2"), tmp_path)
+    lines = param.read_text().splitlines()
+    lines[-1] = lines[-1].replace(" 0=3 ", " 0=2 ")  # the last Interp: bicubic -> bilinear
+    param.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ModelFileError, match=r"SRVGGNetCompact x4 network .* \(bilinear x0\.5\)") as info:
+        fastsr.load_model(param)
     one_line(str(info.value))
-    # What the message says is true: the x4 model, then torch's bicubic (ncnn's: no antialias).
-    x4 = fastsr.load_model(published("realesr-animevideov3-x4"))
-    out = F.interpolate(torch.from_numpy(run_fastsr(x4, photo))[None], scale_factor=factor, mode="bicubic")
-    np.testing.assert_allclose(out[0].numpy(), run_ncnn(published(name), photo), rtol=0, atol=ATOL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,10 +181,13 @@ def test_convert_command(tmp_path, capsys):
     assert_same_weights(fastsr.load_model(dst), fastsr.load_model(published("realesr-animevideov3-x4")))
 
 
-def test_convert_command_refuses_x2_in_one_line(tmp_path, capsys):
-    assert cli_main(["convert", str(published("realesr-animevideov3-x2")), str(tmp_path / "x2.safetensors")]) == 2
-    assert "no output resize" in one_line(capsys.readouterr().err)
-    assert not (tmp_path / "x2.safetensors").exists()
+def test_convert_command_keeps_the_output_scale(tmp_path, photo, one_thread):
+    dst = tmp_path / "x2.safetensors"
+    assert cli_main(["convert", str(published("realesr-animevideov3-x2")), str(dst)]) == 0
+    converted = fastsr.load_model(dst)
+    assert converted.scale == 2 and converted.config["output_scale"] == 2
+    np.testing.assert_array_equal(run_fastsr(converted, photo),
+                                  run_fastsr(fastsr.load_model(published("realesr-animevideov3-x2")), photo))
 
 
 def test_upscale_command_with_an_ncnn_model(tmp_path, photo, one_thread):

