@@ -1,6 +1,6 @@
 """The ``cpp`` backend (C++ extension) vs PyTorch eager vs ``torch.compile``, in one run.
 
-Each op on SRResNet-sized CPU inputs (fp32, channels_last), and the whole SRResNet x4 forward
+Each op on SRResNet-sized CPU inputs (fp32, channels_last; conv2d_silu on SPAN's), and the whole SRResNet x4 forward
 (fp32, channels_last weights, eval, ``inference_mode``) on 128x128 and 256x256 inputs given as
 NCHW (what users pass) and as channels_last:
 
@@ -99,6 +99,22 @@ def test_conv2d_prelu(benchmark, case, impl):
     flops = 2 * c_out * c_in * k * k * h * w
     _time(benchmark, fn, (x, weight, bias, slope, residual), rounds=5 if h * w <= 128 * 128 else 3,
           info={"impl": impl, "case": case, "gflop": flops / 1e9})
+    benchmark.extra_info["tflop_per_s"] = flops / 1e12 / benchmark.stats.stats.mean
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("attention", [False, True], ids=["silu", "attention"])
+def test_conv2d_silu(benchmark, attention, impl):
+    """SPAN's block convs: 3x3, 48 -> 48 channels at 128x128, + SiLU or + the parameter-free attention."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 48, 128, 128, generator=g).to(DEVICE).contiguous(memory_format=CL)
+    weight = (torch.randn(48, 48, 3, 3, generator=g) / (48 * 9) ** 0.5).to(DEVICE).contiguous(memory_format=CL)
+    bias = torch.randn(48, generator=g).to(DEVICE) * 0.1
+    skip = x if attention else None
+    fn = _impl(impl, lambda *a: ops.conv2d_silu(*a, backend="cpp"), ref.conv2d_silu)
+    benchmark.group = f"conv2d_silu-3x3_48-{'attention' if attention else 'silu'}-128x128"
+    flops = 2 * 48 * 48 * 9 * 128 * 128
+    _time(benchmark, fn, (x, weight, bias, skip), rounds=10, info={"impl": impl, "gflop": flops / 1e9})
     benchmark.extra_info["tflop_per_s"] = flops / 1e12 / benchmark.stats.stats.mean
 
 
