@@ -131,6 +131,29 @@ def test_original_esrgan_old_architecture(tmp_path, container, scale):
         assert_round_trips(model, tmp_path, X)
 
 
+@pytest.mark.parametrize("make,name", [
+    (lambda: OldESRGAN(1), "1x_community.pth"), (lambda: OldESRGAN(2), "2x.pth"),
+    (lambda: NewArchRRDBNet(2), "BSRGANx2.pth")], ids=["old-x1", "old-x2", "bsrgan-x2"])
+def test_plain_x1_x2_rrdbnets(tmp_path, make, name):
+    """1x / 2x RRDBNets without Real-ESRGAN's pixel-unshuffle (the community 1x ESRGAN models,
+    BSRGANx2): 0 / 1 upsampling convs, any input size, tiles like the whole image."""
+    from fastsr.pipeline.memory import upscale_image
+
+    oracle = randomize(make(), seed=16)
+    torch.save(oracle.state_dict(), tmp_path / name)
+    model = load_model(tmp_path / name)
+    scale = 1 if name.startswith("1x") else 2
+    assert type(model) is RRDBNet and model.config["scale"] == scale and model.config["unshuffle"] == 1
+    assert model.input_alignment == 1
+    assert_matches(model, oracle, torch.rand(1, 3, 13, 11))
+    assert_round_trips(model, tmp_path, X)
+    x = torch.rand(1, 3, 29, 23)
+    with torch.no_grad(), fastsr.use_backend("torch"):
+        whole = model(x)
+        tiled = upscale_image(x, copy.deepcopy(model), tile=8, backend="torch", border="zero")
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+
+
 def test_original_esrgan_layout_of_an_unshuffled_x2(tmp_path):
     oracle = randomize(OldESRGAN(2, unshuffle=2), seed=15)
     torch.save(oracle.state_dict(), tmp_path / "x2.pth")
@@ -296,7 +319,7 @@ def test_unrelated_keys(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("oracle,match", [
-    (lambda: NewArchRRDBNet(2), r"BSRGAN/RealSR/ESRGAN new-architecture checkpoint: 1 upsampling convs"),
+    (lambda: NewArchRRDBNet(16), r"BSRGAN/RealSR/ESRGAN new-architecture checkpoint: 4 upsampling convs"),
     (lambda: OldESRGAN(4, plus=True), r"original ESRGAN checkpoint: ESRGAN\+"),
 ])
 def test_variants_fastsr_does_not_build(tmp_path, monkeypatch, oracle, match):
@@ -341,17 +364,17 @@ def install_fake_spandrel(monkeypatch, build) -> FakeSpandrel:
 
 
 def test_spandrel_loads_what_fastsr_does_not_build(tmp_path, monkeypatch, capsys):
-    oracle = randomize(NewArchRRDBNet(2), seed=60)  # BSRGANx2: one upsampling conv
-    fake = install_fake_spandrel(monkeypatch, lambda: NewArchRRDBNet(2))
+    oracle = randomize(NewArchRRDBNet(16), seed=60)  # four upsampling convs: x16
+    fake = install_fake_spandrel(monkeypatch, lambda: NewArchRRDBNet(16))
     state = {f"module.{k}": v for k, v in oracle.state_dict().items()}
-    torch.save({"params_ema": state}, tmp_path / "BSRGANx2.pth")
-    model = load_model(tmp_path / "BSRGANx2.pth")
+    torch.save({"params_ema": state}, tmp_path / "BSRGANx16.pth")
+    model = load_model(tmp_path / "BSRGANx16.pth")
     assert type(model) is NewArchRRDBNet and not model.training
     assert set(fake.states[0]) == set(oracle.state_dict())  # the unwrapped tensors, prefixes removed
     with torch.no_grad():
         torch.testing.assert_close(model(X), oracle(X), rtol=0, atol=0)
     # a spandrel module has no fastsr model file
-    assert cli_main(["convert", str(tmp_path / "BSRGANx2.pth"), str(tmp_path / "out.safetensors")]) == 2
+    assert cli_main(["convert", str(tmp_path / "BSRGANx16.pth"), str(tmp_path / "out.safetensors")]) == 2
     assert "spandrel loaded it as NewArchRRDBNet" in capsys.readouterr().err
 
 

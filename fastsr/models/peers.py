@@ -12,11 +12,12 @@ Known formats (detected from the state-dict keys, in this order; sizes and scale
 * ``esrgan`` - original ESRGAN (old architecture, a flattened ``model`` Sequential):
   ``model.0`` (conv_first), ``model.1.sub.N.RDBK.convJ.0`` (blocks), ``model.1.sub.<N blocks>``
   (conv_body), upsampling convs at ``model.3``, ``model.6`` (, ``model.9`` for x8) after their
-  nearest x2 upsamplings, then the HR conv and the last conv two and four places after the last
-  of them (``model.8``, ``model.10`` for x4) -> RRDBNet x4/x8 (and pixel-unshuffled x1/x2).
+  nearest x2 upsamplings (none for 1x models, one for 2x), then the HR conv and the last conv two
+  and four places after the last of them (``model.8``, ``model.10`` for x4) -> RRDBNet x1/x2/x4/x8
+  (and pixel-unshuffled x1/x2).
 * ``esrgan_new`` - BSRGAN / RealSR / ESRGAN "new architecture": ``conv_first``,
   ``RRDB_trunk.N.RDBK.convJ``, ``trunk_conv``, ``upconv1``, ``upconv2``, ``HRconv``, ``conv_last``
-  -> RRDBNet x4.
+  -> RRDBNet x4 (BSRGANx2, with ``upconv1`` only: x2).
 * ``basicsr`` - BasicSR's MSRResNet: ``conv_first``, ``body.N.conv1/conv2``, ``upconv1``, ``upconv2``,
   ``conv_hr``, ``conv_last``; x2/x3/x4 -> :class:`~fastsr.models.variants.MSRResNet`. Detected
   after the RRDB layouts and by ``body.0.conv1`` as well, so a BSRGAN file (which also has
@@ -36,12 +37,12 @@ Known formats (detected from the state-dict keys, in this order; sizes and scale
 
 Other architectures load through `spandrel <https://github.com/chaiNNer-org/spandrel>`_ when it is
 installed (the ``spandrel`` extra): a checkpoint that no format above matches, or that matches one
-in a variant fastsr does not build (an x2 RRDBNet with one upsampling conv as BSRGANx2, ESRGAN+,
-1x ESRGAN models), goes to ``spandrel.ModelLoader().load_from_state_dict`` and comes back as
-spandrel's own torch module (``descriptor.model``), which fastsr can run but not save as a
-fastsr model file. spandrel needs torchvision, and installing it from the package index pulls a
-CUDA build of torch over a CPU one: install it with ``pip install --no-deps spandrel einops``
-next to a torchvision that matches the installed torch.
+in a variant fastsr does not build (ESRGAN+, RRDBNets with other upsampling layouts), goes to
+``spandrel.ModelLoader().load_from_state_dict`` and comes back as spandrel's own torch module
+(``descriptor.model``), which fastsr can run but not save as a fastsr model file. spandrel needs
+torchvision, and installing it from the package index pulls a CUDA build of torch over a CPU one:
+install it with ``pip install --no-deps spandrel einops`` next to a torchvision that matches the
+installed torch.
 
 Containers: a bare state dict, or a dict holding it under ``params_ema`` / ``params`` (BasicSR),
 ``ema_state_dict`` / ``state_dict`` (Lornatang ``.pth.tar``), ``ema`` / ``model`` (fastsr); the EMA
@@ -254,17 +255,19 @@ def _rrdb_config(state: Mapping[str, torch.Tensor], what: str, first: str, last:
     # Real-ESRGAN's x1 / x2 models pixel-unshuffle the input by 4 / 2 in front of the x4 network.
     ratio, rest = divmod(conv_in, out_channels)
     unshuffle = {16: 4, 4: 2}.get(ratio, 1) if rest == 0 else 1
+    plain = {}
     if unshuffle > 1 and num_upsamplings == 2:
         scale, in_channels = 4 // unshuffle, conv_in // unshuffle**2
-    elif unshuffle == 1 and num_upsamplings in (2, 3):
+    elif unshuffle == 1 and num_upsamplings in (0, 1, 2, 3):
         scale, in_channels = 2**num_upsamplings, conv_in
+        plain = {"unshuffle": 1} if scale < 4 else {}  # a 1x / 2x model without Real-ESRGAN's unshuffle
     else:
         raise NoNativeFormatError(
             f"{what}: {num_upsamplings} upsampling convs, {conv_in} input and {out_channels} output channels; "
-            "fastsr's RRDBNet builds x4 and x8 (2 or 3 upsampling convs) and Real-ESRGAN's pixel-unshuffled "
-            "x1 / x2 (2 convs, 16x / 4x the input channels)")
+            "fastsr's RRDBNet builds x1, x2, x4 and x8 (0 to 3 upsampling convs) and Real-ESRGAN's "
+            "pixel-unshuffled x1 / x2 (2 convs, 16x / 4x the input channels)")
     return {"arch": "rrdbnet", "scale": scale, "num_blocks": _count(state, block_pattern), "channels": channels,
-            "growth": growth_channels, "in_channels": in_channels, "out_channels": out_channels}
+            "growth": growth_channels, "in_channels": in_channels, "out_channels": out_channels, **plain}
 
 
 def _rrdbnet(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:

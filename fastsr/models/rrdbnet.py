@@ -114,20 +114,27 @@ class RRDBNet(nn.Module):
 
     conv_first; ``num_blocks`` RRDBs; conv_body + skip; ``log2(scale * unshuffle)`` x [nearest x2
     upsampling, 3x3 conv, LeakyReLU]; conv_hr + LeakyReLU; conv_last. Scales 1 and 2 (Real-ESRGAN's
-    x1/x2 models) first pixel-unshuffle the input by 4 / 2 and then upsample x4, as BasicSR does;
-    scale 8 (original ESRGAN x8 models) upsamples three times. x4plus (23 blocks, 64 channels,
-    growth 32) has 16,697,987 parameters.
+    x1/x2 models) first pixel-unshuffle the input by ``unshuffle`` = 4 / 2 and then upsample x4, as
+    BasicSR does; ``unshuffle=1`` builds them plainly, as the original ESRGAN code and BSRGAN do
+    (the community 1x models, BSRGANx2: 0 / 1 upsampling). Scale 8 (original ESRGAN x8 models)
+    upsamples three times. x4plus (23 blocks, 64 channels, growth 32) has 16,697,987 parameters.
     """
 
     def __init__(self, scale: int = 4, num_blocks: int = 23, channels: int = 64, growth: int = 32,
-                 in_channels: int = 3, out_channels: int = 3) -> None:
+                 in_channels: int = 3, out_channels: int = 3, unshuffle: int | None = None) -> None:
         super().__init__()
         if scale not in (1, 2, 4, 8):
             raise ValueError(f"RRDBNet scale must be 1, 2, 4 or 8, got {scale}")
+        default_unshuffle = {1: 4, 2: 2}.get(scale, 1)
+        if unshuffle not in (None, 1, default_unshuffle):
+            raise ValueError(f"RRDBNet x{scale} pixel-unshuffles by {default_unshuffle} or not at all (1), "
+                             f"got unshuffle={unshuffle}")
         self.config = {"arch": "rrdbnet", "scale": scale, "num_blocks": num_blocks, "channels": channels,
                        "growth": growth, "in_channels": in_channels, "out_channels": out_channels}
         self.scale = scale
-        self.unshuffle = {1: 4, 2: 2}.get(scale, 1)
+        self.unshuffle = default_unshuffle if unshuffle is None else unshuffle
+        if self.unshuffle != default_unshuffle:
+            self.config["unshuffle"] = self.unshuffle
         self.conv_first = ConvPReLU(in_channels * self.unshuffle**2, channels, 3, activation=None)
         self.body = nn.Sequential(*(RRDB(channels, growth) for _ in range(num_blocks)))
         self.conv_body = ConvPReLU(channels, channels, 3, activation=None)
