@@ -3,9 +3,12 @@ test_cpp.py, test_triton.py) and the photo crops of the pipeline tests."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from tolerance import fmt
+from torch import nn
 
 import fastsr
 
@@ -54,3 +57,19 @@ def photo(h: int = 64, w: int = 80) -> np.ndarray:
     from skimage import data
 
     return np.ascontiguousarray(data.chelsea()[60:60 + h, 100:100 + w])
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Random weights, BatchNorm statistics and PReLU slopes (not the defaults: they hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point():
+            continue
+        if name.endswith("running_var"):
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+        elif t.dim() == 4:  # conv weights: keep activations of order 1
+            t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel()))
+        else:
+            t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+    return model.eval()

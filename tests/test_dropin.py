@@ -15,6 +15,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import randomize
 from safetensors.torch import save_file
 from torch import fx, nn
 
@@ -152,22 +153,6 @@ PEERS = {
     "basicsr": (BasicSRMSRResNet, 2 + 1),
     "leftthomas": (lambda scale: LeftthomasGenerator(scale), 5 + 1),
 }
-
-
-@torch.no_grad()
-def randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Random weights, BatchNorm statistics and PReLU slopes (not the defaults: they hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, t in model.state_dict().items():
-        if not t.is_floating_point():
-            continue
-        if name.endswith("running_var"):
-            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-        elif t.dim() == 4:  # conv weights: keep activations of order 1
-            t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel()))
-        else:
-            t.copy_(torch.randn(t.shape, generator=g) * 0.2)
-    return model.eval()
 
 
 def make_peer(fmt: str, scale: int, seed: int = 0) -> nn.Module:

@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from cases import randomize
 from torch import nn
 
 C, G = 8, 4  # feature and growth channels of the small test models
@@ -241,18 +242,6 @@ class SPANOracle(nn.Module):
 
 # ------------------------------------------------------------------------------------------------
 # Random weights
-
-
-@torch.no_grad()
-def randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Random weights and PReLU slopes (not the defaults: they hide bugs), activations of order 1."""
-    g = torch.Generator().manual_seed(seed)
-    for t in model.state_dict().values():
-        if t.dim() == 4:
-            t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel()))
-        elif t.is_floating_point():
-            t.copy_(torch.randn(t.shape, generator=g) * 0.2)
-    return model.eval()
 
 
 @torch.no_grad()
