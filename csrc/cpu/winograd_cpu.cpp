@@ -13,7 +13,7 @@
 //      with a register-blocked micro-kernel (MR tiles x NRV vectors of output channels; the
 //      chunk of U, C_in * CW floats, stays in L1 while the block's tiles stream past);
 //   3. output transform of the chunk, fused with bias, PReLU, residual and the pixel-shuffle
-//      store. For a shuffle the output channels are reordered (i, j, c) instead of (c, i, j) (the
+//      store (or conv2d_silu's SiLU / attention, Act in common.h). For a shuffle the output channels are reordered (i, j, c) instead of (c, i, j) (the
 //      weights are permuted), so every vector of channels belongs to one sub-pixel and is stored
 //      as one contiguous run of the NHWC output.
 // U = G g G^T is computed in fp64 and rounded once, and cached per weight tensor (see
