@@ -366,6 +366,21 @@ def test_bad_inputs_clear_one_line_errors(tmp_path, tiny_model_file, capsys):
         no_leftovers(tmp_path, before)
 
 
+@pytest.mark.parametrize("scale,tile,suggested", [(4, 5, 8), (3, 40, 48), (2, 9, 16)])
+def test_a_tile_the_tiff_cannot_take_gets_a_tile_it_can(tmp_path, capsys, scale, tile, suggested):
+    """Output tiles of a TIFF are multiples of 16: the suggested --tile works, for x3 models too."""
+    from fastsr.models.compact import SRVGGNetCompact
+
+    model = SRVGGNetCompact(scale=4, num_convs=1, channels=4, output_scale=scale if scale < 4 else None)
+    fastsr.save_model(model, tmp_path / "m.safetensors")
+    Image.fromarray(np.zeros((20, 18, 3), np.uint8)).save(tmp_path / "in.png")
+    argv = ["upscale", str(tmp_path / "in.png"), str(tmp_path / "o.tif"), "--model", str(tmp_path / "m.safetensors"),
+            "--quiet", "--tile"]
+    assert cli_main([*argv, str(tile)]) == 2
+    assert f"use --tile {suggested} or another multiple of" in capsys.readouterr().err
+    assert cli_main([*argv, str(suggested)]) == 0
+
+
 def test_bad_input_exit_status_without_traceback(tmp_path, tiny_model_file):
     (tmp_path / "text.png").write_text("hello\n")
     r = subprocess.run([sys.executable, "-m", "fastsr", "upscale", str(tmp_path / "text.png"), str(tmp_path / "o.png"),

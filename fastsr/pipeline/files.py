@@ -136,9 +136,9 @@ def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, 
                     "the default", str(up.dtype).removeprefix("torch."))
     out_tile = tile * up.scale
     if fmt == "tiff" and out_tile % 16:
-        good = -(-tile * up.scale // 16) * 16 // up.scale
+        step = 16 // int(np.gcd(16, up.scale))  # the tiles whose output is a multiple of 16
         raise UpscaleError(f"--tile {tile} gives output tiles of {out_tile} pixels; TIFF tiles must be a multiple "
-                           f"of 16 pixels: use --tile {good} or another multiple of {16 // np.gcd(16, up.scale)}")
+                           f"of 16 pixels: use --tile {-(-tile // step) * step} or another multiple of {step}")
     imageio.check_disk_space(dst, imageio.estimate_output_bytes(out_shape, source.dtype, fmt, compression))
     st = src.stat()
     header = {"version": 1, "src": str(src.resolve()), "src_size": st.st_size, "src_mtime_ns": st.st_mtime_ns,
