@@ -209,7 +209,7 @@ def _measure_halo_once(src: Path, up: Upscaler, settings: dict) -> None:
                                       channels=source.channels, tile=tile, read=halo_mod.source_reader(source))
     if choice.how == "measured":  # else the image fits in one tile: there was nothing to measure
         settings["halo"] = halo_mod.HaloChoice(choice.halo, f"measured on {src.name}", choice.radius)
-        log.warning("%s; the other files of the folder use it too (--halo N sets one)", choice.describe())
+        log.warning("%s: %s; the other files of the folder use it too (--halo N sets one)", src, choice.describe())
 
 
 def _for_file(dst: Path, settings: dict) -> dict:
