@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -175,6 +176,34 @@ def test_cuda_sources_compile_with_nvcc(cu, arch, tmp_path):
            "--expt-relaxed-constexpr"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"nvcc failed for {cu.name} ({arch}):\n{proc.stderr[-3000:]}"
+
+
+def _cuda_include_dirs(nvcc: str) -> list[str]:
+    """The toolkit's include folders, as nvcc itself reports them (``--dryrun``)."""
+    probe = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", "/dev/null"], capture_output=True, text=True,
+                           timeout=60)
+    return re.findall(r'-I"?([^"\s]+)', "".join(line for line in probe.stderr.splitlines()
+                                                  if "INCLUDES=" in line))
+
+
+def test_cuda_glue_compiles_against_the_torch_headers(tmp_path):
+    """csrc/cuda/ops_cuda.cpp (the torch side of the CUDA ops) cannot be built without a CUDA build
+    of torch, but its code can be checked: a syntax-only compile against this torch's headers and
+    the CUDA toolkit's, with the one header a CPU wheel lacks (c10's generated CUDA macros) empty."""
+    from torch.utils.cpp_extension import include_paths
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH: no CUDA toolkit headers to check the CUDA glue against")
+    cuda = _cuda_include_dirs(nvcc)
+    assert cuda, "nvcc --dryrun named no include folder"
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    flags = [f"-I{p}" for p in (str(tmp_path), *include_paths(), *cuda, str(CSRC))]
+    proc = subprocess.run(["g++", "-std=c++20", "-fsyntax-only", *flags, str(CSRC / "cuda" / "ops_cuda.cpp")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_there_are_cuda_sources():
