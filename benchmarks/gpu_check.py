@@ -61,11 +61,12 @@ def steps(results: Path, dry_run: bool) -> list[Step]:
                                   "-k", "cuda"], 60, no_tests),
         Step("key-benchmarks", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/test_gpu_key.py",
                                 "--benchmark-only", f"--benchmark-json={bench_json}"], 120),
-        # RealESRGAN_x4plus and animevideov3, fp16: fastsr vs the plain module vs torch.compile. Last:
+        # RealESRGAN_x4plus, animevideov3 and SPAN, fp16: fastsr vs the plain module (the goal is
+        # >= 1.5x eager). torch.compile is left out: three compilations would not fit the box. Last:
         # within the 330 s budget it runs only if the steps before left time for it.
         Step("zoo-benchmarks", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/test_zoo.py",
-                                "--benchmark-only", f"--benchmark-json={bench_json.replace('bench', 'zoo-bench')}"],
-             60),
+                                "--benchmark-only", "-k", "not torch_compile",
+                                f"--benchmark-json={bench_json.replace('bench', 'zoo-bench')}"], 60),
     ]
 
 
