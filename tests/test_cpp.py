@@ -90,8 +90,17 @@ def test_opcheck_mse_and_to_uint8():
 # Whole models.
 
 
-def test_torch_compile_fullgraph_srresnet_on_cpp(monkeypatch):
-    model = small_srresnet().eval()
+def _small_span():
+    from fastsr.models.span import SPAN
+
+    torch.manual_seed(0)
+    return SPAN(scale=2, channels=16)
+
+
+@pytest.mark.parametrize("make", [small_srresnet, _small_span], ids=["srresnet", "span"])
+def test_torch_compile_fullgraph_on_cpp(monkeypatch, make):
+    """conv2d_prelu (SRResNet) and conv2d_silu (SPAN) trace as single ops, forward and backward."""
+    model = make().eval()
     x = fmt(torch.rand(1, 3, 9, 10, generator=torch.Generator().manual_seed(7)), True)
     monkeypatch.setattr(fastsr.backend, "_global_choice", None)  # restored after the test
     fastsr.set_backend("cpp")
