@@ -18,8 +18,6 @@ import time
 
 import torch
 
-from fastsr.ops.reference import sigmoid_gate_backward
-
 # Build state, filled by _build() once per process.
 _lock = threading.RLock()
 _state: dict = {"attempted": False, "ok": False, "reason": "not built yet (builds on first use)", "with_cuda": False}
@@ -182,6 +180,12 @@ def _fake_conv2d_silu(x, weight, bias, skip):
     return _empty(x, (n, weight.shape[0], h, w))
 
 
+def _fake_sigmoid_gate_backward(grad, y, skip):
+    grad_skip = _empty(y, y.shape, dtype=skip.dtype) if skip is not None else torch.empty((0,), dtype=y.dtype,
+                                                                                           device=y.device)
+    return _empty(y, y.shape), grad_skip
+
+
 def _fake_shuffle_prelu(x, slope, residual, r):
     n, c, h, w = x.shape
     return _empty(x, (n, c // (r * r), h * r, w * r))
@@ -243,7 +247,7 @@ def _conv_input_weight_grads(grad_pre, x, weight, bias, needs):
 
 
 # conv2d_silu: like conv2d_prelu, the backward recomputes the convolution for the activation's
-# derivative (reference.sigmoid_gate_backward, the one formula every backend uses).
+# derivative (the sigmoid_gate_backward op).
 def _silu_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
@@ -251,7 +255,7 @@ def _silu_setup(ctx, inputs, output):
 def _silu_backward(ctx, grad):
     x, weight, bias, skip = ctx.saved_tensors
     pre = torch.ops.fastsr.conv2d_prelu(x, weight, bias, None, None, 1)
-    grad_pre, grad_skip = sigmoid_gate_backward(grad, pre, skip)
+    grad_pre, grad_skip = torch.ops.fastsr.sigmoid_gate_backward(grad, pre, skip)
     grads = _conv_input_weight_grads(grad_pre, x, weight, bias, ctx.needs_input_grad[:3])
     return *grads, grad_skip if ctx.needs_input_grad[3] else None
 
@@ -282,7 +286,8 @@ def _mse_backward(ctx, grad):
     return (grad_a if need_a else None, (-grad_a).to(b.dtype) if need_b else None, None, None, None)
 
 
-_FAKES = {"conv2d_prelu": _fake_conv2d_prelu, "conv2d_silu": _fake_conv2d_silu, "shuffle_prelu": _fake_shuffle_prelu,
+_FAKES = {"conv2d_prelu": _fake_conv2d_prelu, "conv2d_silu": _fake_conv2d_silu,
+          "sigmoid_gate_backward": _fake_sigmoid_gate_backward, "shuffle_prelu": _fake_shuffle_prelu,
           "shuffle_prelu_backward": _fake_shuffle_prelu_backward, "mse_per_image": _fake_mse_per_image,
           "mse_per_image_backward": _fake_mse_per_image_backward, "to_uint8": _fake_to_uint8}
 _AUTOGRAD = {"conv2d_prelu": (_conv_backward, _conv_setup), "conv2d_silu": (_silu_backward, _silu_setup),

@@ -9,6 +9,9 @@ TORCH_LIBRARY(fastsr, m) {
   // y = conv2d(x, weight, bias, 'same'); silu(y), or with a skip SPAN's parameter-free attention
   // (y + skip) * (sigmoid(y) - 0.5).
   m.def("conv2d_silu(Tensor x, Tensor weight, Tensor? bias, Tensor? skip) -> Tensor");
+  // Backward of conv2d_silu's activation at the conv output y: (grad_y, grad_skip); grad_skip is a
+  // 0-element tensor without a skip.
+  m.def("sigmoid_gate_backward(Tensor grad, Tensor y, Tensor? skip) -> (Tensor, Tensor)");
   // prelu(pixel_shuffle(x, r), slope) + residual: the epilogue alone (pixel_shuffle_prelu when
   // residual is None; the backward of conv2d_prelu recomputes the conv and reuses it).
   m.def("shuffle_prelu(Tensor x, Tensor? slope, Tensor? residual, int r) -> Tensor");

@@ -142,8 +142,10 @@ class BicubicDownscale(nn.Module):
 
     (N, C, H, W) -> (N, C, H * factor, W * factor); ``factor`` must make those whole numbers for
     the sizes it is used on. Each output pixel reads 4 x 4 input pixels within 2 of its mapped
-    position, which tiling counts as a 5 x 5 convolution (:mod:`fastsr.tiling`).
+    position: ``receptive_radius``, which tiling counts like a 5 x 5 convolution's (:mod:`fastsr.tiling`).
     """
+
+    receptive_radius = 2
 
     def __init__(self, factor: float) -> None:
         super().__init__()

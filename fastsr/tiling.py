@@ -29,8 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from .nn import BicubicDownscale
-
 
 class ReceptiveFieldError(ValueError):
     """The model contains a layer whose receptive field fastsr cannot derive."""
@@ -55,8 +53,8 @@ def _layers(module: nn.Module) -> Iterator[tuple[str, int]]:
         if module.mode != "nearest" or factor is None or float(factor) != int(factor):
             raise ReceptiveFieldError(f"only integer nearest upsampling is supported for tiling, got {module}")
         yield "up", int(factor)
-    elif isinstance(module, BicubicDownscale):
-        yield "conv", 2  # 4 taps within 2 pixels of the mapped position, at its input's resolution
+    elif isinstance(getattr(module, "receptive_radius", None), int):
+        yield "conv", module.receptive_radius  # a parameter-free layer that reads this far (fastsr.nn.BicubicDownscale)
     elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d, nn.ConvTranspose2d, nn.Unfold)):
         raise ReceptiveFieldError(f"{type(module).__name__} is not supported for tiling")
     else:

@@ -5,8 +5,8 @@
 Forward: the implicit-GEMM kernel of :mod:`.conv_prelu` with its ``ACT`` epilogue (``ACT_SILU`` /
 ``ACT_ATTENTION``): the sigmoid is applied to the fp32 accumulator before the single store, the
 skip read in the epilogue as a residual is. Backward: the activation's derivative
-(:func:`fastsr.ops.reference.sigmoid_gate_backward`, one elementwise pass over the saved
-pre-activation), then the conv backward kernels of :mod:`.conv_prelu` without an activation.
+(``_sigmoid_gate_bwd_kernel``, one elementwise pass over the saved pre-activation), then the conv
+backward kernels of :mod:`.conv_prelu` without an activation.
 
 Front doors as for conv_prelu: ``ConvSiLUFunction`` (eager autograd) and the
 ``torch.library.triton_op`` ``fastsr_triton::conv2d_silu`` with ``register_autograd`` for
@@ -16,11 +16,53 @@ Front doors as for conv_prelu: ``ConvSiLUFunction`` (eager autograd) and the
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
-from fastsr.ops.reference import sigmoid_gate_backward
-
+from ._common import like_memory_format, tl_acc_dtype
 from .conv_prelu import ACT_ATTENTION, ACT_SILU, conv_prelu_backward, conv_prelu_forward
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _sigmoid_gate_bwd_kernel(g_ptr, y_ptr, skip_ptr, dy_ptr, dskip_ptr, N, HAS_SKIP: tl.constexpr,
+                             ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """d/dy of (y + a) * (sigmoid(y) - b) = gate + (y + a) sig (1 - sig), d/da = gate, with
+    sig = sigmoid(y), gate = sig - b; (a, b) = (0, 0) for SiLU, (skip, 0.5) with a skip. All tensors
+    dense in one memory format, so a flat index serves every one."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+    sig = 1.0 / (1.0 + tl.exp(-y))
+    if HAS_SKIP:
+        gate = sig - 0.5
+        shifted = y + tl.load(skip_ptr + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(dskip_ptr + offs, (g * gate).to(dskip_ptr.dtype.element_ty), mask=mask)
+    else:
+        gate = sig
+        shifted = y
+    tl.store(dy_ptr + offs, (g * (gate + shifted * sig * (1.0 - sig))).to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+def sigmoid_gate_backward(grad: torch.Tensor, y: torch.Tensor,
+                          skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad_y, grad_skip or None) of conv2d_silu's activation at the conv output ``y``, in y's
+    dtype and memory format (grad_skip in skip's dtype)."""
+    fmt = like_memory_format(y)
+    yc = y.contiguous(memory_format=fmt)
+    g = grad.to(y.dtype).contiguous(memory_format=fmt)
+    s = None if skip is None else skip.to(y.dtype).contiguous(memory_format=fmt)
+    dy = torch.empty_like(yc, memory_format=fmt)
+    ds = None if skip is None else torch.empty_like(yc, memory_format=fmt)
+    n = yc.numel()
+    wrap_triton(_sigmoid_gate_bwd_kernel)[(triton.cdiv(n, _BLOCK),)](
+        g, yc, yc if s is None else s, dy, dy if ds is None else ds, n,
+        HAS_SKIP=skip is not None, ACC=tl_acc_dtype(y.dtype), BLOCK=_BLOCK,
+    )
+    return dy, None if ds is None else ds.to(skip.dtype)
 
 
 def conv_silu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor | None,
@@ -35,7 +77,7 @@ def conv_silu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def conv_silu_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor,
                        skip: torch.Tensor | None, needs: tuple[bool, bool, bool, bool]) -> tuple:
     """(dx, dweight, dbias, dskip) for the flags ``needs`` (same order); ``pre`` is the saved conv output."""
-    grad_pre, grad_skip = sigmoid_gate_backward(grad_out, pre, skip)
+    grad_pre, grad_skip = sigmoid_gate_backward(grad_out, pre, skip)  # the kernel above
     need_x, need_w, need_b, need_skip = needs
     dx, dw, db, _ = conv_prelu_backward(grad_pre, x, weight, None, None, 1, (need_x, need_w, need_b, False))
     return dx, dw, db, grad_skip if need_skip else None
@@ -69,6 +111,14 @@ def conv2d_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out, (pre if pre is not None else x.new_empty(0))
 
 
+@triton_op("fastsr_triton::sigmoid_gate_backward", mutates_args=())
+def sigmoid_gate_backward_op(grad: torch.Tensor, y: torch.Tensor,
+                             skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Traceable :func:`sigmoid_gate_backward`: (grad_y, grad_skip or a 0-element tensor)."""
+    dy, ds = sigmoid_gate_backward(grad, y, skip)
+    return dy, (ds if ds is not None else y.new_empty(0))
+
+
 def _op_setup_context(ctx, inputs, output) -> None:
     x, weight, bias, skip, _store = inputs
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -78,7 +128,7 @@ def _op_setup_context(ctx, inputs, output) -> None:
 def _op_backward(ctx, grad_out, _grad_pre):
     x, weight, pre, skip = ctx.saved_tensors
     need_x, need_w, need_b, need_skip = ctx.needs_input_grad[:4]
-    grad_pre, grad_skip = sigmoid_gate_backward(grad_out, pre, skip)
+    grad_pre, grad_skip = torch.ops.fastsr_triton.sigmoid_gate_backward(grad_out, pre, skip)
     dx, dw, db, _ = torch.ops.fastsr_triton.conv2d_prelu_backward(
         grad_pre, x, weight, None, None, 1, need_x, need_w, need_b, False)
     return (dx if need_x else None, dw if need_w else None, db.to(ctx.bias_dtype) if need_b else None,

@@ -63,6 +63,10 @@ def test_opcheck_conv2d_silu():
             x, w, b, _, s = conv_inputs("cpu", *case, channels_last)
             _opcheck(torch.ops.fastsr.conv2d_silu.default,
                      [t if t is None else t.float().requires_grad_() for t in (x, w, b, s)])
+            _opcheck(torch.ops.fastsr.sigmoid_gate_backward.default,
+                     (fmt(torch.randn(case[0], case[2], case[3], case[4]), channels_last),
+                      fmt(torch.randn(case[0], case[2], case[3], case[4]), channels_last),
+                      None if s is None else s.float()))
 
 
 def test_opcheck_shuffle_prelu_and_backward():

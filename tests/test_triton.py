@@ -179,7 +179,7 @@ _COMPILE_CHECK = r"""
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastsr.kernels import conv_prelu as cp, mse_psnr as mp, shuffle_prelu as sp
+from fastsr.kernels import conv_prelu as cp, conv_silu as cs, mse_psnr as mp, shuffle_prelu as sp
 
 def build(fn, ptr_dtypes, consts, num_warps=4, num_stages=3):
     sig, cx = {}, {}
@@ -212,6 +212,9 @@ for act in (cp.ACT_SILU, cp.ACT_ATTENTION):  # conv2d_silu's epilogues
         ["x_ptr", "w_ptr", "b_ptr", "slope_ptr", "res_ptr", "out_ptr", "z_ptr"], bf),
         dict(KS=3, R=1, TAP_ALIGNED=False, HAS_BIAS=True, HAS_SLOPE=False, HAS_RES=act == cp.ACT_ATTENTION,
              STORE_Z=True, ACT=act, **common))
+for has_skip in (False, True):
+    build(cs._sigmoid_gate_bwd_kernel, dict.fromkeys(["g_ptr", "y_ptr", "skip_ptr", "dy_ptr", "dskip_ptr"], bf),
+          dict(HAS_SKIP=has_skip, ACC=tl.float32, BLOCK=cs._BLOCK))
 ps = dict(R=2, ACC=tl.float32, BLOCK_P=sp._BLOCK_P, BLOCK_C=sp._BLOCK_C)
 build(sp._pixel_shuffle_prelu_fwd_kernel, dict.fromkeys(["x_ptr", "slope_ptr", "out_ptr"], bf), ps)
 build(sp._pixel_shuffle_prelu_bwd_kernel, {**dict.fromkeys(["g_ptr", "x_ptr", "slope_ptr", "dx_ptr"], bf),

@@ -223,6 +223,42 @@ at::Tensor conv2d_silu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   return y;
 }
 
+// d/dy of (y + a) * (sigmoid(y) - b) is gate + (y + a) * sig * (1 - sig) with sig = sigmoid(y),
+// gate = sig - b; d/da is gate. (a, b) = (0, 0) for SiLU, (skip, 0.5) for the attention.
+std::tuple<at::Tensor, at::Tensor> sigmoid_gate_backward_cpu(const at::Tensor& grad, const at::Tensor& y,
+                                                             const std::optional<at::Tensor>& skip) {
+  check_4d(y, "y");
+  const auto fmt = output_format(y);
+  const at::Tensor yc = y.contiguous(fmt), g = grad.to(y.scalar_type()).contiguous(fmt);
+  TORCH_CHECK(g.sizes() == yc.sizes(), "fastsr: grad has shape ", g.sizes(), ", y ", yc.sizes());
+  at::Tensor s;
+  if (skip) {
+    TORCH_CHECK(skip->sizes() == yc.sizes(), "fastsr: skip must have shape ", yc.sizes(), ", got ", skip->sizes());
+    s = skip->to(y.scalar_type()).contiguous(fmt);
+  }
+  at::Tensor grad_y = at::empty_like(yc, fmt);
+  at::Tensor grad_skip = skip ? at::empty_like(yc, fmt) : at::empty({0}, y.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastsr_sigmoid_gate_backward", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* yp = yc.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* sp = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gy = grad_y.mutable_data_ptr<scalar_t>();
+    scalar_t* gs = skip ? grad_skip.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, yc.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const A v = static_cast<A>(yp[i]), gv = static_cast<A>(gp[i]);
+        const A sig = A(1) / (A(1) + std::exp(-v));
+        const A gate = sp ? sig - A(0.5) : sig;
+        const A shifted = sp ? v + static_cast<A>(sp[i]) : v;
+        gy[i] = static_cast<scalar_t>(gv * (gate + shifted * sig * (A(1) - sig)));
+        if (gs) gs[i] = static_cast<scalar_t>(gv * gate);
+      }
+    });
+  });
+  return {grad_y, skip ? grad_skip.to(skip->scalar_type()) : grad_skip};
+}
+
 at::Tensor shuffle_prelu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& slope,
                              const std::optional<at::Tensor>& residual, int64_t r) {
   check_4d(x, "x");
@@ -506,6 +542,7 @@ at::Tensor to_uint8_cpu(const at::Tensor& x) {
 TORCH_LIBRARY_IMPL(fastsr, CPU, m) {
   m.impl("conv2d_prelu", &conv2d_prelu_cpu);
   m.impl("conv2d_silu", &conv2d_silu_cpu);
+  m.impl("sigmoid_gate_backward", &sigmoid_gate_backward_cpu);
   m.impl("shuffle_prelu", &shuffle_prelu_cpu);
   m.impl("shuffle_prelu_backward", &shuffle_prelu_backward_cpu);
   m.impl("mse_per_image", &mse_per_image_cpu);

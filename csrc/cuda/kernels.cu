@@ -209,6 +209,20 @@ __global__ void sigmoid_gate_kernel(T* __restrict__ y, const T* __restrict__ ski
 }
 
 template <typename T>
+__global__ void sigmoid_gate_bwd_kernel(const T* __restrict__ g, const T* __restrict__ y, const T* __restrict__ skip,
+                                        T* __restrict__ grad_y, T* __restrict__ grad_skip, int64_t total) {
+  using A = typename Acc<T>::type;
+  FASTSR_GRID_STRIDE(i, total) {
+    const A v = Acc<T>::load(y[i]), gv = Acc<T>::load(g[i]);
+    const A sig = A(1) / (A(1) + exp(-v));
+    const A gate = skip != nullptr ? sig - A(0.5) : sig;
+    const A shifted = skip != nullptr ? v + Acc<T>::load(skip[i]) : v;
+    grad_y[i] = Acc<T>::store(gv * (gate + shifted * sig * (A(1) - sig)));
+    if (grad_skip != nullptr) grad_skip[i] = Acc<T>::store(gv * gate);
+  }
+}
+
+template <typename T>
 __global__ void to_uint8_kernel(const T* __restrict__ x, uint8_t* __restrict__ out, Shape s) {
   using A = typename Acc<T>::type;
   const int64_t total = s.N * s.C * s.H * s.W;
@@ -252,6 +266,16 @@ cudaError_t sigmoid_gate(DType dtype, void* y, const void* skip, int64_t numel, 
     using T = decltype(tag);
     sigmoid_gate_kernel<T><<<blocks_for(numel), kThreads, 0, stream>>>(static_cast<T*>(y), static_cast<const T*>(skip),
                                                                         numel);
+  });
+}
+
+cudaError_t sigmoid_gate_backward(DType dtype, const void* grad, const void* y, const void* skip, void* grad_y,
+                                  void* grad_skip, int64_t numel, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    sigmoid_gate_bwd_kernel<T><<<blocks_for(numel), kThreads, 0, stream>>>(
+        static_cast<const T*>(grad), static_cast<const T*>(y), static_cast<const T*>(skip), static_cast<T*>(grad_y),
+        static_cast<T*>(grad_skip), numel);
   });
 }
 

@@ -29,6 +29,11 @@ cudaError_t shuffle_prelu_forward(DType dtype, const void* x, const void* slope,
 // y = (y + skip) * (sigmoid(y) - 0.5), SPAN's parameter-free attention.
 cudaError_t sigmoid_gate(DType dtype, void* y, const void* skip, int64_t numel, cudaStream_t stream);
 
+// Its backward: grad_y = g * (gate + (y + a) * sig * (1 - sig)) and, with a skip, grad_skip = g * gate,
+// sig = sigmoid(y), gate = sig - b, (a, b) = (0, 0) or (skip, 0.5). All tensors alike, `numel` elements.
+cudaError_t sigmoid_gate_backward(DType dtype, const void* grad, const void* y, const void* skip, void* grad_y,
+                                  void* grad_skip, int64_t numel, cudaStream_t stream);
+
 // Backward of shuffle_prelu: grad_x (like x) and, when slope is set, grad_slope_acc (C acc values,
 // zeroed by the caller) accumulates sum(grad * min(x, 0)) per channel.
 cudaError_t shuffle_prelu_backward(DType dtype, const void* grad_out, const void* x, const void* slope, void* grad_x,

@@ -81,6 +81,27 @@ at::Tensor conv2d_silu_cuda(const at::Tensor& x, const at::Tensor& weight, const
   return y;
 }
 
+std::tuple<at::Tensor, at::Tensor> sigmoid_gate_backward_cuda(const at::Tensor& grad, const at::Tensor& y,
+                                                              const std::optional<at::Tensor>& skip) {
+  check_4d(y, "y");
+  const c10::cuda::CUDAGuard guard(y.device());
+  const auto fmt = output_format(y);
+  const at::Tensor yc = y.contiguous(fmt), g = grad.to(y.scalar_type()).contiguous(fmt);
+  TORCH_CHECK(g.sizes() == yc.sizes(), "fastsr: grad has shape ", g.sizes(), ", y ", yc.sizes());
+  at::Tensor s;
+  if (skip) {
+    TORCH_CHECK(skip->sizes() == yc.sizes(), "fastsr: skip must have shape ", yc.sizes(), ", got ", skip->sizes());
+    s = skip->to(y.scalar_type()).contiguous(fmt);
+  }
+  at::Tensor grad_y = at::empty_like(yc, fmt);
+  at::Tensor grad_skip = skip ? at::empty_like(yc, fmt) : at::empty({0}, y.options());
+  check(cuda::sigmoid_gate_backward(dtype_of(yc), g.const_data_ptr(), yc.const_data_ptr(), ptr_or_null(s),
+                                    grad_y.mutable_data_ptr(), skip ? grad_skip.mutable_data_ptr() : nullptr,
+                                    yc.numel(), c10::cuda::getCurrentCUDAStream().stream()),
+        "sigmoid_gate_backward");
+  return {grad_y, skip ? grad_skip.to(skip->scalar_type()) : grad_skip};
+}
+
 at::Tensor shuffle_prelu_cuda(const at::Tensor& x, const std::optional<at::Tensor>& slope,
                               const std::optional<at::Tensor>& residual, int64_t r) {
   check_4d(x, "x");
@@ -176,6 +197,7 @@ at::Tensor to_uint8_cuda(const at::Tensor& x) {
 TORCH_LIBRARY_IMPL(fastsr, CUDA, m) {
   m.impl("conv2d_prelu", &conv2d_prelu_cuda);
   m.impl("conv2d_silu", &conv2d_silu_cuda);
+  m.impl("sigmoid_gate_backward", &sigmoid_gate_backward_cuda);
   m.impl("shuffle_prelu", &shuffle_prelu_cuda);
   m.impl("shuffle_prelu_backward", &shuffle_prelu_backward_cuda);
   m.impl("mse_per_image", &mse_per_image_cuda);

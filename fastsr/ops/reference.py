@@ -35,21 +35,6 @@ def conv2d_silu(x, weight, bias, skip):
     return (y + skip) * (torch.sigmoid(y) - 0.5)
 
 
-def sigmoid_gate_backward(grad: torch.Tensor, y: torch.Tensor,
-                          skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gradients of conv2d_silu's activation ``(y + a) * (sigmoid(y) - b)`` (SiLU: a = b = 0; with
-    ``skip``: a = skip, b = 0.5) w.r.t. the conv output ``y`` and the skip (None without one):
-    ``d/dy = (sigmoid(y) - b) + (y + a) * sigmoid(y) * (1 - sigmoid(y))``, ``d/da = sigmoid(y) - b``.
-    Computed in the accumulation dtype, returned in ``y``'s; the fast backends' backward uses it too."""
-    acc = accumulation_dtype(y.dtype)
-    g, yf = grad.to(acc), y.to(acc)
-    sig = torch.sigmoid(yf)
-    gate = sig if skip is None else sig - 0.5
-    shifted = yf if skip is None else yf + skip.to(acc)
-    grad_y = g * (gate + shifted * sig * (1 - sig))
-    return grad_y.to(y.dtype), None if skip is None else (g * gate).to(skip.dtype)
-
-
 def pixel_shuffle_prelu(x, slope, upscale_factor):
     return F.prelu(F.pixel_shuffle(x, upscale_factor), slope.to(x.dtype))
 
