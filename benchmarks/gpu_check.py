@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +34,7 @@ class Step:
     command: list[str]
     timeout_s: float
     ok_codes: tuple[int, ...] = (0,)
+    env: dict[str, str] = field(default_factory=dict)  # added to the check's environment
 
 
 @dataclass
@@ -52,13 +53,17 @@ def steps(results: Path, dry_run: bool) -> list[Step]:
     device = "cpu" if dry_run else "cuda"
     bench_json = str(results / f"gpu-bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
     no_tests = (0, 5)  # pytest's 5: nothing collected (every gpu test deselected on a CPU)
+    # Correctness steps run Triton with one config: autotuning every shape they meet would
+    # compile the whole config space for each (minutes); the benchmark steps autotune.
+    one_config = {"FASTSR_TRITON_AUTOTUNE": "0"}
     return [
         Step("build", [py, "-m", "fastsr", "info", "--build"], 180),
         Step("selftest", [py, "-m", "fastsr", "selftest", "--device", device,
-                          "--json", str(results / "selftest.json")], 45),
-        Step("gpu-tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"], 60, no_tests),
+                          "--json", str(results / "selftest.json")], 45, env=one_config),
+        Step("gpu-tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"], 60, no_tests,
+             env=one_config),
         Step("conformance-cuda", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_conformance.py",
-                                  "-k", "cuda"], 60, no_tests),
+                                  "-k", "cuda"], 60, no_tests, env=one_config),
         Step("key-benchmarks", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/test_gpu_key.py",
                                 "--benchmark-only", f"--benchmark-json={bench_json}"], 120),
         # RealESRGAN_x4plus, animevideov3 and SPAN, fp16: fastsr vs the plain module (the goal is
@@ -79,7 +84,7 @@ def run_step(step: Step, results: Path, env: dict, left_s: float = float("inf"))
         log.write_text("not run: the check's time budget was spent\n")
         return Outcome(step.name, "timeout", None, 0.0, " ".join(step.command), str(log))
     with open(log, "w") as out:
-        proc = subprocess.Popen(step.command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(step.command, cwd=ROOT, env={**env, **step.env}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             code = proc.wait(timeout=min(step.timeout_s, left_s))

@@ -28,6 +28,8 @@ launched through ``wrap_triton``).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -49,10 +51,15 @@ from ._common import (
 def _configs(shapes: list[tuple[int, ...]], interpret_shape: tuple[int, int, int]) -> list[triton.Config]:
     """GPU: a small config space (num_warps <= 4: Inductor's flattened conv loop is known to give
     wrong results with 8 warps). Interpreter: one config with the largest blocks, because the
-    interpreter's cost is per program instance and loop iteration, not per element."""
+    interpreter's cost is per program instance and loop iteration, not per element.
+    ``FASTSR_TRITON_AUTOTUNE=0`` (the correctness steps of the GPU check): only the last, smallest
+    config, which fits every dtype: compiling the whole space for every shape a test suite meets
+    would take minutes."""
     if interpreting():
         bm, bn, bk = interpret_shape
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=1)]
+    if os.environ.get("FASTSR_TRITON_AUTOTUNE", "1") == "0":
+        shapes = shapes[-1:]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in shapes
@@ -66,11 +73,9 @@ _TAP_QUANTUM = 64
 # 64 -> 3 tail conv, whose N = 3 would waste most of a wider tile. The last, small config is for
 # fp32/fp64 ("ieee" FMA dots): compiled for sm_90, their large tiles need more shared memory than
 # an H100 has, and the autotuner drops configs that fail with OutOfResources.
-_FWD_CONFIGS = _configs(
-    [(128, 64, 64, 4, 3), (128, 128, 32, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 32, 64, 4, 4),
-     (256, 64, 32, 4, 3), (128, 16, 64, 4, 4), (256, 16, 64, 4, 3), (32, 32, 32, 4, 1)],
-    (128, 64, 64),
-)
+_FWD_SHAPES = [(128, 64, 64, 4, 3), (128, 128, 32, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 32, 64, 4, 4),
+               (256, 64, 32, 4, 3), (128, 16, 64, 4, 4), (256, 16, 64, 4, 3), (32, 32, 32, 4, 1)]
+_FWD_CONFIGS = _configs(_FWD_SHAPES, (128, 64, 64))
 # Weight gradient: M = C_out (BLOCK_M = 16 for the 3-channel tail), N = KS*KS*C_in (BLOCK_N divides
 # _TAP_QUANTUM), K = pixels (BLOCK_K divides _SPLIT_QUANTUM).
 _WGRAD_CONFIGS = _configs(

@@ -207,6 +207,12 @@ for aligned, r in [(True, 1), (False, 2)]:
     build(cp._conv_prelu_bwd_weight_kernel, {**dict.fromkeys(["g_ptr", "z_ptr", "slope_ptr", "x_ptr"], bf),
         **dict.fromkeys(["dw_ptr", "db_ptr", "dslope_ptr"], f32)},
         dict(KS=9, R=r, HAS_SLOPE=True, TAP_ALIGNED=aligned, **common))
+# the one config of FASTSR_TRITON_AUTOTUNE=0 (the GPU check's correctness steps), in fp32 (IEEE dots)
+small = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), cp._FWD_SHAPES[-1][:3]))
+build(cp._conv_prelu_fwd_kernel, dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "slope_ptr", "res_ptr", "out_ptr", "z_ptr"],
+      f32), dict(KS=3, R=2, TAP_ALIGNED=False, HAS_BIAS=True, HAS_SLOPE=True, HAS_RES=True, STORE_Z=True,
+                 ACT=cp.ACT_PRELU, ACC=tl.float32, DOT_PRECISION="ieee", **small),
+      num_warps=cp._FWD_SHAPES[-1][3], num_stages=cp._FWD_SHAPES[-1][4])
 for act in (cp.ACT_SILU, cp.ACT_ATTENTION):  # conv2d_silu's epilogues
     build(cp._conv_prelu_fwd_kernel, dict.fromkeys(
         ["x_ptr", "w_ptr", "b_ptr", "slope_ptr", "res_ptr", "out_ptr", "z_ptr"], bf),
@@ -243,6 +249,21 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_autotune_off_leaves_one_config():
+    """FASTSR_TRITON_AUTOTUNE=0 (set by the GPU check's correctness steps): one config per kernel.
+    In a subprocess without the interpreter, which has its own single config."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from fastsr.kernels import conv_prelu as cp; "
+            "print(len(cp._FWD_CONFIGS), len(cp._WGRAD_CONFIGS), len(cp._FWD_SHAPES))")
+    counts = [subprocess.run([sys.executable, "-c", code], env={**env, "FASTSR_TRITON_AUTOTUNE": value},
+                             capture_output=True, text=True, timeout=300).stdout.split() for value in ("0", "1")]
+    assert counts[0][:2] == ["1", "1"] and counts[1][0] == counts[1][2] != "1", counts
 
 
 def test_non_contiguous_views():
