@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include <optional>
+#include <tuple>
 
 namespace fastsr {
 
@@ -56,6 +57,39 @@ inline at::Tensor conv_same(const at::Tensor& x, const at::Tensor& weight, const
               "fastsr: weight must be (C_out, C_in, K, K) with odd K, got ", weight.sizes());
   const int64_t p = weight.size(2) / 2;
   return at::convolution(x, weight, bias, {1, 1}, {p, p}, {1, 1}, false, {0, 0}, 1);
+}
+
+// conv2d_silu's skip in `like`'s dtype and memory format `fmt`, its shape checked; an undefined
+// tensor without one.
+inline at::Tensor skip_like(const std::optional<at::Tensor>& skip, const at::Tensor& like, at::MemoryFormat fmt) {
+  if (!skip) return at::Tensor();
+  TORCH_CHECK(skip->sizes() == like.sizes(), "fastsr: skip must have shape ", like.sizes(), ", got ", skip->sizes());
+  return skip->to(like.scalar_type()).contiguous(fmt);
+}
+
+// The operands of sigmoid_gate_backward, all dense in y's memory format so one flat index serves
+// every tensor, and its outputs allocated (grad_skip: 0 elements without a skip). The CPU and CUDA
+// kernels fill grad_y / grad_skip; result() hands grad_skip back in the skip's own dtype.
+struct SigmoidGateGrads {
+  at::Tensor y, grad, skip, grad_y, grad_skip;
+
+  std::tuple<at::Tensor, at::Tensor> result(const std::optional<at::Tensor>& skip_in) const {
+    return {grad_y, skip_in ? grad_skip.to(skip_in->scalar_type()) : grad_skip};
+  }
+};
+
+inline SigmoidGateGrads sigmoid_gate_grads(const at::Tensor& grad, const at::Tensor& y,
+                                           const std::optional<at::Tensor>& skip) {
+  check_4d(y, "y");
+  const auto fmt = output_format(y);
+  SigmoidGateGrads t;
+  t.y = y.contiguous(fmt);
+  t.grad = grad.to(y.scalar_type()).contiguous(fmt);
+  TORCH_CHECK(t.grad.sizes() == t.y.sizes(), "fastsr: grad has shape ", t.grad.sizes(), ", y ", t.y.sizes());
+  t.skip = skip_like(skip, t.y, fmt);
+  t.grad_y = at::empty_like(t.y, fmt);
+  t.grad_skip = skip ? at::empty_like(t.y, fmt) : at::empty({0}, y.options());
+  return t;
 }
 
 // Y = sum_c Y_WEIGHTS[c] * rgb[c] + offset (MATLAB rgb2ycbcr on [0, 1] data); the offset cancels

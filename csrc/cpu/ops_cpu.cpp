@@ -208,11 +208,7 @@ at::Tensor conv2d_silu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   if (cpu::winograd_applies(x, weight, 1)) return cpu::winograd_conv2d(x, weight, bias, std::nullopt, skip, 1, fmt, act);
   at::Tensor y = (cpu::few_out_conv_applies(x, weight) ? cpu::few_out_conv(x, weight, bias, fmt)
                                                         : conv_same(x, weight, bias)).contiguous(fmt);
-  at::Tensor s;
-  if (skip) {
-    TORCH_CHECK(skip->sizes() == y.sizes(), "fastsr: skip must have shape ", y.sizes(), ", got ", skip->sizes());
-    s = skip->to(y.scalar_type()).contiguous(fmt);
-  }
+  const at::Tensor s = skip_like(skip, y, fmt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastsr_conv2d_silu", [&] {
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const scalar_t* sp = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
@@ -227,25 +223,15 @@ at::Tensor conv2d_silu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 // gate = sig - b; d/da is gate. (a, b) = (0, 0) for SiLU, (skip, 0.5) for the attention.
 std::tuple<at::Tensor, at::Tensor> sigmoid_gate_backward_cpu(const at::Tensor& grad, const at::Tensor& y,
                                                              const std::optional<at::Tensor>& skip) {
-  check_4d(y, "y");
-  const auto fmt = output_format(y);
-  const at::Tensor yc = y.contiguous(fmt), g = grad.to(y.scalar_type()).contiguous(fmt);
-  TORCH_CHECK(g.sizes() == yc.sizes(), "fastsr: grad has shape ", g.sizes(), ", y ", yc.sizes());
-  at::Tensor s;
-  if (skip) {
-    TORCH_CHECK(skip->sizes() == yc.sizes(), "fastsr: skip must have shape ", yc.sizes(), ", got ", skip->sizes());
-    s = skip->to(y.scalar_type()).contiguous(fmt);
-  }
-  at::Tensor grad_y = at::empty_like(yc, fmt);
-  at::Tensor grad_skip = skip ? at::empty_like(yc, fmt) : at::empty({0}, y.options());
+  const SigmoidGateGrads t = sigmoid_gate_grads(grad, y, skip);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastsr_sigmoid_gate_backward", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t* yp = yc.const_data_ptr<scalar_t>();
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* sp = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gy = grad_y.mutable_data_ptr<scalar_t>();
-    scalar_t* gs = skip ? grad_skip.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, yc.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    const scalar_t* yp = t.y.const_data_ptr<scalar_t>();
+    const scalar_t* gp = t.grad.const_data_ptr<scalar_t>();
+    const scalar_t* sp = t.skip.defined() ? t.skip.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gy = t.grad_y.mutable_data_ptr<scalar_t>();
+    scalar_t* gs = skip ? t.grad_skip.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, t.y.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const A v = static_cast<A>(yp[i]), gv = static_cast<A>(gp[i]);
         const A sig = A(1) / (A(1) + std::exp(-v));
@@ -256,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_gate_backward_cpu(const at::Tensor& g
       }
     });
   });
-  return {grad_y, skip ? grad_skip.to(skip->scalar_type()) : grad_skip};
+  return t.result(skip);
 }
 
 at::Tensor shuffle_prelu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& slope,

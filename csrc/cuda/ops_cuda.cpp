@@ -70,11 +70,7 @@ at::Tensor conv2d_silu_cuda(const at::Tensor& x, const at::Tensor& weight, const
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_format(x);
   at::Tensor y = conv_same(x, weight, bias).contiguous(fmt);  // cuDNN adds the bias
-  at::Tensor s;
-  if (skip) {
-    TORCH_CHECK(skip->sizes() == y.sizes(), "fastsr: skip must have shape ", y.sizes(), ", got ", skip->sizes());
-    s = skip->to(y.scalar_type()).contiguous(fmt);
-  }
+  const at::Tensor s = skip_like(skip, y, fmt);
   check(cuda::sigmoid_gate(dtype_of(y), y.mutable_data_ptr(), ptr_or_null(s), y.numel(),
                            c10::cuda::getCurrentCUDAStream().stream()),
         "sigmoid_gate");
@@ -83,23 +79,13 @@ at::Tensor conv2d_silu_cuda(const at::Tensor& x, const at::Tensor& weight, const
 
 std::tuple<at::Tensor, at::Tensor> sigmoid_gate_backward_cuda(const at::Tensor& grad, const at::Tensor& y,
                                                               const std::optional<at::Tensor>& skip) {
-  check_4d(y, "y");
   const c10::cuda::CUDAGuard guard(y.device());
-  const auto fmt = output_format(y);
-  const at::Tensor yc = y.contiguous(fmt), g = grad.to(y.scalar_type()).contiguous(fmt);
-  TORCH_CHECK(g.sizes() == yc.sizes(), "fastsr: grad has shape ", g.sizes(), ", y ", yc.sizes());
-  at::Tensor s;
-  if (skip) {
-    TORCH_CHECK(skip->sizes() == yc.sizes(), "fastsr: skip must have shape ", yc.sizes(), ", got ", skip->sizes());
-    s = skip->to(y.scalar_type()).contiguous(fmt);
-  }
-  at::Tensor grad_y = at::empty_like(yc, fmt);
-  at::Tensor grad_skip = skip ? at::empty_like(yc, fmt) : at::empty({0}, y.options());
-  check(cuda::sigmoid_gate_backward(dtype_of(yc), g.const_data_ptr(), yc.const_data_ptr(), ptr_or_null(s),
-                                    grad_y.mutable_data_ptr(), skip ? grad_skip.mutable_data_ptr() : nullptr,
-                                    yc.numel(), c10::cuda::getCurrentCUDAStream().stream()),
+  const SigmoidGateGrads t = sigmoid_gate_grads(grad, y, skip);
+  check(cuda::sigmoid_gate_backward(dtype_of(t.y), t.grad.const_data_ptr(), t.y.const_data_ptr(), ptr_or_null(t.skip),
+                                    t.grad_y.mutable_data_ptr(), skip ? t.grad_skip.mutable_data_ptr() : nullptr,
+                                    t.y.numel(), c10::cuda::getCurrentCUDAStream().stream()),
         "sigmoid_gate_backward");
-  return {grad_y, skip ? grad_skip.to(skip->scalar_type()) : grad_skip};
+  return t.result(skip);
 }
 
 at::Tensor shuffle_prelu_cuda(const at::Tensor& x, const std::optional<at::Tensor>& slope,
