@@ -64,12 +64,10 @@ def _conv_args(case, device, channels_last: bool, gen: torch.Generator) -> list:
 
 
 def _silu_args(case, device, channels_last: bool, gen: torch.Generator) -> list:
+    """A conv probe without slope or shuffle, its residual taken as the skip."""
     n, c_in, c_out, h, w, k, skip = case
-    x = torch.randn(n, c_in, h, w, generator=gen, dtype=torch.float64)
-    wt = torch.randn(c_out, c_in, k, k, generator=gen, dtype=torch.float64) / (c_in * k * k) ** 0.5
-    b = torch.randn(c_out, generator=gen, dtype=torch.float64) * 0.1
-    s = torch.randn(n, c_out, h, w, generator=gen, dtype=torch.float64) if skip else None
-    return [_place(t, device, channels_last) for t in (x, wt, b, s)]
+    x, wt, b, _, s, _ = _conv_args((n, c_in, c_out, h, w, k, 1, True, None, skip), device, channels_last, gen)
+    return [x, wt, b, s]
 
 
 def _place(t, device, channels_last: bool):
