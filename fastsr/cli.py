@@ -23,12 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastsr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"fastsr.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"fastsr.commands.{name}":
-                raise
-            continue
+        # No try: a command that fails to import is a broken install, and its traceback says why.
+        module = importlib.import_module(f"fastsr.commands.{name}")
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)

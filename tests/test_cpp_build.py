@@ -4,6 +4,7 @@ failures, the one-line warning. Nothing here compiles the real extension."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -79,16 +80,36 @@ def test_default_choice_follows_torch_and_the_cpu(monkeypatch):
     assert build.cpu_isa() == "DEFAULT"
 
 
-def test_cache_key_covers_isa_ninja_compiler_and_checkout(monkeypatch):
+def test_cache_key_covers_the_compiler_not_ninja_or_path(monkeypatch):
+    """What changes the binary changes the folder; which ninja runs the build, or PATH, does not."""
     monkeypatch.setenv("FASTSR_CPU_CAPABILITY", "DEFAULT")
     base = build.plan()
     assert base.name.startswith("fastsr_ext_default_")
-    monkeypatch.setattr(build, "_ninja", lambda: "/opt/other/ninja 0.0.1")
-    other_ninja = build.plan().name
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr(build, "ninja_dir", lambda: "/opt/other")
+    assert build.plan().name == base.name
     monkeypatch.setattr(build, "_tool_version", lambda command: "g++ (other) 99")
-    other_compiler = build.plan().name
-    assert len({base.name, other_ninja, other_compiler}) == 3
-    assert base.depends_on["checkout"] == str(build.CSRC)  # two checkouts never share a build folder
+    assert build.plan().name != base.name
+
+
+def test_ninja_is_found_through_python_not_path(monkeypatch):
+    """A venv's bin/fastsr called without activating the venv still finds the ninja package's binary."""
+    import ninja
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert build.ninja_dir() == ninja.BIN_DIR
+    assert build.missing_tools() is None or "ninja" not in build.missing_tools()
+
+
+def test_a_build_is_loaded_under_another_path_without_rebuilding(tmp_path):
+    """Build (or load) with this process's PATH, then load from a process whose PATH has neither the
+    venv's bin nor ninja: the same cached library, no compile."""
+    build.build()
+    code = "from fastsr.csrc import build; p, cached = build.build(); print(p.name, cached)"
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [build.plan().name, "True"]
 
 
 @pytest.fixture

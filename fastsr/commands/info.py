@@ -48,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
               f" (ISA: {state['isa']}, CUDA part: {'yes' if state['with_cuda'] else 'no'})")
     for name in BACKENDS:
         for device_type in device_types:
-            if name == "cpp" and state["built"] is None:
-                continue  # checking would build it; --build asks for that
+            if name == "cpp" and state["built"] is None and not state["cached"]:
+                # Checking would compile it (minutes); a cached library is only loaded.
+                print(f"  {name:<7} {device_type:<5} not built yet: builds on first use, or now with --build")
+                continue
             ok, why = availability(name, device_type)
             print(f"  {name:<7} {device_type:<5} {'available' if ok else 'unavailable'}: {why}")
     return 0

@@ -78,8 +78,9 @@ def licence_of(package: Package, path: str) -> str:
     licence = "unknown"
     for stanza in text.split("\n\n"):
         fields: dict[str, str] = {}
+        key = None
         for line in stanza.splitlines():  # a field's value goes on in lines that start with a space
-            if line.startswith((" ", "\t")) and fields:
+            if line.startswith((" ", "\t")) and key:
                 fields[key] += " " + line.strip()
             elif ":" in line:
                 key, value = line.split(":", 1)
