@@ -60,7 +60,8 @@ class TrainConfig:
                        choices=("mse", "l1"))
     ema_decay: float = option(0.999, "EMA decay of the exported weights", at_least=0.0, below=1.0)
     permute_channels: bool = option(True, "random RGB permutation of the crops")
-    amp: str = option("off", "mixed precision", choices=("off", "bf16", "fp16"))
+    amp: str = option("off", "mixed precision (auto: bf16 where the hardware has it, else fp32)",
+                      choices=("off", "auto", "bf16", "fp16"))
     save_every: int = option(500, "checkpoint every N steps", at_least=1)
     log_every: int = option(10, "CSV/TensorBoard row every N steps", at_least=1)
     val: str | None = option(None, "folder of HR images to evaluate (PSNR vs bicubic) at every checkpoint")

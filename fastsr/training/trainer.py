@@ -16,6 +16,7 @@ from .. import losses
 from ..models import Discriminator, SRResNet, load_model
 from ..models.checkpoint import ModelFileError
 from ..nn import convert_sync_batchnorm
+from .amp import resolve_amp
 from .config import TrainConfig, TrainingError, validate
 
 CHECKPOINT_VERSION = 2
@@ -96,6 +97,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, device: torch.device, world_size: int = 1) -> None:
         validate(cfg)
         self.cfg, self.device, self.world_size = cfg, device, world_size
+        self.amp = resolve_amp(cfg.amp, device)  # "auto" -> bf16 or off; a slow choice warns
         self.gan = cfg.stage == "gan"
         self.loss_names = ["loss", "content", "adversarial", "d_real", "d_fake"] if self.gan else ["loss"]
         self.generator, self.discriminator = self._build_model()
@@ -105,7 +107,7 @@ class Trainer:
         if self.gan:
             self.d_opt, self.d_sched = self._build_optim(self.discriminator, cfg.lr if cfg.d_lr is None else cfg.d_lr)
         # fp16 needs loss scaling (its range underflows small gradients); bf16 has fp32's range.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
         self.ema = EMA(self.generator, cfg.ema_decay)
         self.g_train, self.d_train, self.d_plain = self._wrap_models()
 
@@ -160,7 +162,7 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------
     def _autocast(self) -> torch.autocast:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def step(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
