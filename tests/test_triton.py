@@ -189,8 +189,8 @@ def build(fn, ptr_dtypes, consts, num_warps=4, num_stages=3):
         elif name in ptr_dtypes:
             sig[name] = "*" + ptr_dtypes[name]
         else:
-            # M (pixel count) as int64: the type Triton gives it for tensors past 2**31 pixels
-            sig[name] = "fp32" if name.startswith("inv_") else "i64" if name == "M" else "i32"
+            # pixel and element counts as int64: the type Triton gives them for tensors past 2**31
+            sig[name] = "fp32" if name.startswith("inv_") else "i64" if name in ("M", "PIXELS", "ELEMENTS") else "i32"
     triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": num_warps, "num_stages": num_stages})
 

@@ -1,7 +1,8 @@
 """Show fastsr's environment: versions, devices, and which backends are available (and why not).
 
 --build also builds the C++ extension now if it has not been built (otherwise it builds on first use),
-and retries a build that failed before (failures are remembered so that not every process retries).
+and retries a build that failed before (failures are remembered so that not every process retries);
+its exit status is 1 when that build failed, so scripts (the GPU check) see it.
 """
 
 from __future__ import annotations
@@ -54,4 +55,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             ok, why = availability(name, device_type)
             print(f"  {name:<7} {device_type:<5} {'available' if ok else 'unavailable'}: {why}")
+    if args.build and not state["built"]:
+        print(f"C++ extension build failed: {state['reason']}")
+        return 1
     return 0

@@ -7,6 +7,7 @@ error / bound: <= 1 passes; to_uint8 must be exact). Exit status 1 if anything f
 
   fastsr selftest                       # the CPU backends
   fastsr selftest --device cuda --json results/selftest.json
+  fastsr selftest --device cuda --jsonl results/cases.jsonl   # one line per check, as it ends
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ NOT_RUN = {("triton", "cpu", "bfloat16"): "the Triton interpreter has no bf16 tl
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device to test (default: cpu)")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON to PATH")
+    p.add_argument("--jsonl", metavar="PATH",
+                   help="append each check to PATH as one JSON line as soon as it ends (a run killed part-way "
+                        "keeps the checks it finished)")
+    p.add_argument("--backends", metavar="NAMES", help="comma-separated fast backends to check (default: all)")
 
 
 def _row(op: str, name: str, backend, device, dtype: str, channels_last: bool) -> dict:
@@ -43,8 +48,9 @@ def _row(op: str, name: str, backend, device, dtype: str, channels_last: bool) -
     return row
 
 
-def collect(device_type: str) -> tuple[list[dict], list[str]]:
-    """(rows of results, lines about backends that are unavailable on ``device_type``)."""
+def collect(device_type: str, backends: list[str] | None = None, on_row=None) -> tuple[list[dict], list[str]]:
+    """(rows of results, lines about backends that are unavailable on ``device_type``), for every
+    fast backend or those named in ``backends``; ``on_row(row)`` is called as each row is measured."""
     import torch
 
     from ..ops import dispatch
@@ -52,8 +58,8 @@ def collect(device_type: str) -> tuple[list[dict], list[str]]:
 
     rows, skipped = [], []
     for name in dispatch.BACKENDS:
-        if name == "torch":
-            continue  # the reference itself
+        if name == "torch" or (backends is not None and name not in backends):
+            continue  # the reference itself, or not asked for
         ok, why = dispatch.availability(name, device_type)
         if not ok:
             skipped.append(f"{name}: unavailable on {device_type}: {why}")
@@ -66,6 +72,8 @@ def collect(device_type: str) -> tuple[list[dict], list[str]]:
                     continue
                 for channels_last in (False, True):
                     rows.append(_row(op, name, backend, torch.device(device_type), dtype, channels_last))
+                    if on_row is not None:
+                        on_row(rows[-1])
     return rows, skipped
 
 
@@ -85,9 +93,18 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is available to this PyTorch")
     path = Path(args.json) if args.json else None
-    if path is not None and not path.parent.is_dir():  # checked before the work, not after
-        raise UserError(f"--json {path}: folder {path.parent} does not exist")
-    rows, skipped = collect(args.device)
+    lines = Path(args.jsonl) if args.jsonl else None
+    for option, target in (("--json", path), ("--jsonl", lines)):
+        if target is not None and not target.parent.is_dir():  # checked before the work, not after
+            raise UserError(f"{option} {target}: folder {target.parent} does not exist")
+    backends = args.backends.split(",") if args.backends else None
+
+    def append(row: dict) -> None:
+        if lines is not None:
+            with open(lines, "a") as f:
+                f.write(json.dumps({"step": "selftest", "device": args.device, **row}) + "\n")
+
+    rows, skipped = collect(args.device, backends, append)
     _print_table(rows)
     for line in skipped:
         print(f"skipped {line}")
