@@ -8,3 +8,8 @@ class UserError(Exception):
 
 class BackendUnavailableError(RuntimeError):
     """The named backend cannot serve this call; the message says why."""
+
+
+class DestinationError(UserError):
+    """fastsr will not write there: the destination is or holds an input, exists (without
+    ``--overwrite``) or is a folder fastsr did not write (never removed). See docs/safety.md."""

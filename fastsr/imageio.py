@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import shutil
 import warnings
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import ZARR_MARK, commit
 from .errors import UserError
 from .metadata import (
     EXIF_ORIENTATION,
@@ -48,6 +50,12 @@ PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 COMPRESSIONS = ("none", "deflate", "zstd", "jpeg")
 # A whole-image (Pillow) output must fit in memory with room to spare: at most this many pixels.
 PILLOW_MAX_OUTPUT_PIXELS = 1 << 28
+# Sizes declared by a file header are checked against these before anything is planned or
+# allocated: a 200-byte zarr.json can declare any shape. 2**31 - 1 pixels a side is what TIFF
+# readers and numpy's int32 index paths take; 2**44 pixels (17.6 Tpixel, 50 TiB of RGB) is far
+# beyond any real image, so a larger declaration is a lying header, refused in one line.
+MAX_SIDE = (1 << 31) - 1
+MAX_PIXELS = 1 << 44
 
 
 class ImageReadError(UserError):
@@ -137,16 +145,26 @@ class ImageSource:
 def _check_layout(path: str, shape: tuple[int, ...], dtype: np.dtype, what: str) -> tuple[int, int, int]:
     if len(shape) not in (2, 3):
         raise UnsupportedImageError(f"{path}: {what} has shape {tuple(shape)}; expected (H, W) or (H, W, C)")
-    height, width = shape[0], shape[1]
-    channels = 1 if len(shape) == 2 else shape[2]
+    height, width = int(shape[0]), int(shape[1])
+    channels = 1 if len(shape) == 2 else int(shape[2])
     if height == 0 or width == 0 or channels == 0:
         raise ImageReadError(f"{path}: {what} has zero size (shape {tuple(shape)})")
+    check_declared_size(path, height, width, what)
     if channels not in MODES:
         raise UnsupportedImageError(f"{path}: {what} has {channels} channels (shape {tuple(shape)}); "
                                     "fastsr handles 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA)")
     if np.dtype(dtype) not in DTYPES:
         raise UnsupportedImageError(f"{path}: {what} has dtype {np.dtype(dtype)}; fastsr handles uint8 and uint16")
     return height, width, channels
+
+
+def check_declared_size(path: str, height: int, width: int, what: str = "image") -> None:
+    """Refuse a declared size no real image has (:data:`MAX_SIDE`, :data:`MAX_PIXELS`), in Python
+    integers (numpy's int64 products overflow silently)."""
+    height, width = int(height), int(width)
+    if height < 0 or width < 0 or max(height, width) > MAX_SIDE or height * width > MAX_PIXELS:
+        raise UnsupportedImageError(f"{path}: {what} declares {width}x{height} pixels, beyond what fastsr handles "
+                                    f"(at most {MAX_SIDE} a side and {MAX_PIXELS} pixels); is its header damaged?")
 
 
 def array_source(array, path: str = "<array>", kind: str = "array", closer=None,
@@ -366,14 +384,32 @@ def _open_zarr(path: str) -> ImageSource:
 
 def _open_ome_zarr(path: str, group) -> ImageSource:
     """Level 0 of an OME-Zarr image (0.4 or 0.5) read as (H, W, C): the channel axis, if any, goes
-    last; time and z must be single planes."""
+    last; time and z must be single planes. Metadata of the wrong shape (a missing dataset, a
+    string where a list belongs) is one :class:`UnsupportedImageError`, not a parser's traceback."""
+    try:
+        return _parse_ome_zarr(path, group)
+    except UserError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise UnsupportedImageError(f"{path}: malformed OME-Zarr metadata ({type(exc).__name__}: {exc})") from None
+
+
+def _ome_dataset_path(path: str, image: dict) -> str:
+    """Level 0's array path inside the group: a plain relative name, never one leading out of it."""
+    name = image["datasets"][0]["path"]
+    if not isinstance(name, str) or not name or name.startswith("/") or ".." in name.split("/"):
+        raise UnsupportedImageError(f"{path}: OME-Zarr dataset path {name!r} does not name an array inside the group")
+    return name
+
+
+def _parse_ome_zarr(path: str, group) -> ImageSource:
     attrs = dict(group.attrs)
     multiscales = attrs.get("ome", attrs).get("multiscales")  # 0.5 nests it under "ome"
     if not multiscales:
         raise UnsupportedImageError(f"{path}: a zarr group without OME-Zarr multiscales metadata; name the array "
                                     f"inside it (e.g. {path}/0)")
     image = multiscales[0]
-    array = group[image["datasets"][0]["path"]]
+    array = group[_ome_dataset_path(path, image)]
     # Axes as dicts (0.4 on) or names (0.3); before 0.3 always t, c, z, y, x.
     axes = [a if isinstance(a, dict) else {"name": a} for a in image.get("axes", "tczyx"[-array.ndim:])]
     names = [a["name"] for a in axes]
@@ -443,6 +479,20 @@ def output_format(path: str | os.PathLike) -> str:
                           f".zarr, or one of {', '.join(PILLOW_SUFFIXES)} for images that fit in memory")
 
 
+def check_destination(dst: str | os.PathLike, sources=(), *, overwrite: bool = False) -> str:
+    """Before any work: ``dst``'s format from its suffix (:func:`output_format`), a file name for a
+    file format, and the rule of :func:`fastsr.atomic.check_destination` (no overlap with
+    ``sources``, an existing destination only with ``overwrite``, never a folder fastsr did not
+    write). Returns the format."""
+    from .atomic import check_destination as check_rule
+
+    fmt = output_format(dst)
+    if fmt != "zarr" and Path(dst).is_dir():
+        raise ImageWriteError(f"{dst}: is a directory; name an output file (e.g. {Path(dst) / 'out.tif'})")
+    check_rule(dst, sources=sources, overwrite=overwrite)
+    return fmt
+
+
 def check_output(dst: str | os.PathLike, *, shape: tuple[int, int, int], dtype: np.dtype, compression: str) -> str:
     """Validate that an image of ``shape`` (H, W, C) and ``dtype`` can be written to ``dst``
     with ``compression``; returns the format. Raises :class:`ImageWriteError` /
@@ -481,11 +531,13 @@ def estimate_output_bytes(shape: tuple[int, int, int], dtype: np.dtype, fmt: str
     """A conservative estimate of the disk space an output needs (final file + the resumable
     tile store it is assembled from). Compressed sizes assume photo-like content: lossless
     compression of upscaled images (smooth at pixel scale) rarely exceeds 60% of raw."""
-    raw = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    ratio = {"none": 1.0, "deflate": 0.6, "zstd": 0.6, "jpeg": 0.15}[compression]
-    store = 0.6 * raw  # the zstd-compressed tile store (removed at the end, except for .zarr outputs)
-    final = 0 if fmt == "zarr" else (0.6 if fmt == "pillow" else ratio) * raw
-    return int(store + final)
+    # Python integers: np.prod wraps around in int64 (a declared 1e9 x 1e9 image came out negative,
+    # and the space check passed).
+    raw = math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize
+    percent = {"none": 100, "deflate": 60, "zstd": 60, "jpeg": 15}[compression]
+    store = raw * 60 // 100  # the zstd-compressed tile store (removed at the end, except for .zarr outputs)
+    final = 0 if fmt == "zarr" else raw * (60 if fmt == "pillow" else percent) // 100
+    return store + final
 
 
 def check_disk_space(dst: str | os.PathLike, needed: int) -> None:
@@ -503,11 +555,11 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def commit_path(tmp: Path, dst: Path) -> None:
-    """Move a finished temporary output to its final name (atomic for files)."""
-    if tmp.is_dir() and dst.exists():
-        remove_path(dst)  # os.replace cannot replace a non-empty directory
-    os.replace(tmp, dst)
+def commit_path(tmp: Path, dst: Path, overwrite: bool = False) -> None:
+    """Move a finished temporary output to its final name (atomic for files), by the one rule of
+    :func:`fastsr.atomic.commit`: an existing destination only with ``overwrite``, and a directory
+    only if it is a zarr fastsr wrote."""
+    commit(tmp, dst, overwrite=overwrite)
 
 
 def create_zarr(path: str | os.PathLike, shape: tuple[int, int, int], chunks: tuple[int, int, int],
@@ -519,9 +571,10 @@ def create_zarr(path: str | os.PathLike, shape: tuple[int, int, int], chunks: tu
 
     if mode == "a":
         return zarr.open_array(str(path), mode="r+")
+    # The mark tells a later run with --overwrite that this array is fastsr's to replace.
     return zarr.create_array(str(path), shape=shape, chunks=chunks, dtype=np.dtype(dtype),
                              serializer=BytesCodec(), compressors=ZstdCodec(level=1), zarr_format=3,
-                             fill_value=0, overwrite=True)
+                             fill_value=0, overwrite=True, attributes={ZARR_MARK: {"kind": "array"}})
 
 
 def write_ome_zarr(path: str | os.PathLike, base, ome: dict, block: int) -> None:
@@ -538,7 +591,8 @@ def write_ome_zarr(path: str | os.PathLike, base, ome: dict, block: int) -> None
     if ome.get("name"):
         image["name"] = ome["name"]
     attrs = {"version": "0.5", "multiscales": [image], **({"omero": ome["omero"]} if ome.get("omero") else {})}
-    group = zarr.create_group(str(path), zarr_format=3, attributes={"ome": attrs}, overwrite=True)
+    group = zarr.create_group(str(path), zarr_format=3, attributes={"ome": attrs, ZARR_MARK: {"kind": "ome-zarr"}},
+                              overwrite=True)
     height, width, channels = base.shape
     planes = len(ome["axes"]) == 3  # (c, y, x); else (y, x), one channel
     array = group.create_array("0", shape=(channels, height, width) if planes else (height, width),

@@ -35,11 +35,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
+from .atomic import check_destination, one_writer
 from .data import RandomCrops, StepBatches, find_images
 from .distributed import DistInfo, process_group
 from .evaluate import score_folder
@@ -64,9 +66,23 @@ def train(cfg: TrainConfig) -> Path:
         raise TrainingError(f"--val {cfg.val}: no images found")
     with process_group(cfg.device) as dist_info:
         recipe = _Recipe(cfg, dist_info)
-        recipe.setup()
-        recipe.run()
+        recipe.check_out()
+        # One run per folder, as one upscale per output: two would interleave log.csv and checkpoints.
+        lock = one_writer(recipe.out.resolve()) if dist_info.is_writer else contextlib.nullcontext()
+        with lock:
+            recipe.setup()
+            recipe.run()
         return recipe.checkpointer.model_path
+
+
+# What a run writes into --out: a new run replaces them only with --overwrite (docs/safety.md).
+RUN_FILES = ("checkpoint.pt", "config.json", "log.csv", "model.safetensors", "discriminator.safetensors")
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are the same path or one lies inside the other (symlinks resolved)."""
+    ra, rb = a.resolve(), b.resolve()
+    return ra == rb or ra in rb.parents or rb in ra.parents
 
 
 class _Recipe:
@@ -78,19 +94,36 @@ class _Recipe:
         self.checkpointer = Checkpointer(self.out, cfg, dist_info)
         self.last = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
 
-    def setup(self) -> None:
-        """Check the run folder, build the trainer (models, optimizers), resume, build the data."""
-        cfg, world = self.cfg, self.dist.world_size
-        if cfg.batch_size % world:
+    def check_out(self) -> None:
+        """The run folder before anything is written (docs/safety.md): it holds none of the inputs
+        and lies in none; a new run finds no other run's files there (unless --overwrite); the
+        folder exists afterwards (the lock file goes beside it)."""
+        cfg = self.cfg
+        if cfg.batch_size % self.dist.world_size:
             raise TrainingError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the "
-                                f"{world} processes")
-        if self.checkpointer.path.exists() and not cfg.resume:
+                                f"{self.dist.world_size} processes")
+        for flag, path in (("--data", cfg.data), ("--val", cfg.val), ("--init", cfg.init),
+                           ("--vgg-weights", cfg.vgg_weights)):
+            if path and _overlaps(Path(path), self.out):
+                raise TrainingError(f"--out {self.out} and {flag} {path} overlap (one is, or lies inside, the other); "
+                                    "the run folder must be separate from its inputs")
+        if self.checkpointer.path.exists() and not cfg.resume and not cfg.overwrite:
             raise TrainingError(f"{self.checkpointer.path} exists: pass --resume to continue that run, "
-                                f"or choose another --out")
+                                f"or choose another --out (--overwrite starts a new run over it)")
+        if not cfg.resume:
+            for name in RUN_FILES:
+                if os.path.lexists(self.out / name):  # another run's file: replaced only with --overwrite
+                    check_destination(self.out / name, overwrite=cfg.overwrite, what="--out file")
         if self.dist.is_writer:
             self.out.mkdir(parents=True, exist_ok=True)
+
+    def setup(self) -> None:
+        """Build the trainer (models, optimizers), resume, build the data."""
+        cfg = self.cfg
+        if self.dist.is_writer and cfg.overwrite and not cfg.resume:
+            (self.out / "log.csv").unlink(missing_ok=True)  # a new run's log starts empty, not after the old rows
         torch.manual_seed(cfg.seed)  # the models' initial weights
-        self.trainer = Trainer(cfg, self.dist.device, world)
+        self.trainer = Trainer(cfg, self.dist.device, self.dist.world_size)
         self.step = self.checkpointer.resume(self.trainer) if cfg.resume else 0
         if self.dist.is_writer:
             (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))

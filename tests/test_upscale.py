@@ -428,14 +428,15 @@ def test_resume_after_kill_9(tmp_path, tiny_model_file, model):
     fastsr.upscale_file(src, uninterrupted, model, tile=16, progress=False, backend=BACKEND)
     assert np.array_equal(got, tifffile.imread(uninterrupted))
     no_leftovers(tmp_path, {src.name, dst.name, uninterrupted.name})
-    # A resume with other settings is refused rather than mixing tiles of two runs.
-    proc = subprocess.Popen(args, env=ENV, stderr=subprocess.DEVNULL)
+    # A resume with other settings is refused rather than mixing tiles of two runs (dst exists by
+    # now: replacing it takes --overwrite, docs/safety.md).
+    proc = subprocess.Popen([*args, "--overwrite"], env=ENV, stderr=subprocess.DEVNULL)
     while not list(work.glob("done.rank*.txt")) and proc.poll() is None:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     with pytest.raises(UserError, match="other settings"):
-        fastsr.upscale_file(src, dst, model, tile=32, resume=True, progress=False, backend=BACKEND)
+        fastsr.upscale_file(src, dst, model, tile=32, resume=True, progress=False, backend=BACKEND, overwrite=True)
 
 
 def test_resume_recomputes_missing_and_damaged_tiles(tmp_path, model, monkeypatch, caplog):

@@ -17,6 +17,9 @@ checkpoint has them (--no-ema: the raw weights). Other architectures load throug
 it is installed, but as spandrel's own modules, which have no fastsr model file: use such a
 checkpoint directly with fastsr.load_model.
 
+DST is a .safetensors file (another suffix is refused); an existing DST is replaced only with
+--overwrite, and never when it is SRC (docs/safety.md).
+
 Example:
   fastsr convert SRGAN_x4-SRGAN_ImageNet.pth.tar srgan_x4.safetensors
   fastsr upscale --model srgan_x4.safetensors photo.png photo_x4.png
@@ -25,6 +28,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ..atomic import check_destination
+from ..errors import UserError
 
 HELP = "convert another super-resolution code base's checkpoint to a fastsr model file"
 
@@ -35,22 +42,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA ones")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="precision of the stored weights (default: fp32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+
+
+def model_sources(src: Path) -> list[Path]:
+    """The files a model is read from: ``src``, and for an ncnn ``.param`` its ``.bin``."""
+    return [src, src.with_suffix(".bin")] if src.suffix == ".param" else [src]
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
-    from ..errors import UserError
     from ..models import save_model
     from ..models.checkpoint import FORMAT, ModelFileError
     from ..models.ncnn import load_ncnn
     from ..models.peers import load_checkpoint
 
-    src = Path(args.src)
+    src, dst = Path(args.src), Path(args.dst)
     if not src.is_file():
         raise UserError(f"checkpoint not found: {src}")
+    if dst.suffix.lower() != ".safetensors":  # the bytes written are safetensors: the name must say so
+        raise UserError(f"{dst}: fastsr model files are .safetensors; name the output NAME.safetensors "
+                        "(for ONNX use 'fastsr export')")
     try:
         model = load_ncnn(src) if src.suffix == ".param" else load_checkpoint(src, prefer_ema=not args.no_ema)
     except ModelFileError as exc:
@@ -58,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(model, "config", None) is None:  # spandrel's module: no fastsr architecture to record
         raise UserError(f"{src}: no fastsr format builds it; spandrel loaded it as {type(model).__name__}, which "
                         "has no fastsr model file (use the checkpoint itself with fastsr.load_model)")
+    # After loading (its errors are about SRC), before writing anything.
+    check_destination(dst, sources=model_sources(src), overwrite=args.overwrite)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    save_model(model, args.dst, dtype=dtype)
+    save_model(model, dst, dtype=dtype)
     config = ", ".join(f"{k}={v}" for k, v in model.config.items())
     print(f"wrote {args.dst} ({FORMAT}: {config})")
     return 0

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         bic = bicubic_upscale(lr, scale)
         to_png(bic).save(bic_path)
         started = time.perf_counter()
-        upscale_file(lr_path, sr_path, model=args.model, device=args.device, progress=False)
+        # The demo folder's files are the demo's own (the LR and bicubic PNGs are rewritten too).
+        upscale_file(lr_path, sr_path, model=args.model, device=args.device, progress=False, overwrite=True)
         seconds = time.perf_counter() - started
         sr = to_float(load_rgb(sr_path))
         bic = to_float(load_rgb(bic_path))

@@ -58,10 +58,12 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import BackendUnavailableError
     from ..imageio import is_disk_full
     from ..train import TrainingError, train
+    from .upscale import terminate_as_interrupt
 
     cfg = TrainConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)})
     try:
-        path = train(cfg)
+        with terminate_as_interrupt():
+            path = train(cfg)
     except (TrainingError, BackendUnavailableError, FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:

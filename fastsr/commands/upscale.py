@@ -16,8 +16,12 @@ under the folder DST, each in its own format or all in --format. Images are the 
 .png .jpg .jpeg .webp .bmp .tif .tiff .btf .tf8 .tf2 (any case) and .zarr arrays; other files and
 hidden names (a leading dot) are ignored, and DST inside SRC is not read. The model is loaded once.
 A file that fails is reported on one line and the others go on; outputs that exist are complete
-(written under a temporary name, then renamed) and are skipped, so a rerun does what is left (a
-file cut short: --resume continues it, --restart starts it over). The last line sums up; the exit
+(written under a temporary name, then renamed) and are skipped when an earlier run made them with
+the same model, so a rerun does what is left (a file cut short: --resume continues it, --restart
+starts it over); other existing outputs need --overwrite.
+
+Never lost: an existing DST is replaced only with --overwrite, a folder never unless it is a zarr
+fastsr wrote, and DST may not be, lie inside or contain SRC (docs/safety.md). The last line sums up; the exit
 status is 2 if a file failed for a reason of its own (unreadable, corrupt, unsupported mode), 1 if
 one failed otherwise.
 
@@ -33,7 +37,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 
 from ..errors import UserError
 from ..pipeline.folder import OUTPUT_FORMATS
@@ -85,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "finished files are always skipped; this continues the file that was cut short)")
     p.add_argument("--restart", action="store_true",
                    help="discard the finished tiles of an interrupted run and start over")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DST (folders: existing outputs another model or run made); a folder "
+                        "that is not a zarr fastsr wrote is never removed (docs/safety.md)")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cpp"],
                    help="kernel backend (default: $FASTSR_BACKEND, else auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (folders: nor the summary line)")
@@ -102,14 +113,34 @@ def run(args: argparse.Namespace) -> int:
     if args.format is not None and not folder:
         raise UserError(f"--format is for a folder SRC; {args.src} is one image: DST's suffix gives its format")
     try:
-        return _folder(args) if folder else _file(args)
+        with terminate_as_interrupt():
+            return _folder(args) if folder else _file(args)
     except BackendUnavailableError as exc:
         raise UserError(str(exc)) from None
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a job scheduler's stop) handled as Ctrl-C: the run stops through the same
+    path (message, finished tiles or checkpoint kept, lock released) instead of dying silently with
+    its lock file left. Only the main thread can set a handler; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _settings(args: argparse.Namespace) -> dict:
     names = ("tile", "halo", "border", "batch_size", "device", "dtype", "resume", "restart", "compression", "pyramid",
-             "backend")
+             "backend", "overwrite")
     return {**{name: getattr(args, name) for name in names}, "progress": not args.quiet}
 
 

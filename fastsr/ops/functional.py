@@ -37,6 +37,19 @@ def _autocast(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Ten
     return tuple(t.to(dtype) if t is not None and t.dtype in low else t for t in (x, *tensors))
 
 
+def _check_devices(x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Every tensor argument is a tensor on ``x``'s device. Backends read raw pointers: a weight on
+    another device (a meta tensor above all) would be read as uninitialised memory, not refused."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on device {t.device} but x is on {x.device}; every tensor argument "
+                             f"must be on x's device")
+
+
 def _check_slope(slope: torch.Tensor, channels: int) -> None:
     if slope.numel() not in (1, channels):
         raise ValueError(f"slope must have 1 or {channels} elements (one per output channel), got {slope.numel()}")
@@ -74,6 +87,9 @@ def conv2d_prelu(
     autocast dtype inside ``torch.autocast`` (all inputs are cast to it, as for ``F.conv2d``).
     """
     _check_image_batch("x", x)
+    if weight is None:
+        raise TypeError("weight must be a torch.Tensor, got None")
+    _check_devices(x, weight=weight, bias=bias, slope=slope, residual=residual)
     x, weight, bias, slope, residual = _autocast(x, weight, bias, slope, residual)
     _check_conv(x, weight, bias, shuffle)
     n, _, h, w = x.shape
@@ -103,6 +119,9 @@ def conv2d_silu(
     inside ``torch.autocast``.
     """
     _check_image_batch("x", x)
+    if weight is None:
+        raise TypeError("weight must be a torch.Tensor, got None")
+    _check_devices(x, weight=weight, bias=bias, skip=skip)
     x, weight, bias, skip = _autocast(x, weight, bias, skip)
     _check_conv(x, weight, bias)
     out_shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
@@ -116,6 +135,7 @@ def pixel_shuffle_prelu(
 ) -> torch.Tensor:
     """``prelu(pixel_shuffle(x, r), slope)``: (N, C*r*r, H, W) -> (N, C, H*r, W*r)."""
     _check_image_batch("x", x)
+    _check_devices(x, slope=slope)
     r = upscale_factor
     if r < 1 or x.shape[1] % (r * r):
         raise ValueError(f"channels ({x.shape[1]}) must be divisible by upscale_factor**2 = {r * r}")

@@ -78,6 +78,7 @@ class Output:
     compression: str
     pyramid: bool
     metadata: imageio.Metadata = imageio.Metadata()
+    overwrite: bool = False  # an existing dst may be replaced (docs/safety.md)
 
 
 class Assembler(threading.Thread):
@@ -110,7 +111,7 @@ class Assembler(threading.Thread):
 def finish(work: WorkDir, out: Output) -> None:
     """Turn the complete tile store into the output file (atomic rename), then drop the work folder."""
     if out.fmt == "zarr" and not out.metadata.ome_zarr:
-        imageio.commit_path(work.store_path, out.dst)
+        imageio.commit_path(work.store_path, out.dst, out.overwrite)
         imageio.remove_path(work.path)
         return
     tmp = work.path / f"output{out.dst.suffix}"  # same folder as dst: the rename is atomic
@@ -123,7 +124,7 @@ def finish(work: WorkDir, out: Output) -> None:
                                metadata=out.metadata)
         else:
             imageio.write_pillow(tmp, np.asarray(work.store[...]), imageio.pillow_format(out.dst), out.metadata)
-        imageio.commit_path(tmp, out.dst)
+        imageio.commit_path(tmp, out.dst, out.overwrite)
     finally:
         imageio.remove_path(tmp)
     imageio.remove_path(work.path)

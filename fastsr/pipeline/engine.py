@@ -36,6 +36,20 @@ class UpscaleError(UserError):
     """A bad argument to upscale_image / upscale_file (tile, halo, device, dtype, paths)."""
 
 
+class NonFiniteOutputError(UpscaleError):
+    """The model produced NaN or infinity: broken weights (or a dtype too narrow for them). Raised
+    on the first batch, before a black or garbage image is written."""
+
+
+def model_name(model) -> str:
+    """How a message names the model the user passed: its file or embedded name, else its class."""
+    if model is None:
+        return "default"
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    return type(model).__name__
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,7 +121,14 @@ class Upscaler:
     """
 
     def __init__(self, model=None, *, device=None, dtype=None, backend: str | None = None) -> None:
+        if not isinstance(model, (nn.Module, str, os.PathLike)) and model is not None:
+            raise UpscaleError(f"model must be a torch module, a model file or an embedded model name, got "
+                               f"{type(model).__name__}")
         source = _load(model)
+        self.name = model_name(model)
+        if not any(isinstance(m, nn.Conv2d) for m in source.modules()):  # e.g. an nn.Linear: no image model
+            raise UpscaleError(f"model {self.name} has no convolution: not an image super-resolution model")
+        self.finite_checked = False  # the first batch's output is checked for NaN/Inf (check_finite)
         self.device, self.dtype, self.backend = resolve_device(device), resolve_dtype(dtype), backend
         self.scale, self.radius = model_scale(source), receptive_field(source)
         # Models that pixel-unshuffle their input need windows on its grid (fastsr.tiling).
@@ -161,6 +182,19 @@ class Upscaler:
             out = torch.cat([out.to(alpha.dtype), alpha.clamp(0, 1)], dim=1)
         return out
 
+    def check_finite(self, y: torch.Tensor) -> None:
+        """Stop on NaN/Inf in the first batch's output: converted to integers they would be black (or
+        saturated) pixels and the run would end with exit 0. One check per Upscaler: the model does
+        not change, and a second pass over every output would cost time on the GPU."""
+        if self.finite_checked:
+            return
+        if not bool(torch.isfinite(y).all()):
+            dtype = str(self.dtype).removeprefix("torch.")
+            hint = "; try --dtype fp32" if self.dtype != torch.float32 else ""
+            raise NonFiniteOutputError(f"model {self.name} produced NaN or infinite values on the first tiles "
+                                       f"({dtype}): its weights are broken or overflow{hint}")
+        self.finite_checked = True
+
     def run_uint(self, batch: np.ndarray) -> np.ndarray:
         """(B, h, w, C) uint8/uint16 -> (B, h*s, w*s, C) of the same dtype (rounded, clamped)."""
         maxval = 255.0 if batch.dtype == np.uint8 else 65535.0
@@ -170,6 +204,7 @@ class Upscaler:
                 host = host.pin_memory()
             x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory = channels_last
             y = self.forward(x.float().div_(maxval))
+            self.check_finite(y)
             if batch.dtype == np.uint8:  # every backend's to_uint8: one pass on cpp and triton
                 y = to_uint8(y, backend=self.backend)
             else:

@@ -29,7 +29,7 @@ import torch
 from .. import imageio
 from ..distributed import DistInfo, barrier, broadcast_object, process_group
 from ..errors import UserError
-from ..imageio import DiskFullError, ImageSource, ImageWriteError
+from ..imageio import DiskFullError, ImageSource
 from ..ops.dispatch import get_backend
 from ..tiling import TilePlan
 from .assemble import Assembler, Output, SpaceWatch, TileTracker, finish
@@ -60,7 +60,7 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
                  halo: int | str = "auto", border: str = "mirror", batch_size: int | None = None, device=None,
                  dtype=None,
                  resume: bool = False, compression: str = "zstd", pyramid: bool = False, progress: bool = True,
-                 backend: str | None = None, restart: bool = False) -> Path:
+                 backend: str | None = None, restart: bool = False, overwrite: bool = False) -> Path:
     """Upscale the image file ``src`` into ``dst`` in tiles, in bounded memory; returns ``dst``.
 
     src: TIFF/BigTIFF (tiled or stripped), a zarr array, a .npy file, or PNG/JPEG/...;
@@ -74,20 +74,20 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
     "reflect" (mirrored without repeating the edge) or "zero" (the
     plain model's zero padding at the border). ``resume=True`` continues a killed
     run from its manifest (same settings required); ``restart=True`` discards such a run's
-    finished tiles and starts over (without either, finding them is an error). Raises
+    finished tiles and starts over (without either, finding them is an error). An existing ``dst``
+    is replaced only with ``overwrite=True``, and a folder only if it is a zarr fastsr wrote
+    (docs/safety.md); ``dst`` may not be, lie inside or contain ``src``. Raises
     :class:`fastsr.errors.UserError` subclasses for bad inputs and outputs, all checked before
     any work starts.
     """
     src_path, dst_path = Path(src), Path(dst)
-    if src_path.resolve() == dst_path.resolve():
-        raise ImageWriteError(f"output path {dst} is the input file; choose another output name")
-    imageio.output_format(dst_path)
+    imageio.check_destination(dst_path, [src_path], overwrite=overwrite)
     with process_group(resolve_device(device)) as dist:
         up = Upscaler(model, device=dist.device, dtype=dtype, backend=backend)
         with imageio.open_image(src_path) as source:
             run = _plan_run(up, source, src_path, dst_path, tile=tile, halo=halo, border=border, resume=resume,
                             batch_size=batch_size, compression=compression, pyramid=pyramid, backend=backend,
-                            dist=dist)
+                            dist=dist, overwrite=overwrite)
             with _space_to_start(dst_path), output_lock(dst_path, dist):  # after the checks: the folder is writable
                 work = WorkDir(work_path(dst_path), run.header, tuple(run.header["shape"]), run.chunks,
                                source.dtype, resume=resume, dist=dist, restart=restart)
@@ -113,11 +113,15 @@ def _space_to_start(dst: Path) -> Iterator[None]:
 
 
 def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, halo, border, resume, batch_size,
-              compression, pyramid, backend, dist: DistInfo) -> _Run:
+              compression, pyramid, backend, dist: DistInfo, overwrite: bool) -> _Run:
     """The tile plan, the output checks (format, TIFF tile size, disk space) and the resume header."""
     batch_size = (4 if up.device.type == "cuda" else 1) if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise UpscaleError(f"batch size must be >= 1, got {batch_size}")
+    # The space check first, in Python integers: before a plan is made for a declared size.
+    out_shape = (source.height * up.scale, source.width * up.scale, source.channels)
+    fmt = imageio.check_output(dst, shape=out_shape, dtype=source.dtype, compression=compression)
+    imageio.check_disk_space(dst, imageio.estimate_output_bytes(out_shape, source.dtype, fmt, compression))
     tile = tile_size(tile, source.height, source.width)
     shape = {"height": source.height, "width": source.width, "channels": source.channels, "tile": tile}
     # A run resumed with "auto" (or a folder's halo measured on another file) keeps the halo it started with.
@@ -127,8 +131,6 @@ def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, 
         stored = _halo_of_rank_0(up, halo, source, shape, dist)
     plan = plan_for(up, halo=halo, border=border, read=source_reader(source), stored_halo=stored, **shape)
     tile = plan.tile
-    out_shape = (*plan.output_shape, source.channels)
-    fmt = imageio.check_output(dst, shape=out_shape, dtype=source.dtype, compression=compression)
     if pyramid and fmt != "tiff":
         raise UpscaleError(f"--pyramid: {dst} is not a TIFF; pyramid levels are written into .tif outputs only")
     if up.device.type == "cpu" and up.dtype != torch.float32:
@@ -139,7 +141,6 @@ def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, 
         step = 16 // int(np.gcd(16, up.scale))  # the tiles whose output is a multiple of 16
         raise UpscaleError(f"--tile {tile} gives output tiles of {out_tile} pixels; TIFF tiles must be a multiple "
                            f"of 16 pixels: use --tile {-(-tile // step) * step} or another multiple of {step}")
-    imageio.check_disk_space(dst, imageio.estimate_output_bytes(out_shape, source.dtype, fmt, compression))
     st = src.stat()
     header = {"version": 1, "src": str(src.resolve()), "src_size": st.st_size, "src_mtime_ns": st.st_mtime_ns,
               "model": model_digest(up.source), "tile": tile, "halo": plan.halo, "border": border,
@@ -147,7 +148,7 @@ def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, 
               "dtype": str(up.dtype), "device": up.device.type, "backend": backend or get_backend(),
               "shape": list(out_shape), "scale": up.scale}
     metadata = source.metadata.scaled(up.scale, out_shape[1], out_shape[0])  # the same physical size and place
-    output = Output(dst, fmt, out_tile, compression, pyramid, metadata)
+    output = Output(dst, fmt, out_tile, compression, pyramid, metadata, overwrite)
     return _Run(output, plan, batch_size, header)
 
 
@@ -197,7 +198,7 @@ def _compute(up: Upscaler, source: ImageSource, run: _Run, work: WorkDir, dist: 
         if isinstance(exc, UserError):
             if dist.world_size == 1 and not isinstance(exc, DiskFullError):  # its message says how to resume
                 imageio.remove_path(work.path)
-        else:
+        elif work.done or dist.world_size > 1:  # (other ranks may have finished some)
             log.warning("stopped; the finished tiles are kept in %s: rerun with --resume to continue", work.path)
         raise
     work.close()
@@ -210,7 +211,7 @@ def _commit(run: _Run, work: WorkDir, dist: DistInfo, assembler: Assembler | Non
         if assembler.error is not None:
             imageio.remove_path(assembler.tmp)
             raise assembler.error
-        imageio.commit_path(assembler.tmp, run.output.dst)
+        imageio.commit_path(assembler.tmp, run.output.dst, run.output.overwrite)
         imageio.remove_path(work.path)
         return
     barrier(dist)  # every rank's tiles are in the store

@@ -9,21 +9,26 @@ model is loaded once for all files.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .. import imageio
+from ..atomic import atomic_path
+from ..distributed import DistInfo
 from ..errors import BackendUnavailableError, UserError
 from ..imageio import PILLOW_SUFFIXES, TIFF_SUFFIXES
 from ..tiling import align_up
 from . import halo as halo_mod
-from .engine import Upscaler
+from .engine import NonFiniteOutputError, Upscaler, model_digest
 from .files import upscale_file
 from .memory import tile_size
-from .resume import work_path
+from .resume import output_lock, work_path
 
 log = logging.getLogger("fastsr")
 
@@ -32,6 +37,11 @@ log = logging.getLogger("fastsr")
 INPUT_SUFFIXES = (*PILLOW_SUFFIXES, *TIFF_SUFFIXES, ".zarr")
 # What --format can turn every output into (without it each output keeps its input's suffix).
 OUTPUT_FORMATS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "zarr")
+# The record of what folder runs wrote into an output folder OUT: relative output path -> the
+# digest of the model that made it, in the hidden file .OUT.fastsr-folder.json beside OUT (beside,
+# not inside: OUT holds only the outputs). A rerun skips only outputs recorded with its own model;
+# any other file at an output path is not fastsr's to skip or replace without --overwrite.
+RECORD_SUFFIX = ".fastsr-folder.json"
 
 
 class FolderError(UserError):
@@ -95,14 +105,18 @@ def upscale_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, model
                    tile: int = 512, halo: int | str = "auto", border: str = "mirror",
                    batch_size: int | None = None, device=None, dtype=None, resume: bool = False,
                    compression: str = "zstd", pyramid: bool = False, restart: bool = False, progress: bool = True,
-                   backend: str | None = None) -> FolderSummary:
+                   backend: str | None = None, overwrite: bool = False) -> FolderSummary:
     """Upscale every image under ``src_dir`` (recursively, see :data:`INPUT_SUFFIXES`) into the same
     relative path under ``dst_dir``; returns a :class:`FolderSummary`.
 
     Outputs keep their input's suffix, or all get ``.{fmt}`` (one of :data:`OUTPUT_FORMATS`).
-    Existing outputs are skipped (they are complete: :func:`upscale_file` renames a finished file
-    into place). A file that fails is logged on one line and the run goes on. ``dst_dir`` may lie
-    inside ``src_dir``: it is not read. ``pyramid`` applies to the TIFF outputs; ``resume`` continues
+    Existing outputs that an earlier folder run made with the same model are skipped (they are
+    complete: :func:`upscale_file` renames a finished file into place); any other existing output
+    (another model's, or a file fastsr did not write) stops the run before any work unless
+    ``overwrite`` (docs/safety.md). A file that fails is logged on one line and the run goes on.
+    ``dst_dir`` may lie inside ``src_dir`` (it is not read), not the other way round; an output
+    whose folder is a symlink leading out of ``dst_dir`` fails. ``pyramid`` applies to the TIFF
+    outputs; ``resume`` continues
     (``restart`` discards) the finished tiles of a file an interrupted run left unfinished; the other
     arguments are :func:`upscale_file`'s. ``progress``: one bar over the files, with the output
     pixel throughput.
@@ -115,12 +129,63 @@ def upscale_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, model
     up.halo(halo, 3)
     settings = {"tile": tile, "halo": halo, "border": border, "batch_size": batch_size, "device": device,
                 "dtype": dtype, "resume": resume, "restart": restart, "compression": compression, "pyramid": pyramid,
-                "backend": backend, "progress": False}  # one bar for the folder, not one per file
-    summary = FolderSummary(dst_dir, skipped=[src for src, dst in pairs if os.path.lexists(dst)])
-    todo = [(src, dst) for src, dst in pairs if not os.path.lexists(dst)]
+                "backend": backend, "progress": False, "overwrite": overwrite}  # one bar for the folder
     dst_dir.mkdir(parents=True, exist_ok=True)
-    _run(todo, up, settings, progress, summary)
+    # One folder run per output folder: a second one would report the first's file locks as failures.
+    with output_lock(dst_dir.resolve(), DistInfo(0, 1, torch.device("cpu"))):
+        record = _Record(dst_dir, model_digest(up.source))
+        done, todo = _sort_existing(pairs, dst_dir, record, overwrite)
+        summary = FolderSummary(dst_dir, skipped=done)
+        _run(todo, up, settings, progress, summary, record)
     return summary
+
+
+def record_path(dst_dir: Path) -> Path:
+    """The record of the folder runs into ``dst_dir`` (see :data:`RECORD_SUFFIX`)."""
+    dst_dir = dst_dir.resolve()  # "." has no name to put beside
+    return dst_dir.with_name(f".{dst_dir.name}{RECORD_SUFFIX}")
+
+
+class _Record:
+    """The outputs folder runs wrote into ``dst_dir`` and the model of each (:func:`record_path`)."""
+
+    def __init__(self, dst_dir: Path, digest: str) -> None:
+        self.path, self.dst_dir, self.digest = record_path(dst_dir), dst_dir, digest
+        try:
+            outputs = json.loads(self.path.read_text()).get("outputs", {})
+        except (OSError, ValueError, AttributeError):
+            outputs = {}
+        self.outputs: dict[str, str] = outputs if isinstance(outputs, dict) else {}
+
+    def model_of(self, dst: Path) -> str | None:
+        return self.outputs.get(dst.relative_to(self.dst_dir).as_posix())
+
+    def add(self, dst: Path) -> None:
+        """``dst`` was written with this run's model; the record rewritten atomically."""
+        self.outputs[dst.relative_to(self.dst_dir).as_posix()] = self.digest
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps({"version": 1, "outputs": self.outputs}, indent=1))
+
+
+def _sort_existing(pairs: list[tuple[Path, Path]], dst_dir: Path, record: _Record,
+                   overwrite: bool) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """(inputs whose output is done, pairs to compute). An output made by this model is done; an
+    existing one made by another model or not by a folder run is refused in one line for the whole
+    run (before any work) unless ``overwrite``, when it is computed again and replaced."""
+    done, todo, foreign = [], [], []
+    for src, dst in pairs:
+        if not os.path.lexists(dst):
+            todo.append((src, dst))
+        elif record.model_of(dst) == record.digest:
+            done.append(src)
+        else:
+            foreign.append((src, dst))
+    if foreign and not overwrite:
+        dst = foreign[0][1]
+        why = "made with another model" if record.model_of(dst) else "not written by a fastsr folder run"
+        raise FolderError(f"{len(foreign)} output(s) exist that this run did not make, e.g. {dst} ({why}); pass "
+                          "--overwrite to replace them, or choose another output folder")
+    return done, todo + foreign
 
 
 def _check(src_dir: Path, dst_dir: Path, fmt: str | None) -> None:
@@ -138,6 +203,9 @@ def _check(src_dir: Path, dst_dir: Path, fmt: str | None) -> None:
     if dst_dir.resolve() == src_dir.resolve():
         raise FolderError(f"{dst_dir}: the output folder is the input folder; choose another one (it may be "
                           "inside the input folder)")
+    if dst_dir.resolve() in src_dir.resolve().parents:
+        raise FolderError(f"{src_dir}: the input folder lies inside the output folder {dst_dir}; outputs could land "
+                          "on inputs: choose an output folder outside it")
 
 
 def _plan(src_dir: Path, dst_dir: Path, fmt: str | None) -> list[tuple[Path, Path]]:
@@ -158,7 +226,7 @@ def _plan(src_dir: Path, dst_dir: Path, fmt: str | None) -> list[tuple[Path, Pat
 
 
 def _run(todo: list[tuple[Path, Path]], up: Upscaler, settings: dict, progress: bool,
-         summary: FolderSummary) -> None:
+         summary: FolderSummary, record: _Record) -> None:
     """Each file in turn under one progress bar; failures are logged (above the bar) and recorded."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -167,8 +235,9 @@ def _run(todo: list[tuple[Path, Path]], up: Upscaler, settings: dict, progress: 
     with tqdm(total=len(todo), unit="file", disable=not progress, dynamic_ncols=True) as bar, \
             logging_redirect_tqdm():
         for src, dst in todo:
-            failure = _upscale_one(src, dst, up, settings)
+            failure = _upscale_one(src, dst, up, settings, summary.dst_dir)
             if failure is None:
+                record.add(dst)
                 summary.upscaled.append(src)
                 pixels += _input_pixels(src) * up.scale ** 2
             else:
@@ -180,14 +249,18 @@ def _run(todo: list[tuple[Path, Path]], up: Upscaler, settings: dict, progress: 
                 bar.set_postfix_str(f"{tqdm.format_sizeof(pixels)}px out, {tqdm.format_sizeof(rate)}px/s")
 
 
-def _upscale_one(src: Path, dst: Path, up: Upscaler, settings: dict) -> Failure | None:
-    """One file; its failure, or None. A backend that cannot run is no fault of the file and stops
-    the run (every file would fail the same way), as does Ctrl-C (not an Exception)."""
+def _upscale_one(src: Path, dst: Path, up: Upscaler, settings: dict, dst_dir: Path) -> Failure | None:
+    """One file; its failure, or None. A backend that cannot run, or a model that makes NaN, is no
+    fault of the file and stops the run (every file would fail the same way), as does Ctrl-C (not
+    an Exception)."""
+    escape = _leaves_folder(dst, dst_dir)
+    if escape is not None:
+        return Failure(src, f"{dst}: {escape}; fastsr writes only inside the output folder", True)
     created = _make_parents(dst)
     try:
         _measure_halo_once(src, up, settings)
         upscale_file(src, dst, up.source, **_for_file(dst, settings))
-    except BackendUnavailableError:
+    except (BackendUnavailableError, NonFiniteOutputError):
         raise
     except Exception as exc:
         for folder in created:  # folders made for this output only, innermost first
@@ -217,6 +290,16 @@ def _for_file(dst: Path, settings: dict) -> dict:
     run left a work folder (anywhere else it would just log that there is nothing to resume)."""
     return {**settings, "pyramid": settings["pyramid"] and imageio.output_format(dst) == "tiff",
             "resume": settings["resume"] and work_path(dst).exists()}
+
+
+def _leaves_folder(dst: Path, dst_dir: Path) -> str | None:
+    """Why ``dst`` would be written outside ``dst_dir`` (a symlinked folder inside it pointing out),
+    or None. The existing part of the path is resolved; folders still to be made are inside."""
+    top = dst_dir.resolve()
+    parent = dst.parent.resolve()
+    if parent != top and top not in parent.parents:
+        return f"its folder leads out of the output folder to {parent} (a symlink)"
+    return None
 
 
 def _make_parents(dst: Path) -> list[Path]:

@@ -25,13 +25,32 @@ def _uint_tiles(up: Upscaler, source: ImageSource, plan: TilePlan, batch_size: i
             paste(out, t, o, plan.scale)
 
 
+# A tile larger than the image (and than AUTO_TILE) is clamped to the image's longer side rounded
+# up to this (so that TIFF output tiles stay multiples of 16 pixels at any scale).
+TILE_CLAMP_ALIGN = 16
+# More tiles than this (a tiny --tile on a huge image) would make a plan of gigabytes.
+MAX_TILES = 1 << 26
+
+
 def tile_size(tile: int | None, height: int, width: int) -> int:
-    """The tile size to use: ``tile``, checked, or for None the whole image up to AUTO_TILE_MAX_PIXELS."""
+    """The tile size to use: ``tile``, checked and clamped to the image or AUTO_TILE, the larger
+    (a store chunk is a whole output tile: --tile 4096 on a 64x80 image took 5 GB), or for None
+    the whole image up to AUTO_TILE_MAX_PIXELS."""
     if tile is None:
         return max(height, width) if height * width <= AUTO_TILE_MAX_PIXELS else AUTO_TILE
-    if int(tile) < 1:
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)):
+        raise UpscaleError(f"tile must be a positive number of pixels, got {tile!r}")
+    tile = int(tile)
+    if tile < 1:
         raise UpscaleError(f"tile must be a positive number of pixels, got {tile}")
-    return int(tile)
+    # Clamped, but never below the default tile: sizes up to it are affordable on any image and
+    # keep the output tiles they ask for (a TIFF's tile size is the user's choice).
+    tile = min(tile, max(AUTO_TILE, -(-max(height, width) // TILE_CLAMP_ALIGN) * TILE_CLAMP_ALIGN))
+    tiles = -(-height // tile) * -(-width // tile)
+    if tiles > MAX_TILES:
+        raise UpscaleError(f"tile {tile} cuts the {width}x{height} image into {tiles} tiles (at most {MAX_TILES}); "
+                           "use a larger tile")
+    return tile
 
 
 def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | None = None, halo="auto",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import imageio
-from ..atomic import atomic_path
+from ..atomic import atomic_path, one_writer
 from ..distributed import DistInfo, barrier
 from ..tiling import Tile, TilePlan
 from .engine import UpscaleError
@@ -72,6 +71,10 @@ class WorkDir:
             if old == header:
                 log.info("resuming from %s", self.path)
                 return
+            if old is None and self._read_done():  # finished tiles, but no settings to check them against
+                raise UpscaleError(f"cannot resume: {self.header_path} is missing or damaged, so the finished tiles "
+                                   f"in {self.path} cannot be matched to these settings; rerun with --restart to "
+                                   "discard them and start over")
             if old is not None:
                 diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in header.items() if old.get(k) != v)
                 raise UpscaleError(f"cannot resume: the partial output {self.path} was made with other settings "
@@ -207,37 +210,10 @@ def _tiles_in(header: dict, done: set[int]) -> int | None:
 
 @contextlib.contextmanager
 def output_lock(dst: Path, dist: DistInfo) -> Iterator[None]:
-    """One run per destination: an exclusive lock (flock) on a hidden file beside ``dst``, held for
-    the whole run and released by the OS if the process dies. A second run refuses in one line
-    naming the process that holds it, so the work folder belongs to one run only. Under torchrun
-    rank 0 holds it for the job."""
+    """One run per destination (:func:`fastsr.atomic.one_writer`), so the work folder belongs to
+    one run only. Under torchrun rank 0 holds it for the job."""
     if dist.rank != 0:
         yield
         return
-    path = dst.with_name(f".{dst.name}.fastsr-lock")
-    fd = _acquire(path, dst)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+    with one_writer(dst):
         yield
-    finally:
-        path.unlink(missing_ok=True)  # while still locked: a waiting run then finds a new file
-        os.close(fd)
-
-
-def _acquire(path: Path, dst: Path) -> int:
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise UpscaleError(f"{dst}: another fastsr run (pid {holder}) is writing this output; wait for it to "
-                               f"finish or choose another output name") from None
-        try:
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                return fd  # the file we locked is still the lock file (not one unlinked meanwhile)
-        except FileNotFoundError:
-            pass
-        os.close(fd)

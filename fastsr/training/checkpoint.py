@@ -22,7 +22,7 @@ import torch
 from ..atomic import atomic_path
 from ..distributed import DistInfo, all_gather
 from ..models import save_model
-from .config import TrainConfig, TrainingError
+from .config import TrainConfig, TrainingError, changed_hyperparameters
 from .trainer import Trainer
 
 log = logging.getLogger("fastsr")
@@ -68,6 +68,7 @@ class Checkpointer:
             return 0
         device = self.dist.device
         state = self._read()
+        self._check_same_run(state)
         try:
             trainer.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError) as exc:  # missing entries, other shapes
@@ -83,6 +84,16 @@ class Checkpointer:
         log.info("resumed %s at step %d", self.path, state["step"])
         return state["step"]
 
+
+    def _check_same_run(self, state: dict) -> None:
+        """A resumed run keeps its hyper-parameters: with another --lr or --batch-size the schedule and
+        the optimizer state would be the old run's while config.json said otherwise."""
+        saved = state.get("config")
+        changed = changed_hyperparameters(saved, self.cfg) if isinstance(saved, dict) else []
+        if changed:
+            raise TrainingError(f"{self.path} does not fit this run's options (other hyper-parameters: "
+                                f"{', '.join(changed)}); resume with the options it was trained with"
+                                f"{_options_of(saved)}, or start a new run in another --out")
 
     def _read(self) -> dict:
         """The checkpoint as a dict; a one-line :class:`TrainingError` for a file that is empty,
@@ -113,8 +124,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _options_of(state: dict) -> str:
-    """': --scale S --num-blocks B --channels C' from the checkpoint's config, if it has one."""
-    config = state.get("config")
+    """': --scale S --num-blocks B --channels C' from the checkpoint's config (``state["config"]``,
+    or ``state`` itself when it is the config), if it has one."""
+    config = state.get("config", state)
     if not isinstance(config, dict) or not {"scale", "num_blocks", "channels"} <= config.keys():
         return ""
     return f": --scale {config['scale']} --num-blocks {config['num_blocks']} --channels {config['channels']}"

@@ -91,6 +91,30 @@ class TrainConfig:
     stop_at: int | None = option(None, "save and stop at this step (the schedule still runs to --steps)",
                                  at_least=1)
     compile: bool = option(False, "torch.compile the models (slow start, faster steps)")
+    overwrite: bool = option(False, "start a new run in an --out that holds another run's files (checkpoint.pt, "
+                                    "config.json, log.csv, model.safetensors), replacing them")
+
+
+# Fields that say how a run is carried out, not what it trains: a resumed run may change them.
+# Paths are among them (a run folder may move; --init only matters at step 0), and --steps (a run
+# may be lengthened or cut short; the schedule reads it live, so config.json stays true). Every
+# other field is a hyper-parameter: resuming with another value would mix two trainings (the
+# optimizer keeps the old --lr) while config.json claimed the new value.
+RUN_CONTROL_FIELDS = frozenset({"data", "out", "val", "resume", "device", "init", "vgg_weights", "workers",
+                                "backend", "stop_at", "compile", "save_every", "log_every", "overwrite", "steps"})
+
+
+def changed_hyperparameters(saved: dict, cfg: TrainConfig) -> list[str]:
+    """``--flag OLD (now NEW)`` for each hyper-parameter of ``cfg`` that differs from the run's
+    ``saved`` config (a checkpoint's); fields the saved config lacks (older fastsr) are skipped."""
+    changed = []
+    for field in dataclasses.fields(cfg):
+        if field.name in RUN_CONTROL_FIELDS or field.name not in saved:
+            continue
+        old, new = saved[field.name], getattr(cfg, field.name)
+        if old != new:
+            changed.append(f"{flag_of(field)} {old} (now {new})")
+    return changed
 
 
 def _check_value(field: dataclasses.Field, value: Any) -> None:
