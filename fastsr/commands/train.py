@@ -1,11 +1,13 @@
 """Train SRGAN in two stages on random crops of the HR images in --data.
 
-Stage 1, pixel-loss pre-training (the default model's recipe):
-  fastsr train --data data/train --val data/val --out runs/default --steps 12000 \\
-      --lr 4e-4 --loss l1 --amp bf16
+Stage 1, pixel-loss pre-training from scratch (L1, cosine schedule, EMA; --amp auto is bf16
+where the hardware has it, else fp32):
+  fastsr train --data data/train --val data/val --out runs/pre --steps 16000 --batch-size 16 \\
+      --crop 96 --lr 4e-4 --warmup-steps 300 --loss l1 --amp auto
+(The default model's own recipe is `make default-model`: see the README.)
 Stage 2, adversarial training from the stage-1 generator (VGG19 weights: a local file in
 torchvision's format, e.g. vgg19-dcbb9e9d.pth; nothing is downloaded):
-  fastsr train --stage gan --init runs/default/checkpoint.pt --vgg-weights vgg19.pth \\
+  fastsr train --stage gan --init runs/pre/checkpoint.pt --vgg-weights vgg19-dcbb9e9d.pth \\
       --data data/train --out runs/gan --steps 20000 --lr 1e-4
 Several processes or GPUs (--batch-size is the global batch; only rank 0 writes):
   torchrun --nproc_per_node=4 -m fastsr train --device cuda ...
