@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 
 import fastsr
-import fastsr.csrc
-import fastsr.kernels
+from fastsr import csrc, kernels
 
 # Import name -> the folder it is read from (a checkout or an installed package alike).
-ROOTS = {"fastsr": Path(fastsr.__file__).parent, "fastsr.kernels": Path(fastsr.kernels.__file__).parent,
-         "fastsr.csrc": Path(fastsr.csrc.__file__).parent}
+ROOTS = {"fastsr": Path(fastsr.__file__).parent, "fastsr.kernels": Path(kernels.__file__).parent,
+         "fastsr.csrc": Path(csrc.__file__).parent}
 
 BACKEND_DEPS = ("fastsr.errors", "fastsr.constants")
 # (modules the contract covers, the fastsr modules they may import besides their own package). A
@@ -39,7 +38,8 @@ CONTRACTS = {
     "fusion sits on nn": (("fastsr.fusion",), ("fastsr.nn",)),
     "models sit on nn": (("fastsr.models",), ("fastsr.nn", "fastsr.atomic", "fastsr.errors")),
     # metrics reads the SR protocol's view (crop, luma) from beside the reference, not a backend op.
-    "metrics use the op interface": (("fastsr.metrics",), ("fastsr.ops.functional", "fastsr.ops.reference.protocol_view")),
+    "metrics use the op interface": (
+        ("fastsr.metrics",), ("fastsr.ops.functional", "fastsr.ops.reference.protocol_view")),
     "the pipeline never reaches training or the commands": (
         ("fastsr.pipeline",), ("fastsr.atomic", "fastsr.distributed", "fastsr.errors", "fastsr.fusion",
                                "fastsr.imageio", "fastsr.models", "fastsr.ops.dispatch", "fastsr.ops.functional",
