@@ -75,3 +75,17 @@ def test_saved_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("bad", [None, 42, 1.5])
+def test_load_model_names_a_wrong_argument_in_one_line(bad):
+    with pytest.raises(fastsr.UserError, match="model must be an embedded model's name or a model file's path"):
+        fastsr.load_model(bad)
+
+
+def test_a_pth_of_random_bytes_is_reported_as_a_bad_pytorch_checkpoint(tmp_path):
+    path = tmp_path / "model.pth"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(fastsr.UserError, match="not a readable PyTorch checkpoint") as info:
+        fastsr.load_model(path)
+    assert "safetensors model file" not in str(info.value)

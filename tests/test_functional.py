@@ -133,3 +133,36 @@ def test_conv2d_prelu_follows_autocast_like_conv2d(backend, dtype):
     assert_within_rule(f"{backend} under autocast", out, ref64, same, dtype)
     out.float().square().sum().backward()
     assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("case, error, words", [
+    ("zero-height x", ValueError, "empty"),
+    ("C_in=0", ValueError, "empty"),
+    ("shuffle=-1", ValueError, "shuffle must be a positive integer"),
+    ("shuffle=0", ValueError, "shuffle must be a positive integer"),
+    ("fp64 bias, fp32 x", TypeError, "bias dtype torch.float64 differs"),
+    ("fp64 slope, fp32 x", TypeError, "slope dtype torch.float64 differs"),
+    ("fp16 residual, fp32 x", TypeError, "residual dtype torch.float16 differs"),
+])
+def test_conv2d_prelu_refuses_bad_arguments_in_one_clear_line(case, error, words):
+    x, w = torch.rand(1, 4, 5, 5), torch.rand(8, 4, 3, 3)
+    b, slope, residual, shuffle = torch.rand(8), torch.rand(1), None, 1
+    if case == "zero-height x":
+        x = torch.rand(1, 4, 0, 5)
+    elif case == "C_in=0":
+        x, w = torch.rand(1, 0, 5, 5), torch.rand(8, 0, 3, 3)
+    elif case.startswith("shuffle"):
+        shuffle = int(case.split("=")[1])
+    elif case.startswith("fp64 bias"):
+        b = b.double()
+    elif case.startswith("fp64 slope"):
+        slope = slope.double()
+    else:
+        residual = torch.rand(1, 8, 5, 5, dtype=torch.float16)
+    with pytest.raises(error, match=words):
+        ops.conv2d_prelu(x, w, b, slope, residual, shuffle=shuffle, backend="torch")
+
+
+def test_pixel_shuffle_prelu_refuses_a_bad_factor():
+    with pytest.raises(ValueError, match="upscale_factor must be a positive integer"):
+        ops.pixel_shuffle_prelu(torch.rand(1, 4, 3, 3), torch.rand(1), -2, backend="torch")

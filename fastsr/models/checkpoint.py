@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_path
+from ..errors import UserError
 from .compact import SRVGGNetCompact
 from .discriminator import Discriminator
 from .rrdbnet import RRDBNet
@@ -31,8 +32,9 @@ _ARCHS = {"srresnet": SRResNet, "discriminator": Discriminator, "msrresnet": MSR
 EMBEDDED = {"default": "srresnet_x4_default.safetensors"}
 
 
-class ModelFileError(ValueError):
-    """A model file is missing, unreadable or not in a format fastsr knows."""
+class ModelFileError(UserError, ValueError):
+    """A model file is missing, unreadable or not in a format fastsr knows (a UserError: one line,
+    exit 2; still a ValueError for callers that caught it as one)."""
 
 
 def build_model(config: dict) -> nn.Module:
@@ -67,6 +69,9 @@ def embedded_path(name: str) -> Path:
     return Path(str(resources.files("fastsr.models") / "weights" / EMBEDDED[name]))
 
 
+TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt")
+
+
 def load_model(name_or_path: str | os.PathLike = "default", *, device: str | torch.device = "cpu") -> nn.Module:
     """Load an embedded model by name (``"default"``) or a model file; returns it in eval mode.
 
@@ -77,6 +82,9 @@ def load_model(name_or_path: str | os.PathLike = "default", *, device: str | tor
     """
     from . import peers  # peers imports this module
 
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ModelFileError(f"model must be an embedded model's name or a model file's path, got "
+                             f"{type(name_or_path).__name__} ({name_or_path!r})")
     path = embedded_path(str(name_or_path)) if str(name_or_path) in EMBEDDED else Path(name_or_path)
     if not path.is_file():
         known = ", ".join(EMBEDDED)
@@ -92,6 +100,9 @@ def load_model(name_or_path: str | os.PathLike = "default", *, device: str | tor
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
+        if path.suffix.lower() in TORCH_SUFFIXES:  # named as a torch.save file, and it is not one
+            raise ModelFileError(f"{path}: not a readable PyTorch checkpoint (neither a torch.save archive nor "
+                                 "a safetensors file)") from None
         raise ModelFileError(f"{path}: not a readable safetensors model file ({exc})") from None
     if metadata.get("format") != FORMAT:
         return peers.convert_checkpoint(tensors, path).to(device)

@@ -21,6 +21,8 @@ def _check_image_batch(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got shape {tuple(t.shape)}")
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (fp32/fp16/bf16/fp64), got {t.dtype}")
+    if 0 in t.shape[1:]:
+        raise ValueError(f"{name} has an empty channel or spatial dimension: shape {tuple(t.shape)}")
 
 
 def _autocast(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -50,6 +52,19 @@ def _check_devices(x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
                              f"must be on x's device")
 
 
+def _check_dtypes(x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Every tensor argument has ``x``'s dtype (after autocast's casts): a mixed call would be
+    computed in a dtype nobody asked for, differently on each backend."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} differs from x dtype {x.dtype}")
+
+
+def _check_factor(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _check_slope(slope: torch.Tensor, channels: int) -> None:
     if slope.numel() not in (1, channels):
         raise ValueError(f"slope must have 1 or {channels} elements (one per output channel), got {slope.numel()}")
@@ -60,9 +75,9 @@ def _check_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"weight must be (C_out, C_in, K, K) with odd K, got shape {tuple(weight.shape)}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight expects {weight.shape[1]} input channels but x has {x.shape[1]}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
-    if shuffle < 1 or weight.shape[0] % (shuffle * shuffle):
+    _check_dtypes(x, weight=weight, bias=bias)
+    _check_factor("shuffle", shuffle)
+    if weight.shape[0] % (shuffle * shuffle):
         raise ValueError(f"C_out={weight.shape[0]} is not divisible by shuffle**2 = {shuffle * shuffle}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
@@ -92,6 +107,7 @@ def conv2d_prelu(
     _check_devices(x, weight=weight, bias=bias, slope=slope, residual=residual)
     x, weight, bias, slope, residual = _autocast(x, weight, bias, slope, residual)
     _check_conv(x, weight, bias, shuffle)
+    _check_dtypes(x, slope=slope, residual=residual)
     n, _, h, w = x.shape
     out_shape = (n, weight.shape[0] // (shuffle * shuffle), h * shuffle, w * shuffle)
     if slope is not None:
@@ -124,6 +140,7 @@ def conv2d_silu(
     _check_devices(x, weight=weight, bias=bias, skip=skip)
     x, weight, bias, skip = _autocast(x, weight, bias, skip)
     _check_conv(x, weight, bias)
+    _check_dtypes(x, skip=skip)
     out_shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
     if skip is not None and tuple(skip.shape) != out_shape:
         raise ValueError(f"skip must have the output's shape {out_shape}, got {tuple(skip.shape)}")
@@ -136,8 +153,10 @@ def pixel_shuffle_prelu(
     """``prelu(pixel_shuffle(x, r), slope)``: (N, C*r*r, H, W) -> (N, C, H*r, W*r)."""
     _check_image_batch("x", x)
     _check_devices(x, slope=slope)
+    _check_factor("upscale_factor", upscale_factor)
+    _check_dtypes(x, slope=slope)
     r = upscale_factor
-    if r < 1 or x.shape[1] % (r * r):
+    if x.shape[1] % (r * r):
         raise ValueError(f"channels ({x.shape[1]}) must be divisible by upscale_factor**2 = {r * r}")
     _check_slope(slope, x.shape[1] // (r * r))
     return resolve(backend, x, "pixel_shuffle_prelu").pixel_shuffle_prelu(x, slope, r)

@@ -13,14 +13,16 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..ops.dispatch import BACKENDS
 
 STAGES = ("pretrain", "gan")
 GAN_GROUP = "gan stage"
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (bad configuration, a non-finite loss...)."""
+class TrainingError(UserError, RuntimeError):
+    """Training cannot go on (bad configuration, a non-finite loss...): a UserError (one line, exit
+    2), still a RuntimeError for callers that caught it as one."""
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
