@@ -562,7 +562,7 @@ def commit_path(tmp: Path, dst: Path, overwrite: bool = False) -> None:
     commit(tmp, dst, overwrite=overwrite)
 
 
-def create_zarr(path: str | os.PathLike, shape: tuple[int, int, int], chunks: tuple[int, int, int],
+def create_zarr(path: str | os.PathLike, shape: tuple[int, ...], chunks: tuple[int, ...],
                 dtype: np.dtype, mode: str = "w"):
     """A zarr v3 array on disk, zstd-compressed chunks (fast, lossless). ``mode="a"`` opens an
     existing one. Chunk-aligned writes from several workers need no locks."""
@@ -575,6 +575,16 @@ def create_zarr(path: str | os.PathLike, shape: tuple[int, int, int], chunks: tu
     return zarr.create_array(str(path), shape=shape, chunks=chunks, dtype=np.dtype(dtype),
                              serializer=BytesCodec(), compressors=ZstdCodec(level=1), zarr_format=3,
                              fill_value=0, overwrite=True, attributes={ZARR_MARK: {"kind": "array"}})
+
+
+def write_gray_zarr(path: str | os.PathLike, base, block: int) -> None:
+    """A 2-D (H, W) zarr array at ``path`` from the (H, W, 1) array-like ``base``, block by block: a
+    gray image comes out with the shape it went in with, as PNG and TIFF outputs do."""
+    height, width, _ = base.shape
+    array = create_zarr(path, (height, width), (block, block), base.dtype)
+    for y in range(0, height, block):
+        for x in range(0, width, block):
+            array[y:y + block, x:x + block] = np.asarray(base[y:y + block, x:x + block])[..., 0]
 
 
 def write_ome_zarr(path: str | os.PathLike, base, ome: dict, block: int) -> None:

@@ -194,6 +194,24 @@ def test_file_formats_match_in_memory(tmp_path, model, src_kind, dst_suffix):
     no_leftovers(tmp_path, {src.name, dst.name})
 
 
+def test_a_gray_zarr_comes_out_2d_as_tiff_and_png_do(tmp_path, model):
+    """A 2-D (H, W) gray image keeps its shape in every output format; the .zarr one was (H, W, 1)."""
+    import zarr
+
+    from fastsr.imageio import create_zarr
+
+    gray = photo(40, 36)[..., 1]
+    src = tmp_path / "in.zarr"
+    create_zarr(src, gray.shape, (16, 16), np.uint8)[...] = gray
+    outs = {suffix: tmp_path / f"out{suffix}" for suffix in (".zarr", ".tif")}
+    for dst in outs.values():
+        fastsr.upscale_file(src, dst, model, tile=20, progress=False, backend=BACKEND)
+    got = zarr.open_array(str(outs[".zarr"]), mode="r")[...]
+    assert got.shape == (160, 144)
+    assert np.array_equal(got, tifffile.imread(outs[".tif"]))
+    no_leftovers(tmp_path, {src.name, *(d.name for d in outs.values())})
+
+
 @pytest.mark.parametrize("dst_suffix", [".tif", ".png"])
 def test_a_16bit_color_png_stays_16bit(tmp_path, model, dst_suffix):
     """Pillow reads 16-bit RGB PNGs as 8-bit; fastsr decodes them with imagecodecs and keeps 16 bits."""

@@ -108,16 +108,23 @@ class Assembler(threading.Thread):
             self.error = exc
 
 
+def _store_is_the_output(work: WorkDir, out: Output) -> bool:
+    """A plain zarr output of a colour image is the (H, W, C) tile store itself, renamed."""
+    return out.fmt == "zarr" and not out.metadata.ome_zarr and work.store.shape[2] > 1
+
+
 def finish(work: WorkDir, out: Output) -> None:
     """Turn the complete tile store into the output file (atomic rename), then drop the work folder."""
-    if out.fmt == "zarr" and not out.metadata.ome_zarr:
+    if _store_is_the_output(work, out):
         imageio.commit_path(work.store_path, out.dst, out.overwrite)
         imageio.remove_path(work.path)
         return
     tmp = work.path / f"output{out.dst.suffix}"  # same folder as dst: the rename is atomic
     try:
-        if out.fmt == "zarr":  # OME-Zarr in, OME-Zarr out: channel-first planes and their metadata
+        if out.fmt == "zarr" and out.metadata.ome_zarr:  # OME-Zarr in, OME-Zarr out: planes and metadata
             imageio.write_ome_zarr(tmp, work.store, out.metadata.ome_zarr, out.out_tile)
+        elif out.fmt == "zarr":  # gray: (H, W), not the store's (H, W, 1)
+            imageio.write_gray_zarr(tmp, work.store, out.out_tile)
         elif out.fmt == "tiff":
             levels = imageio.build_pyramid(work.store, work.path, out.out_tile, out.out_tile) if out.pyramid else ()
             imageio.write_tiff(tmp, work.store, tile=out.out_tile, compression=out.compression, levels=tuple(levels),
@@ -190,9 +197,9 @@ class SpaceWatch:
     def _file_bpp(self, store_bpp: float) -> float:
         """Bytes per pixel of the output file, from the store's (zstd): about the same for lossless
         codecs, raw for uncompressed ones, at most half of raw for lossy ones; nothing for .zarr
-        (the store is renamed, unless it becomes an OME-Zarr image)."""
+        (the store is renamed, unless it becomes an OME-Zarr or a 2-D gray image)."""
         out, suffix = self.output, self.output.dst.suffix.lower()
-        if out.fmt == "zarr" and not out.metadata.ome_zarr:
+        if _store_is_the_output(self.work, out):
             return 0.0
         if (out.fmt == "tiff" and out.compression == "none") or suffix == ".bmp":
             return float(self.raw_bpp)
