@@ -19,6 +19,8 @@ case it finished. The steps, in order:
   key-benchmarks       benchmarks/test_gpu_key.py (first-use validation off: the selftest covers it)
   zoo-benchmarks       benchmarks/test_zoo.py: RealESRGAN_x4plus, animevideov3, SPAN (random weights
                        when the weights package is absent), fp16, fastsr vs the plain module
+  train-step           benchmarks/test_train_step.py: the bf16 pretrain step (batch 16, 96x96) on
+                       torch (eager), triton and cpp
   compile              torch.compile and max-autotune cases, last, in whatever time is left
 
 What comes back (at most 8 files, whatever moment the check is stopped at): RESULTS/gpu-check.md (the
@@ -113,6 +115,7 @@ def steps(results: Path, dry_run: bool, py: str = sys.executable, work: Path | N
     warm = "conv_64 and eager" if dry_run else "not compile"
     key = "conv_64 and eager or tiled_pipeline" if dry_run else "not compile"
     zoo = "SPAN and plain" if dry_run else "not compile"
+    train = "backend and pretrain and off and torch" if dry_run else "backend and pretrain and bf16"
     compile_ = ["benchmarks/test_gpu_key.py", "-k", "conv_64 and compile"] if dry_run else [
         "benchmarks/test_gpu_key.py", "benchmarks/test_zoo.py", "-k", "compile"]
     return [
@@ -133,6 +136,9 @@ def steps(results: Path, dry_run: bool, py: str = sys.executable, work: Path | N
                                        f"--benchmark-json={work / 'key-benchmarks.json'}"), 50, env=no_validate),
         Step("zoo-benchmarks", _pytest(py, "benchmarks/test_zoo.py", *bench, "-k", zoo,
                                        f"--benchmark-json={work / 'zoo-benchmarks.json'}"), 25, env=no_validate),
+        # The bf16 SRResNet training step (batch 16 of 96x96 crops on CUDA) on each backend vs eager.
+        Step("train-step", _pytest(py, "benchmarks/test_train_step.py", *bench, "-k", train,
+                                   f"--benchmark-json={work / 'train-step-benchmarks.json'}"), 30, env=no_validate),
         # torch.compile (max-autotune above all) compiles for minutes: last, in the time left.
         Step("compile", _pytest(py, *compile_, *bench, f"--benchmark-json={work / 'compile-benchmarks.json'}"),
              BUDGET_S, (0, 5), no_validate),
