@@ -104,8 +104,8 @@ runs/default-base.safetensors:
 	mkdir -p runs && git show $(BASE_COMMIT):fastsr/models/weights/srresnet_x4_default.safetensors > $@.tmp && mv $@.tmp $@
 
 default-model: data/wallpapers/manifest.csv runs/default-base.safetensors
-	mkdir -p data/default-train data/default-val
-	cp -r data/wallpapers/train data/default-train/wallpapers
+	mkdir -p data/default-train/wallpapers data/default-val
+	cp data/wallpapers/train/*.png data/default-train/wallpapers/
 	$(BIN)/python -c "from fastsr.data import *; export_skimage_photos('data/default-train/skimage'); \
 		export_skimage_photos('data/default-val', HELD_OUT_PHOTOS)"
 	$(BIN)/fastsr train --init runs/default-base.safetensors \

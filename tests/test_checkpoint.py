@@ -50,9 +50,14 @@ def test_embedded_default_model_loads():
         assert model(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
 
 
-def test_embedded_default_model_beats_bicubic_by_1db_on_held_out_photos(tmp_path):
-    """The foundation's promise: >= 1.0 dB mean PSNR gain over bicubic (Y channel, border 4) on the
-    photos held out of its training (fastsr.data.HELD_OUT_PHOTOS), as `fastsr eval` measures it."""
+# The shipped weights measured +1.109 dB (fastsr eval, fp16 as shipped); the floor is that minus 0.05.
+DEFAULT_MODEL_FLOOR_DB = 1.109 - 0.05
+
+
+def test_embedded_default_model_beats_bicubic_on_held_out_photos(tmp_path):
+    """The shipped default model's mean PSNR gain over bicubic (Y channel, border 4) on the photos
+    held out of its training (fastsr.data.HELD_OUT_PHOTOS), as `fastsr eval` measures it, stays
+    within 0.05 dB of what it measured when it was trained."""
     from fastsr.data import HELD_OUT_PHOTOS, TRAIN_PHOTOS, export_skimage_photos
     from fastsr.evaluate import score_folder
 
@@ -60,7 +65,7 @@ def test_embedded_default_model_beats_bicubic_by_1db_on_held_out_photos(tmp_path
     paths = export_skimage_photos(tmp_path, HELD_OUT_PHOTOS)
     scores = score_folder(fastsr.load_model("default"), paths, 4)
     gains = {s.name: s.gain_db for s in scores}
-    assert sum(gains.values()) / len(gains) >= 1.0, gains
+    assert sum(gains.values()) / len(gains) >= DEFAULT_MODEL_FLOOR_DB, gains
 
 
 def test_saved_files_follow_the_umask(tmp_path):
