@@ -72,12 +72,19 @@ def _configs(shapes: list[tuple[int, ...]], interpret_shape: tuple[int, int, int
 # means every block lies inside one tap (TAP_ALIGNED) whatever config the autotuner picks.
 _TAP_QUANTUM = 64
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_N = 16 (the tl.dot minimum) is for the
-# 64 -> 3 tail conv, whose N = 3 would waste most of a wider tile. The last, small config is for
-# fp32/fp64 ("ieee" FMA dots): compiled for sm_90, their large tiles need more shared memory than
-# an H100 has, and the autotuner drops configs that fail with OutOfResources.
+# 64 -> 3 tail conv, whose N = 3 would waste most of a wider tile. The last, small config is the one
+# of FASTSR_TRITON_AUTOTUNE=0 and fits every dtype.
 _FWD_SHAPES = [(128, 64, 64, 4, 3), (128, 128, 32, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 32, 64, 4, 4),
-               (256, 64, 32, 4, 3), (128, 16, 64, 4, 4), (256, 16, 64, 4, 3), (32, 32, 32, 4, 1)]
+               (256, 64, 32, 4, 3), (128, 16, 64, 4, 4), (256, 16, 64, 4, 3), (32, 64, 32, 4, 1), (32, 32, 32, 4, 1)]
 _FWD_CONFIGS = _configs(_FWD_SHAPES, (128, 64, 64))
+# fp32/fp64 inputs take IEEE FMA dots, which need far more registers than bf16/fp16 tensor-core dots.
+# Compiled for sm_90 (Triton 3.9, ptxas -v, fp32, num_warps 4), every forward config above but these
+# spills 0.1-90 KB per thread and takes 11-63 s to compile; these two use 168-174 registers and
+# spill nothing (wgrad: 32x32x32 uses 207, no spill; its larger configs spill 3-12 KB). So fp32/fp64
+# autotune over these only, and bf16/fp16 over the others (see _autotuned_by_dtype).
+_IEEE_FWD_SHAPES = {(32, 64, 32, 4, 1), (32, 32, 32, 4, 1)}
+_IEEE_WGRAD_SHAPES = {(32, 32, 32, 4, 1)}
+_IEEE_ONLY = {(32, 64, 32, 4, 1)}  # not worth a compile for bf16/fp16, whose larger tiles do not spill
 # Weight gradient: M = C_out (BLOCK_M = 16 for the 3-channel tail), N = KS*KS*C_in (BLOCK_N divides
 # _TAP_QUANTUM), K = pixels (BLOCK_K divides _SPLIT_QUANTUM).
 _WGRAD_CONFIGS = _configs(
@@ -286,9 +293,30 @@ def _conv_prelu_bwd_weight_kernel(
         tl.store(dslope_ptr + pid_s * C_out + co, dslope, mask=co_mask)
 
 
-_fwd = triton.autotune(_FWD_CONFIGS, key=["C_in", "C_out", "KS", "R"])(_conv_prelu_fwd_kernel)
-_bwd_input = triton.autotune(_FWD_CONFIGS, key=["C_in", "C_out", "KS", "R"])(_conv_prelu_bwd_input_kernel)
-_bwd_weight = triton.autotune(_WGRAD_CONFIGS, key=["C_in", "C_out", "KS", "R"])(_conv_prelu_bwd_weight_kernel)
+def _shape_of(config: triton.Config) -> tuple[int, int, int, int, int]:
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
+
+
+def _autotuned_by_dtype(fn, configs: list[triton.Config], ieee_shapes: set) -> dict:
+    """Two autotuners of ``fn``: [True] over ``ieee_shapes`` for fp32/fp64 inputs, [False] over the
+    other configs for bf16/fp16. Chosen on the host by dtype (see _is_ieee), so nothing dtype-dependent
+    runs inside the autotuner (under torch.compile Dynamo would trace it). A single config (the
+    interpreter's, FASTSR_TRITON_AUTOTUNE=0's) serves both."""
+    ieee = [c for c in configs if _shape_of(c) in ieee_shapes] or configs
+    low = [c for c in configs if _shape_of(c) not in _IEEE_ONLY] or configs
+    return {flag: triton.autotune(chosen, key=["C_in", "C_out", "KS", "R"])(fn)
+            for flag, chosen in ((True, ieee), (False, low))}
+
+
+def _is_ieee(t: torch.Tensor) -> bool:
+    """fp32/fp64 tensors take IEEE FMA dots (and the configs that fit their registers)."""
+    return t.dtype in (torch.float32, torch.float64)
+
+
+_fwd = _autotuned_by_dtype(_conv_prelu_fwd_kernel, _FWD_CONFIGS, _IEEE_FWD_SHAPES)
+_bwd_input = _autotuned_by_dtype(_conv_prelu_bwd_input_kernel, _FWD_CONFIGS, _IEEE_FWD_SHAPES)
+_bwd_weight = _autotuned_by_dtype(_conv_prelu_bwd_weight_kernel, _WGRAD_CONFIGS, _IEEE_WGRAD_SHAPES)
 
 
 # The activations of the forward kernel (its ACT argument).
@@ -356,7 +384,7 @@ def conv_prelu_forward(
     # its loads coalesced (a tiny copy; the kernel reads any strides, this is only for speed).
     weight_t = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     # wrap_triton: the same launch works eagerly and when traced inside the triton_op below.
-    wrap_triton(_fwd)[pixel_grid(n * h * w, c_out)](
+    wrap_triton(_fwd[_is_ieee(x)])[pixel_grid(n * h * w, c_out)](
         x, weight_t, bias_arg, slope_arg, res, out, z,
         n * h * w, h, w, c_in, c_out,
         *nhwc_strides(x), *weight_t.stride(), *nhwc_strides(out), *nhwc_strides(res), *nhwc_strides(z),
@@ -408,7 +436,7 @@ def conv_prelu_backward(
 
         # B tile [reduction (kh, kw, co), C_in]: weights stored (kh, kw, co, c), c fastest (coalesced).
         weight_t = weight.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
-        wrap_triton(_bwd_input)[pixel_grid(n * h * w, c_in)](
+        wrap_triton(_bwd_input[_is_ieee(grad_out)])[pixel_grid(n * h * w, c_in)](
             grad_out, z_arg, slope_arg, weight_t, dx,
             n * h * w, h, w, c_in, c_out,
             *nhwc_strides(grad_out), *nhwc_strides(z_arg), *weight_t.stride(), *nhwc_strides(dx),
@@ -424,7 +452,7 @@ def conv_prelu_backward(
         dw_part = torch.empty((splits, c_out, k_total), dtype=acc, device=x.device)
         db_part = torch.empty((splits, c_out), dtype=acc, device=x.device)
         ds_part = torch.empty((splits, c_out), dtype=acc, device=x.device)
-        wrap_triton(_bwd_weight)[weight_grad_grid(c_out, k_total, splits)](
+        wrap_triton(_bwd_weight[_is_ieee(x)])[weight_grad_grid(c_out, k_total, splits)](
             grad_out, z_arg, slope_arg, x, dw_part, db_part, ds_part,
             n * h * w, h, w, c_in, c_out, chunk,
             *nhwc_strides(grad_out), *nhwc_strides(z_arg), *nhwc_strides(x),

@@ -266,6 +266,36 @@ def test_autotune_off_leaves_one_config():
     assert counts[0][:2] == ["1", "1"] and counts[1][0] == counts[1][2] != "1", counts
 
 
+def test_fp32_autotunes_only_the_configs_that_do_not_spill():
+    """fp32/fp64 (IEEE dots) autotune over the configs measured not to spill on sm_90; bf16/fp16 over
+    the rest; one config stays one config. In a subprocess without the interpreter (full config lists)."""
+    from fastsr.kernels import conv_prelu as cp
+
+    assert cp._is_ieee(torch.empty(1)) and cp._is_ieee(torch.empty(1, dtype=torch.float64))
+    assert not cp._is_ieee(torch.empty(1, dtype=torch.bfloat16))
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json; from fastsr.kernels import conv_prelu as cp\n"
+            "out = {f'{name} {ieee}': [list(cp._shape_of(c)) for c in getattr(cp, name)[ieee].configs]\n"
+            "       for name in ('_fwd', '_bwd_input', '_bwd_weight') for ieee in (True, False)}\n"
+            "print(json.dumps(out))")
+    runs = {value: json.loads(subprocess.run([sys.executable, "-c", code], env={**env, "FASTSR_TRITON_AUTOTUNE": value},
+                                             capture_output=True, text=True, timeout=300).stdout)
+            for value in ("1", "0")}
+    for key, kept in runs["1"].items():
+        shapes = {tuple(s) for s in kept}
+        ieee = cp._IEEE_WGRAD_SHAPES if "weight" in key else cp._IEEE_FWD_SHAPES
+        if key.endswith("True"):
+            assert shapes == ieee, key
+        else:
+            assert not shapes & cp._IEEE_ONLY and len(shapes) >= 5, key
+    assert all(len(kept) == 1 for kept in runs["0"].values()), runs["0"]
+
+
 def test_non_contiguous_views():
     """Strides are passed through, so sliced views work without a copy (and without reading out
     of bounds, which the interpreter would not catch as an error but as wrong values)."""
