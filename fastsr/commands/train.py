@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import BackendUnavailableError
     from ..imageio import is_disk_full
     from ..train import TrainingError, train
-    from .upscale import terminate_as_interrupt
+    from . import terminate_as_interrupt
 
     cfg = TrainConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)})
     try:

@@ -37,14 +37,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
-import threading
-from collections.abc import Iterator
 
 from ..errors import UserError
 from ..pipeline.folder import OUTPUT_FORMATS
+from . import terminate_as_interrupt
 
 HELP = "upscale an image (any size: tiled, streaming, resumable) or a folder of images"
 
@@ -117,25 +114,6 @@ def run(args: argparse.Namespace) -> int:
             return _folder(args) if folder else _file(args)
     except BackendUnavailableError as exc:
         raise UserError(str(exc)) from None
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (``kill``, a job scheduler's stop) handled as Ctrl-C: the run stops through the same
-    path (message, finished tiles or checkpoint kept, lock released) instead of dying silently with
-    its lock file left. Only the main thread can set a handler; elsewhere nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt("terminated (SIGTERM)")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _settings(args: argparse.Namespace) -> dict:
