@@ -16,34 +16,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_path
-from ..errors import UserError
-from .compact import SRVGGNetCompact
-from .discriminator import Discriminator
-from .rrdbnet import RRDBNet
-from .span import SPAN
-from .srresnet import SRResNet
-from .variants import MSRResNet, PeerSRResNet
+
+# A fastsr file may hold any registered architecture: importing every model module registers them
+# all (the loaders peers and ncnn import the ones they build; the discriminator only this module).
+from . import compact, discriminator, peers, rrdbnet, span, srresnet, variants  # noqa: F401
+from .ncnn import load_ncnn
+
+# ModelFileError lives in the registry, below every loader; build_model is the registry's.
+from .registry import ModelFileError, build_model
 
 FORMAT = "fastsr-model-v1"
-_ARCHS = {"srresnet": SRResNet, "discriminator": Discriminator, "msrresnet": MSRResNet,
-          "peer_srresnet": PeerSRResNet,
-          "rrdbnet": RRDBNet, "srvggnet_compact": SRVGGNetCompact, "span": SPAN}
 # Embedded models: name -> file shipped in fastsr/models/weights/.
 EMBEDDED = {"default": "srresnet_x4_default.safetensors"}
-
-
-class ModelFileError(UserError, ValueError):
-    """A model file is missing, unreadable or not in a format fastsr knows (a UserError: one line,
-    exit 2; still a ValueError for callers that caught it as one)."""
-
-
-def build_model(config: dict) -> nn.Module:
-    """Instantiate the architecture described by ``config`` (as stored in a model file)."""
-    config = dict(config)
-    arch = config.pop("arch", None)
-    if arch not in _ARCHS:
-        raise ModelFileError(f"unknown architecture {arch!r}; known: {', '.join(_ARCHS)}")
-    return _ARCHS[arch](**config)
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
@@ -66,6 +50,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype 
 
 
 def embedded_path(name: str) -> Path:
+    """The file of the embedded model ``name`` (a key of :data:`EMBEDDED`)."""
     return Path(str(resources.files("fastsr.models") / "weights" / EMBEDDED[name]))
 
 
@@ -80,8 +65,6 @@ def load_model(name_or_path: str | os.PathLike = "default", *, device: str | tor
     :mod:`fastsr.models.peers`; an ncnn ``.param`` (Real-ESRGAN's) loads with its ``.bin``, see
     :mod:`fastsr.models.ncnn`.
     """
-    from . import peers  # peers imports this module
-
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ModelFileError(f"model must be an embedded model's name or a model file's path, got "
                              f"{type(name_or_path).__name__} ({name_or_path!r})")
@@ -90,8 +73,6 @@ def load_model(name_or_path: str | os.PathLike = "default", *, device: str | tor
         known = ", ".join(EMBEDDED)
         raise ModelFileError(f"model file not found: {path} (embedded models: {known})")
     if path.suffix == ".param":  # an ncnn graph, its .bin beside it
-        from .ncnn import load_ncnn  # ncnn imports this module
-
         return load_ncnn(path).to(device)
     if peers.is_torch_file(path):
         return peers.load_checkpoint(path).to(device)

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import BicubicDownscale, ConvPReLU
+from .registry import Architecture, StateDict, count_indices, register, shuffle_factor
+
+SRVGGNET_COMPACT_ARCH = "srvggnet_compact"
 
 
 class SRVGGNetCompact(nn.Module):
@@ -37,7 +40,7 @@ class SRVGGNetCompact(nn.Module):
             raise ValueError("SRVGGNetCompact adds the upscaled input, so in_channels must equal out_channels")
         if output_scale is not None and not 1 <= output_scale < scale:
             raise ValueError(f"SRVGGNetCompact output_scale must be in 1..{scale - 1}, got {output_scale}")
-        self.config = {"arch": "srvggnet_compact", "scale": scale, "num_convs": num_convs, "channels": channels,
+        self.config = {"arch": SRVGGNET_COMPACT_ARCH, "scale": scale, "num_convs": num_convs, "channels": channels,
                        "in_channels": in_channels, "out_channels": out_channels}
         if output_scale is not None:
             self.config["output_scale"] = output_scale
@@ -53,3 +56,19 @@ class SRVGGNetCompact(nn.Module):
         base = F.interpolate(x, scale_factor=self.network_scale, mode="nearest")
         out = self.conv_last(self.body(x), residual=base)
         return out if self.resize is None else self.resize(out)
+
+
+def infer_config(state: StateDict) -> dict:
+    """The SRVGGNetCompact config (without ``"arch"``) whose state dict ``state`` is; without an
+    ``output_scale``, which has no weights (such a model's state dict is its x``scale`` network's)."""
+    channels, in_channels = state["body.0.conv.weight"].shape[:2]
+    conv_out = state["conv_last.conv.weight"].shape[0]
+    scale = shuffle_factor(conv_out, in_channels)  # out_channels equals in_channels (the added input)
+    if scale is None:
+        raise ValueError(f"conv_last has {conv_out} output channels, not {in_channels} x scale**2")
+    return {"scale": scale, "num_convs": count_indices(state, r"body\.(\d+)\.conv\.weight") - 1,
+            "channels": channels, "in_channels": in_channels, "out_channels": in_channels}
+
+
+register(Architecture(SRVGGNET_COMPACT_ARCH, SRVGGNetCompact,
+                      keys=("body.0.conv.weight", "body.0.slope", "conv_last.conv.weight"), infer=infer_config))

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import Architecture, StateDict, register
+
+DISCRIMINATOR_ARCH = "discriminator"
+
 
 class Discriminator(nn.Module):
     """(N, 3, H, W) image -> (N,) real/fake logit.
@@ -16,7 +20,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, in_channels: int = 3, channels: int = 64) -> None:
         super().__init__()
-        self.config = {"arch": "discriminator", "in_channels": in_channels, "channels": channels}
+        self.config = {"arch": DISCRIMINATOR_ARCH, "in_channels": in_channels, "channels": channels}
         layers: list[nn.Module] = []
         c_in = in_channels
         for i in range(8):
@@ -34,3 +38,13 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x))).squeeze(1)
+
+
+def infer_config(state: StateDict) -> dict:
+    """The Discriminator config (without ``"arch"``) whose state dict ``state`` is: its first conv's shape."""
+    channels, in_channels = state["features.0.weight"].shape[:2]
+    return {"in_channels": in_channels, "channels": channels}
+
+
+register(Architecture(DISCRIMINATOR_ARCH, Discriminator, keys=("features.0.weight", "classifier.1.weight"),
+                      infer=infer_config))

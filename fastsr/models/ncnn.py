@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import ModelFileError
-from .compact import SRVGGNetCompact
-from .rrdbnet import RRDBNet
+from . import registry
+from .compact import SRVGGNET_COMPACT_ARCH
+from .registry import ModelFileError
+from .rrdbnet import RRDBNET_ARCH
 
 MAGIC = 7767517
 FP16_TAG = 0x01306B47
@@ -427,12 +428,21 @@ def _compact_graph(nodes: _Nodes, config: dict) -> tuple[int, dict[int, str]]:
 
 @dataclass(frozen=True)
 class _Arch:
-    model: type[nn.Module]
+    """How to recognise a registered architecture (``name``) in an ncnn graph: a config (without
+    ``"arch"``) guessed from the layers, and the graph the fastsr model of that config computes."""
+
+    name: str
     guess: Callable[[list[Layer], list[Layer], Path], dict | None]  # (layers, distinct convs, path)
     graph: Callable[[_Nodes, dict], tuple[int, dict[int, str]]]
 
+    @property
+    def title(self) -> str:
+        """The model class's name, for messages (e.g. ``RRDBNet``)."""
+        return registry.get(self.name).title
 
-_ARCHS = (_Arch(RRDBNet, _guess_rrdbnet, _rrdbnet_graph), _Arch(SRVGGNetCompact, _guess_compact, _compact_graph))
+
+_ARCHS = (_Arch(RRDBNET_ARCH, _guess_rrdbnet, _rrdbnet_graph),
+          _Arch(SRVGGNET_COMPACT_ARCH, _guess_compact, _compact_graph))
 
 
 def _distinct_convs(layers: list[Layer], graph: _FileGraph) -> list[Layer]:
@@ -483,7 +493,7 @@ def _recognise(layers: list[Layer], path: Path) -> tuple[_Arch, dict, dict[str, 
                 raise ModelFileError(f"{path}: layer {layer.name} does not contribute to the graph's output")
             if module in filled_by:
                 raise ModelFileError(f"{path}: layers {filled_by[module]} and {layer.name} both compute "
-                                     f"{module[0]} of the {arch.model.__name__}; one would lose its weights")
+                                     f"{module[0]} of the {arch.title}; one would lose its weights")
             modules[layer.name] = module
             filled_by[module] = layer.name
     return arch, config, modules
@@ -498,7 +508,7 @@ def _refuse_resized_output(layers: list[Layer], graph: _FileGraph, last: Layer, 
     arch, config, _ = inner
     mode = _RESIZE_MODES.get(last.params.get(0, 0), "unknown")
     factor = last.params.get(1, 1.0)
-    raise ModelFileError(f"{path}: an {arch.model.__name__} x{config['scale']} network whose output layer {last.name} "
+    raise ModelFileError(f"{path}: an {arch.title} x{config['scale']} network whose output layer {last.name} "
                          f"then resizes ({mode} x{factor:g}); fastsr reads only a bicubic downscale of an "
                          f"SRVGGNetCompact to a whole scale: use the x{config['scale']} model with these weights "
                          "and resize its result")
@@ -540,6 +550,6 @@ def load_ncnn(path: str | os.PathLike) -> nn.Module:
     if not weights.is_file():
         raise ModelFileError(f"{path}: its weights {weights.name} are missing (an ncnn model is a .param and a .bin "
                              "with the same name)")
-    model = arch.model(**config)
+    model = registry.build_model({"arch": arch.name, **config})
     _fill(model, layers, modules, _WeightReader(weights), weights)
     return model.eval()

@@ -53,7 +53,6 @@ so a checkpoint cannot run code (spandrel is handed the tensors, never the file)
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import re
@@ -63,12 +62,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UserError
-from .checkpoint import ModelFileError, build_model
+from . import registry
+from .compact import SRVGGNET_COMPACT_ARCH
+from .registry import ModelFileError, build_model, count_indices, shuffle_factor
+from .rrdbnet import RRDBNET_ARCH, scale_layout
 from .span import NUM_BLOCKS as SPAN_BLOCKS
-from .span import merge_conv3xc
+from .span import SPAN_ARCH, merge_conv3xc
+from .srresnet import SRRESNET_ARCH
+from .variants import MSRRESNET_ARCH, PEER_SRRESNET_ARCH, msrresnet_scale
 
 # Where containers keep the generator weights, most preferred first.
 _EMA_CONTAINER_KEYS = ("params_ema", "ema_state_dict", "ema")
@@ -149,12 +154,6 @@ def extract_state_dict(obj: object, *, prefer_ema: bool = True) -> dict[str, tor
 Rule = Callable[[str], "str | None"]
 
 
-def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
-    """Number of distinct N matching ``pattern`` (a regex with one group) among the keys."""
-    regex = re.compile(pattern)
-    return len({m.group(1) for k in state if (m := regex.fullmatch(k))})
-
-
 def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     if key not in state:
         raise CheckpointFormatError(f"the checkpoint lacks {key!r}")
@@ -178,11 +177,11 @@ def _check_x2_upsampling(state: Mapping[str, torch.Tensor], keys: list[str], cha
 
 def _lornatang(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
     channels, in_channels = _shape(state, "conv1.0.weight")[:2]
-    ups = _count(state, r"upsampling\.(\d+)\.upsample_block\.0\.weight")
+    ups = count_indices(state, r"upsampling\.(\d+)\.upsample_block\.0\.weight")
     _check_x2_upsampling(state, [f"upsampling.{i}.upsample_block.0.weight" for i in range(ups)], channels,
                          "Lornatang SRGAN-PyTorch checkpoint")
-    config = {"arch": "peer_srresnet", "scale": _doubling_scale(ups, "Lornatang SRGAN-PyTorch checkpoint"),
-              "num_blocks": _count(state, r"trunk\.(\d+)\.rcb\.0\.weight"), "channels": channels,
+    config = {"arch": PEER_SRRESNET_ARCH, "scale": _doubling_scale(ups, "Lornatang SRGAN-PyTorch checkpoint"),
+              "num_blocks": count_indices(state, r"trunk\.(\d+)\.rcb\.0\.weight"), "channels": channels,
               "in_channels": in_channels, "output": "clamp"}
     rules = [
         (r"conv1\.0\.(weight|bias)", r"head.conv.\1"),
@@ -203,10 +202,10 @@ def _lornatang(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
 
 def _leftthomas(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
     channels, in_channels = _shape(state, "block1.0.weight")[:2]
-    ups = _count(state, r"block8\.(\d+)\.conv\.weight")
+    ups = count_indices(state, r"block8\.(\d+)\.conv\.weight")
     what = "leftthomas SRGAN checkpoint"
     _check_x2_upsampling(state, [f"block8.{i}.conv.weight" for i in range(ups)], channels, what)
-    config = {"arch": "peer_srresnet", "scale": _doubling_scale(ups, what),
+    config = {"arch": PEER_SRRESNET_ARCH, "scale": _doubling_scale(ups, what),
               "num_blocks": 5, "channels": channels, "in_channels": in_channels, "output": "tanh"}
 
     def rule(key: str) -> str | None:
@@ -231,16 +230,13 @@ def _leftthomas(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
 
 def _basicsr(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
     channels, in_channels = _shape(state, "conv_first.weight")[:2]
-    if "upconv2.weight" in state:
-        scale = 4
-    else:
-        ratio = _shape(state, "upconv1.weight")[0] // channels
-        scale = math.isqrt(ratio)
-        if scale * scale != ratio or scale not in (2, 3):
-            raise CheckpointFormatError(f"BasicSR MSRResNet checkpoint: upconv1 has {ratio} x {channels} output "
-                                        "channels; expected 4x (x2) or 9x (x3)")
-    config = {"arch": "msrresnet", "scale": scale, "num_blocks": _count(state, r"body\.(\d+)\.conv1\.weight"),
-              "channels": channels, "in_channels": in_channels}
+    try:
+        scale = msrresnet_scale(channels, _shape(state, "upconv1.weight")[0], "upconv2.weight" in state)
+    except ValueError as exc:
+        raise CheckpointFormatError(f"BasicSR MSRResNet checkpoint: {exc}") from None
+    config = {"arch": MSRRESNET_ARCH, "scale": scale,
+              "num_blocks": count_indices(state, r"body\.(\d+)\.conv1\.weight"), "channels": channels,
+              "in_channels": in_channels}
     # fastsr's MSRResNet keeps BasicSR's module names; each conv sits inside a fused ConvPReLU.
     layer = r"(conv_first|body\.\d+\.conv[12]|upconv[12]|conv_hr|conv_last)"
     return config, _regex_rule([(rf"{layer}\.(weight|bias)", r"\1.conv.\2")])
@@ -253,25 +249,18 @@ def _rrdb_config(state: Mapping[str, torch.Tensor], what: str, first: str, last:
     channels, conv_in = _shape(state, first)[:2]
     out_channels, growth_channels = _shape(state, last)[0], _shape(state, growth)[0]
     # Real-ESRGAN's x1 / x2 models pixel-unshuffle the input by 4 / 2 in front of the x4 network.
-    ratio, rest = divmod(conv_in, out_channels)
-    unshuffle = {16: 4, 4: 2}.get(ratio, 1) if rest == 0 else 1
-    plain = {}
-    if unshuffle > 1 and num_upsamplings == 2:
-        scale, in_channels = 4 // unshuffle, conv_in // unshuffle**2
-    elif unshuffle == 1 and num_upsamplings in (0, 1, 2, 3):
-        scale, in_channels = 2**num_upsamplings, conv_in
-        plain = {"unshuffle": 1} if scale < 4 else {}  # a 1x / 2x model without Real-ESRGAN's unshuffle
-    else:
-        raise NoNativeFormatError(
-            f"{what}: {num_upsamplings} upsampling convs, {conv_in} input and {out_channels} output channels; "
-            "fastsr's RRDBNet builds x1, x2, x4 and x8 (0 to 3 upsampling convs) and Real-ESRGAN's "
-            "pixel-unshuffled x1 / x2 (2 convs, 16x / 4x the input channels)")
-    return {"arch": "rrdbnet", "scale": scale, "num_blocks": _count(state, block_pattern), "channels": channels,
-            "growth": growth_channels, "in_channels": in_channels, "out_channels": out_channels, **plain}
+    try:
+        scale, in_channels, unshuffle = scale_layout(conv_in, out_channels, num_upsamplings)
+    except ValueError as exc:  # a layout fastsr's RRDBNet does not build: spandrel may
+        raise NoNativeFormatError(f"{what}: {exc}") from None
+    plain = {} if unshuffle is None else {"unshuffle": unshuffle}
+    return {"arch": RRDBNET_ARCH, "scale": scale, "num_blocks": count_indices(state, block_pattern),
+            "channels": channels, "growth": growth_channels, "in_channels": in_channels, "out_channels": out_channels,
+            **plain}
 
 
 def _rrdbnet(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
-    ups = _count(state, r"conv_up(\d+)\.weight")
+    ups = count_indices(state, r"conv_up(\d+)\.weight")
     config = _rrdb_config(state, "BasicSR/Real-ESRGAN RRDBNet checkpoint", "conv_first.weight", "conv_last.weight",
                           "body.0.rdb1.conv1.weight", r"body\.(\d+)\.rdb1\.conv1\.weight", ups)
     # fastsr's RRDBNet keeps BasicSR's module names; each conv sits inside a fused ConvPReLU.
@@ -307,7 +296,7 @@ def _esrgan(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
 
 
 def _esrgan_new(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
-    ups = _count(state, r"upconv(\d+)\.weight")
+    ups = count_indices(state, r"upconv(\d+)\.weight")
     config = _rrdb_config(state, "BSRGAN/RealSR/ESRGAN new-architecture checkpoint", "conv_first.weight",
                           "conv_last.weight", "RRDB_trunk.0.RDB1.conv1.weight",
                           r"RRDB_trunk\.(\d+)\.RDB1\.conv1\.weight", ups)
@@ -336,7 +325,7 @@ def _compact(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
                                   f"{convs} and 1-d weights at {slopes}")
     channels, in_channels = _shape(state, "body.0.weight")[:2]
     scale = _shuffle_scale(_shape(state, f"body.{last}.weight")[0], in_channels, f"{what}: body.{last}")
-    config = {"arch": "srvggnet_compact", "scale": scale, "num_convs": len(convs) - 2, "channels": channels,
+    config = {"arch": SRVGGNET_COMPACT_ARCH, "scale": scale, "num_convs": len(convs) - 2, "channels": channels,
               "in_channels": in_channels, "out_channels": in_channels}
 
     def rule(key: str) -> str | None:
@@ -355,9 +344,8 @@ def _compact(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
 
 def _shuffle_scale(conv_out: int, channels: int, what: str) -> int:
     """The pixel-shuffle factor r of a conv with ``conv_out`` = ``channels`` * r**2 output channels."""
-    squared, rest = divmod(conv_out, channels)
-    scale = math.isqrt(squared)
-    if rest or scale * scale != squared:
+    scale = shuffle_factor(conv_out, channels)
+    if scale is None:
         raise CheckpointFormatError(f"{what} has {conv_out} output channels, not {channels} x scale**2")
     return scale
 
@@ -371,7 +359,7 @@ def _span(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
     if norm and in_channels != 3:
         raise CheckpointFormatError(f"{what}: {in_channels} input channels, but the published input normalisation "
                                     "has 3 channel means (and the file has no no_norm entry)")
-    config = {"arch": "span", "scale": scale, "channels": channels, "in_channels": in_channels,
+    config = {"arch": SPAN_ARCH, "scale": scale, "channels": channels, "in_channels": in_channels,
               "out_channels": in_channels, "norm": norm}
     return config, _regex_rule([
         (rf"({_SPAN_CONV3XC})\.conv\.(weight|bias)", r"\1.conv.\2"),  # merged by _span_merge
@@ -411,11 +399,13 @@ def _span_merge(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _fastsr(state: Mapping[str, torch.Tensor]) -> tuple[dict, Rule]:
-    channels, in_channels = _shape(state, "head.conv.weight")[:2]
-    ups = _count(state, r"upsample\.(\d+)\.conv\.conv\.weight")
-    config = {"arch": "srresnet", "scale": _doubling_scale(ups, "fastsr SRResNet state dict"),
-              "num_blocks": _count(state, r"body\.(\d+)\.conv1\.conv\.weight"), "channels": channels,
-              "in_channels": in_channels}
+    # fastsr's own layout: the registered architecture whose keys these are reads its config.
+    try:
+        config = registry.detect(state)
+    except ValueError as exc:
+        raise CheckpointFormatError(f"{FORMATS['fastsr'].description}: {exc}") from None
+    if config is None:
+        raise CheckpointFormatError(f"{FORMATS['fastsr'].description}: the keys of no fastsr architecture")
     return config, lambda key: key
 
 
@@ -444,11 +434,12 @@ class Format:
 
 
 # Detection order matters where layouts share names: the RRDB layouts come before MSRResNet,
-# whose conv_first / upconv1 / conv_last the BSRGAN layout also has.
+# whose conv_first / upconv1 / conv_last the BSRGAN layout also has. The layout an architecture
+# was published with is named after it (RRDBNET_ARCH, SPAN_ARCH); "fastsr" is SRResNet's own.
 FORMATS: dict[str, Format] = {
     "lornatang": Format("Lornatang SRGAN-PyTorch SRResNet/SRGAN generator", ("conv1.0.weight", "trunk.0.rcb.0.weight"),
                         _lornatang),
-    "rrdbnet": Format("BasicSR/Real-ESRGAN RRDBNet", ("conv_first.weight", "body.0.rdb1.conv1.weight",
+    RRDBNET_ARCH: Format("BasicSR/Real-ESRGAN RRDBNet", ("conv_first.weight", "body.0.rdb1.conv1.weight",
                                                       "conv_body.weight", "conv_last.weight"), _rrdbnet),
     "esrgan": Format("original ESRGAN RRDBNet (old architecture)",
                      ("model.0.weight", "model.1.sub.0.RDB1.conv1.0.weight"), _esrgan),
@@ -458,10 +449,10 @@ FORMATS: dict[str, Format] = {
     "basicsr": Format("BasicSR MSRResNet", ("conv_first.weight", "body.0.conv1.weight", "upconv1.weight",
                                             "conv_last.weight"), _basicsr),
     "compact": Format("Real-ESRGAN SRVGGNetCompact", ("body.0.weight", "body.0.bias", "body.2.weight"), _compact),
-    "span": Format("SPAN", ("conv_1.sk.weight", "block_1.c1_r.sk.weight", "conv_cat.weight", "upsampler.0.weight"),
+    SPAN_ARCH: Format("SPAN", ("conv_1.sk.weight", "block_1.c1_r.sk.weight", "conv_cat.weight", "upsampler.0.weight"),
                    _span, merge=_span_merge),
     "leftthomas": Format("leftthomas SRGAN generator", ("block1.0.weight", "block7.0.weight"), _leftthomas),
-    "fastsr": Format("fastsr SRResNet state dict", ("head.conv.weight", "body_tail.conv.weight"), _fastsr),
+    "fastsr": Format("fastsr SRResNet state dict", registry.get(SRRESNET_ARCH).keys, _fastsr),
 }
 _SPANDREL_HINT = ("other architectures load through spandrel when it is installed: pip install --no-deps spandrel "
                   "einops, next to a torchvision that matches torch")
@@ -518,7 +509,7 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], *, fmt: str | None = N
 
 def _spandrel_model(state: Mapping[str, torch.Tensor], reason: NoNativeFormatError) -> nn.Module:
     """spandrel's module for ``state`` in eval mode, or ``reason`` (extended) when it has none."""
-    try:
+    try:  # here, not at the top: spandrel is optional (the spandrel extra) and heavy (torchvision)
         import spandrel
     except ImportError:
         raise NoNativeFormatError(f"{reason} ({_SPANDREL_HINT})") from None
@@ -587,8 +578,6 @@ def load_checkpoint(path: str | os.PathLike, *, prefer_ema: bool = True, fmt: st
     if is_torch_file(path):
         obj = read_torch_file(path)
     else:
-        from safetensors.torch import load_file
-
         try:
             obj = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types for corrupt files

@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import ConvPReLU, fold_nearest_upsampling
+from .registry import Architecture, StateDict, count_indices, register
+
+RRDBNET_ARCH = "rrdbnet"
 
 # Every activation of the ESRGAN family is LeakyReLU(0.2); every residual is scaled by 0.2.
 _LEAKY = {"activation": "leaky_relu", "negative_slope": 0.2}
@@ -129,7 +132,7 @@ class RRDBNet(nn.Module):
         if unshuffle not in (None, 1, default_unshuffle):
             raise ValueError(f"RRDBNet x{scale} pixel-unshuffles by {default_unshuffle} or not at all (1), "
                              f"got unshuffle={unshuffle}")
-        self.config = {"arch": "rrdbnet", "scale": scale, "num_blocks": num_blocks, "channels": channels,
+        self.config = {"arch": RRDBNET_ARCH, "scale": scale, "num_blocks": num_blocks, "channels": channels,
                        "growth": growth, "in_channels": in_channels, "out_channels": out_channels}
         self.scale = scale
         self.unshuffle = default_unshuffle if unshuffle is None else unshuffle
@@ -199,3 +202,42 @@ class RRDBNet(nn.Module):
                 new.conv.bias.copy_(bias)
             setattr(self, f"conv_up{i}", new)
         self.upsampling_folded = True
+
+
+def scale_layout(conv_in: int, out_channels: int, num_upsamplings: int) -> tuple[int, int, int | None]:
+    """(scale, in_channels, unshuffle) of the RRDBNet whose conv_first reads ``conv_in`` channels,
+    whose conv_last writes ``out_channels`` and which has ``num_upsamplings`` upsampling convs;
+    ``unshuffle`` is None where it is the scale's default (a config then leaves it out).
+
+    The weights do not store the input channels apart from the unshuffle: an input of 16x / 4x the
+    output channels is read as Real-ESRGAN's pixel-unshuffled x1 / x2 (in_channels = out_channels),
+    as BasicSR builds them. ValueError when no RRDBNet has these shapes.
+    """
+    ratio, rest = divmod(conv_in, out_channels)
+    unshuffle = {16: 4, 4: 2}.get(ratio, 1) if rest == 0 else 1
+    if unshuffle > 1 and num_upsamplings == 2:
+        return 4 // unshuffle, conv_in // unshuffle**2, None
+    if unshuffle == 1 and num_upsamplings in (0, 1, 2, 3):
+        scale = 2**num_upsamplings
+        return scale, conv_in, (1 if scale < 4 else None)  # a 1x / 2x model without Real-ESRGAN's unshuffle
+    raise ValueError(f"{num_upsamplings} upsampling convs, {conv_in} input and {out_channels} output channels; "
+                     "fastsr's RRDBNet builds x1, x2, x4 and x8 (0 to 3 upsampling convs) and Real-ESRGAN's "
+                     "pixel-unshuffled x1 / x2 (2 convs, 16x / 4x the input channels)")
+
+
+def infer_config(state: StateDict) -> dict:
+    """The RRDBNet config (without ``"arch"``) whose state dict ``state`` is (see :func:`scale_layout`);
+    of the model before :meth:`RRDBNet.optimize_for_inference`, whose weights these are."""
+    channels, conv_in = state["conv_first.conv.weight"].shape[:2]
+    out_channels = state["conv_last.conv.weight"].shape[0]
+    scale, in_channels, unshuffle = scale_layout(conv_in, out_channels,
+                                                 count_indices(state, r"conv_up(\d+)\.conv\.weight"))
+    config = {"scale": scale, "num_blocks": count_indices(state, r"body\.(\d+)\.rdb1\.conv1\.conv\.weight"),
+              "channels": channels, "growth": state["body.0.rdb1.conv1.conv.weight"].shape[0],
+              "in_channels": in_channels, "out_channels": out_channels}
+    return config if unshuffle is None else {**config, "unshuffle": unshuffle}
+
+
+register(Architecture(RRDBNET_ARCH, RRDBNet, keys=("conv_first.conv.weight", "body.0.rdb1.conv1.conv.weight",
+                                                   "conv_body.conv.weight", "conv_last.conv.weight"),
+                      infer=infer_config))

@@ -19,6 +19,9 @@ import torch
 from torch import nn
 
 from ..nn import ConvPReLU, ConvSiLU
+from .registry import Architecture, StateDict, register, shuffle_factor
+
+SPAN_ARCH = "span"
 
 NUM_BLOCKS = 6
 # The published normalisation: (x - rgb_mean) * img_range before the first conv, and no
@@ -87,7 +90,7 @@ class SPAN(nn.Module):
         if norm and len(rgb_mean) != in_channels:
             raise ValueError(f"SPAN normalises with one mean per input channel: {len(rgb_mean)} means for "
                              f"{in_channels} channels")
-        self.config = {"arch": "span", "scale": scale, "channels": channels, "in_channels": in_channels,
+        self.config = {"arch": SPAN_ARCH, "scale": scale, "channels": channels, "in_channels": in_channels,
                        "out_channels": out_channels, "norm": norm, "img_range": float(img_range),
                        "rgb_mean": [float(m) for m in rgb_mean]}
         self.scale = scale
@@ -117,3 +120,20 @@ class SPAN(nn.Module):
         out, last_first = last_block(out)
         out = self.conv_cat(torch.cat([features, self.conv_2(out), out_b1, last_first], 1))
         return self.upsampler(out)
+
+
+def infer_config(state: StateDict) -> dict:
+    """The SPAN config (without ``"arch"``) whose state dict ``state`` is (the merged inference
+    form). The input normalisation has no weights: the published one is assumed, and the output
+    channels, stored only times the scale squared, are taken equal to the input's (as spandrel does)."""
+    channels, in_channels = state["conv_1.conv.weight"].shape[:2]
+    conv_out = state["upsampler.conv.weight"].shape[0]
+    scale = shuffle_factor(conv_out, in_channels)
+    if scale is None:
+        raise ValueError(f"upsampler has {conv_out} output channels, not {in_channels} x scale**2")
+    return {"scale": scale, "channels": channels, "in_channels": in_channels, "out_channels": in_channels,
+            "norm": True, "img_range": IMG_RANGE, "rgb_mean": list(RGB_MEAN)}
+
+
+register(Architecture(SPAN_ARCH, SPAN, keys=("conv_1.conv.weight", "block_1.c1_r.conv.weight", "conv_cat.conv.weight",
+                                             "upsampler.conv.weight"), infer=infer_config))

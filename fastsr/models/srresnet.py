@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 from ..nn import ConvPReLU, ResidualBlock, UpsampleBlock
+from .registry import Architecture, StateDict, count_indices, register
+
+SRRESNET_ARCH = "srresnet"
 
 
 class SRResNet(nn.Module):
@@ -22,7 +25,7 @@ class SRResNet(nn.Module):
         super().__init__()
         if scale not in (2, 4, 8):
             raise ValueError(f"SRResNet scale must be 2, 4 or 8, got {scale}")
-        self.config = {"arch": "srresnet", "scale": scale, "num_blocks": num_blocks, "channels": channels,
+        self.config = {"arch": SRRESNET_ARCH, "scale": scale, "num_blocks": num_blocks, "channels": channels,
                        "in_channels": in_channels}
         self.scale = scale
         self.head = ConvPReLU(in_channels, channels, 9)
@@ -55,3 +58,18 @@ class SRResNet(nn.Module):
         features = self.head(x)
         x = self.body_tail(self.body(features), residual=features)
         return self.tail(self.upsample(x))
+
+
+def infer_config(state: StateDict) -> dict:
+    """The SRResNet config (without ``"arch"``) whose state dict ``state`` is, from its tensor shapes."""
+    channels, in_channels = state["head.conv.weight"].shape[:2]
+    upsamplings = count_indices(state, r"upsample\.(\d+)\.conv\.conv\.weight")
+    if upsamplings not in (1, 2, 3):
+        raise ValueError(f"{upsamplings} x2 upsampling blocks; fastsr supports 1, 2 or 3 (x2/x4/x8)")
+    return {"scale": 2**upsamplings, "num_blocks": count_indices(state, r"body\.(\d+)\.conv1\.conv\.weight"),
+            "channels": channels, "in_channels": in_channels}
+
+
+# PeerSRResNet (variants) has the same keys: its state dicts are detected as this architecture.
+register(Architecture(SRRESNET_ARCH, SRResNet, keys=("head.conv.weight", "body_tail.conv.weight"),
+                      infer=infer_config))

@@ -12,13 +12,18 @@ Checkpoints from those code bases (see :mod:`fastsr.models.peers`) load into the
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..nn import ConvPReLU
+from .registry import Architecture, StateDict, count_indices, register
 from .srresnet import SRResNet
 
+MSRRESNET_ARCH = "msrresnet"
+PEER_SRRESNET_ARCH = "peer_srresnet"
 # BasicSR's MSRResNet uses LeakyReLU with this slope everywhere except inside the residual blocks.
 _LEAKY = {"activation": "leaky_relu", "negative_slope": 0.1}
 
@@ -49,7 +54,7 @@ class MSRResNet(nn.Module):
         super().__init__()
         if scale not in (2, 3, 4):
             raise ValueError(f"MSRResNet scale must be 2, 3 or 4, got {scale}")
-        self.config = {"arch": "msrresnet", "scale": scale, "num_blocks": num_blocks, "channels": channels,
+        self.config = {"arch": MSRRESNET_ARCH, "scale": scale, "num_blocks": num_blocks, "channels": channels,
                        "in_channels": in_channels}
         self.scale = scale
         self.conv_first = ConvPReLU(in_channels, channels, 3, **_LEAKY)
@@ -94,7 +99,7 @@ class PeerSRResNet(SRResNet):
         if output not in self.OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(self.OUTPUTS)}, got {output!r}")
         super().__init__(scale=scale, num_blocks=num_blocks, channels=channels, in_channels=in_channels)
-        self.config = {**self.config, "arch": "peer_srresnet", "output": output}
+        self.config = {**self.config, "arch": PEER_SRRESNET_ARCH, "output": output}
         self.output = output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,3 +107,30 @@ class PeerSRResNet(SRResNet):
         if self.output == "clamp":
             return y.clamp(0.0, 1.0)
         return (torch.tanh(y) + 1.0) / 2.0
+
+
+def msrresnet_scale(channels: int, upconv1_out: int, has_upconv2: bool) -> int:
+    """The scale of an MSRResNet with ``channels`` features whose first upsampling conv writes
+    ``upconv1_out`` channels (x4: two x2 steps, ``has_upconv2``); ValueError if none fits."""
+    if has_upconv2:
+        return 4
+    ratio = upconv1_out // channels
+    scale = math.isqrt(ratio)
+    if scale * scale != ratio or scale not in (2, 3):
+        raise ValueError(f"upconv1 has {ratio} x {channels} output channels; expected 4x (x2) or 9x (x3)")
+    return scale
+
+
+def infer_msrresnet_config(state: StateDict) -> dict:
+    """The MSRResNet config (without ``"arch"``) whose state dict ``state`` is, from its tensor shapes."""
+    channels, in_channels = state["conv_first.conv.weight"].shape[:2]
+    scale = msrresnet_scale(channels, state["upconv1.conv.weight"].shape[0], "upconv2.conv.weight" in state)
+    return {"scale": scale, "num_blocks": count_indices(state, r"body\.(\d+)\.conv1\.conv\.weight"),
+            "channels": channels, "in_channels": in_channels}
+
+
+register(Architecture(MSRRESNET_ARCH, MSRResNet, keys=("conv_first.conv.weight", "body.0.conv1.conv.weight",
+                                                       "upconv1.conv.weight", "conv_last.conv.weight"),
+                      infer=infer_msrresnet_config))
+# No detector: the output mapping leaves no trace in the weights, which are SRResNet's (detected as it).
+register(Architecture(PEER_SRRESNET_ARCH, PeerSRResNet))
