@@ -115,8 +115,10 @@ default-model: data/wallpapers/manifest.csv runs/default-base.safetensors
 	$(BIN)/python -c "import fastsr, torch; fastsr.save_model(fastsr.load_model('runs/default-photos/model.safetensors'), \
 		'fastsr/models/weights/srresnet_x4_default.safetensors', dtype=torch.float16)"
 
+# ruff, and the import contracts of pyproject.toml (import-linter, on the installed layout; also in `make test`).
 lint: venv
-	$(BIN)/ruff check fastsr kernels tests benchmarks
+	$(BIN)/ruff check fastsr kernels csrc tests benchmarks
+	$(BIN)/python -m pytest -q tests/test_imports.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks out

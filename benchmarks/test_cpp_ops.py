@@ -167,7 +167,7 @@ def srresnet():
 @pytest.mark.parametrize("input_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("size", [128, 256])
-def test_srresnet_x4_inference(benchmark, monkeypatch, srresnet, size, impl, input_format):
+def test_srresnet_x4_inference(benchmark, srresnet, size, impl, input_format):
     """The model (channels_last weights) fed what users pass (NCHW) and channels_last."""
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     x = x.contiguous(memory_format=CL if input_format == "channels_last" else torch.contiguous_format)
@@ -185,8 +185,8 @@ def test_srresnet_x4_inference(benchmark, monkeypatch, srresnet, size, impl, inp
         if impl == "compile":
             torch._dynamo.reset()
         fn = eager if impl == "eager" else torch.compile(srresnet)
-        if impl == "compile":
-            monkeypatch.setattr(fastsr.backend, "_global_choice", None)  # restored after the case
-            fastsr.set_backend("torch")  # what the compiled graph traces (use_backend is not traced)
     benchmark.group = f"srresnet-x4-{size}x{size}-fp32"
-    _time(benchmark, fn, (x,), rounds=3, info={"impl": impl, "input": f"{size}x{size}", "input_format": input_format})
+    # compile: the default is what the compiled graph traces (use_backend is not traced); restored after the case
+    with fastsr.backend.global_backend("torch" if impl == "compile" else None):
+        _time(benchmark, fn, (x,), rounds=3,
+              info={"impl": impl, "input": f"{size}x{size}", "input_format": input_format})

@@ -91,7 +91,7 @@ def srresnet():
 
 
 @pytest.mark.parametrize("impl", ["triton", "cpp", "eager", "compile-max-autotune"])
-def test_srresnet_x4(benchmark, srresnet, impl, monkeypatch):
+def test_srresnet_x4(benchmark, srresnet, impl):
     size = SIZES["model"]
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
     fast = fastsr.optimize(copy.deepcopy(srresnet))
@@ -102,11 +102,10 @@ def test_srresnet_x4(benchmark, srresnet, impl, monkeypatch):
                 return fast(t)
         return run
 
-    monkeypatch.setattr(fastsr.backend, "_global_choice", None)  # restored after the case
-    fastsr.set_backend("torch")  # what eager and the compiled graph run
-    fn = _impl(impl, on, srresnet)
-    benchmark.group = f"srresnet-x4-{size}"
-    mean = _time(benchmark, fn, x.contiguous(memory_format=CL), impl=impl)
+    with fastsr.backend.global_backend("torch"):  # what eager and the compiled graph run; restored after the case
+        fn = _impl(impl, on, srresnet)
+        benchmark.group = f"srresnet-x4-{size}"
+        mean = _time(benchmark, fn, x.contiguous(memory_format=CL), impl=impl)
     benchmark.extra_info["output_mpix_per_s"] = (4 * size) ** 2 / mean / 1e6
 
 

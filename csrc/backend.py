@@ -13,10 +13,14 @@ module adds their fake (meta) kernels and autograd formulas, so they run in eage
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import torch
+
+from fastsr.layout import acc_dtype, memory_format_of
 
 # Build state, filled by _build() once per process.
 _lock = threading.RLock()
@@ -91,6 +95,24 @@ def build_info(build: bool = False) -> dict:
             "cached": _state.get("cached", False), "seconds": _state.get("seconds")}
 
 
+@contextlib.contextmanager
+def unbuilt() -> Iterator[None]:
+    """For the block, this process has not loaded the extension yet (the next op builds or loads it,
+    or records why it cannot); the real state comes back afterwards. For tests of a first or a
+    failed build in a process that already loaded the library."""
+    global _loaded
+    saved, was_loaded = dict(_state), _loaded
+    _state.clear()
+    _state.update(attempted=False, ok=False, reason="not built yet (builds on first use)", with_cuda=False)
+    _loaded = False
+    try:
+        yield
+    finally:
+        _state.clear()
+        _state.update(saved)
+        _loaded = was_loaded
+
+
 def _ensure() -> None:
     if not _loaded:
         _build()
@@ -158,16 +180,10 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 # Fake kernels and autograd, registered once the library has defined the ops.
 
 
-def _out_format(x: torch.Tensor) -> torch.memory_format:
-    # The same rule as output_format() in csrc/common.h: channels adjacent, not NCHW-contiguous.
-    if x.dim() == 4 and x.stride(1) == 1 and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _empty(x: torch.Tensor, shape, fmt=None, dtype=None) -> torch.Tensor:
+    # fastsr.layout's rule, which output_format() in csrc/common.h mirrors: the fakes' strides are the kernels'.
     return torch.empty(shape, dtype=dtype or x.dtype, device=x.device,
-                       memory_format=_out_format(x) if fmt is None else fmt)
+                       memory_format=memory_format_of(x) if fmt is None else fmt)
 
 
 def _fake_conv2d_prelu(x, weight, bias, slope, residual, shuffle):
@@ -198,8 +214,7 @@ def _fake_shuffle_prelu_backward(grad_out, x, slope, r):
 
 
 def _fake_mse_per_image(a, b, scale, y_channel, crop):
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    return torch.empty((a.shape[0],), dtype=dtype, device=a.device)
+    return torch.empty((a.shape[0],), dtype=acc_dtype(a.dtype), device=a.device)
 
 
 def _fake_mse_per_image_backward(grad, a, b, scale, y_channel, crop):
@@ -211,9 +226,13 @@ def _fake_to_uint8(x):
     return torch.empty((n, h, w, c), dtype=torch.uint8, device=x.device)
 
 
-# conv2d_prelu: the backward recomputes the convolution when there is an activation (its
-# pre-activation values decide the PReLU gradient), like activation checkpointing: the
-# forward op stays a single output and saves nothing but its inputs.
+# conv2d_prelu's autograd formula. With a slope it serves only direct torch.ops.fastsr.conv2d_prelu
+# calls (torch.library.opcheck in tests/test_cpp.py, users calling the op themselves): under autograd
+# the backend's conv2d_prelu above never runs the fused op with a slope but conv + bias, then
+# shuffle_prelu, which keeps the pre-activation. Here the backward recomputes the convolution instead
+# (its pre-activation values decide the PReLU gradient), like activation checkpointing: the op stays
+# a single output and saves nothing but its inputs. Without a slope (the path the backend takes) it
+# needs no recompute: the gradient is only un-shuffled.
 def _conv_setup(ctx, inputs, output):
     x, weight, bias, slope, residual, shuffle = inputs
     ctx.shuffle = shuffle
@@ -246,8 +265,9 @@ def _conv_input_weight_grads(grad_pre, x, weight, bias, needs):
     return grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None
 
 
-# conv2d_silu: like conv2d_prelu, the backward recomputes the convolution for the activation's
-# derivative (the sigmoid_gate_backward op).
+# conv2d_silu's autograd formula, the one the backend's conv2d_silu takes: like conv2d_prelu's with a
+# slope, the backward recomputes the convolution for the activation's derivative (the
+# sigmoid_gate_backward op).
 def _silu_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 

@@ -69,11 +69,12 @@ class BuildError(RuntimeError):
     """The extension cannot be built or loaded here; the message is one line saying why."""
 
 
-def _compiler() -> str:
+def compiler() -> str:
+    """The C++ compiler torch's extension build runs: ``$CXX``, else ``c++``."""
     return os.environ.get("CXX", "c++")
 
 
-def _cpu_features() -> set[str]:
+def cpu_features() -> set[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere, which selects DEFAULT)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -83,20 +84,20 @@ def _cpu_features() -> set[str]:
     return set(match.group(1).split()) if match else set()
 
 
-def _compiler_accepts(isa: str) -> bool:
+def compiler_accepts(isa: str) -> bool:
     """Whether the C++ compiler builds the ISA probe with the variant's flags."""
-    return isa not in _ISA_PROBE or _probe_compiles(_compiler(), isa)
+    return isa not in _ISA_PROBE or probe_compiles(compiler(), isa)
 
 
 @functools.cache
-def _probe_compiles(compiler: str, isa: str) -> bool:
+def probe_compiles(compiler: str, isa: str) -> bool:
     """The verdict is kept in the cache folder, keyed by the compiler (path and version), the flags
     and the probe, so a process that loads an already built extension compiles nothing."""
-    key = f"{shutil.which(compiler)}|{_tool_version([compiler, '--version'])}|{ISA_VARIANTS[isa][1]}|{_ISA_PROBE[isa]}"
+    key = f"{shutil.which(compiler)}|{tool_version([compiler, '--version'])}|{ISA_VARIANTS[isa][1]}|{_ISA_PROBE[isa]}"
     record = _cache_root() / "isa-probes" / f"{isa.lower()}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if record.is_file():
         return record.read_text() == "ok"
-    ok = _compile_probe(compiler, isa)
+    ok = compile_probe(compiler, isa)
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_name(f"{record.name}.tmp-{os.getpid()}")
@@ -107,7 +108,8 @@ def _probe_compiles(compiler: str, isa: str) -> bool:
     return ok
 
 
-def _compile_probe(compiler: str, isa: str) -> bool:
+def compile_probe(compiler: str, isa: str) -> bool:
+    """Compile (and link) the ISA probe of ``isa`` with its flags: whether ``compiler`` accepts them."""
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "probe.cpp")
         src.write_text(_ISA_PROBE[isa])
@@ -125,13 +127,13 @@ def isa_missing(isa: str) -> str | None:
         return f"unknown ISA variant {isa!r}; choose one of: {', '.join(ISA_VARIANTS)}"
     if isa != "DEFAULT" and platform.machine().lower() not in ("x86_64", "amd64"):
         return f"{isa} is an x86 variant and this CPU is {platform.machine()}"
-    lacking = [flag for flag in ISA_VARIANTS[isa][0] if flag not in _cpu_features()]
+    lacking = [flag for flag in ISA_VARIANTS[isa][0] if flag not in cpu_features()]
     if lacking:
         return f"this CPU lacks {', '.join(lacking)}"
-    if shutil.which(_compiler()) is None:
+    if shutil.which(compiler()) is None:
         return missing_tools()
-    if not _compiler_accepts(isa):
-        return f"the C++ compiler ({_compiler()}) does not build {isa} code"
+    if not compiler_accepts(isa):
+        return f"the C++ compiler ({compiler()}) does not build {isa} code"
     return None
 
 
@@ -154,7 +156,8 @@ def cpu_isa() -> str:
     return next((isa for isa in allowed if isa_missing(isa) is None), "DEFAULT")
 
 
-def _tool_version(command: list[str]) -> str:
+def tool_version(command: list[str]) -> str:
+    """The first line ``command`` (e.g. ``[compiler, "--version"]``) prints; "unknown" if it cannot run."""
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -245,8 +248,8 @@ def plan() -> BuildPlan:
     sources = _sources(with_cuda)
     depends_on = {
         "torch": torch.__version__, "torch_cuda": str(torch.version.cuda), "python": sys.version,
-        "cflags": " ".join(cflags), "compiler": f"{_compiler()} {_tool_version([_compiler(), '--version'])}",
-        "nvcc": _tool_version([str(Path(cuda_home, "bin", "nvcc")), "--version"]) if with_cuda else "none",
+        "cflags": " ".join(cflags), "compiler": f"{compiler()} {tool_version([compiler(), '--version'])}",
+        "nvcc": tool_version([str(Path(cuda_home, "bin", "nvcc")), "--version"]) if with_cuda else "none",
     }
     digest = hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode())
     # The compiled files and every header they may include (the CUDA ones only in CUDA builds).
@@ -319,8 +322,8 @@ def build(retry: bool = False) -> tuple[BuildPlan, bool]:
 
 def missing_tools() -> str | None:
     """Why nothing can be compiled here (no C++ compiler, no ninja), or None."""
-    if shutil.which(_compiler()) is None:
-        return f"no C++ compiler found ({_compiler()!r} is not on PATH; install g++ or set CXX)"
+    if shutil.which(compiler()) is None:
+        return f"no C++ compiler found ({compiler()!r} is not on PATH; install g++ or set CXX)"
     if ninja_dir() is None:
         return "ninja is not installed (pip install ninja)"
     return None

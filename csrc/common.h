@@ -16,8 +16,9 @@ namespace fastsr {
 // memory (stride 1) and it is not plain NCHW-contiguous (which a channels_last tensor also is for
 // C == 1 or H == W == 1), else NCHW. That covers channels_last tensors and channel slices of them
 // (x[:, :k] of an NHWC buffer: RRDBNet's concat-free dense blocks), as PyTorch's own ops decide.
-// csrc/backend.py's fake (meta) implementations, kernels/_common.py and ops/dispatch.py mirror
-// this rule exactly, so torch.compile sees the real strides.
+// fastsr/layout.py holds this rule in Python (memory_format_of), for the dispatcher, the Triton
+// kernels and csrc/backend.py's fake (meta) kernels: keep the two identical, so torch.compile sees
+// the real strides.
 inline at::MemoryFormat output_format(const at::Tensor& x) {
   return x.dim() == 4 && x.stride(1) == 1 && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
                                                                  : at::MemoryFormat::Contiguous;
@@ -45,6 +46,7 @@ inline at::Tensor per_channel_slope(const at::Tensor& slope, int64_t channels, a
   return slope.to(acc).reshape({-1}).expand({channels}).contiguous();
 }
 
+// The accumulation dtype: fp64 for fp64, else fp32 (fastsr/layout.py's acc_dtype).
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_4d(const at::Tensor& t, const char* name) {
@@ -93,7 +95,7 @@ inline SigmoidGateGrads sigmoid_gate_grads(const at::Tensor& grad, const at::Ten
 }
 
 // Y = sum_c Y_WEIGHTS[c] * rgb[c] + offset (MATLAB rgb2ycbcr on [0, 1] data); the offset cancels
-// in a difference, which is all the reductions need. Same numbers as fastsr/reference.py.
+// in a difference, which is all the reductions need. Same numbers as fastsr/constants.py.
 constexpr double kYWeights[3] = {65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0};
 
 }  // namespace fastsr

@@ -24,7 +24,7 @@ from .models import (
 from .ops import dispatch as backend  # fastsr.backend: the registry (availability, set_backend, ...)
 from .ops import functional  # fastsr.functional: the fused ops
 from .ops.dispatch import available_backends, get_backend, set_backend, use_backend
-from .pipeline import upscale_file, upscale_folder
+from .pipeline import UpscaleOptions, upscale_file, upscale_folder
 
 # `import fastsr.functional as F` and `from fastsr.functional import conv2d_prelu` (torch.nn.functional's
 # idiom), and the same for fastsr.backend: the public names are these modules themselves, registered
@@ -35,18 +35,18 @@ sys.modules[f"{__name__}.backend"] = backend
 __version__ = "0.1.0"
 
 
-def upscale(image, model=None, **kwargs):
+def upscale(image, model=None, options: UpscaleOptions | None = None, **changes):
     """Upscale a PIL image, an (H, W, C) uint8/uint16 array or an (N, C, H, W) float tensor;
-    returns the same kind. See :func:`fastsr.pipeline.upscale_image`."""
+    returns the same kind. See :func:`fastsr.pipeline.upscale_image` and :class:`UpscaleOptions`."""
     from .pipeline import upscale_image
 
-    return upscale_image(image, model, **kwargs)
+    return upscale_image(image, model, options, **changes)
 
 
 __all__ = [
     "BackendUnavailableError", "Discriminator", "MSRResNet", "PeerSRResNet", "RRDBNet", "SPAN", "SRResNet",
-    "SRVGGNetCompact", "UserError", "available_backends", "backend", "functional", "fuse", "get_backend",
-    "load_model", "metrics", "nn", "optimize", "save_model", "set_backend", "upscale", "upscale_file",
+    "SRVGGNetCompact", "UpscaleOptions", "UserError", "available_backends", "backend", "functional", "fuse",
+    "get_backend", "load_model", "metrics", "nn", "optimize", "save_model", "set_backend", "upscale", "upscale_file",
     "upscale_folder", "use_backend",
     "__version__",
 ]

@@ -6,8 +6,9 @@ class UserError(Exception):
     traceback by the CLI, exit status 2. Library code raises more specific subclasses."""
 
 
-class BackendUnavailableError(RuntimeError):
-    """The named backend cannot serve this call; the message says why."""
+class BackendUnavailableError(UserError, RuntimeError):
+    """The named backend cannot serve this call; the message says why (a UserError: the user named
+    it; still a RuntimeError for callers that caught it as one)."""
 
 
 class DestinationError(UserError):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
 from .ops import functional
 
 # VGG19 ("E"): convolutions per block; every block ends with a 2x2 max-pool.
@@ -26,7 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PAPER_FEATURE_SCALE = 1.0 / 12.75
 
 
-class VGGWeightsError(ValueError):
+class VGGWeightsError(UserError, ValueError):
     """The VGG19 weights file is missing or not in torchvision's VGG19 layout."""
 
 

@@ -135,32 +135,33 @@ def render_sheet(rows: Sequence[SheetRow], *, zoom: int = ZOOM, model_label: str
     their captions below (:meth:`SheetRow.captions`), then ``note`` (e.g. how PSNR was measured).
     Each column is as wide as the largest enlarged crop, or its widest caption if that is wider;
     :data:`PAD` pixels around and between the cells."""
-    font = _font()
-    line = font.getbbox("Ag")[3] + 4
+    face = font()
+    line = face.getbbox("Ag")[3] + 4
     header = ("ground truth", "bicubic", model_label)
     cells = [row.ground_truth.shape[0] * zoom for row in rows]
     texts = [header, *(row.captions() for row in rows)]
-    column = max([*cells, *(_text_width(font, text) for group in texts for text in group)])
-    width = max(3 * column + 4 * PAD, _text_width(font, note) + 2 * PAD)
+    column = max([*cells, *(_text_width(face, text) for group in texts for text in group)])
+    width = max(3 * column + 4 * PAD, _text_width(face, note) + 2 * PAD)
     height = PAD + line + sum(cell + line + PAD for cell in cells) + (line if note else 0)
     sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     for i, text in enumerate(header):
-        draw.text((PAD + i * (column + PAD), PAD), text, fill=INK, font=font)
+        draw.text((PAD + i * (column + PAD), PAD), text, fill=INK, font=face)
     y = PAD + line
     for row, cell in zip(rows, cells, strict=True):
         crops = (row.ground_truth, row.bicubic, row.model)
         for i, (crop, text) in enumerate(zip(crops, row.captions(), strict=True)):
             x = PAD + i * (column + PAD)
             sheet.paste(Image.fromarray(crop).resize((cell, cell), Image.NEAREST), (x, y))
-            draw.text((x, y + cell + 2), text, fill=INK, font=font)
+            draw.text((x, y + cell + 2), text, fill=INK, font=face)
         y += cell + line + PAD
     if note:
-        draw.text((PAD, y), note, fill=INK, font=font)
+        draw.text((PAD, y), note, fill=INK, font=face)
     return sheet
 
 
-def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The font of the labels: Pillow's default at FONT_SIZE (the small bitmap font where that is missing)."""
     try:
         return ImageFont.load_default(size=FONT_SIZE)
     except (TypeError, ImportError):  # Pillow < 10.1 or without FreeType: the small bitmap font

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from .errors import UserError
 
-class ReceptiveFieldError(ValueError):
+
+class ReceptiveFieldError(UserError, ValueError):
     """The model contains a layer whose receptive field fastsr cannot derive."""
 
 

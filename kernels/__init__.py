@@ -1,11 +1,14 @@
 """The ``triton`` backend of :mod:`fastsr.ops.functional` (ships as ``fastsr.kernels``).
 
-Each op has its own module (``conv_prelu``, ``conv_silu``, ``shuffle_prelu``, ``mse_psnr``, ``uint8``) holding the
-``@triton.jit`` kernels, host launchers and a ``torch.autograd.Function``. This module implements
-the backend contract (:class:`fastsr.ops.contract.Backend`): :func:`availability` and the ops with
-the positional signatures of :mod:`fastsr.ops.reference`. Triton itself is imported only when an
-op runs, so ``import fastsr`` stays light and the interpreter switch (``TRITON_INTERPRET=1``) can
-still be set before that.
+Each op has its own module (``conv_prelu``, ``conv_silu``, ``shuffle_prelu``, ``mse_psnr``,
+``uint8``) holding its ``@triton.jit`` kernels, host launchers and autograd. The two conv ops share
+the generic conv + epilogue kernels of ``conv`` and keep only their epilogue's own parts, with one
+entry point each: a ``torch.library.triton_op`` with ``register_autograd``, which serves eager
+calls and ``torch.compile`` (traced as one op) alike. This module implements the backend contract
+(:class:`fastsr.ops.contract.Backend`): :func:`availability` and the ops with the positional
+signatures of :mod:`fastsr.ops.reference`. Triton itself is imported only when an op runs, so
+``import fastsr`` stays light and the interpreter switch (``TRITON_INTERPRET=1``) can still be set
+before that.
 The submodules are deliberately not named after the ops: importing ``fastsr.kernels.mse`` would
 rebind the package attribute ``mse`` from the function to the submodule.
 """
@@ -50,15 +53,11 @@ def conv2d_prelu(
     """Fused conv2d ('same', stride 1) + bias + pixel shuffle + PReLU + residual; see
     :func:`fastsr.functional.conv2d_prelu`. Output (N, C_out/shuffle**2, H*shuffle, W*shuffle),
     x's dtype and memory format; differentiable in x, weight, bias, slope and residual."""
-    from .conv_prelu import ConvPReLUFunction, conv2d_prelu_op
+    from .conv_prelu import conv2d_prelu_op
 
-    if torch.compiler.is_compiling():
-        # Under torch.compile: the torch.library triton_op, which Dynamo/Inductor trace as one op.
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, slope)
-        )
-        return conv2d_prelu_op(x, weight, bias, slope, residual, int(shuffle), needs_grad)[0]
-    return ConvPReLUFunction.apply(x, weight, bias, slope, residual, int(shuffle))
+    # The pre-activation is kept only for a gradient that needs it (the residual's does not).
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, slope))
+    return conv2d_prelu_op(x, weight, bias, slope, residual, int(shuffle), needs_grad)[0]
 
 
 def conv2d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -66,12 +65,10 @@ def conv2d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """Fused conv2d ('same', stride 1) + bias + SiLU, or SPAN's attention ``(y + skip) * (sigmoid(y) - 0.5)``
     with a skip; see :func:`fastsr.functional.conv2d_silu`. Output (N, C_out, H, W), x's dtype and
     memory format; differentiable in x, weight, bias and skip."""
-    from .conv_silu import ConvSiLUFunction, conv2d_silu_op
+    from .conv_silu import conv2d_silu_op
 
-    if torch.compiler.is_compiling():
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, skip))
-        return conv2d_silu_op(x, weight, bias, skip, needs_grad)[0]
-    return ConvSiLUFunction.apply(x, weight, bias, skip)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, skip))
+    return conv2d_silu_op(x, weight, bias, skip, needs_grad)[0]
 
 
 def pixel_shuffle_prelu(x: torch.Tensor, slope: torch.Tensor, upscale_factor: int) -> torch.Tensor:

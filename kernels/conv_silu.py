@@ -1,16 +1,17 @@
-"""Fused conv2d (stride 1, 'same') + bias + SiLU, or + SPAN's parameter-free attention.
+"""conv2d_silu: fused conv2d (stride 1, 'same') + bias + SiLU, or + SPAN's parameter-free attention,
+on the generic conv + epilogue kernels of :mod:`.conv`.
 
 ``silu(y)`` or ``(y + skip) * (sigmoid(y) - 0.5)`` with ``y = conv2d(x, weight, bias)``.
 
-Forward: the implicit-GEMM kernel of :mod:`.conv_prelu` with its ``ACT`` epilogue (``ACT_SILU`` /
-``ACT_ATTENTION``): the sigmoid is applied to the fp32 accumulator before the single store, the
-skip read in the epilogue as a residual is. Backward: the activation's derivative
-(``_sigmoid_gate_bwd_kernel``, one elementwise pass over the saved pre-activation), then the conv
-backward kernels of :mod:`.conv_prelu` without an activation.
+Forward: :func:`.conv.conv_forward` with the ``ACT_SILU`` / ``ACT_ATTENTION`` epilogue: the
+sigmoid is applied to the fp32 accumulator before the single store, the skip read in the epilogue
+as a residual is. What is the activation's own is its backward: its derivative
+(``_sigmoid_gate_bwd_kernel``, one elementwise pass over the saved pre-activation, traceable as
+``fastsr_triton::sigmoid_gate_backward``), then the conv backward of :mod:`.conv` without an
+activation.
 
-Front doors as for conv_prelu: ``ConvSiLUFunction`` (eager autograd) and the
-``torch.library.triton_op`` ``fastsr_triton::conv2d_silu`` with ``register_autograd`` for
-``torch.compile(fullgraph=True)``.
+One entry point, eager and under ``torch.compile(fullgraph=True)`` alike: the
+``torch.library.triton_op`` ``fastsr_triton::conv2d_silu`` with ``register_autograd``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import checked_grid, like_memory_format, tl_acc_dtype
-from .conv_prelu import ACT_ATTENTION, ACT_SILU, conv_prelu_backward, conv_prelu_forward
+from fastsr.layout import memory_format_of
+
+from .common import checked_grid, tl_acc_dtype
+from .conv import ACT_ATTENTION, ACT_SILU, conv2d_backward_op, conv_forward
 
 _BLOCK = 1024
 
@@ -51,7 +54,7 @@ def sigmoid_gate_backward(grad: torch.Tensor, y: torch.Tensor,
                           skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(grad_y, grad_skip or None) of conv2d_silu's activation at the conv output ``y``, in y's
     dtype and memory format (grad_skip in skip's dtype)."""
-    fmt = like_memory_format(y)
+    fmt = memory_format_of(y)
     yc = y.contiguous(memory_format=fmt)
     g = grad.to(y.dtype).contiguous(memory_format=fmt)
     s = None if skip is None else skip.to(y.dtype).contiguous(memory_format=fmt)
@@ -65,52 +68,6 @@ def sigmoid_gate_backward(grad: torch.Tensor, y: torch.Tensor,
     return dy, None if ds is None else ds.to(skip.dtype)
 
 
-def conv_silu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor | None,
-                      store_preactivation: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(output, pre-activation y or None): x (N, C_in, H, W), weight (C_out, C_in, K, K), bias
-    (C_out,) or None, skip (N, C_out, H, W) or None; output (N, C_out, H, W) in x's dtype and
-    memory format."""
-    act = ACT_SILU if skip is None else ACT_ATTENTION
-    return conv_prelu_forward(x, weight, bias, None, skip, 1, store_preactivation, act=act)
-
-
-def conv_silu_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor,
-                       skip: torch.Tensor | None, needs: tuple[bool, bool, bool, bool]) -> tuple:
-    """(dx, dweight, dbias, dskip) for the flags ``needs`` (same order); ``pre`` is the saved conv output."""
-    grad_pre, grad_skip = sigmoid_gate_backward(grad_out, pre, skip)  # the kernel above
-    need_x, need_w, need_b, need_skip = needs
-    dx, dw, db, _ = conv_prelu_backward(grad_pre, x, weight, None, None, 1, (need_x, need_w, need_b, False))
-    return dx, dw, db, grad_skip if need_skip else None
-
-
-class ConvSiLUFunction(torch.autograd.Function):
-    """Autograd wrapper: forward saves x, weight, the skip and (under autograd) the pre-activation."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, skip):
-        out, pre = conv_silu_forward(x, weight, bias, skip, store_preactivation=any(ctx.needs_input_grad))
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, pre, skip)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, pre, skip = ctx.saved_tensors
-        dx, dw, db, dskip = conv_silu_backward(grad_out, x, weight, pre, skip, ctx.needs_input_grad[:4])
-        return dx, dw, None if db is None else db.to(ctx.bias_dtype), dskip
-
-
-# ---------------------------------------------------------------- torch.library op (torch.compile)
-
-
-@triton_op("fastsr_triton::conv2d_silu", mutates_args=())
-def conv2d_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor | None,
-                   store_preactivation: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Traceable forward: (output, pre-activation or a 0-element tensor)."""
-    out, pre = conv_silu_forward(x, weight, bias, skip, store_preactivation)
-    return out, (pre if pre is not None else x.new_empty(0))
-
-
 @triton_op("fastsr_triton::sigmoid_gate_backward", mutates_args=())
 def sigmoid_gate_backward_op(grad: torch.Tensor, y: torch.Tensor,
                              skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,20 +76,30 @@ def sigmoid_gate_backward_op(grad: torch.Tensor, y: torch.Tensor,
     return dy, (ds if ds is not None else y.new_empty(0))
 
 
-def _op_setup_context(ctx, inputs, output) -> None:
+@triton_op("fastsr_triton::conv2d_silu", mutates_args=())
+def conv2d_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor | None,
+                   store_preactivation: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, pre-activation y or a 0-element tensor): x (N, C_in, H, W), weight (C_out, C_in, K, K),
+    bias (C_out,) or None, skip (N, C_out, H, W) or None; output (N, C_out, H, W) in x's dtype and
+    memory format. Pass ``store_preactivation`` when a gradient will be asked for."""
+    act = ACT_SILU if skip is None else ACT_ATTENTION
+    out, pre = conv_forward(x, weight, bias, None, skip, 1, store_preactivation, act=act)
+    return out, (pre if pre is not None else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, skip, _store = inputs
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(x, weight, output[1], skip)
 
 
-def _op_backward(ctx, grad_out, _grad_pre):
+def _backward(ctx, grad_out, _grad_pre):
     x, weight, pre, skip = ctx.saved_tensors
     need_x, need_w, need_b, need_skip = ctx.needs_input_grad[:4]
-    grad_pre, grad_skip = torch.ops.fastsr_triton.sigmoid_gate_backward(grad_out, pre, skip)
-    dx, dw, db, _ = torch.ops.fastsr_triton.conv2d_prelu_backward(
-        grad_pre, x, weight, None, None, 1, need_x, need_w, need_b, False)
+    grad_pre, grad_skip = sigmoid_gate_backward_op(grad_out, pre, skip)
+    dx, dw, db, _ = conv2d_backward_op(grad_pre, x, weight, None, None, 1, need_x, need_w, need_b, False)
     return (dx if need_x else None, dw if need_w else None, db.to(ctx.bias_dtype) if need_b else None,
             grad_skip if need_skip else None, None)
 
 
-conv2d_silu_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+conv2d_silu_op.register_autograd(_backward, setup_context=_setup_context)

@@ -19,8 +19,9 @@ import triton
 import triton.language as tl
 
 from fastsr.constants import Y_OFFSET, Y_WEIGHTS
+from fastsr.layout import acc_dtype
 
-from ._common import acc_dtype, checked_grid, interpreting, nhwc_strides, tl_acc_dtype
+from .common import checked_grid, interpreting, nhwc_strides, tl_acc_dtype
 
 # Pixels per program. GPU: 2048 pixels x C channels in flight per program with 8 warps
 # (a streaming reduction, no dot: the num_warps caveat of the conv loop does not apply).

@@ -13,16 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    _load_upstream_grad,
-    _pixel_coords,
-    acc_dtype,
-    checked_grid,
-    interpreting,
-    like_memory_format,
-    nhwc_strides,
-    tl_acc_dtype,
-)
+from fastsr.layout import acc_dtype, memory_format_of
+
+from .common import checked_grid, interpreting, load_upstream_grad, nhwc_strides, pixel_coords, tl_acc_dtype
 
 # Interpreter: large tiles (cost is per program); GPU: 64 pixels x 32 channels, 4 warps.
 _BLOCK_P, _BLOCK_C = (256, 64) if interpreting() else (64, 32)
@@ -48,7 +41,7 @@ def _pixel_shuffle_prelu_fwd_kernel(
     ci = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < M
     ci_mask = ci < C_in
-    n, h, w = _pixel_coords(p, H, W)
+    n, h, w = pixel_coords(p, H, W)
     n, h, w = n[:, None], h[:, None], w[:, None]
     mask = p_mask[:, None] & ci_mask[None, :]
     # int64 channel offsets: an NCHW channel stride is H*W, and ci * H*W passes 2**31 in large images.
@@ -82,11 +75,11 @@ def _pixel_shuffle_prelu_bwd_kernel(
     ci = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < M
     ci_mask = ci < C_in
-    n, h, w = _pixel_coords(p, H, W)
+    n, h, w = pixel_coords(p, H, W)
     n, h, w = n[:, None], h[:, None], w[:, None]
     mask = p_mask[:, None] & ci_mask[None, :]
     # Un-shuffled load of g only (no z: the activation input here is x itself, in input layout).
-    g, _ = _load_upstream_grad(
+    g, _ = load_upstream_grad(
         g_ptr, g_ptr, slope_ptr, n, h, w, ci[None, :], mask,
         sgn, sgh, sgw, sgc, 0, 0, 0, 0, 0, R, False, ACC,
     )
@@ -107,7 +100,7 @@ def pixel_shuffle_prelu_forward(x: torch.Tensor, slope: torch.Tensor, r: int) ->
     """(N, C*r*r, H, W) -> (N, C, H*r, W*r) in x's dtype and memory format; slope (1,) or (C,)."""
     n, c_in, h, w = x.shape
     out = torch.empty((n, c_in // (r * r), h * r, w * r), dtype=x.dtype, device=x.device,
-                      memory_format=like_memory_format(x))
+                      memory_format=memory_format_of(x))
     _pixel_shuffle_prelu_fwd_kernel[grid(n * h * w, c_in)](
         x, slope, out, n * h * w, h, w, c_in, *nhwc_strides(x), *nhwc_strides(out), _slope_stride(slope),
         R=r, ACC=tl_acc_dtype(x.dtype), BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, num_warps=4,
@@ -121,7 +114,7 @@ def pixel_shuffle_prelu_backward(
     """Returns (dx like x, dslope like slope, summed from fp32 per-tile partials)."""
     n, c_in, h, w = x.shape
     launch = grid(n * h * w, c_in)
-    dx = torch.empty_like(x, memory_format=like_memory_format(x))
+    dx = torch.empty_like(x, memory_format=memory_format_of(x))
     ds_part = torch.empty((launch[0], c_in), dtype=acc_dtype(x.dtype), device=x.device)
     _pixel_shuffle_prelu_bwd_kernel[launch](
         grad_out, x, slope, dx, ds_part, n * h * w, h, w, c_in,

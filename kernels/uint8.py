@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _pixel_coords, checked_grid, interpreting, nhwc_strides, tl_acc_dtype
+from .common import checked_grid, interpreting, nhwc_strides, pixel_coords, tl_acc_dtype
 
 _BLOCK_P = 4096 if interpreting() else 256
 
@@ -26,7 +26,7 @@ def _to_uint8_fwd_kernel(
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.arange(0, BLOCK_C)
     mask = (p < M)[:, None] & (c < C)[None, :]
-    n, h, w = _pixel_coords(p, H, W)
+    n, h, w = pixel_coords(p, H, W)
     # int64 channel offsets: an NCHW channel stride is H*W, and c * H*W passes 2**31 in large images.
     offsets = n[:, None] * sxn + h[:, None] * sxh + w[:, None] * sxw + c[None, :].to(tl.int64) * sxc
     v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)

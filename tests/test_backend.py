@@ -17,20 +17,20 @@ def test_unknown_backend_name_is_rejected():
 
 
 def test_use_backend_is_scoped_and_overrides_set_backend(monkeypatch):
-    monkeypatch.setattr(backend, "_global_choice", None)
     monkeypatch.delenv("FASTSR_BACKEND", raising=False)
-    assert fastsr.get_backend() == "auto"
-    fastsr.set_backend("torch")
-    assert fastsr.get_backend() == "torch"
-    with fastsr.use_backend("cpp"):
-        assert fastsr.get_backend() == "cpp"
-    assert fastsr.get_backend() == "torch"
+    with backend.global_backend(None):  # no default of other tests; this one's set_backend undone after
+        assert fastsr.get_backend() == "auto"
+        fastsr.set_backend("torch")
+        assert fastsr.get_backend() == "torch"
+        with fastsr.use_backend("cpp"):
+            assert fastsr.get_backend() == "cpp"
+        assert fastsr.get_backend() == "torch"
 
 
 def test_env_var_sets_the_default(monkeypatch):
-    monkeypatch.setattr(backend, "_global_choice", None)
     monkeypatch.setenv("FASTSR_BACKEND", "torch")
-    assert fastsr.get_backend() == "torch"
+    with backend.global_backend(None):
+        assert fastsr.get_backend() == "torch"
 
 
 def test_named_unavailable_backend_raises_with_the_reason(monkeypatch):

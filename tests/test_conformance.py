@@ -309,24 +309,41 @@ def test_psnr(target, dtype, y_channel, crop_border, data_range, reduction, chan
     assert_within_rule("psnr", ours, ref.psnr(a, b, *args), same, acc)
 
 
+# Under the Triton interpreter each call costs milliseconds and the full numerical Jacobian takes
+# ~750 of them per input (a minute a case): there gradcheck's fast mode checks the Jacobian along
+# random directions instead, which any wrong element still fails.
+
+
+@FORMATS
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+def test_mse_gradcheck(target, channels_last):
+    a, b = image_pair(target.device, (2, 3, 7, 9), channels_last)
+    assert torch.autograd.gradcheck(lambda p, q: ops.mse(p, q, "none", backend=target.backend),
+                                    (a.requires_grad_(), b.requires_grad_()), fast_mode=target.light)
+
+
 @pytest.mark.parametrize("y_channel,crop_border", [(False, 0), (True, 2)])
 @FORMATS
 @pytest.mark.parametrize("target", TARGETS, ids=str)
-def test_psnr_mse_gradcheck(target, y_channel, crop_border, channels_last):
-    a, b = image_pair(target.device, (2, 3, 7, 9), channels_last)
-    a.requires_grad_()
-    b.requires_grad_()
-    # Under the Triton interpreter each call costs milliseconds and the full numerical Jacobian takes
-    # ~750 of them per input (a minute a case): there gradcheck's fast mode checks the Jacobian along
-    # random directions instead, which any wrong element still fails.
-    fast = target.light
-    assert torch.autograd.gradcheck(lambda p, q: ops.mse(p, q, "none", backend=target.backend), (a, b),
-                                    fast_mode=fast)
+def test_psnr_gradcheck(target, y_channel, crop_border, channels_last):
     if not target.psnr_grad:
-        return
+        pytest.skip(f"{target.backend}'s psnr is a metric without a backward (docs/architecture.md); "
+                    "test_psnr_without_a_backward_builds_no_graph checks it refuses one")
+    a, b = image_pair(target.device, (2, 3, 7, 9), channels_last)
     assert torch.autograd.gradcheck(
-        lambda p, q: ops.psnr(p, q, 2.0, y_channel, crop_border, "mean", backend=target.backend), (a, b),
-        fast_mode=fast)
+        lambda p, q: ops.psnr(p, q, 2.0, y_channel, crop_border, "mean", backend=target.backend),
+        (a.requires_grad_(), b.requires_grad_()), fast_mode=target.light)
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if not t.psnr_grad], ids=str)
+def test_psnr_without_a_backward_builds_no_graph(target):
+    """A psnr without a backward must not hand out wrong (zero) gradients: its result carries no
+    graph, so a backward through it raises instead of passing silently."""
+    a, b = image_pair(target.device, (2, 3, 7, 9), False)
+    out = ops.psnr(a.float().requires_grad_(), b.float(), reduction="mean", backend=target.backend)
+    assert not out.requires_grad and out.grad_fn is None
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        out.backward()
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=str)

@@ -102,26 +102,25 @@ def _small_span():
 
 
 @pytest.mark.parametrize("make", [small_srresnet, _small_span], ids=["srresnet", "span"])
-def test_torch_compile_fullgraph_on_cpp(monkeypatch, make):
+def test_torch_compile_fullgraph_on_cpp(make):
     """conv2d_prelu (SRResNet) and conv2d_silu (SPAN) trace as single ops, forward and backward."""
     model = make().eval()
     x = fmt(torch.rand(1, 3, 9, 10, generator=torch.Generator().manual_seed(7)), True)
-    monkeypatch.setattr(fastsr.backend, "_global_choice", None)  # restored after the test
-    fastsr.set_backend("cpp")
     try:
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True)
-        with torch.no_grad():
-            eager = model(x)
-            out = compiled(x)
-        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
-        # Training graph: forward + backward through the registered autograd formulas.
-        model.train()
-        xg = x.clone().requires_grad_()
-        compiled(xg).square().mean().backward()
-        xe = x.clone().requires_grad_()
-        model(xe).square().mean().backward()
-        torch.testing.assert_close(xg.grad, xe.grad, rtol=1e-4, atol=1e-6)
+        with fastsr.backend.global_backend("cpp"):  # the default before the test is back after it
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True)
+            with torch.no_grad():
+                eager = model(x)
+                out = compiled(x)
+            torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+            # Training graph: forward + backward through the registered autograd formulas.
+            model.train()
+            xg = x.clone().requires_grad_()
+            compiled(xg).square().mean().backward()
+            xe = x.clone().requires_grad_()
+            model(xe).square().mean().backward()
+            torch.testing.assert_close(xg.grad, xe.grad, rtol=1e-4, atol=1e-6)
     finally:
         torch._dynamo.reset()
 
@@ -158,9 +157,9 @@ def test_build_info_and_availability():
 
 
 def test_failed_build_is_reported_not_raised(monkeypatch):
-    monkeypatch.setattr(ext, "_state", {"attempted": False, "ok": False, "reason": "", "with_cuda": False})
     monkeypatch.setenv("CXX", "no-such-compiler-fastsr")
-    ok, why = ext.availability("cpu")
+    with ext.unbuilt():
+        ok, why = ext.availability("cpu")
     assert not ok and "no C++ compiler" in why and "no-such-compiler-fastsr" in why
 
 

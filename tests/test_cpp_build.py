@@ -41,7 +41,7 @@ def test_avx2_variant_enables_f16c_and_fma():
 def test_every_runnable_variant_compiles_its_probe():
     runnable = build.runnable_isas()
     assert runnable[-1] == "DEFAULT"
-    features = build._cpu_features()
+    features = build.cpu_features()
     if {"avx2", "fma", "f16c"} <= features:
         assert "AVX2" in runnable, build.isa_missing("AVX2")
 
@@ -49,17 +49,17 @@ def test_every_runnable_variant_compiles_its_probe():
 def test_isa_probe_verdicts_are_kept_on_disk(tmp_path, monkeypatch):
     """A later process decides the ISA without compiling a probe again."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    build._probe_compiles.cache_clear()
-    first = build._probe_compiles(build._compiler(), "AVX2")
+    build.probe_compiles.cache_clear()
+    first = build.probe_compiles(build.compiler(), "AVX2")
     assert list((tmp_path / "fastsr" / "isa-probes").glob("avx2-*"))
-    build._probe_compiles.cache_clear()  # as in a new process
-    monkeypatch.setattr(build, "_compile_probe", lambda *a: pytest.fail("compiled the probe again"))
-    assert build._probe_compiles(build._compiler(), "AVX2") == first
-    build._probe_compiles.cache_clear()
+    build.probe_compiles.cache_clear()  # as in a new process
+    monkeypatch.setattr(build, "compile_probe", lambda *a: pytest.fail("compiled the probe again"))
+    assert build.probe_compiles(build.compiler(), "AVX2") == first
+    build.probe_compiles.cache_clear()
 
 
 def test_forced_isa_the_cpu_cannot_run_is_refused(monkeypatch):
-    monkeypatch.setattr(build, "_cpu_features", lambda: {"sse2", "avx2", "fma"})  # no f16c, no avx512
+    monkeypatch.setattr(build, "cpu_features", lambda: {"sse2", "avx2", "fma"})  # no f16c, no avx512
     monkeypatch.setenv("FASTSR_CPU_CAPABILITY", "AVX512")
     with pytest.raises(build.BuildError, match="FASTSR_CPU_CAPABILITY=AVX512 .*lacks f16c, avx512f"):
         build.cpu_isa()
@@ -69,9 +69,9 @@ def test_forced_isa_the_cpu_cannot_run_is_refused(monkeypatch):
 
 def test_default_choice_follows_torch_and_the_cpu(monkeypatch):
     monkeypatch.delenv("FASTSR_CPU_CAPABILITY", raising=False)
-    monkeypatch.setattr(build, "_cpu_features", lambda: set(build.ISA_VARIANTS["AVX512"][0]))
+    monkeypatch.setattr(build, "cpu_features", lambda: set(build.ISA_VARIANTS["AVX512"][0]))
     monkeypatch.setattr(build.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(build, "_compiler_accepts", lambda isa: True)
+    monkeypatch.setattr(build, "compiler_accepts", lambda isa: True)
     for torch_isa, expected in [("AVX512", "AVX512"), ("AVX2", "AVX2"), ("DEFAULT", "DEFAULT")]:
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda v=torch_isa: v)
         assert build.cpu_isa() == expected
@@ -88,7 +88,7 @@ def test_cache_key_covers_the_compiler_not_ninja_or_path(monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     monkeypatch.setattr(build, "ninja_dir", lambda: "/opt/other")
     assert build.plan().name == base.name
-    monkeypatch.setattr(build, "_tool_version", lambda command: "g++ (other) 99")
+    monkeypatch.setattr(build, "tool_version", lambda command: "g++ (other) 99")
     assert build.plan().name != base.name
 
 
@@ -143,14 +143,15 @@ def test_failed_build_is_remembered_and_retried_only_on_demand(broken_plan, monk
 
 
 def test_a_failed_build_warns_once_in_one_line(broken_plan, monkeypatch, capsys):
-    monkeypatch.setattr(ext, "_state", {"attempted": False, "ok": False, "reason": "", "with_cuda": False})
-    monkeypatch.setattr(ext, "_loaded", False)
-    monkeypatch.setattr(backend, "_availability_cache", {})
-    monkeypatch.setattr(backend, "_warned_fallback", set())
     capsys.readouterr()
     x, w = torch.rand(1, 3, 5, 5), torch.rand(4, 3, 3, 3)
-    for _ in range(2):
-        out = fastsr.functional.conv2d_prelu(x, w, backend="auto")
+    backend.forget_checks()
+    try:
+        with ext.unbuilt():
+            for _ in range(2):
+                out = fastsr.functional.conv2d_prelu(x, w, backend="auto")
+    finally:
+        backend.forget_checks()  # the real build is back: availability is found again
     torch.testing.assert_close(out, torch.nn.functional.conv2d(x, w, padding=1))
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0] == build.BUILD_MESSAGE and len(lines) == 2, lines  # the build's own line, then one warning

@@ -828,7 +828,7 @@ def test_16bit_color_png_output_keeps_profile_dpi_and_exif(tmp_path, model):
 def test_upright_matches_pillow_exif_transpose(orientation):
     from PIL import ImageOps
 
-    from fastsr.imageio import _upright
+    from fastsr.imageio import upright
 
     array = np.arange(3 * 5 * 3, dtype=np.uint8).reshape(3, 5, 3)
     im = Image.fromarray(array)
@@ -836,4 +836,4 @@ def test_upright_matches_pillow_exif_transpose(orientation):
     exif[0x0112] = orientation
     im.info["exif"] = exif.tobytes()
     expected = np.asarray(ImageOps.exif_transpose(im))
-    assert np.array_equal(_upright(array, orientation), expected)
+    assert np.array_equal(upright(array, orientation), expected)

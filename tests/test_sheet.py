@@ -52,7 +52,7 @@ def test_layout_pixels_and_captions(tmp_path):
     zoom = 8
     path = comparison_sheet(tmp_path / "sheet.png", rows, zoom=zoom, model_label="tiny", note="PSNR on Y")
     im = Image.open(path)
-    cell, line = 24 * zoom, sheet._font().getbbox("Ag")[3] + 4
+    cell, line = 24 * zoom, sheet.font().getbbox("Ag")[3] + 4
     assert im.format == "PNG" and im.mode == "RGB"
     assert im.size == (3 * cell + 4 * sheet.PAD, sheet.PAD + line + 2 * (cell + line + sheet.PAD) + line)
     pixels = np.asarray(im)

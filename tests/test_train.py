@@ -283,10 +283,10 @@ def test_training_runs_on_the_backend_in_effect(photos, tmp_path, monkeypatch):
         return real_step(self, lr, hr)
 
     monkeypatch.setattr(Trainer, "step", recording_step)
-    monkeypatch.setattr(fastsr.backend, "_global_choice", None)  # no set_backend left by other tests
     monkeypatch.setenv("FASTSR_BACKEND", "torch")
-    train(tiny(photos, tmp_path / "env", steps=2))
-    train(tiny(photos, tmp_path / "named", steps=2, backend="auto"))
+    with fastsr.backend.global_backend(None):  # no set_backend left by other tests
+        train(tiny(photos, tmp_path / "env", steps=2))
+        train(tiny(photos, tmp_path / "named", steps=2, backend="auto"))
     assert seen == ["torch", "torch", "auto", "auto"]
 
 

@@ -3,7 +3,8 @@ tests/test_conformance.py, shared by every backend).
 
 Availability and the interpreter's limits (tests/conftest.py sets TRITON_INTERPRET=1 without
 CUDA; it cannot run bf16 tl.dot), the ``gpu``-marked bf16 and >2**31-element cases, the
-``triton_op`` front door used under torch.compile, and compiling every kernel for sm_90 without a GPU.
+conv ops' ``triton_op`` entry points (eager and under torch.compile), and compiling every kernel
+for sm_90 without a GPU.
 
 Tolerance rule (docs/architecture.md): |ours - ref64| <= 2 * |torch_same_dtype - ref64| + atol, elementwise,
 where ref64 is the reference in float64 and torch_same_dtype the reference in the tested dtype.
@@ -120,8 +121,8 @@ def test_over_2_31_elements():
 
 
 def test_library_op_matches_reference_and_gradchecks():
-    """The triton_op front door (used under torch.compile) runs eagerly too: same kernels, own
-    autograd formula (register_autograd), checked here in float64."""
+    """The triton_op, conv2d_prelu's one entry point (eager and under torch.compile): forward against
+    the reference and its register_autograd formula by gradcheck, in float64."""
     from fastsr.kernels.conv_prelu import conv2d_prelu_op
 
     ins = conv_inputs(DEVICE, 2, 5, 8, 4, 5, 3, 2, True, "channel", True, True)
@@ -136,7 +137,7 @@ def test_library_op_matches_reference_and_gradchecks():
 
 @pytest.mark.parametrize("skip", [False, True])
 def test_silu_library_op_matches_reference_and_gradchecks(skip):
-    """conv2d_silu's triton_op front door, eagerly: forward against the reference and its
+    """conv2d_silu's triton_op, its one entry point, eagerly: forward against the reference and its
     register_autograd formula by gradcheck in float64."""
     from fastsr.kernels.conv_silu import conv2d_silu_op
 
@@ -179,7 +180,7 @@ _COMPILE_CHECK = r"""
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastsr.kernels import conv_prelu as cp, conv_silu as cs, mse_psnr as mp, shuffle_prelu as sp
+from fastsr.kernels import conv as cv, conv_silu as cs, mse_psnr as mp, shuffle_prelu as sp
 
 def build(fn, ptr_dtypes, consts, num_warps=4, num_stages=3):
     sig, cx = {}, {}
@@ -198,25 +199,25 @@ bf, f32 = "bf16", "fp32"
 blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
 common = dict(ACC=tl.float32, DOT_PRECISION="tf32", **blocks)
 for aligned, r in [(True, 1), (False, 2)]:
-    build(cp._conv_prelu_fwd_kernel, dict.fromkeys(
+    build(cv._conv_fwd_kernel, dict.fromkeys(
         ["x_ptr", "w_ptr", "b_ptr", "slope_ptr", "res_ptr", "out_ptr", "z_ptr"], bf),
         dict(KS=3, R=r, TAP_ALIGNED=aligned, HAS_BIAS=True, HAS_SLOPE=True, HAS_RES=True, STORE_Z=True,
-             ACT=cp.ACT_PRELU, **common))
-    build(cp._conv_prelu_bwd_input_kernel, dict.fromkeys(["g_ptr", "z_ptr", "slope_ptr", "w_ptr", "dx_ptr"], bf),
+             ACT=cv.ACT_PRELU, **common))
+    build(cv._conv_bwd_input_kernel, dict.fromkeys(["g_ptr", "z_ptr", "slope_ptr", "w_ptr", "dx_ptr"], bf),
         dict(KS=3, R=r, HAS_SLOPE=True, TAP_ALIGNED=aligned, **common))
-    build(cp._conv_prelu_bwd_weight_kernel, {**dict.fromkeys(["g_ptr", "z_ptr", "slope_ptr", "x_ptr"], bf),
+    build(cv._conv_bwd_weight_kernel, {**dict.fromkeys(["g_ptr", "z_ptr", "slope_ptr", "x_ptr"], bf),
         **dict.fromkeys(["dw_ptr", "db_ptr", "dslope_ptr"], f32)},
         dict(KS=9, R=r, HAS_SLOPE=True, TAP_ALIGNED=aligned, **common))
 # the one config of FASTSR_TRITON_AUTOTUNE=0 (the GPU check's correctness steps), in fp32 (IEEE dots)
-small = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), cp._FWD_SHAPES[-1][:3]))
-build(cp._conv_prelu_fwd_kernel, dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "slope_ptr", "res_ptr", "out_ptr", "z_ptr"],
+small = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), cv._FWD_SHAPES[-1][:3]))
+build(cv._conv_fwd_kernel, dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "slope_ptr", "res_ptr", "out_ptr", "z_ptr"],
       f32), dict(KS=3, R=2, TAP_ALIGNED=False, HAS_BIAS=True, HAS_SLOPE=True, HAS_RES=True, STORE_Z=True,
-                 ACT=cp.ACT_PRELU, ACC=tl.float32, DOT_PRECISION="ieee", **small),
-      num_warps=cp._FWD_SHAPES[-1][3], num_stages=cp._FWD_SHAPES[-1][4])
-for act in (cp.ACT_SILU, cp.ACT_ATTENTION):  # conv2d_silu's epilogues
-    build(cp._conv_prelu_fwd_kernel, dict.fromkeys(
+                 ACT=cv.ACT_PRELU, ACC=tl.float32, DOT_PRECISION="ieee", **small),
+      num_warps=cv._FWD_SHAPES[-1][3], num_stages=cv._FWD_SHAPES[-1][4])
+for act in (cv.ACT_SILU, cv.ACT_ATTENTION):  # conv2d_silu's epilogues
+    build(cv._conv_fwd_kernel, dict.fromkeys(
         ["x_ptr", "w_ptr", "b_ptr", "slope_ptr", "res_ptr", "out_ptr", "z_ptr"], bf),
-        dict(KS=3, R=1, TAP_ALIGNED=False, HAS_BIAS=True, HAS_SLOPE=False, HAS_RES=act == cp.ACT_ATTENTION,
+        dict(KS=3, R=1, TAP_ALIGNED=False, HAS_BIAS=True, HAS_SLOPE=False, HAS_RES=act == cv.ACT_ATTENTION,
              STORE_Z=True, ACT=act, **common))
 for has_skip in (False, True):
     build(cs._sigmoid_gate_bwd_kernel, dict.fromkeys(["g_ptr", "y_ptr", "skip_ptr", "dy_ptr", "dskip_ptr"], bf),
@@ -259,8 +260,8 @@ def test_autotune_off_leaves_one_config():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("from fastsr.kernels import conv_prelu as cp; "
-            "print(len(cp._FWD_CONFIGS), len(cp._WGRAD_CONFIGS), len(cp._FWD_SHAPES))")
+    code = ("from fastsr.kernels import conv as cv; "
+            "print(len(cv._FWD_CONFIGS), len(cv._WGRAD_CONFIGS), len(cv._FWD_SHAPES))")
     counts = [subprocess.run([sys.executable, "-c", code], env={**env, "FASTSR_TRITON_AUTOTUNE": value},
                              capture_output=True, text=True, timeout=300).stdout.split() for value in ("0", "1")]
     assert counts[0][:2] == ["1", "1"] and counts[1][0] == counts[1][2] != "1", counts
@@ -269,18 +270,18 @@ def test_autotune_off_leaves_one_config():
 def test_fp32_autotunes_only_the_configs_that_do_not_spill():
     """fp32/fp64 (IEEE dots) autotune over the configs measured not to spill on sm_90; bf16/fp16 over
     the rest; one config stays one config. In a subprocess without the interpreter (full config lists)."""
-    from fastsr.kernels import conv_prelu as cp
+    from fastsr.kernels import conv as cv
 
-    assert cp._is_ieee(torch.empty(1)) and cp._is_ieee(torch.empty(1, dtype=torch.float64))
-    assert not cp._is_ieee(torch.empty(1, dtype=torch.bfloat16))
+    assert cv.is_ieee(torch.empty(1)) and cv.is_ieee(torch.empty(1, dtype=torch.float64))
+    assert not cv.is_ieee(torch.empty(1, dtype=torch.bfloat16))
     import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from fastsr.kernels import conv_prelu as cp\n"
-            "out = {f'{name} {ieee}': [list(cp._shape_of(c)) for c in getattr(cp, name)[ieee].configs]\n"
+    code = ("import json; from fastsr.kernels import conv as cv\n"
+            "out = {f'{name} {ieee}': [list(cv._shape_of(c)) for c in getattr(cv, name)[ieee].configs]\n"
             "       for name in ('_fwd', '_bwd_input', '_bwd_weight') for ieee in (True, False)}\n"
             "print(json.dumps(out))")
     runs = {value: json.loads(subprocess.run([sys.executable, "-c", code], env={**env, "FASTSR_TRITON_AUTOTUNE": value},
@@ -288,11 +289,11 @@ def test_fp32_autotunes_only_the_configs_that_do_not_spill():
             for value in ("1", "0")}
     for key, kept in runs["1"].items():
         shapes = {tuple(s) for s in kept}
-        ieee = cp._IEEE_WGRAD_SHAPES if "weight" in key else cp._IEEE_FWD_SHAPES
+        ieee = cv.IEEE_WGRAD_SHAPES if "weight" in key else cv.IEEE_FWD_SHAPES
         if key.endswith("True"):
             assert shapes == ieee, key
         else:
-            assert not shapes & cp._IEEE_ONLY and len(shapes) >= 5, key
+            assert not shapes & cv.IEEE_ONLY and len(shapes) >= 5, key
     assert all(len(kept) == 1 for kept in runs["0"].values()), runs["0"]
 
 

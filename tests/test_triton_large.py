@@ -20,7 +20,7 @@ import sys
 
 import pytest
 import torch
-from fastsr.kernels import _common
+from fastsr.kernels import common
 from tolerance import assert_within_rule
 
 from fastsr.constants import Y_WEIGHTS
@@ -33,23 +33,23 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_checked_grid_refuses_axes_past_cuda_limits():
-    assert _common.checked_grid(2**31 - 1, 65535, 65535) == (2**31 - 1, 65535, 65535)
+    assert common.checked_grid(2**31 - 1, 65535, 65535) == (2**31 - 1, 65535, 65535)
     for grid in [(2**31,), (1, 65536), (1, 1, 65536)]:
         with pytest.raises(ValueError, match="CUDA's limit"):
-            _common.checked_grid(*grid)
+            common.checked_grid(*grid)
 
 
 # Run without the interpreter (its block sizes differ): the grids a GPU would be given.
 _GRIDS = """
 import json, sys
-from fastsr.kernels import conv_prelu as cp, mse_psnr as mp, shuffle_prelu as sp, uint8 as u8
+from fastsr.kernels import conv as cv, mse_psnr as mp, shuffle_prelu as sp, uint8 as u8
 n, c, h, w = map(int, sys.argv[1:])
 px = n * h * w
-meta = [{"BLOCK_M": bm, "BLOCK_N": bn} for bm, bn, *_ in cp._FWD_SHAPES]
+meta = [{"BLOCK_M": bm, "BLOCK_N": bn} for bm, bn, *_ in cv._FWD_SHAPES]
 print(json.dumps({
     "mse_forward": [[mp.partial_grid(n, h * w), n * h * w, mp._BLOCK]],
     "mse_backward": [[mp.partial_grid(n, c * h * w), n * c * h * w, mp._BLOCK]],
-    "conv": [[cp.pixel_grid(px, 256)(m), px, m["BLOCK_M"], 256, m["BLOCK_N"]] for m in meta],
+    "conv": [[cv.pixel_grid(px, 256)(m), px, m["BLOCK_M"], 256, m["BLOCK_N"]] for m in meta],
     "shuffle": [[sp.grid(px, 4 * c), px, sp._BLOCK_P, 4 * c, sp._BLOCK_C]],
     "to_uint8": [[u8.grid(px), px, u8._BLOCK_P]],
 }))
@@ -70,7 +70,7 @@ def test_gpu_grids_stay_within_cuda_limits(shape):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name, rows in json.loads(proc.stdout).items():
         for grid, *work in rows:
-            assert all(size <= limit for size, limit in zip(grid, _common.MAX_GRID, strict=False)), (name, grid)
+            assert all(size <= limit for size, limit in zip(grid, common.MAX_GRID, strict=False)), (name, grid)
             # work = (count, block) per axis, flattened; each axis covers its count
             for axis, (count, block) in enumerate(zip(work[::2], work[1::2], strict=True)):
                 assert grid[axis] * block >= count, (name, grid, work)
@@ -176,15 +176,15 @@ def test_pixel_shuffle_prelu_with_channel_offsets_past_2_31(far):
 def test_conv2d_prelu_with_channel_offsets_past_2_31(far):
     """x, the residual and the upstream gradient far apart: the forward's input and residual loads,
     the input gradient's un-shuffled gradient load and the weight gradient's input load."""
-    from fastsr.kernels import conv_prelu as cp
+    from fastsr.kernels import conv as cv
 
     gen = torch.Generator().manual_seed(7)
     x, res, g = far((1, 5, 6, 7), 8), far((1, 3, 12, 14), 9), far((1, 3, 12, 14), 10)
     weight = torch.randn(12, 5, 3, 3, generator=gen) / 45**0.5
     bias = torch.randn(12, generator=gen) * 0.1
     slope = torch.tensor([0.2, -0.1, 0.4])
-    out, z = cp.conv_prelu_forward(x, weight, bias, slope, res, 2, store_preactivation=True)
-    dx, dw, db, ds = cp.conv_prelu_backward(g, x, weight, slope, z, 2, (True, True, True, True))
+    out, z = cv.conv_forward(x, weight, bias, slope, res, 2, store_preactivation=True)
+    dx, dw, db, ds = cv.conv_backward(g, x, weight, slope, z, 2, (True, True, True, True))
 
     def reference(dtype):
         leaves = [t.contiguous().to(dtype).requires_grad_() for t in (x, weight, bias, slope)]

@@ -7,9 +7,10 @@ import pytest
 import torch
 from backends import require_backend
 from fastsr.csrc import backend as cpp
+from tolerance import assert_within_rule
 
 import fastsr
-from fastsr.ops import dispatch, validate
+from fastsr.ops import contract, dispatch, validate
 from fastsr.ops import functional as ops
 
 
@@ -18,10 +19,11 @@ def fresh(monkeypatch):
     """Every test starts with no cached verdicts and no warnings given; restored afterwards."""
     require_backend("cpp")
     monkeypatch.delenv("FASTSR_VALIDATE", raising=False)
-    monkeypatch.setattr(dispatch, "_warned_invalid", set())
+    dispatch.forget_checks()
     validate.forget()
     yield
     validate.forget()
+    dispatch.forget_checks()
 
 
 def _wrong_conv(x, weight, bias, slope, residual, shuffle):
@@ -64,9 +66,12 @@ def test_a_kernel_that_raises_is_not_used(monkeypatch):
     x = torch.randn(1, 8, 3, 4).contiguous(memory_format=torch.channels_last)
     with pytest.raises(fastsr.BackendUnavailableError, match=r"channels_last\): RuntimeError: illegal memory access$"):
         ops.pixel_shuffle_prelu(x, torch.tensor([0.2]), 2, backend="cpp")
-    out = ops.pixel_shuffle_prelu(x, torch.tensor([0.2]), 2, backend="auto")
-    torch.testing.assert_close(out, torch.nn.functional.prelu(torch.nn.functional.pixel_shuffle(x, 2),
-                                                              torch.tensor([0.2])))
+    out = ops.pixel_shuffle_prelu(x, torch.tensor([0.2]), 2, backend="auto")  # torch's
+
+    def expected(t):
+        return torch.nn.functional.prelu(torch.nn.functional.pixel_shuffle(t, 2), torch.tensor([0.2], dtype=t.dtype))
+
+    assert_within_rule("pixel_shuffle_prelu (auto)", out, expected(x.double()), expected(x), torch.float32)
 
 
 def test_verdicts_are_per_dtype_and_memory_format_and_cached(monkeypatch):
@@ -90,7 +95,12 @@ def test_validation_can_be_turned_off(monkeypatch):
     assert (out - torch.nn.functional.conv2d(x, w, padding=1)).abs().max() > 5e-4
 
 
-@pytest.mark.parametrize("op", ["conv2d_prelu", "pixel_shuffle_prelu", "mse", "psnr", "to_uint8"])
+def test_the_probes_cover_every_op_of_the_contract():
+    for op in contract.OPS:
+        assert validate.probes(op, torch.device("cpu"), False), op
+
+
+@pytest.mark.parametrize("op", contract.OPS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_the_real_cpp_kernels_pass_their_probes(op, channels_last):
     for dtype in (torch.float32, torch.bfloat16):

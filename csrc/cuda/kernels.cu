@@ -14,7 +14,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65535LL * 8;  // grid-stride loops cover the rest
-// BT.601 luma weights as in fastsr/reference.py (MATLAB rgb2ycbcr on [0, 1] data).
+// BT.601 luma weights as in fastsr/constants.py (MATLAB rgb2ycbcr on [0, 1] data).
 __constant__ double kYWeights[3] = {65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0};
 
 // Element type <-> accumulation type.

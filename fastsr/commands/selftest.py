@@ -64,7 +64,7 @@ def collect(device_type: str, backends: list[str] | None = None, on_row=None) ->
         if not ok:
             skipped.append(f"{name}: unavailable on {device_type}: {why}")
             continue
-        backend = dispatch._module(name)
+        backend = dispatch.backend_module(name)
         skipped += [f"{name} {dtype}: {why}" for (n, d, dtype), why in NOT_RUN.items() if (n, d) == (name, device_type)]
         for op in OPS:
             for dtype in DTYPES:

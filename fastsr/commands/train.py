@@ -16,57 +16,30 @@ Several processes or GPUs (--batch-size is the global batch; only rank 0 writes)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import typing
 
 from ..errors import UserError
-from ..training.config import TrainConfig, flag_of
+from ..training.config import TrainConfig
+from .options import add_options, options_from
 
 HELP = "train SRGAN: pixel-loss pre-training or the GAN stage"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """One option per :class:`TrainConfig` field, from its metadata (help, choices, flag, group)."""
-    hints = typing.get_type_hints(TrainConfig)
-    groups: dict[str | None, argparse._ActionsContainer] = {None: p}
-    for field in dataclasses.fields(TrainConfig):
-        group = field.metadata["group"]
-        if group not in groups:
-            groups[group] = p.add_argument_group(group)
-        groups[group].add_argument(flag_of(field), dest=field.name, **_option_kwargs(field, hints[field.name]))
-
-
-def _option_kwargs(field: dataclasses.Field, hint: object) -> dict:
-    """``add_argument`` keywords for ``field``: a bool is a switch (``--no-X`` too when on by default),
-    a field without a default is required, the others take a value of the field's type."""
-    help_text, default = field.metadata["help"], field.default
-    if isinstance(default, bool):
-        if default:
-            return {"action": argparse.BooleanOptionalAction, "default": True, "help": f"{help_text} (default: on)"}
-        return {"action": "store_true", "help": help_text}
-    if default is dataclasses.MISSING:
-        return {"required": True, "help": help_text}
-    value_type = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
-    kwargs = {"type": value_type, "default": default, "choices": field.metadata["choices"]}
-    if kwargs["choices"] is None:  # argparse names the value after the flag ({a,b} with choices)
-        kwargs["metavar"] = flag_of(field).lstrip("-").replace("-", "_").upper()
-    if default is not None and "(default" not in help_text:
-        help_text += f" (default: {default:g})" if isinstance(default, float) else f" (default: {default})"
-    return {**kwargs, "help": help_text}
+    add_options(p, TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import BackendUnavailableError
     from ..imageio import is_disk_full
-    from ..train import TrainingError, train
+    from ..train import train
     from . import terminate_as_interrupt
 
-    cfg = TrainConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)})
+    cfg = options_from(args, TrainConfig, UserError)
     try:
         with terminate_as_interrupt():
             path = train(cfg)
-    except (TrainingError, BackendUnavailableError, FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # a file named in the options, a bad value found late
         raise UserError(str(exc)) from None
     except OSError as exc:
         if not is_disk_full(exc):

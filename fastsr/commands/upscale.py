@@ -40,103 +40,51 @@ import argparse
 import os
 
 from ..errors import UserError
-from ..pipeline.folder import OUTPUT_FORMATS
+from ..pipeline.options import UpscaleOptions
 from . import terminate_as_interrupt
+from .options import add_options, options_from
 
 HELP = "upscale an image (any size: tiled, streaming, resumable) or a folder of images"
 
 
-def _halo(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of pixels, got {value!r}") from None
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """SRC, DST and --model, then one option per :class:`UpscaleOptions` field."""
     p.add_argument("src", metavar="SRC", help="input image, or a folder of images")
     p.add_argument("dst", metavar="DST", help="output image, the format following the suffix; for a folder SRC, "
                                               "the output folder")
-    p.add_argument("--format", choices=OUTPUT_FORMATS, default=None,
-                   help="folders: write every output in this format (default: each keeps its input's)")
     p.add_argument("--model", default="default",
                    help="embedded model name or a model file: fastsr's own, a checkpoint of ESRGAN / "
                         "Real-ESRGAN / BSRGAN / SPAN / SRResNet code (.pth, .pt, .safetensors) or an ncnn "
                         ".param (default: default, an x4 SRResNet)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="compute dtype (default: fp32)")
-    p.add_argument("--tile", type=int, default=512, metavar="N",
-                   help="tile size in input pixels (default: 512); smaller uses less memory, halos cost more")
-    p.add_argument("--halo", type=_halo, default="auto", metavar="auto|N",
-                   help="input pixels of context around each tile (default: auto = the model's receptive "
-                        "field, which makes tiled output equal whole-image output, for fields up to 128 pixels "
-                        "(SRResNet: 40); for deeper models (RRDBNet: ~350) the smallest halo whose output "
-                        "stays within half a level of a 128-pixel context, measured on the image)")
-    p.add_argument("--border", default="mirror", choices=["mirror", "reflect", "zero"],
-                   help="what the model sees beyond the image's edges: mirror (default: 10 pixels of the "
-                        "image mirrored, so edges look like the interior and flat images stay flat), reflect "
-                        "(mirrored without repeating the edge pixel, as Real-ESRGAN's pre_pad) or zero (the "
-                        "plain model's zero padding)")
-    p.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help="tiles per model call (default: 1 on CPU, 4 on CUDA)")
-    p.add_argument("--compression", default="zstd", choices=["none", "deflate", "zstd", "jpeg"],
-                   help="TIFF tile compression (default: zstd; deflate is the most widely readable)")
-    p.add_argument("--pyramid", action="store_true",
-                   help="add half-resolution levels to a TIFF output (SubIFDs); folders: to the TIFF outputs")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run with the same arguments from its finished tiles (folders: "
-                        "finished files are always skipped; this continues the file that was cut short)")
-    p.add_argument("--restart", action="store_true",
-                   help="discard the finished tiles of an interrupted run and start over")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing DST (folders: existing outputs another model or run made); a folder "
-                        "that is not a zarr fastsr wrote is never removed (docs/safety.md)")
-    p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cpp"],
-                   help="kernel backend (default: $FASTSR_BACKEND, else auto)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (folders: nor the summary line)")
+    add_options(p, UpscaleOptions)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import BackendUnavailableError
     from ..pipeline.folder import is_image_folder
 
-    if args.tile is not None and args.tile < 1:
-        raise UserError(f"--tile must be a positive number of pixels, got {args.tile}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    opts = options_from(args, UpscaleOptions, UserError)
     folder = is_image_folder(args.src)
-    if args.format is not None and not folder:
+    if opts.fmt is not None and not folder:
         raise UserError(f"--format is for a folder SRC; {args.src} is one image: DST's suffix gives its format")
-    try:
-        with terminate_as_interrupt():
-            return _folder(args) if folder else _file(args)
-    except BackendUnavailableError as exc:
-        raise UserError(str(exc)) from None
+    with terminate_as_interrupt():
+        return _folder(args, opts) if folder else _file(args, opts)
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    names = ("tile", "halo", "border", "batch_size", "device", "dtype", "resume", "restart", "compression", "pyramid",
-             "backend", "overwrite")
-    return {**{name: getattr(args, name) for name in names}, "progress": not args.quiet}
-
-
-def _file(args: argparse.Namespace) -> int:
+def _file(args: argparse.Namespace, opts: UpscaleOptions) -> int:
     from ..pipeline import upscale_file
 
-    out = upscale_file(args.src, args.dst, args.model, **_settings(args))
-    if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
+    out = upscale_file(args.src, args.dst, args.model, opts)
+    if opts.progress and int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {out}")
     return 0
 
 
-def _folder(args: argparse.Namespace) -> int:
+def _folder(args: argparse.Namespace, opts: UpscaleOptions) -> int:
     """Exit 2 when a file failed for a reason of its own (a UserError), 1 for any other failure."""
     from ..pipeline import upscale_folder
 
-    summary = upscale_folder(args.src, args.dst, args.model, fmt=args.format, **_settings(args))
-    if not args.quiet:
+    summary = upscale_folder(args.src, args.dst, args.model, opts)
+    if opts.progress:
         print(summary.line())
     if any(f.user_error for f in summary.failed):
         return 2

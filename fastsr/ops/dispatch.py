@@ -25,6 +25,7 @@ from types import ModuleType
 import torch
 
 from ..errors import BackendUnavailableError
+from ..layout import is_channels_last
 
 BACKENDS = ("torch", "triton", "cpp")
 _MODULES = {"torch": "fastsr.ops.reference", "triton": "fastsr.kernels", "cpp": "fastsr.csrc.backend"}
@@ -42,7 +43,9 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _module(name: str) -> ModuleType | None:
+def backend_module(name: str) -> ModuleType | None:
+    """The module of backend ``name`` ("torch", "triton" or "cpp"), imported now; None when it is
+    not installed. Importing does not check availability (see :func:`availability`)."""
     try:
         return importlib.import_module(_MODULES[name])
     except ImportError:
@@ -69,11 +72,11 @@ _availability_cache: dict[tuple[str, str], tuple[bool, str]] = {}
 
 
 def _check_availability(name: str, device_type: str) -> tuple[bool, str]:
-    module = _module(name)
-    if module is None or not hasattr(module, "availability"):
+    backend = backend_module(name)
+    if backend is None or not hasattr(backend, "availability"):
         return False, f"backend {name!r} is not installed (module {_MODULES[name]} missing)"
     try:
-        return module.availability(device_type)
+        return backend.availability(device_type)
     except Exception as exc:  # a broken check must not take a user's job down with it
         return False, f"checking backend {name!r} failed: {type(exc).__name__}: {exc}"
 
@@ -85,10 +88,24 @@ def available_backends(device_type: str | None = None) -> list[str]:
     return [name for name in BACKENDS if availability(name, device_type)[0]]
 
 
-def set_backend(name: str) -> None:
-    """Set the process-wide default backend ("auto", "torch", "triton" or "cpp")."""
+def set_backend(name: str | None) -> None:
+    """Set the process-wide default backend ("auto", "torch", "triton" or "cpp"); None clears it,
+    so ``FASTSR_BACKEND`` (else "auto") applies again."""
     global _global_choice
-    _global_choice = _check_name(name)
+    _global_choice = None if name is None else _check_name(name)
+
+
+@contextlib.contextmanager
+def global_backend(name: str | None) -> Iterator[None]:
+    """Context manager: :func:`set_backend` ``(name)`` for the block (None: no process-wide default),
+    then the default it replaced, whatever the block set meanwhile. Unlike :func:`use_backend` it
+    holds for every thread; tests and benchmarks use it to leave no default behind."""
+    previous = _global_choice
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 @contextlib.contextmanager
@@ -114,13 +131,21 @@ def resolve(name: str | None, tensor: torch.Tensor, op: str) -> ModuleType:
     next backend with one warning when it fails, a named backend raises BackendUnavailableError.
     """
     device_type = "cuda" if tensor.is_cuda else "cpu"
-    channels_last = tensor.dim() == 4 and tensor.stride(1) == 1 and not tensor.is_contiguous()  # csrc/common.h's rule
-    return _LOADED[_resolve_name(name, device_type, op, tensor.dtype, channels_last)]
+    return _LOADED[_resolve_name(name, device_type, op, tensor.dtype, is_channels_last(tensor))]
 
 
 # Backend modules already picked by _resolve_name; a plain dict lookup torch.compile can trace.
 _LOADED: dict[str, ModuleType] = {}
 _warned_invalid: set[tuple] = set()
+
+
+def forget_checks() -> None:
+    """Forget which backends were found available and which fallbacks were warned about, as a new
+    process would (tests; a backend installed mid-session). The backend choice and the first-use
+    validation verdicts (:func:`.validate.forget`) stay."""
+    _availability_cache.clear()
+    _warned_fallback.clear()
+    _warned_invalid.clear()
 
 
 # torch.compile cannot trace ContextVar.get or importlib, so the choice is made in Python and its
@@ -150,13 +175,13 @@ def _resolve_name(name: str | None, device_type: str, op: str, dtype: torch.dtyp
             print(f"fastsr: warning: backend {candidate!r} failed its first-use check of {op} "
                   f"({_describe(device_type, dtype, channels_last)}), using the next one: {wrong}",
                   file=sys.stderr, flush=True)
-    _LOADED["torch"] = _module("torch")
+    _LOADED["torch"] = backend_module("torch")
     return "torch"
 
 
 def _invalid(name: str, device_type: str, op: str, dtype: torch.dtype, channels_last: bool) -> str | None:
     """Load backend ``name``; why it is wrong for ``op`` here (first-use validation), or None."""
-    _LOADED[name] = _module(name)
+    _LOADED[name] = backend_module(name)
     from . import validate
 
     return validate.check(op, name, _LOADED[name], device_type, dtype, channels_last)
@@ -167,7 +192,7 @@ def _describe(device_type: str, dtype, channels_last: bool) -> str:
 
 
 def _warn_unbuilt(candidate: str, why: str) -> None:
-    if candidate == "cpp" and _module("cpp") is not None and candidate not in _warned_fallback:
+    if candidate == "cpp" and backend_module("cpp") is not None and candidate not in _warned_fallback:
         # The extension exists but did not build: say so once, in one line, then keep going.
         _warned_fallback.add(candidate)
         print(f"fastsr: warning: C++ backend unavailable, using the next one: {why}", file=sys.stderr, flush=True)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import Y_OFFSET, Y_WEIGHTS
+from ..layout import acc_dtype
 
 
 def availability(device_type: str) -> tuple[bool, str]:
@@ -39,13 +40,8 @@ def pixel_shuffle_prelu(x, slope, upscale_factor):
     return F.prelu(F.pixel_shuffle(x, upscale_factor), slope.to(x.dtype))
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Reductions accumulate in fp32 (fp64 stays fp64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def mse(a, b, reduction):
-    acc = accumulation_dtype(a.dtype)
+    acc = acc_dtype(a.dtype)
     per_image = (a.to(acc) - b.to(acc)).square().flatten(1).mean(dim=1)
     return per_image if reduction == "none" else per_image.mean()
 
@@ -59,7 +55,7 @@ def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
 def protocol_view(x: torch.Tensor, data_range: float, y_channel: bool, crop_border: int) -> torch.Tensor:
     """What an SR metric compares: ``x`` in the accumulation dtype, scaled to [0, 1], with
     ``crop_border`` pixels dropped on each side, then reduced to luma if ``y_channel``."""
-    x = x.to(accumulation_dtype(x.dtype)) / data_range
+    x = x.to(acc_dtype(x.dtype)) / data_range
     if crop_border:
         x = x[..., crop_border:-crop_border, crop_border:-crop_border]
     return rgb_to_y(x) if y_channel else x

@@ -1,5 +1,6 @@
 """Upscaling images of any size, in parts with one job each (docs/architecture.md, "How a tile flows"):
 
+* :mod:`.options` - :class:`UpscaleOptions`: every upscaling option, declared once
 * :mod:`.engine` - :class:`Upscaler`: a model prepared for inference on a batch of tiles (device,
   dtype, CUDA stream, the step to uint8/uint16)
 * :mod:`.memory` - :func:`upscale_image`: PIL images, arrays and tensors in memory
@@ -17,6 +18,7 @@ from .engine import UpscaleError, Upscaler, model_digest, resolve_device, resolv
 from .files import upscale_file
 from .folder import FolderSummary, upscale_folder
 from .memory import upscale_image
+from .options import UpscaleOptions
 
-__all__ = ["FolderSummary", "UpscaleError", "Upscaler", "model_digest", "resolve_device", "resolve_dtype",
-           "upscale_file", "upscale_folder", "upscale_image"]
+__all__ = ["FolderSummary", "UpscaleError", "UpscaleOptions", "Upscaler", "model_digest", "resolve_device",
+           "resolve_dtype", "upscale_file", "upscale_folder", "upscale_image"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import imageio
+from ..atomic import commit
 from ..tiling import TilePlan
 from .resume import WorkDir
 
@@ -116,7 +117,7 @@ def _store_is_the_output(work: WorkDir, out: Output) -> bool:
 def finish(work: WorkDir, out: Output) -> None:
     """Turn the complete tile store into the output file (atomic rename), then drop the work folder."""
     if _store_is_the_output(work, out):
-        imageio.commit_path(work.store_path, out.dst, out.overwrite)
+        commit(work.store_path, out.dst, overwrite=out.overwrite)
         imageio.remove_path(work.path)
         return
     tmp = work.path / f"output{out.dst.suffix}"  # same folder as dst: the rename is atomic
@@ -131,7 +132,7 @@ def finish(work: WorkDir, out: Output) -> None:
                                metadata=out.metadata)
         else:
             imageio.write_pillow(tmp, np.asarray(work.store[...]), imageio.pillow_format(out.dst), out.metadata)
-        imageio.commit_path(tmp, out.dst, out.overwrite)
+        commit(tmp, out.dst, overwrite=out.overwrite)
     finally:
         imageio.remove_path(tmp)
     imageio.remove_path(work.path)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..fusion import optimize
 from ..ops.functional import to_uint8
 from ..tiling import model_scale, receptive_field
 
@@ -94,13 +95,6 @@ def _load(model: nn.Module | str | os.PathLike | None) -> nn.Module:
         raise UserError(str(exc)) from None
 
 
-def _fuse(net: nn.Module) -> nn.Module:
-    """BatchNorm folded into the convs and channels_last (fastsr.optimize) for fastsr models."""
-    from ..fusion import optimize
-
-    return optimize(net)
-
-
 def model_digest(model: nn.Module) -> str:
     """A hash of the model's architecture config and weights (identifies it in resume manifests)."""
     h = hashlib.sha256(json.dumps(getattr(model, "config", type(model).__name__), sort_keys=True).encode())
@@ -136,7 +130,7 @@ class Upscaler:
         self.in_channels = int(getattr(source, "config", {}).get("in_channels", 3))
         self.source = source
         net = copy.deepcopy(source).eval().to(self.device)
-        net = _fuse(net).to(self.device, self.dtype)
+        net = optimize(net).to(self.device, self.dtype)  # BN folded, channels_last (fastsr models)
         self.net = net.to(memory_format=torch.channels_last)
         self.stream = None
         if self.device.type == "cuda":
@@ -208,8 +202,7 @@ class Upscaler:
             if batch.dtype == np.uint8:  # every backend's to_uint8: one pass on cpp and triton
                 y = to_uint8(y, backend=self.backend)
             else:
-                y = y.float().clamp_(0, 1).mul_(maxval).round_().permute(0, 2, 3, 1)
-                y = y.to(torch.uint8) if batch.dtype == np.uint8 else y.to(torch.int32)
+                y = y.float().clamp_(0, 1).mul_(maxval).round_().permute(0, 2, 3, 1).to(torch.int32)
             if self.stream is not None:
                 out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
                 out.copy_(y, non_blocking=True)

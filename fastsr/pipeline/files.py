@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .. import imageio
+from ..atomic import commit
 from ..distributed import DistInfo, barrier, broadcast_object, process_group
 from ..errors import UserError
 from ..imageio import DiskFullError, ImageSource
@@ -36,6 +37,7 @@ from .assemble import Assembler, Output, SpaceWatch, TileTracker, finish
 from .engine import UpscaleError, Upscaler, model_digest, resolve_device
 from .halo import HaloChoice, pick_halo, plan_for, source_reader
 from .memory import tile_size
+from .options import UpscaleOptions
 from .resume import WorkDir, interrupted_header, output_lock, work_path
 from .stream import run_batches, writer_threads
 
@@ -56,11 +58,8 @@ class _Run:
         return self.output.out_tile, self.output.out_tile, self.header["shape"][2]
 
 
-def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, tile: int = 512,
-                 halo: int | str = "auto", border: str = "mirror", batch_size: int | None = None, device=None,
-                 dtype=None,
-                 resume: bool = False, compression: str = "zstd", pyramid: bool = False, progress: bool = True,
-                 backend: str | None = None, restart: bool = False, overwrite: bool = False) -> Path:
+def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, options: UpscaleOptions | None = None,
+                 **changes) -> Path:
     """Upscale the image file ``src`` into ``dst`` in tiles, in bounded memory; returns ``dst``.
 
     src: TIFF/BigTIFF (tiled or stripped), a zarr array, a .npy file, or PNG/JPEG/...;
@@ -79,23 +78,27 @@ def upscale_file(src: str | os.PathLike, dst: str | os.PathLike, model=None, *, 
     (docs/safety.md); ``dst`` may not be, lie inside or contain ``src``. Raises
     :class:`fastsr.errors.UserError` subclasses for bad inputs and outputs, all checked before
     any work starts.
+
+    The options (:class:`~fastsr.pipeline.options.UpscaleOptions`: ``tile``, ``halo``, ``border``,
+    ``batch_size``, ``device``, ``dtype``, ``backend``, ``compression``, ``pyramid``, ``resume``,
+    ``restart``, ``overwrite``, ``progress``) come as one ``options`` object, as keywords, or both
+    (keywords change the object's values).
     """
+    opts = UpscaleOptions.of("upscale_file", options, **changes)
     src_path, dst_path = Path(src), Path(dst)
-    imageio.check_destination(dst_path, [src_path], overwrite=overwrite)
-    with process_group(resolve_device(device)) as dist:
-        up = Upscaler(model, device=dist.device, dtype=dtype, backend=backend)
+    imageio.check_destination(dst_path, [src_path], overwrite=opts.overwrite)
+    with process_group(resolve_device(opts.device)) as dist:
+        up = Upscaler(model, device=dist.device, dtype=opts.dtype, backend=opts.backend)
         with imageio.open_image(src_path) as source:
-            run = _plan_run(up, source, src_path, dst_path, tile=tile, halo=halo, border=border, resume=resume,
-                            batch_size=batch_size, compression=compression, pyramid=pyramid, backend=backend,
-                            dist=dist, overwrite=overwrite)
+            run = _plan_run(up, source, src_path, dst_path, opts, dist)
             with _space_to_start(dst_path), output_lock(dst_path, dist):  # after the checks: the folder is writable
                 work = WorkDir(work_path(dst_path), run.header, tuple(run.header["shape"]), run.chunks,
-                               source.dtype, resume=resume, dist=dist, restart=restart)
+                               source.dtype, resume=opts.resume, dist=dist, restart=opts.restart)
                 work.verify(run.plan, run.batch_size)
                 space = SpaceWatch(work, run.output, run.plan, run.batch_size, dist.world_size)
                 with space.stop_when_full():  # a full disk: one line, the finished tiles kept for --resume
                     assembler = _start_assembler(run, work, dist)
-                    _compute(up, source, run, work, dist, assembler, progress, space)
+                    _compute(up, source, run, work, dist, assembler, opts.progress, space)
                     _commit(run, work, dist, assembler)
     return dst_path
 
@@ -112,44 +115,51 @@ def _space_to_start(dst: Path) -> Iterator[None]:
                             "space and run again") from None
 
 
-def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, *, tile, halo, border, resume, batch_size,
-              compression, pyramid, backend, dist: DistInfo, overwrite: bool) -> _Run:
+def _plan_run(up: Upscaler, source: ImageSource, src: Path, dst: Path, opts: UpscaleOptions,
+              dist: DistInfo) -> _Run:
     """The tile plan, the output checks (format, TIFF tile size, disk space) and the resume header."""
-    batch_size = (4 if up.device.type == "cuda" else 1) if batch_size is None else int(batch_size)
-    if batch_size < 1:
-        raise UpscaleError(f"batch size must be >= 1, got {batch_size}")
+    batch_size = opts.batch_for(up.device)
     # The space check first, in Python integers: before a plan is made for a declared size.
     out_shape = (source.height * up.scale, source.width * up.scale, source.channels)
-    fmt = imageio.check_output(dst, shape=out_shape, dtype=source.dtype, compression=compression)
-    imageio.check_disk_space(dst, imageio.estimate_output_bytes(out_shape, source.dtype, fmt, compression))
-    tile = tile_size(tile, source.height, source.width)
-    shape = {"height": source.height, "width": source.width, "channels": source.channels, "tile": tile}
-    # A run resumed with "auto" (or a folder's halo measured on another file) keeps the halo it started with.
-    keeps_stored = resume and (halo in ("auto", None) or isinstance(halo, HaloChoice))
-    stored = (interrupted_header(dst) or {}).get("halo") if keeps_stored else None
-    if stored is None and dist.world_size > 1:
-        stored = _halo_of_rank_0(up, halo, source, shape, dist)
-    plan = plan_for(up, halo=halo, border=border, read=source_reader(source), stored_halo=stored, **shape)
-    tile = plan.tile
-    if pyramid and fmt != "tiff":
+    fmt = imageio.check_output(dst, shape=out_shape, dtype=source.dtype, compression=opts.compression)
+    imageio.check_disk_space(dst, imageio.estimate_output_bytes(out_shape, source.dtype, fmt, opts.compression))
+    if opts.pyramid and fmt != "tiff":
         raise UpscaleError(f"--pyramid: {dst} is not a TIFF; pyramid levels are written into .tif outputs only")
+    plan = _tile_plan(up, source, dst, opts, dist)
+    _check_tiff_tile(fmt, plan.tile, up.scale)
     if up.device.type == "cpu" and up.dtype != torch.float32:
         log.warning("%s on the CPU: several times slower than fp32 for these models (measured 5-8x); fp32 is "
                     "the default", str(up.dtype).removeprefix("torch."))
-    out_tile = tile * up.scale
+    st = src.stat()
+    resolved = {"tile": plan.tile, "halo": plan.halo, "batch_size": batch_size, "dtype": str(up.dtype),
+                "device": up.device.type, "backend": opts.backend or get_backend()}
+    header = {"version": 1, "src": str(src.resolve()), "src_size": st.st_size, "src_mtime_ns": st.st_mtime_ns,
+              "model": model_digest(up.source), **opts.header(resolved), "shape": list(out_shape),
+              "scale": up.scale}
+    metadata = source.metadata.scaled(up.scale, out_shape[1], out_shape[0])  # the same physical size and place
+    output = Output(dst, fmt, plan.tile * up.scale, opts.compression, opts.pyramid, metadata, opts.overwrite)
+    return _Run(output, plan, batch_size, header)
+
+
+def _tile_plan(up: Upscaler, source: ImageSource, dst: Path, opts: UpscaleOptions, dist: DistInfo) -> TilePlan:
+    """The tiles of the run; a run resumed with "auto" (or a folder's halo measured on another file)
+    keeps the halo it started with, and under torchrun every rank takes rank 0's."""
+    shape = {"height": source.height, "width": source.width, "channels": source.channels,
+             "tile": tile_size(opts.tile, source.height, source.width)}
+    keeps_stored = opts.resume and (opts.halo in ("auto", None) or isinstance(opts.halo, HaloChoice))
+    stored = (interrupted_header(dst) or {}).get("halo") if keeps_stored else None
+    if stored is None and dist.world_size > 1:
+        stored = _halo_of_rank_0(up, opts.halo, source, shape, dist)
+    return plan_for(up, halo=opts.halo, border=opts.border, read=source_reader(source), stored_halo=stored, **shape)
+
+
+def _check_tiff_tile(fmt: str, tile: int, scale: int) -> None:
+    """TIFF tiles are multiples of 16 pixels: name the nearest --tile that gives such output tiles."""
+    out_tile = tile * scale
     if fmt == "tiff" and out_tile % 16:
-        step = 16 // int(np.gcd(16, up.scale))  # the tiles whose output is a multiple of 16
+        step = 16 // int(np.gcd(16, scale))  # the tiles whose output is a multiple of 16
         raise UpscaleError(f"--tile {tile} gives output tiles of {out_tile} pixels; TIFF tiles must be a multiple "
                            f"of 16 pixels: use --tile {-(-tile // step) * step} or another multiple of {step}")
-    st = src.stat()
-    header = {"version": 1, "src": str(src.resolve()), "src_size": st.st_size, "src_mtime_ns": st.st_mtime_ns,
-              "model": model_digest(up.source), "tile": tile, "halo": plan.halo, "border": border,
-              "batch_size": batch_size,
-              "dtype": str(up.dtype), "device": up.device.type, "backend": backend or get_backend(),
-              "shape": list(out_shape), "scale": up.scale}
-    metadata = source.metadata.scaled(up.scale, out_shape[1], out_shape[0])  # the same physical size and place
-    output = Output(dst, fmt, out_tile, compression, pyramid, metadata, overwrite)
-    return _Run(output, plan, batch_size, header)
 
 
 def _halo_of_rank_0(up: Upscaler, halo, source: ImageSource, shape: dict, dist: DistInfo) -> int:
@@ -211,7 +221,7 @@ def _commit(run: _Run, work: WorkDir, dist: DistInfo, assembler: Assembler | Non
         if assembler.error is not None:
             imageio.remove_path(assembler.tmp)
             raise assembler.error
-        imageio.commit_path(assembler.tmp, run.output.dst, run.output.overwrite)
+        commit(assembler.tmp, run.output.dst, overwrite=run.output.overwrite)
         imageio.remove_path(work.path)
         return
     barrier(dist)  # every rank's tiles are in the store

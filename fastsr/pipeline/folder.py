@@ -9,6 +9,7 @@ model is loaded once for all files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from . import halo as halo_mod
 from .engine import NonFiniteOutputError, Upscaler, model_digest
 from .files import upscale_file
 from .memory import tile_size
+from .options import UpscaleOptions
 from .resume import output_lock, work_path
 
 log = logging.getLogger("fastsr")
@@ -35,8 +37,6 @@ log = logging.getLogger("fastsr")
 # The images a folder run reads: files with these suffixes (any case) and zarr arrays (folders
 # named *.zarr). Everything else (.npy arrays, text, sidecar files) is left alone.
 INPUT_SUFFIXES = (*PILLOW_SUFFIXES, *TIFF_SUFFIXES, ".zarr")
-# What --format can turn every output into (without it each output keeps its input's suffix).
-OUTPUT_FORMATS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "zarr")
 # The record of what folder runs wrote into an output folder OUT: relative output path -> the
 # digest of the model that made it, in the hidden file .OUT.fastsr-folder.json beside OUT (beside,
 # not inside: OUT holds only the outputs). A rerun skips only outputs recorded with its own model;
@@ -101,42 +101,37 @@ def find_inputs(src_dir: Path, exclude: Path | None = None) -> list[Path]:
     return sorted(found)
 
 
-def upscale_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, model=None, *, fmt: str | None = None,
-                   tile: int = 512, halo: int | str = "auto", border: str = "mirror",
-                   batch_size: int | None = None, device=None, dtype=None, resume: bool = False,
-                   compression: str = "zstd", pyramid: bool = False, restart: bool = False, progress: bool = True,
-                   backend: str | None = None, overwrite: bool = False) -> FolderSummary:
+def upscale_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, model=None,
+                   options: UpscaleOptions | None = None, **changes) -> FolderSummary:
     """Upscale every image under ``src_dir`` (recursively, see :data:`INPUT_SUFFIXES`) into the same
     relative path under ``dst_dir``; returns a :class:`FolderSummary`.
 
-    Outputs keep their input's suffix, or all get ``.{fmt}`` (one of :data:`OUTPUT_FORMATS`).
+    Outputs keep their input's suffix, or all get ``.{fmt}`` (one of :data:`.options.OUTPUT_FORMATS`).
     Existing outputs that an earlier folder run made with the same model are skipped (they are
     complete: :func:`upscale_file` renames a finished file into place); any other existing output
     (another model's, or a file fastsr did not write) stops the run before any work unless
     ``overwrite`` (docs/safety.md). A file that fails is logged on one line and the run goes on.
     ``dst_dir`` may lie inside ``src_dir`` (it is not read), not the other way round; an output
     whose folder is a symlink leading out of ``dst_dir`` fails. ``pyramid`` applies to the TIFF
-    outputs; ``resume`` continues
-    (``restart`` discards) the finished tiles of a file an interrupted run left unfinished; the other
-    arguments are :func:`upscale_file`'s. ``progress``: one bar over the files, with the output
-    pixel throughput.
+    outputs; ``resume`` continues (``restart`` discards) the finished tiles of a file an interrupted
+    run left unfinished. The options (:class:`~fastsr.pipeline.options.UpscaleOptions`) are
+    :func:`upscale_file`'s and ``fmt``, as one ``options`` object and/or keywords. ``progress``: one
+    bar over the files, with the output pixel throughput.
     """
+    opts = UpscaleOptions.of("upscale_folder", options, **changes)
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
-    pairs = _plan(src_dir, dst_dir, fmt)
+    pairs = _plan(src_dir, dst_dir, opts.fmt)
     # The model loaded once, and the settings shared by every file (device, dtype, halo) checked
     # once: a bad one is one error, not one per file.
-    up = Upscaler(model, device=device, dtype=dtype, backend=backend)
-    up.halo(halo, 3)
-    settings = {"tile": tile, "halo": halo, "border": border, "batch_size": batch_size, "device": device,
-                "dtype": dtype, "resume": resume, "restart": restart, "compression": compression, "pyramid": pyramid,
-                "backend": backend, "progress": False, "overwrite": overwrite}  # one bar for the folder
+    up = Upscaler(model, device=opts.device, dtype=opts.dtype, backend=opts.backend)
+    up.halo(opts.halo, 3)
     dst_dir.mkdir(parents=True, exist_ok=True)
     # One folder run per output folder: a second one would report the first's file locks as failures.
     with output_lock(dst_dir.resolve(), DistInfo(0, 1, torch.device("cpu"))):
         record = _Record(dst_dir, model_digest(up.source))
-        done, todo = _sort_existing(pairs, dst_dir, record, overwrite)
+        done, todo = _sort_existing(pairs, dst_dir, record, opts.overwrite)
         summary = FolderSummary(dst_dir, skipped=done)
-        _run(todo, up, settings, progress, summary, record)
+        _run(todo, up, opts, summary, record)
     return summary
 
 
@@ -192,8 +187,6 @@ def _check(src_dir: Path, dst_dir: Path, fmt: str | None) -> None:
     """The folders and the format, before anything is read or written."""
     if not src_dir.is_dir():
         raise FolderError(f"{src_dir}: not a folder")
-    if fmt is not None and fmt not in OUTPUT_FORMATS:
-        raise FolderError(f"unknown output format {fmt!r}; choose from {', '.join(OUTPUT_FORMATS)}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise FolderError("folders are upscaled in one process; torchrun shares out the tiles of one large file")
     if dst_dir.exists() and not dst_dir.is_dir():
@@ -225,17 +218,17 @@ def _plan(src_dir: Path, dst_dir: Path, fmt: str | None) -> list[tuple[Path, Pat
     return pairs
 
 
-def _run(todo: list[tuple[Path, Path]], up: Upscaler, settings: dict, progress: bool,
-         summary: FolderSummary, record: _Record) -> None:
+def _run(todo: list[tuple[Path, Path]], up: Upscaler, opts: UpscaleOptions, summary: FolderSummary,
+         record: _Record) -> None:
     """Each file in turn under one progress bar; failures are logged (above the bar) and recorded."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     started, pixels = time.perf_counter(), 0
-    with tqdm(total=len(todo), unit="file", disable=not progress, dynamic_ncols=True) as bar, \
+    with tqdm(total=len(todo), unit="file", disable=not opts.progress, dynamic_ncols=True) as bar, \
             logging_redirect_tqdm():
         for src, dst in todo:
-            failure = _upscale_one(src, dst, up, settings, summary.dst_dir)
+            failure, opts = _upscale_one(src, dst, up, opts, summary.dst_dir)
             if failure is None:
                 record.add(dst)
                 summary.upscaled.append(src)
@@ -249,47 +242,51 @@ def _run(todo: list[tuple[Path, Path]], up: Upscaler, settings: dict, progress: 
                 bar.set_postfix_str(f"{tqdm.format_sizeof(pixels)}px out, {tqdm.format_sizeof(rate)}px/s")
 
 
-def _upscale_one(src: Path, dst: Path, up: Upscaler, settings: dict, dst_dir: Path) -> Failure | None:
-    """One file; its failure, or None. A backend that cannot run, or a model that makes NaN, is no
-    fault of the file and stops the run (every file would fail the same way), as does Ctrl-C (not
-    an Exception)."""
+def _upscale_one(src: Path, dst: Path, up: Upscaler, opts: UpscaleOptions,
+                 dst_dir: Path) -> tuple[Failure | None, UpscaleOptions]:
+    """One file; its failure (or None) and the options for the next file (a halo measured here is
+    kept). A backend that cannot run, or a model that makes NaN, is no fault of the file and stops
+    the run (every file would fail the same way), as does Ctrl-C (not an Exception)."""
     escape = _leaves_folder(dst, dst_dir)
     if escape is not None:
-        return Failure(src, f"{dst}: {escape}; fastsr writes only inside the output folder", True)
+        return Failure(src, f"{dst}: {escape}; fastsr writes only inside the output folder", True), opts
     created = _make_parents(dst)
     try:
-        _measure_halo_once(src, up, settings)
-        upscale_file(src, dst, up.source, **_for_file(dst, settings))
+        opts = _measure_halo_once(src, up, opts)
+        upscale_file(src, dst, up.source, _for_file(dst, opts))
     except (BackendUnavailableError, NonFiniteOutputError):
         raise
     except Exception as exc:
         for folder in created:  # folders made for this output only, innermost first
             _remove_if_empty(folder)
-        return Failure(src, _reason(exc, src), isinstance(exc, UserError))
-    return None
+        return Failure(src, _reason(exc, src), isinstance(exc, UserError)), opts
+    return None, opts
 
 
-def _measure_halo_once(src: Path, up: Upscaler, settings: dict) -> None:
+def _measure_halo_once(src: Path, up: Upscaler, opts: UpscaleOptions) -> UpscaleOptions:
     """``halo="auto"`` with a deep model measures an effective halo on the image, tens of seconds on
     a CPU (:mod:`.halo`). A folder measures once, on the first image larger than a tile, and hands
-    that choice to every later file (``settings["halo"]`` becomes it); a file resumed from an
+    that choice to every later file (the returned options hold it); a file resumed from an
     interrupted run keeps the halo it started with."""
-    if settings["halo"] not in ("auto", None) or not halo_mod.measures(up, settings["tile"] or 0):
-        return
+    if opts.halo not in ("auto", None) or not halo_mod.measures(up, opts.tile or 0):
+        return opts
     with imageio.open_image(src) as source:
-        tile = align_up(tile_size(settings["tile"], source.height, source.width), up.align)
+        tile = align_up(tile_size(opts.tile, source.height, source.width), up.align)
         choice = halo_mod.choose_halo(up, "auto", height=source.height, width=source.width,
                                       channels=source.channels, tile=tile, read=halo_mod.source_reader(source))
-    if choice.how == "measured":  # else the image fits in one tile: there was nothing to measure
-        settings["halo"] = halo_mod.HaloChoice(choice.halo, f"measured on {src.name}", choice.radius)
-        log.warning("%s: %s; the other files of the folder use it too (--halo N sets one)", src, choice.describe())
+    if choice.how != "measured":  # the image fits in one tile: there was nothing to measure
+        return opts
+    log.warning("%s: %s; the other files of the folder use it too (--halo N sets one)", src, choice.describe())
+    return dataclasses.replace(opts, halo=halo_mod.HaloChoice(choice.halo, f"measured on {src.name}", choice.radius))
 
 
-def _for_file(dst: Path, settings: dict) -> dict:
-    """The settings for one output: a pyramid for a TIFF only; resuming only where an interrupted
-    run left a work folder (anywhere else it would just log that there is nothing to resume)."""
-    return {**settings, "pyramid": settings["pyramid"] and imageio.output_format(dst) == "tiff",
-            "resume": settings["resume"] and work_path(dst).exists()}
+def _for_file(dst: Path, opts: UpscaleOptions) -> UpscaleOptions:
+    """The options for one output: no bar of its own (one bar for the folder), a pyramid for a TIFF
+    only, resuming only where an interrupted run left a work folder (anywhere else it would just log
+    that there is nothing to resume); ``fmt`` is the folder's."""
+    return dataclasses.replace(opts, progress=False, fmt=None,
+                               pyramid=opts.pyramid and imageio.output_format(dst) == "tiff",
+                               resume=opts.resume and work_path(dst).exists())
 
 
 def _leaves_folder(dst: Path, dst_dir: Path) -> str | None:

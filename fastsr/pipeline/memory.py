@@ -10,10 +10,8 @@ from ..imageio import ImageSource
 from ..tiling import Tile, TilePlan, paste
 from .engine import UpscaleError, Upscaler
 from .halo import plan_for, source_reader
+from .options import AUTO_TILE, UpscaleOptions
 
-# Images up to this many pixels are upscaled whole by upscale_image(tile=None); larger ones in
-# tiles of AUTO_TILE (the activations of a whole 4x SRResNet pass grow with the image).
-AUTO_TILE = 512
 AUTO_TILE_MAX_PIXELS = AUTO_TILE * AUTO_TILE
 
 
@@ -53,37 +51,39 @@ def tile_size(tile: int | None, height: int, width: int) -> int:
     return tile
 
 
-def upscale_image(image, model=None, *, device=None, dtype=None, tile: int | None = None, halo="auto",
-                  border: str = "mirror", batch_size: int | None = None, backend: str | None = None):
+def upscale_image(image, model=None, options: UpscaleOptions | None = None, **changes):
     """Upscale an image held in memory; returns the same kind of object.
 
     image: a PIL image (L, LA, RGB, RGBA, P, I;16; its ICC profile and DPI, scaled, are carried
     in the result's ``info``), an (H, W) or (H, W, C) uint8/uint16 numpy
     array (C = 1..4), or a float tensor (N, C, H, W) / (C, H, W) in [0, 1] (output on the
     input's device and dtype, not clamped). model: a module, a model file, "default" or None
-    (the embedded default). tile: None = whole image up to 512x512 pixels, tiles of 512
-    beyond; an int forces tiles of that size (same output up to float rounding when the halo
-    covers the receptive field, as halo="auto" does where affordable; see
-    :mod:`fastsr.pipeline.halo`). border: "mirror" (default: the image is padded by 10 pixels of its
-    mirror image, so a flat image stays flat), "reflect" (mirrored without repeating the edge) or "zero" (the plain
-    model's zero padding). Safe to call from several threads.
+    (the embedded default). The options (:class:`~fastsr.pipeline.options.UpscaleOptions`, as one
+    ``options`` object and/or keywords) are ``tile``, ``halo``, ``border``, ``batch_size``,
+    ``device``, ``dtype`` and ``backend``, with the defaults of :func:`~fastsr.upscale_file`:
+    tiles of 512 pixels (``tile=None``: the whole image up to 512x512 pixels, tiles of 512 beyond;
+    the output is the same up to float rounding when the halo covers the receptive field, as
+    halo="auto" does where affordable; see :mod:`fastsr.pipeline.halo`). border: "mirror"
+    (default: the image is padded by 10 pixels of its mirror image, so a flat image stays flat),
+    "reflect" (mirrored without repeating the edge) or "zero" (the plain model's zero padding).
+    Safe to call from several threads.
     """
-    up = Upscaler(model, device=device, dtype=dtype, backend=backend)
-    if batch_size is None:
-        batch_size = 4 if up.device.type == "cuda" else 1
+    opts = UpscaleOptions.of("upscale_image", options, **changes)
+    up = Upscaler(model, device=opts.device, dtype=opts.dtype, backend=opts.backend)
+    batch_size = opts.batch_for(up.device)
     if isinstance(image, torch.Tensor):
-        return _upscale_tensor(up, image, tile, halo, border, batch_size)
+        return _upscale_tensor(up, image, opts.tile, opts.halo, opts.border, batch_size)
     pil_mode = None
     if isinstance(image, np.ndarray):
         array = image
     elif hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image
         pil_mode = image.mode
-        array = imageio._pil_to_array("<PIL image>", image)
+        array = imageio.pil_to_array("<PIL image>", image)
     else:
         raise UpscaleError(f"cannot upscale a {type(image).__name__}; pass a PIL image, a numpy array or a tensor")
     source = imageio.array_source(array, "<array>", "array")
     plan = plan_for(up, height=source.height, width=source.width, channels=source.channels,
-                    tile=tile_size(tile, source.height, source.width), halo=halo, border=border,
+                    tile=tile_size(opts.tile, source.height, source.width), halo=opts.halo, border=opts.border,
                     read=source_reader(source))
     out = np.empty((*plan.output_shape, source.channels), dtype=source.dtype)
     _uint_tiles(up, source, plan, batch_size, out)

@@ -1,20 +1,20 @@
 """The training configuration: one dataclass whose fields are also the ``fastsr train`` options.
 
-Each field's metadata describes its command-line option (see :func:`option`), so a new field
-appears in the CLI without being restated there; :mod:`fastsr.commands.train` builds the parser.
+Each field's metadata describes its command-line option (see :func:`fastsr.options.option`), so a
+new field appears in the CLI without being restated there; :mod:`fastsr.commands.options` builds
+the parser.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from ..errors import UserError
 from ..ops.dispatch import BACKENDS
+from ..options import check_values, flag_of, option
 
 STAGES = ("pretrain", "gan")
 GAN_GROUP = "gan stage"
@@ -23,23 +23,6 @@ GAN_GROUP = "gan stage"
 class TrainingError(UserError, RuntimeError):
     """Training cannot go on (bad configuration, a non-finite loss...): a UserError (one line, exit
     2), still a RuntimeError for callers that caught it as one."""
-
-
-def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
-           flag: str | None = None, group: str | None = None, at_least: float | None = None,
-           above: float | None = None, below: float | None = None) -> Any:
-    """A :class:`TrainConfig` field and its CLI option: ``help`` text, allowed ``choices``, the
-    ``flag`` (default: ``--`` + the field name with dashes) and the help ``group`` it is listed in.
-    A number may be bounded: ``at_least`` (inclusive), ``above`` and ``below`` (exclusive); a float
-    must be finite. A field without a default is a required option."""
-    metadata = {"help": help, "choices": choices, "flag": flag, "group": group, "at_least": at_least,
-                "above": above, "below": below}
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def flag_of(field: dataclasses.Field) -> str:
-    """The command-line flag of a :class:`TrainConfig` field, e.g. ``--batch-size``."""
-    return field.metadata["flag"] or "--" + field.name.replace("_", "-")
 
 
 @dataclass
@@ -119,23 +102,6 @@ def changed_hyperparameters(saved: dict, cfg: TrainConfig) -> list[str]:
     return changed
 
 
-def _check_value(field: dataclasses.Field, value: Any) -> None:
-    """Raise :class:`TrainingError` for ``value`` outside ``field``'s choices or bounds (None: unset)."""
-    meta, flag = field.metadata, flag_of(field)
-    if value is None or isinstance(value, bool):
-        return
-    if meta["choices"] is not None and value not in meta["choices"]:
-        raise TrainingError(f"{flag} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise TrainingError(f"{flag} must be a finite number, got {value}")
-    if meta["at_least"] is not None and value < meta["at_least"]:
-        raise TrainingError(f"{flag} must be at least {meta['at_least']:g}, got {value:g}")
-    if meta["above"] is not None and value <= meta["above"]:
-        raise TrainingError(f"{flag} must be greater than {meta['above']:g}, got {value:g}")
-    if meta["below"] is not None and value >= meta["below"]:
-        raise TrainingError(f"{flag} must be less than {meta['below']:g}, got {value:g}")
-
-
 def _check_device(device: str) -> None:
     """``--device`` names a device this machine has (cpu, cuda, cuda:N)."""
     try:
@@ -151,8 +117,7 @@ def _check_device(device: str) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Raise :class:`TrainingError` for a value outside a field's choices or bounds, options that
     contradict each other, or a gan stage without its inputs."""
-    for field in dataclasses.fields(cfg):
-        _check_value(field, getattr(cfg, field.name))
+    check_values(TrainConfig, lambda name: getattr(cfg, name), TrainingError)
     if cfg.crop % cfg.scale:
         raise TrainingError(f"--crop {cfg.crop} must be a multiple of --scale {cfg.scale} (the LR crop is "
                             f"crop / scale pixels)")

@@ -1,5 +1,7 @@
-"""Helpers shared by the Triton kernels: interpreter detection, dtype choices, and the
-upstream-gradient loader that folds PReLU backward and pixel-unshuffle into a load.
+"""Helpers shared by the Triton kernels: interpreter detection, Triton dtype choices, launch-grid
+checks, and the upstream-gradient loader that folds PReLU backward and pixel-unshuffle into a load.
+The output memory format and the accumulation dtype are :mod:`fastsr.layout`'s rules (shared by
+every backend).
 
 Index convention used by every kernel here: a 4-D image tensor is described by its
 strides in (n, h, w, c) order, whatever its memory format, so NCHW and channels_last
@@ -27,21 +29,8 @@ def nhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return sn, sh, sw, sc
 
 
-def like_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when ``x``'s channels are adjacent in memory and it is not plain contiguous (a
-    channels_last tensor or a channel slice of one), else NCHW: csrc/common.h's rule."""
-    if x.dim() == 4 and x.stride(1) == 1 and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp32, except fp64 stays fp64 (gradcheck)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def tl_acc_dtype(dtype: torch.dtype):
-    """The Triton accumulation dtype matching :func:`acc_dtype`."""
+    """The Triton accumulation dtype matching :func:`fastsr.layout.acc_dtype`."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -83,7 +72,7 @@ def check_index_range(t: torch.Tensor, name: str) -> None:
 
 
 @triton.jit
-def _pixel_coords(p, H, W):
+def pixel_coords(p, H, W):
     """(n, h, w) of flat pixel indices ``p`` over an (N, H, W) grid, w fastest. Decoded without
     the product H * W, which int32 arguments would overflow in an image of >= 2**31 pixels; with
     int64 ``p`` every result is int64, so offsets built from them are too."""
@@ -92,7 +81,7 @@ def _pixel_coords(p, H, W):
 
 
 @triton.jit
-def _load_upstream_grad(
+def load_upstream_grad(
     g_ptr, z_ptr, slope_ptr,
     n, h, w, co, mask,
     sgn, sgh, sgw, sgc,
