@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from tolerance import assert_within_rule, whole_image_reference
 
 import fastsr
 from fastsr.cli import main as cli_main
@@ -23,9 +24,12 @@ from fastsr.models.compact import SRVGGNetCompact
 from fastsr.models.ncnn import FP16_TAG, PUBLISHED, PUBLISHED_PACKAGE, published_model_path
 from fastsr.models.rrdbnet import RRDBNet
 
-# ncnn and fastsr both compute in fp32 here (same fp16-rounded weights), in different orders
-# (ncnn: packed sgemm/Winograd; torch: oneDNN); measured differences are <= 4e-6 on outputs in
-# [0, 1]. 1e-4 keeps a margin yet fails for a wiring error or fp16 arithmetic (~1e-3).
+# The RRDBNets keep ncnn as their oracle at ATOL, not the tolerance rule (tests/tolerance.py): ncnn and
+# torch both compute in fp32 (same fp16-rounded weights) in different orders (ncnn: packed sgemm/
+# Winograd; torch: oneDNN), each up to ~2.5e-6 from the model in float64, so where torch happens to be
+# exact ncnn exceeds the rule's bound (~2e-6 there): measured 1 value outside it (anime_6B: 2.35e-6 vs
+# 2.31e-6 of 19152; x8: 2.09e-6 vs 2.02e-6 of 6720; x4plus within, at 0.96 of its bound). 1e-4 keeps a
+# margin yet fails for a wiring error or fp16 arithmetic (~1e-3). The compact models meet the rule.
 ATOL = 1e-4
 
 # name -> (architecture, config, parameter count)
@@ -69,6 +73,17 @@ def run_ncnn(param: Path, x: np.ndarray) -> np.ndarray:
 def run_fastsr(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad(), fastsr.use_backend("torch"):
         return model(torch.from_numpy(x)[None])[0].numpy()
+
+
+def assert_ncnn_within_rule(name: str, ncnn_out: np.ndarray, model: torch.nn.Module, x: np.ndarray,
+                            fastsr_out: np.ndarray | None = None) -> None:
+    """ncnn's fp32 output for ``x`` by the tolerance rule: the fastsr model (the same fp16-rounded
+    weights) in float64 on the torch backend the reference, in fp32 there (``fastsr_out``, computed
+    when not given) the same-dtype baseline. A wiring error or fp16 arithmetic (~1e-3) fails it."""
+    with torch.no_grad(), fastsr.use_backend("torch"):
+        ref64 = copy.deepcopy(model).double()(torch.from_numpy(x)[None].double())[0]
+    same = run_fastsr(model, x) if fastsr_out is None else fastsr_out
+    assert_within_rule(name, torch.from_numpy(ncnn_out), ref64, torch.from_numpy(same), torch.float32)
 
 
 def copy_model(param: Path, folder: Path, stem: str = "model") -> Path:
@@ -119,7 +134,10 @@ def test_published_model_matches_ncnn(name, photo, one_thread):
     out = run_fastsr(model, photo)
     assert out.shape == expected.shape == (3, 21 * 4, 19 * 4)
     assert 0.3 < out.mean() < 0.7  # a real picture, not a constant: the comparison below means something
-    np.testing.assert_allclose(out, expected, rtol=0, atol=ATOL)
+    if cls is RRDBNet:
+        np.testing.assert_allclose(out, expected, rtol=0, atol=ATOL)  # not the rule: see ATOL
+    else:
+        assert_ncnn_within_rule(name, expected, model, photo, out)
 
 
 @pytest.mark.parametrize("name, scale", [("realesr-animevideov3-x2", 2), ("realesr-animevideov3-x3", 3)])
@@ -131,7 +149,7 @@ def test_animevideov3_x2_x3_are_the_x4_network_and_a_bicubic_downscale(name, sca
     expected = run_ncnn(published(name), photo)
     out = run_fastsr(model, photo)
     assert out.shape == expected.shape == (3, 21 * scale, 19 * scale)
-    np.testing.assert_allclose(out, expected, rtol=0, atol=ATOL)
+    assert_ncnn_within_rule(name, expected, model, photo, out)
 
 
 def test_x3_tiles_like_the_whole_image(photo):
@@ -146,7 +164,7 @@ def test_x3_tiles_like_the_whole_image(photo):
         whole = upscale_image(x, copy.deepcopy(model), tile=64, backend="torch")
         tiled = upscale_image(x, copy.deepcopy(model), tile=8, backend="torch")
     assert tiled.shape == (1, 3, 63, 57)
-    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+    assert_within_rule("tiled", tiled, whole_image_reference(model, x), whole, torch.float32)
 
 
 def test_another_output_resize_is_refused_in_one_line(tmp_path):
@@ -256,7 +274,7 @@ def test_odd_sized_compact_model_written_here_matches_ncnn(fp16, tmp_path, photo
     assert torch.equal(model.body[0].conv.weight, weight.half().float() if fp16 else weight)
     assert torch.equal(model.body[1].slope, source.body[1].slope)
     gray = np.ascontiguousarray(photo[1:2])
-    np.testing.assert_allclose(run_fastsr(model, gray), run_ncnn(tmp_path / "gray.param", gray), rtol=0, atol=ATOL)
+    assert_ncnn_within_rule("gray", run_ncnn(tmp_path / "gray.param", gray), model, gray)
 
 
 def test_leaky_relu_as_its_own_layer(tmp_path, photo, one_thread):
@@ -278,7 +296,7 @@ def test_leaky_relu_as_its_own_layer(tmp_path, photo, one_thread):
     param = copy_model(original, tmp_path)
     param.write_text("\n".join([head, f"{layer_count + added} {blob_count + added}", *out]) + "\n")
     assert_same_weights(fastsr.load_model(param), fastsr.load_model(original))
-    np.testing.assert_allclose(run_ncnn(param, photo), run_ncnn(original, photo), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(run_ncnn(param, photo), run_ncnn(original, photo), rtol=0, atol=ATOL)  # see ATOL
 
 
 def test_rrdbnet_x8_a_third_upsampling(tmp_path, photo, one_thread):
@@ -301,7 +319,7 @@ def test_rrdbnet_x8_a_third_upsampling(tmp_path, photo, one_thread):
     model = fastsr.load_model(param)
     assert type(model) is RRDBNet and model.config["scale"] == 8 and model.config["num_blocks"] == 6
     x = np.ascontiguousarray(photo[:, :7, :5])
-    np.testing.assert_allclose(run_fastsr(model, x), run_ncnn(param, x), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(run_fastsr(model, x), run_ncnn(param, x), rtol=0, atol=ATOL)  # not the rule: see ATOL
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ crops, and a narrow VGG19 (torchvision key layout, 4-8 channels) built from rand
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -20,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tolerance import assert_within_rule
 
 import fastsr
 from fastsr import losses
@@ -89,14 +91,20 @@ def test_vgg_features_match_hand_built_stack(vgg_file):
     state = torch.load(vgg_file, weights_only=True)
     x = torch.rand(2, 3, 37, 41)
     features = losses.VGGFeatures.from_file(vgg_file, "conv2_2")
-    # conv1_1 relu conv1_2 relu pool conv2_1 relu conv2_2 relu: torchvision indices 0..8
-    y = (x - torch.tensor(losses.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(losses.IMAGENET_STD).view(1, 3, 1, 1)
-    for i in (0, 2, "pool", 5, 7):
-        if i == "pool":
-            y = F.max_pool2d(y, 2)
-        else:
-            y = F.relu(F.conv2d(y, state[f"features.{i}.weight"], state[f"features.{i}.bias"], padding=1))
-    torch.testing.assert_close(features(x), y, rtol=1e-5, atol=1e-6)
+
+    def stack(x):  # conv1_1 relu conv1_2 relu pool conv2_1 relu conv2_2 relu: torchvision indices 0..8
+        def t(v):
+            return torch.as_tensor(v, dtype=x.dtype)
+
+        y = (x - t(losses.IMAGENET_MEAN).view(1, 3, 1, 1)) / t(losses.IMAGENET_STD).view(1, 3, 1, 1)
+        for i in (0, 2, "pool", 5, 7):
+            if i == "pool":
+                y = F.max_pool2d(y, 2)
+            else:
+                y = F.relu(F.conv2d(y, t(state[f"features.{i}.weight"]), t(state[f"features.{i}.bias"]), padding=1))
+        return y
+
+    assert_within_rule("VGG features", features(x), stack(x.double()), stack(x), torch.float32)
     pre = losses.VGGFeatures.from_file(vgg_file, "conv2_2_prerelu")
     assert (pre(x) < 0).any() and len(pre.features) == len(features.features) - 1
     deep = losses.VGGFeatures.from_file(vgg_file)  # conv5_4 after ReLU = torchvision features[:36]
@@ -123,15 +131,28 @@ def test_vgg_weights_errors(tmp_path, vgg_file):
 def test_content_loss_scaling(vgg_file):
     features = losses.VGGFeatures.from_file(vgg_file, "conv3_4")
     sr, hr = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
-    expected = F.mse_loss(features(sr) / 12.75, features(hr) / 12.75)
-    torch.testing.assert_close(losses.ContentLoss(features)(sr, hr), expected)
-    torch.testing.assert_close(losses.ContentLoss(None)(sr, hr), F.mse_loss(sr, hr))
+    features64 = copy.deepcopy(features).double()
+
+    def expected(f, sr, hr):
+        return F.mse_loss(f(sr) / 12.75, f(hr) / 12.75)
+
+    assert_within_rule("VGG content loss", losses.ContentLoss(features)(sr, hr),
+                       expected(features64, sr.double(), hr.double()), expected(features, sr, hr), torch.float32)
+    assert_within_rule("pixel content loss", losses.ContentLoss(None)(sr, hr), F.mse_loss(sr.double(), hr.double()),
+                       F.mse_loss(sr, hr), torch.float32)
 
 
 def test_adversarial_loss_is_bce_with_logits():
     logits = torch.tensor([-3.0, 0.0, 2.5])
-    torch.testing.assert_close(losses.adversarial_loss(logits, True), -torch.log(torch.sigmoid(logits)).mean())
-    torch.testing.assert_close(losses.adversarial_loss(logits, False), -torch.log(1 - torch.sigmoid(logits)).mean())
+    for real, bce in ((True, lambda z: -torch.log(torch.sigmoid(z)).mean()),
+                      (False, lambda z: -torch.log(1 - torch.sigmoid(z)).mean())):
+        assert_within_rule(f"adversarial_loss real={real}", losses.adversarial_loss(logits, real), bce(logits.double()),
+                           bce(logits), torch.float32)
+
+
+def assert_ema(ema: EMA, formula, start: torch.Tensor) -> None:
+    """The averaged weight by the tolerance rule: ``formula`` of the start weight in float64 the reference."""
+    assert_within_rule("EMA weight", ema.state["weight"], formula(start.double()), formula(start), torch.float32)
 
 
 def test_ema_formula():
@@ -141,7 +162,7 @@ def test_ema_formula():
     with torch.no_grad():
         model.weight.add_(1.0)
     ema.update(model)
-    torch.testing.assert_close(ema.state["weight"], 0.9 * start + 0.1 * (start + 1.0))
+    assert_ema(ema, lambda w: 0.9 * w + 0.1 * (w + 1.0), start)
 
 
 def test_ema_decay_warms_up_with_the_step():
@@ -151,12 +172,12 @@ def test_ema_decay_warms_up_with_the_step():
     with torch.no_grad():
         model.weight.add_(1.0)
     ema.update(model, step=0)  # decay (1 + 0) / (10 + 0) = 0.1: mostly the new weights
-    torch.testing.assert_close(ema.state["weight"], 0.1 * start + 0.9 * (start + 1.0))
+    assert_ema(ema, lambda w: 0.1 * w + 0.9 * (w + 1.0), start)
     late = EMA(model, 0.999)
     with torch.no_grad():
         model.weight.add_(1.0)
     late.update(model, step=100_000)  # (1 + s) / (10 + s) > 0.999: the configured decay
-    torch.testing.assert_close(late.state["weight"], 0.999 * (start + 1.0) + 0.001 * (start + 2.0))
+    assert_ema(late, lambda w: 0.999 * (w + 1.0) + 0.001 * (w + 2.0), start)
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -354,19 +375,26 @@ def test_sync_batchnorm_equals_batchnorm_on_the_global_batch(tmp_path):
     x, grad = torch.randn(4, 3, 5, 7) * 3 + 1, torch.randn(4, 3, 5, 7)
     torch.multiprocessing.spawn(_sync_bn_worker, args=(_free_port(), x, grad, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
-    bn = torch.nn.BatchNorm2d(3)
-    with torch.no_grad():
-        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
-        bn.bias.copy_(torch.tensor([0.0, -1.0, 0.3]))
-    xr = x.clone().requires_grad_(True)
-    y = bn(xr)
-    y.backward(grad)
-    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach())
-    torch.testing.assert_close(torch.cat([r["dx"] for r in ranks]), xr.grad)
-    torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], bn.weight.grad)  # DDP then averages
+    # The reference: BatchNorm2d on the global batch in float64; the same in fp32 the baseline.
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        bn = torch.nn.BatchNorm2d(3).to(dtype)
+        with torch.no_grad():
+            bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+            bn.bias.copy_(torch.tensor([0.0, -1.0, 0.3]))
+        xr = x.to(dtype).requires_grad_(True)
+        y = bn(xr)
+        y.backward(grad.to(dtype))
+        results[dtype] = {"y": y.detach(), "dx": xr.grad, "dw": bn.weight.grad, "mean": bn.running_mean,
+                          "var": bn.running_var}
+    ref64, same = results[torch.float64], results[torch.float32]
+    ours = {"y": torch.cat([r["y"] for r in ranks]), "dx": torch.cat([r["dx"] for r in ranks]),
+            "dw": ranks[0]["dw"] + ranks[1]["dw"]}  # DDP then averages dw
+    for key, value in ours.items():
+        assert_within_rule(key, value, ref64[key], same[key], torch.float32)
     for r in ranks:
-        torch.testing.assert_close(r["mean"], bn.running_mean)
-        torch.testing.assert_close(r["var"], bn.running_var)
+        for key in ("mean", "var"):
+            assert_within_rule(f"running {key}", r[key], ref64[key], same[key], torch.float32)
 
 
 def test_ddp_two_cpu_ranks_match_single_process(photos, tmp_path, vgg_file):

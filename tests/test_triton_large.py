@@ -303,14 +303,20 @@ def test_mse_psnr_past_65535_blocks_and_2_31_pixels():
     b[0, 2, -1, -1] = a[0, 2, -1, -1] + 0.5
     d = float(b[0, 2, -1, -1]) - float(a[0, 2, -1, -1])
     mse = ops.mse(a, b, "none", backend="triton")
+    # Not the rule: the value, ~4e-11, lies far below its fp32 atol (2e-6); this relative check is stronger.
     torch.testing.assert_close(mse.double(), torch.tensor([d * d / (3 * h * w)], device=DEVICE, dtype=torch.float64),
                                rtol=1e-5, atol=0)
     psnr_y = ops.psnr(a, b, y_channel=True, backend="triton")
     expected_y = -10 * torch.log10(torch.tensor([(Y_WEIGHTS[2] * d) ** 2 / (h * w)], dtype=torch.float64))
-    torch.testing.assert_close(psnr_y.double().cpu(), expected_y, rtol=1e-5, atol=0)
+    # The same-dtype baseline: the reference's fp32 arithmetic without its full-size fp32 copies (~86 GB
+    # at peak): every other pixel's luma difference is exactly 0, so the mean is this pixel's over H * W.
+    ya, yb = (ref.protocol_view(t[..., -1:, -1:], 1.0, True, 0) for t in (a, b))
+    same = 10.0 * torch.log10(1.0 / (ref.mse(ya, yb, "none") / (h * w)))
+    assert_within_rule("psnr y_channel", psnr_y.cpu(), expected_y, same.cpu(), torch.float32)
     a.requires_grad_()
     ops.mse(a, b, "none", backend="triton").backward(torch.ones(1, device=DEVICE))
-    assert float(a.grad[0, 2, -1, -1]) == pytest.approx(-2 * d / (3 * h * w), rel=1e-2)  # a bf16 gradient
+    # Not the rule: the value, ~2e-10, lies far below its bf16 atol (8e-3); this relative check is stronger.
+    assert float(a.grad[0, 2, -1, -1]) == pytest.approx(-2 * d / (3 * h * w), rel=1e-2)
     a.grad[0, 2, -1, -1] = 0
     assert a.grad.abs().max() == 0
 

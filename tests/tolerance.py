@@ -7,10 +7,13 @@ with ``atol`` per dtype scaled by the reference's magnitude.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from fastsr.ops import functional as ops
 from fastsr.ops import reference as ref
+from fastsr.ops.dispatch import use_backend
 from fastsr.ops.tolerance import judge
 
 
@@ -19,6 +22,28 @@ def assert_within_rule(name: str, ours: torch.Tensor, ref64: torch.Tensor, same:
     assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}"
     verdict = judge(ours, ref64, same, dtype)
     assert verdict.ok, f"{name} ({dtype}): {verdict}"
+
+
+def whole_image_reference(model, x: torch.Tensor, border: str = "mirror") -> torch.Tensor:
+    """The rule's reference for tiled and whole-image runs: what ``fastsr.upscale(x, model,
+    border=border)`` computes with one tile over the whole RGB image ``x`` (N, 3, H, W), in float64
+    on the torch backend with the model as given (not optimized). That tile's window is the image
+    with the border padding the pipeline plans for it (fastsr.pipeline.halo.plan_for)."""
+    from fastsr.pipeline.engine import Upscaler
+    from fastsr.pipeline.halo import plan_for
+
+    up = Upscaler(model, device="cpu", backend="torch")
+    _, c, h, w = x.shape
+    plan = plan_for(up, height=h, width=w, channels=c, tile=max(h, w), halo=None, border=border,
+                    read=lambda y0, y1, x0, x1: x[:1, :, y0:y1, x0:x1].float().cpu())
+    assert len(plan) == 1
+    tile = plan.tile_at(0)
+    rows, cols = (torch.from_numpy(i) for i in plan.window_indices(tile))
+    window = x.double().index_select(2, rows).index_select(3, cols)
+    with torch.no_grad(), use_backend("torch"):
+        out = copy.deepcopy(up.source).eval().double()(window)
+    rows, cols = tile.output_crop(up.scale)
+    return out[:, :, rows, cols]
 
 
 def fmt(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
