@@ -146,6 +146,12 @@ def conv2d_silu(x, weight, bias, skip):
     return torch.ops.fastsr.conv2d_silu(x, weight, bias, skip)
 
 
+def batch_norm_prelu(x, weight, bias, slope, residual, eps):
+    """See :func:`fastsr.ops.functional.batch_norm_prelu`: (y, mean, var), y like x, mean and var (C,)."""
+    _ensure()
+    return torch.ops.fastsr.batch_norm_prelu(x, weight, bias, slope, residual, float(eps))
+
+
 def pixel_shuffle_prelu(x, slope, upscale_factor):
     """See :func:`fastsr.ops.functional.pixel_shuffle_prelu`. (N, C*r*r, H, W) -> (N, C, H*r, W*r)."""
     _ensure()
@@ -213,6 +219,17 @@ def _fake_shuffle_prelu_backward(grad_out, x, slope, r):
     return _empty(x, x.shape), grad_slope
 
 
+def _fake_batch_norm_prelu(x, weight, bias, slope, residual, eps):
+    stats = torch.empty((x.shape[1],), dtype=acc_dtype(x.dtype), device=x.device)
+    return _empty(x, x.shape), stats, torch.empty_like(stats)
+
+
+def _fake_batch_norm_prelu_backward(grad, x, mean, var, weight, bias, slope, eps):
+    grad_slope = torch.empty(slope.shape if slope is not None else (0,),
+                             dtype=slope.dtype if slope is not None else x.dtype, device=x.device)
+    return _empty(x, x.shape), torch.empty_like(weight), torch.empty_like(bias), grad_slope
+
+
 def _fake_mse_per_image(a, b, scale, y_channel, crop):
     return torch.empty((a.shape[0],), dtype=acc_dtype(a.dtype), device=a.device)
 
@@ -256,13 +273,44 @@ def _conv_backward(ctx, grad):
 
 def _conv_input_weight_grads(grad_pre, x, weight, bias, needs):
     """(grad_x, grad_weight, grad_bias) of the 'same' convolution for the upstream gradient of its
-    output ``grad_pre``; None where ``needs`` (same order) is False."""
+    output ``grad_pre``; None where ``needs`` (same order) is False. The parts this extension's CPU
+    kernels do faster than oneDNN are computed here; oneDNN does the rest in one call."""
     need_x, need_w, need_b = needs
-    pad = weight.shape[-1] // 2
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad_pre, x, weight, None if bias is None else [bias.shape[0]], [1, 1], [pad, pad], [1, 1], False,
-        [0, 0], 1, [need_x, need_w, need_b and bias is not None])
-    return grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None
+    own_x = need_x and _input_grad_by_winograd(x, weight)
+    own_w = need_w and _few_output_weight_grad(x, weight)
+    grad_x = _winograd_input_grad(grad_pre, weight) if own_x else None
+    grad_w = torch.ops.fastsr.conv2d_weight_grad(grad_pre, x, weight.shape[-1]) if own_w else None
+    mask = [need_x and not own_x, need_w and not own_w, need_b and bias is not None]
+    if any(mask):
+        pad = weight.shape[-1] // 2
+        gx, gw, grad_b = torch.ops.aten.convolution_backward(
+            grad_pre, x, weight, None if bias is None else [bias.shape[0]], [1, 1], [pad, pad], [1, 1], False,
+            [0, 0], 1, mask)
+        grad_x, grad_w = gx if mask[0] else grad_x, gw if mask[1] else grad_w
+    return grad_x if need_x else None, grad_w if need_w else None, grad_b if mask[2] else None
+
+
+def _fp32_cpu(*tensors) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def _few_output_weight_grad(x, weight) -> bool:
+    """conv2d_weight_grad's shapes (1-4 output channels, input channels in multiples of 16): a
+    tail conv's weight gradient, 5-10x faster there than oneDNN's (benchmarks/test_train_step.py)."""
+    return _fp32_cpu(x, weight) and weight.shape[0] <= 4 and x.shape[1] % 16 == 0
+
+
+def _input_grad_by_winograd(x, weight) -> bool:
+    """The input gradient of a 3x3 conv is a 3x3 conv of the output gradient with the weight
+    transposed and flipped: on CPU the extension's Winograd kernel serves it (channel multiples of 16)
+    from 16x16 pixels on (winograd_cpu.cpp's kMinPixels; below, its weight transform, paid per step
+    in training, costs more than it saves and oneDNN's own input gradient is as fast)."""
+    return (_fp32_cpu(x, weight) and weight.shape[-1] == 3 and weight.shape[0] % 16 == 0
+            and weight.shape[1] % 16 == 0 and x.shape[2] * x.shape[3] >= 256)
+
+
+def _winograd_input_grad(grad_pre, weight):
+    return torch.ops.fastsr.conv2d_prelu(grad_pre, weight.transpose(0, 1).flip(2, 3), None, None, None, 1)
 
 
 # conv2d_silu's autograd formula, the one the backend's conv2d_silu takes: like conv2d_prelu's with a
@@ -293,6 +341,26 @@ def _shuffle_backward(ctx, grad):
     return grad_x, grad_slope if slope is not None else None, grad if ctx.has_residual else None, None
 
 
+# batch_norm_prelu's autograd: one fused backward op (two passes: the per-channel sums, then grad_x).
+# mean and var are statistics for the running averages, not differentiable outputs.
+def _bn_setup(ctx, inputs, output):
+    x, weight, bias, slope, residual, eps = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.eps = eps
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(x, mean, var, weight, bias, slope)
+
+
+def _bn_backward(ctx, grad, _grad_mean, _grad_var):
+    x, mean, var, weight, bias, slope = ctx.saved_tensors
+    grad_x, grad_w, grad_b, grad_slope = torch.ops.fastsr.batch_norm_prelu_backward(grad, x, mean, var, weight,
+                                                                                   bias, slope, ctx.eps)
+    need = ctx.needs_input_grad
+    return (grad_x if need[0] else None, grad_w if need[1] else None, grad_b if need[2] else None,
+            grad_slope if slope is not None and need[3] else None, grad if ctx.has_residual else None, None)
+
+
 def _mse_setup(ctx, inputs, output):
     a, b, scale, y_channel, crop = inputs
     ctx.args = (scale, y_channel, crop)
@@ -308,10 +376,12 @@ def _mse_backward(ctx, grad):
 
 _FAKES = {"conv2d_prelu": _fake_conv2d_prelu, "conv2d_silu": _fake_conv2d_silu,
           "sigmoid_gate_backward": _fake_sigmoid_gate_backward, "shuffle_prelu": _fake_shuffle_prelu,
-          "shuffle_prelu_backward": _fake_shuffle_prelu_backward, "mse_per_image": _fake_mse_per_image,
+          "shuffle_prelu_backward": _fake_shuffle_prelu_backward, "batch_norm_prelu": _fake_batch_norm_prelu,
+          "batch_norm_prelu_backward": _fake_batch_norm_prelu_backward, "mse_per_image": _fake_mse_per_image,
           "mse_per_image_backward": _fake_mse_per_image_backward, "to_uint8": _fake_to_uint8}
 _AUTOGRAD = {"conv2d_prelu": (_conv_backward, _conv_setup), "conv2d_silu": (_silu_backward, _silu_setup),
              "shuffle_prelu": (_shuffle_backward, _shuffle_setup),
+             "batch_norm_prelu": (_bn_backward, _bn_setup),
              "mse_per_image": (_mse_backward, _mse_setup)}
 
 

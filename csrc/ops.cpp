@@ -23,6 +23,16 @@ TORCH_LIBRARY(fastsr, m) {
   m.def("mse_per_image(Tensor a, Tensor b, float scale, bool y_channel, int crop) -> Tensor");
   // d(mse_per_image)/da given the (N,) upstream gradient; d/db is its negation.
   m.def("mse_per_image_backward(Tensor grad, Tensor a, Tensor b, float scale, bool y_channel, int crop) -> Tensor");
+  // Training-mode BatchNorm (batch statistics over N, H, W) -> PReLU (none without a slope) -> +
+  // residual: (y, mean, var), mean and the biased var (C,) in the accumulation dtype (for the running
+  // statistics; not differentiable). weight and bias (C,) in the accumulation dtype.
+  m.def("batch_norm_prelu(Tensor x, Tensor weight, Tensor bias, Tensor? slope, Tensor? residual, float eps) -> (Tensor, Tensor, Tensor)");
+  // Backward of batch_norm_prelu's y w.r.t. x, weight, bias and slope given its saved mean and var:
+  // (grad_x, grad_weight, grad_bias, grad_slope); grad_slope has slope's shape (0 elements without).
+  m.def("batch_norm_prelu_backward(Tensor grad, Tensor x, Tensor mean, Tensor var, Tensor weight, Tensor bias, Tensor? slope, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Weight gradient of the 'same' convolution conv2d(x, weight) for the output gradient grad:
+  // (C_out, C_in, k, k) in fp32, for few output channels (a 9x9 tail conv's 3).
+  m.def("conv2d_weight_grad(Tensor grad, Tensor x, int kernel_size) -> Tensor");
   // Float (N, C, H, W) in [0, 1] -> uint8 (N, H, W, C): clamp, * 255, round half to even.
   m.def("to_uint8(Tensor x) -> Tensor");
 }

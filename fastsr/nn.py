@@ -35,6 +35,22 @@ def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
     return (weight.double() * scale.view(-1, 1, 1, 1)).to(weight.dtype), shift.to(weight.dtype)
 
 
+def fusable_batchnorm(bn: nn.BatchNorm2d) -> bool:
+    """Whether a training-mode ``bn`` runs as :func:`fastsr.functional.batch_norm_prelu`: a BatchNorm2d
+    with running statistics, and not one synchronised across ranks (a SyncBatchNorm2d under DDP
+    all-reduces its sums between the passes; it keeps its own forward)."""
+    synced = isinstance(bn, SyncBatchNorm2d) and bn.synchronising()
+    return isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and not synced
+
+
+def batchnorm_update(bn: nn.BatchNorm2d) -> dict:
+    """The running-statistics arguments of :func:`fastsr.functional.batch_norm_prelu` for a training
+    step of ``bn``, counting the step as ``BatchNorm2d.forward`` does (momentum None: the cumulative average)."""
+    bn.num_batches_tracked.add_(1)
+    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return {"running_mean": bn.running_mean, "running_var": bn.running_var, "momentum": momentum, "eps": bn.eps}
+
+
 # Rows: the LR kernel tap (offset -1, 0, +1); columns: the HR tap it gathers. For sub-pixel 0 the
 # HR taps -1, 0, +1 of HR position 2y fall on LR rows y-1, y, y; for sub-pixel 1 (2y+1) on y, y, y+1.
 _NEAREST_X2_TAPS = torch.tensor([[[1, 0, 0], [0, 1, 1], [0, 0, 0]],
@@ -107,9 +123,13 @@ class ConvPReLU(nn.Module):
             weight, bias = self.folded_weight_bias()
             bias = None if bias is None else bias.to(x.dtype)
             return ops.conv2d_prelu(x, weight.to(x.dtype), bias, slope, residual, shuffle=self.shuffle)
-        # Training BatchNorm needs the statistics of the whole conv output before normalising.
+        # Training BatchNorm needs the statistics of the whole conv output before normalising: the
+        # conv, then BatchNorm + PReLU + residual as one fused op (two passes each way).
         bias = None if self.conv.bias is None else self.conv.bias.to(x.dtype)
         y = ops.conv2d_prelu(x, self.conv.weight.to(x.dtype), bias)
+        if self.shuffle == 1 and fusable_batchnorm(self.bn):
+            return ops.batch_norm_prelu(y, self.bn.weight, self.bn.bias, slope, residual,
+                                        **batchnorm_update(self.bn))
         y = self.bn(y)
         if self.shuffle > 1:
             y = F.pixel_shuffle(y, self.shuffle)
@@ -213,10 +233,15 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     process group (or in eval mode) it is a plain BatchNorm2d; state dict keys are unchanged.
     """
 
+    @staticmethod
+    def synchronising() -> bool:
+        """Whether statistics are all-reduced: a process group of more than one rank is running."""
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: this rank's (N, C, H, W) slice of the batch, any float dtype; returns the same
         shape and dtype (the statistics and normalisation are computed in float32)."""
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and self.synchronising()):
             return super().forward(x)
         all_reduce = _AllReduceSum.apply
         self._check_input_dim(x)

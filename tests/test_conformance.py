@@ -409,3 +409,118 @@ def test_srresnet_forward_backward_matches_torch_backend(target, train):
     names = ["out", "dx"] + [f"d{n}" for n, _ in model.named_parameters()]
     for name, o, r64, s in zip(names, ours, ref64, same, strict=True):
         assert_within_rule(name, o, r64, s, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch_norm_prelu (training-mode BatchNorm -> PReLU -> + residual)
+
+# (n, C, H, W, slope, residual): the SRResNet block's two BatchNorms (64 channels at 12x12, per-channel
+# or shared slope; no activation + residual), odd channel counts and sizes, batch 1.
+BN_CASES = [(3, 17, 7, 13, "channel", True), (2, 64, 12, 12, "scalar", False), (1, 5, 31, 17, None, True),
+            (4, 3, 5, 5, "channel", False)]
+
+
+def _bn_inputs(case, device, channels_last: bool, kink_free: bool = False):
+    """fp64 (x, weight, bias, slope, residual). x has a mean far from zero (the statistics'
+    cancellation). ``kink_free``: x centred per channel with no value within 0.5 of its mean and
+    bias 0, so no normalised value lies near the PReLU's kink, where rounding decides which side
+    a value falls and the gradient jumps (gradients are compared there)."""
+    n, c, h, w, slope, residual = case
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64) * 2 + 3
+    bias = torch.randn(c, generator=gen, dtype=torch.float64) * 0.3
+    if kink_free:
+        x = x - 3
+        x = torch.where(x < 0, x - 0.5, x + 0.5)
+        x = x - x.mean(dim=(0, 2, 3), keepdim=True) + 3
+        x = torch.where((x - 3).abs() < 0.5, x + 1.0, x)  # re-centring moved a few values into the gap
+        bias = torch.zeros_like(bias)
+    weight = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    s = {"scalar": torch.tensor([0.2], dtype=torch.float64), None: None,
+         "channel": torch.rand(c, generator=gen, dtype=torch.float64) - 0.5}[slope]
+    res = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64) if residual else None
+    place = lambda t: None if t is None else (fmt(t, channels_last) if t.dim() == 4 else t).to(device)  # noqa: E731
+    return [place(t) for t in (x, weight, bias, s, res)]
+
+
+def _bn_case_params():
+    return [pytest.param(t, d, c, id=f"{t}-{str(d).removeprefix('torch.')}-" + "_".join(map(str, c)))
+            for t in TARGETS for d in t.dtypes for c in BN_CASES]
+
+
+@FORMATS
+@pytest.mark.parametrize("target,dtype,case", _bn_case_params())
+def test_batch_norm_prelu_forward(target, dtype, case, channels_last):
+    """y, mean and var within the rule; y keeps x's dtype and memory format."""
+    ins = _bn_inputs(case, target.device, channels_last)
+    x, weight, bias, slope, residual = ins
+    low = [x.to(dtype), weight.float(), bias.float(), None if slope is None else slope.to(dtype),
+           None if residual is None else residual.to(dtype)]
+    ref64 = ref.batch_norm_prelu(*ins, 1e-5)
+    same = ref.batch_norm_prelu(*low, 1e-5)
+    ours = fastsr.ops.dispatch.backend_module(target.backend).batch_norm_prelu(*low, 1e-5)
+    assert ours[0].dtype == dtype and ours[1].dtype == ours[2].dtype == torch.float32
+    assert ours[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for name, o, r64, s in zip(("y", "mean", "var"), ours, ref64, same, strict=True):
+        assert_within_rule(f"batch_norm_prelu {name}", o, r64, s, dtype)
+
+
+@FORMATS
+@pytest.mark.parametrize("target,dtype,case", _bn_case_params())
+def test_batch_norm_prelu_gradients(target, dtype, case, channels_last):
+    """Every gradient (x, weight, bias, slope, residual) within the rule, in the input's dtype."""
+    ins = _bn_inputs(case, target.device, channels_last, kink_free=True)
+    gen = torch.Generator().manual_seed(1)
+    g = fmt(torch.randn(ins[0].shape, generator=gen, dtype=torch.float64), channels_last).to(target.device)
+    low = [None if t is None else t.to(dtype) if t.dim() == 4 or t is ins[3] else t.float() for t in ins]
+    ref64 = grads(lambda *a: ops.batch_norm_prelu(*a, backend="torch"), ins, g)
+    same = grads(lambda *a: ops.batch_norm_prelu(*a, backend="torch"), low, g)
+    ours = grads(lambda *a: ops.batch_norm_prelu(*a, backend=target.backend), low, g)
+    for name, o, r64, s in zip(("x", "weight", "bias", "slope", "residual"), ours, ref64, same, strict=True):
+        if r64 is None:
+            assert o is None
+            continue
+        assert o.dtype == s.dtype, f"grad of {name} has dtype {o.dtype}"
+        assert_within_rule(f"d{name}", o, r64, s, dtype)
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+@pytest.mark.parametrize("slope,residual", [(None, True), ("scalar", False), ("channel", True)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_batch_norm_prelu_gradcheck(target, slope, residual, channels_last):
+    ins = _bn_inputs((2, 5, 4, 3, slope, residual), target.device, channels_last)
+    ins = [None if t is None else t.detach().requires_grad_() for t in ins]
+    assert torch.autograd.gradcheck(lambda *a: ops.batch_norm_prelu(*a, backend=target.backend), ins)
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_training_residual_block_matches_batchnorm2d(target, momentum):
+    """An SRResNet block in training mode on the fused path (conv, then batch_norm_prelu) against the
+    same block written with nn.BatchNorm2d and F.prelu, two steps in float64: outputs, every
+    parameter's gradient, running statistics and the step count (momentum None: cumulative average)."""
+    torch.manual_seed(0)
+    block = fastsr.nn.ResidualBlock(16).double().train().to(target.device)
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+    plain = copy.deepcopy(block)
+
+    def plain_forward(x):
+        c1, c2 = plain.conv1, plain.conv2
+        h = torch.nn.functional.prelu(c1.bn(torch.nn.functional.conv2d(x, c1.conv.weight, padding=1)), c1.slope)
+        return c2.bn(torch.nn.functional.conv2d(h, c2.conv.weight, padding=1)) + x
+
+    for step in range(2):
+        x = torch.randn(3, 16, 7, 9, dtype=torch.float64, device=target.device) + step
+        with fastsr.use_backend(target.backend):
+            y = block(x)
+        want = plain_forward(x)
+        g = torch.randn_like(want)
+        y.backward(g)
+        want.backward(g)
+        torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
+    for (name, ours), (_, theirs) in zip(block.named_parameters(), plain.named_parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=1e-11, msg=name)
+    for (name, ours), (_, theirs) in zip(block.named_buffers(), plain.named_buffers(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12, msg=name)

@@ -234,6 +234,191 @@ __global__ void to_uint8_kernel(const T* __restrict__ x, uint8_t* __restrict__ o
   }
 }
 
+// ---- batch_norm_prelu ------------------------------------------------------------------------
+// Every kernel walks a tile of channels: block (bx, by) takes channels by * tc + [0, tc) (then
+// strides by gridDim.y tiles) and, for each, the pixels p = bx * rows + ty + k * gridDim.x * rows of
+// the N * H * W; thread t is (tx, ty) = (t % tc, t / tc), rows = kThreads / tc. NCHW uses tc = 1
+// (a block reads runs of one plane), channels_last tc = the power of two >= C up to 32 (a warp
+// reads adjacent channels of 32 / tc pixels). A thread keeps one channel, so its per-channel
+// coefficients stay in registers, and the sums need no atomics: deterministic.
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kReduceBlocks = 1024;  // ~one wave on an H100/H200; rows of `partial` = this / tiles
+constexpr int64_t kApplyBlocks = 4096;
+constexpr int64_t kMinPixelsPerThread = 4;
+
+struct Tile {
+  int tc, tx, ty, rows;
+  __device__ explicit Tile(int tile_channels)
+      : tc(tile_channels), tx(threadIdx.x % tile_channels), ty(threadIdx.x / tile_channels),
+        rows(kThreads / tile_channels) {}
+};
+
+// f(offset) for each pixel of channel c that this thread takes. (n, hw) = divmod(p, HW) are kept
+// up to date by additions (no int64 division per element).
+template <typename F>
+__device__ inline void for_each_pixel(const Shape& s, int64_t c, const Tile& t, F&& f) {
+  const int64_t HW = s.H * s.W, P = s.N * HW;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * t.rows + t.ty;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * t.rows;
+  if (start >= P) return;
+  const int64_t dn = step / HW, dhw = step % HW;
+  int64_t n = start / HW, hw = start % HW;
+  for (int64_t p = start; p < P; p += step) {
+    f(s.channels_last ? p * s.C + c : (n * s.C + c) * HW + hw);
+    n += dn;
+    hw += dhw;
+    if (hw >= HW) hw -= HW, ++n;
+  }
+}
+
+// Adds acc[k] up over the threads of channel c (the tile's rows) and stores the block's sums at
+// partial[(blockIdx.x * K + k) * C + c]. Every thread of the block calls it (it synchronises).
+template <int K>
+__device__ inline void store_tile_sums(double (&acc)[K], double* smem, double* __restrict__ partial, int64_t C,
+                                       int64_t c, const Tile& t) {
+  for (int off = 16; off >= t.tc; off /= 2)  // within a warp: lanes tx, tx + tc, ... share a channel
+    for (int k = 0; k < K; ++k) acc[k] += __shfl_down_sync(0xffffffffu, acc[k], off);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane < t.tc)
+    for (int k = 0; k < K; ++k) smem[(k * kWarps + warp) * 32 + lane] = acc[k];
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < t.tc && c < C) {  // thread tx of row 0, channel c
+    for (int k = 0; k < K; ++k) {
+      double sum = 0.0;
+      for (int w = 0; w < kWarps; ++w) sum += smem[(k * kWarps + w) * 32 + t.tx];
+      partial[(static_cast<int64_t>(blockIdx.x) * K + k) * C + c] = sum;
+    }
+  }
+  __syncthreads();  // smem is reused by the next channel tile
+}
+
+// Products and sums rounded one at a time where a sum follows: nvcc would fuse a * b + c into an
+// FMA, and the CPU kernel (built without FP contraction) rounds the product first.
+__device__ inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ inline double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ inline float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ inline double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+// One channel's coefficients (launch.h's coef rows).
+template <typename A>
+struct BnChannel {
+  A mean, invstd, weight, bias, slope;
+  __device__ BnChannel(const A* __restrict__ coef, int64_t C, int64_t c, bool act)
+      : mean(coef[kBnMean * C + c]), invstd(coef[kBnInvstd * C + c]), weight(coef[kBnWeight * C + c]),
+        bias(coef[kBnBias * C + c]), slope(act ? coef[kBnSlope * C + c] : A(1)) {}
+  // v = xhat * weight + bias, xhat = (x - mean) * invstd.
+  __device__ A affine(A x, A& xhat) const {
+    xhat = mul_rn(x - mean, invstd);
+    return add_rn(mul_rn(xhat, weight), bias);
+  }
+};
+
+template <typename T>
+__global__ void bn_stats_kernel(const T* __restrict__ x, double* __restrict__ partial, Shape s, int tc) {
+  __shared__ double smem[2 * kWarps * 32];
+  const Tile t(tc);
+  for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * tc; c0 < s.C; c0 += static_cast<int64_t>(gridDim.y) * tc) {
+    const int64_t c = c0 + t.tx;
+    double acc[2] = {0.0, 0.0};
+    if (c < s.C) {
+      for_each_pixel(s, c, t, [&](int64_t o) {
+        const double v = static_cast<double>(Acc<T>::load(x[o]));
+        acc[0] += v;
+        acc[1] += v * v;
+      });
+    }
+    store_tile_sums<2>(acc, smem, partial, s.C, c, t);
+  }
+}
+
+template <typename T>
+__global__ void bn_prelu_fwd_kernel(const T* __restrict__ x, const typename Acc<T>::type* __restrict__ coef, bool act,
+                                    const T* __restrict__ res, T* __restrict__ y, Shape s, int tc) {
+  using A = typename Acc<T>::type;
+  const Tile t(tc);
+  for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * tc; c0 < s.C; c0 += static_cast<int64_t>(gridDim.y) * tc) {
+    const int64_t c = c0 + t.tx;
+    if (c >= s.C) continue;
+    const BnChannel<A> k(coef, s.C, c, act);
+    for_each_pixel(s, c, t, [&](int64_t o) {
+      A xhat;
+      A v = k.affine(Acc<T>::load(x[o]), xhat);
+      if (act && !(v > A(0))) v = mul_rn(v, k.slope);
+      if (res != nullptr) v += Acc<T>::load(res[o]);
+      y[o] = Acc<T>::store(v);
+    });
+  }
+}
+
+template <typename T>
+__global__ void bn_prelu_grad_sums_kernel(const T* __restrict__ g, const T* __restrict__ x,
+                                          const typename Acc<T>::type* __restrict__ coef, bool act,
+                                          double* __restrict__ partial, Shape s, int tc) {
+  using A = typename Acc<T>::type;
+  __shared__ double smem[3 * kWarps * 32];
+  const Tile t(tc);
+  for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * tc; c0 < s.C; c0 += static_cast<int64_t>(gridDim.y) * tc) {
+    const int64_t c = c0 + t.tx;
+    double acc[3] = {0.0, 0.0, 0.0};
+    if (c < s.C) {
+      const BnChannel<A> k(coef, s.C, c, act);
+      for_each_pixel(s, c, t, [&](int64_t o) {
+        const A gv = Acc<T>::load(g[o]);
+        A xhat;
+        const A v = k.affine(Acc<T>::load(x[o]), xhat);
+        const bool neg = act && !(v > A(0));
+        const A gp = neg ? mul_rn(gv, k.slope) : gv;
+        acc[0] += static_cast<double>(gp);
+        acc[1] += static_cast<double>(gp * xhat);
+        if (neg) acc[2] += static_cast<double>(gv * v);
+      });
+    }
+    store_tile_sums<3>(acc, smem, partial, s.C, c, t);
+  }
+}
+
+template <typename T>
+__global__ void bn_prelu_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x,
+                                    const typename Acc<T>::type* __restrict__ coef, bool act, T* __restrict__ grad_x,
+                                    Shape s, int tc) {
+  using A = typename Acc<T>::type;
+  const Tile t(tc);
+  for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * tc; c0 < s.C; c0 += static_cast<int64_t>(gridDim.y) * tc) {
+    const int64_t c = c0 + t.tx;
+    if (c >= s.C) continue;
+    const BnChannel<A> k(coef, s.C, c, act);
+    const A gain = coef[kBnGain * s.C + c], mg = coef[kBnMeanGrad * s.C + c], mgx = coef[kBnMeanGradXhat * s.C + c];
+    for_each_pixel(s, c, t, [&](int64_t o) {
+      const A gv = Acc<T>::load(g[o]);
+      A xhat;
+      const A v = k.affine(Acc<T>::load(x[o]), xhat);
+      const A gp = act && !(v > A(0)) ? mul_rn(gv, k.slope) : gv;
+      grad_x[o] = Acc<T>::store(gain * (gp - mg - mul_rn(xhat, mgx)));
+    });
+  }
+}
+
+// The grid of the channel-tile kernels: ~target_blocks blocks, at least kMinPixelsPerThread pixels
+// per thread where there are that many.
+struct TileGrid {
+  int tc;
+  dim3 grid;
+};
+
+TileGrid tile_grid(const Shape& s, int64_t target_blocks) {
+  int tc = 1;
+  if (s.channels_last)
+    while (tc < 32 && tc < s.C) tc *= 2;
+  const int64_t rows = kThreads / tc, pixels = s.N * s.H * s.W;
+  const int64_t tiles = (s.C + tc - 1) / tc;
+  const int64_t by = tiles < 1 ? 1 : (tiles > 65535 ? 65535 : tiles);
+  int64_t bx = target_blocks / by;
+  const int64_t useful = (pixels + rows * kMinPixelsPerThread - 1) / (rows * kMinPixelsPerThread);
+  bx = bx < useful ? bx : useful;
+  bx = bx < 1 ? 1 : (bx > kMaxBlocks ? kMaxBlocks : bx);
+  return {tc, dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by))};
+}
+
 // Runs f with the element type named by dtype.
 template <typename F>
 cudaError_t dispatch(DType dtype, F&& f) {
@@ -320,6 +505,54 @@ cudaError_t to_uint8(DType dtype, const void* x, uint8_t* out, Shape s, cudaStre
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     to_uint8_kernel<T><<<blocks_for(s.N * s.C * s.H * s.W), kThreads, 0, stream>>>(static_cast<const T*>(x), out, s);
+  });
+}
+
+int64_t batch_norm_partial_blocks(Shape s) { return tile_grid(s, kReduceBlocks).grid.x; }
+
+cudaError_t batch_norm_stats(DType dtype, const void* x, double* partial, Shape s, cudaStream_t stream) {
+  if (s.C <= 0) return cudaSuccess;
+  const TileGrid g = tile_grid(s, kReduceBlocks);
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    bn_stats_kernel<T><<<g.grid, kThreads, 0, stream>>>(static_cast<const T*>(x), partial, s, g.tc);
+  });
+}
+
+cudaError_t batch_norm_prelu_forward(DType dtype, const void* x, const void* coef, bool act, const void* res, void* y,
+                                     Shape s, cudaStream_t stream) {
+  if (s.C <= 0) return cudaSuccess;
+  const TileGrid g = tile_grid(s, kApplyBlocks);
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    bn_prelu_fwd_kernel<T><<<g.grid, kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<const A*>(coef), act,
+                                                            static_cast<const T*>(res), static_cast<T*>(y), s, g.tc);
+  });
+}
+
+cudaError_t batch_norm_prelu_grad_sums(DType dtype, const void* grad, const void* x, const void* coef, bool act,
+                                       double* partial, Shape s, cudaStream_t stream) {
+  if (s.C <= 0) return cudaSuccess;
+  const TileGrid g = tile_grid(s, kReduceBlocks);
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    bn_prelu_grad_sums_kernel<T><<<g.grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<const A*>(coef), act, partial, s, g.tc);
+  });
+}
+
+cudaError_t batch_norm_prelu_backward(DType dtype, const void* grad, const void* x, const void* coef, bool act,
+                                      void* grad_x, Shape s, cudaStream_t stream) {
+  if (s.C <= 0) return cudaSuccess;
+  const TileGrid g = tile_grid(s, kApplyBlocks);
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    bn_prelu_bwd_kernel<T><<<g.grid, kThreads, 0, stream>>>(static_cast<const T*>(grad), static_cast<const T*>(x),
+                                                            static_cast<const A*>(coef), act,
+                                                            static_cast<T*>(grad_x), s, g.tc);
   });
 }
 

@@ -49,6 +49,36 @@ cudaError_t squared_error_sums(DType dtype, const void* a, const void* b, double
 cudaError_t squared_error_backward(DType dtype, const void* coef, const void* a, const void* b, void* grad_a, Shape s,
                                    int64_t crop, bool y_channel, cudaStream_t stream);
 
+// batch_norm_prelu (training-mode BatchNorm -> PReLU -> + residual) in two passes each way, as the
+// CPU kernels (csrc/cpu/batch_norm_prelu_cpu.cpp). The per-channel sums come back as per-block
+// partial sums, `partial` = (batch_norm_partial_blocks(s), K, C) fp64, element (b, k, c) at
+// (b * K + k) * C + c, every element written (no zeroing needed); the glue adds them up over b.
+// Per-channel coefficients come in `coef`: kBnCoefRows x C acc values, row r at coef + r * C.
+constexpr int kBnMean = 0, kBnInvstd = 1, kBnWeight = 2, kBnBias = 3, kBnSlope = 4;  // both directions
+constexpr int kBnGain = 5, kBnMeanGrad = 6, kBnMeanGradXhat = 7;                       // backward pass 2
+constexpr int kBnCoefRows = 8;
+
+// Rows b of `partial` that batch_norm_stats and batch_norm_prelu_grad_sums write for shape s.
+int64_t batch_norm_partial_blocks(Shape s);
+
+// partial (K = 2): per-block sums of x and x^2 per channel, in fp64.
+cudaError_t batch_norm_stats(DType dtype, const void* x, double* partial, Shape s, cudaStream_t stream);
+
+// y = prelu(xhat * weight + bias, slope) + res, xhat = (x - mean) * invstd, rounded step by step (no
+// FMA) as on CPU. coef rows kBnMean..kBnBias, and kBnSlope when act (else no activation); res may be null.
+cudaError_t batch_norm_prelu_forward(DType dtype, const void* x, const void* coef, bool act, const void* res, void* y,
+                                     Shape s, cudaStream_t stream);
+
+// Backward pass 1, partial (K = 3): per-block sums of g', g' * xhat and g * v where !(v > 0) (0 when
+// !act) per channel; g' = g, or g * slope where !(v > 0) when act. coef rows kBnMean..kBnSlope.
+cudaError_t batch_norm_prelu_grad_sums(DType dtype, const void* grad, const void* x, const void* coef, bool act,
+                                       double* partial, Shape s, cudaStream_t stream);
+
+// Backward pass 2: grad_x = gain * (g' - mean_grad - xhat * mean_grad_xhat), all coef rows
+// (gain = weight * invstd, the means = pass 1's first two sums / (N * H * W)).
+cudaError_t batch_norm_prelu_backward(DType dtype, const void* grad, const void* x, const void* coef, bool act,
+                                      void* grad_x, Shape s, cudaStream_t stream);
+
 // out (N, H, W, C) uint8 = round_half_even(clamp(x, 0, 1) * 255), NaN -> 0.
 cudaError_t to_uint8(DType dtype, const void* x, uint8_t* out, Shape s, cudaStream_t stream);
 

@@ -120,6 +120,99 @@ std::tuple<at::Tensor, at::Tensor> shuffle_prelu_backward_cuda(const at::Tensor&
   return {grad_x, grad_slope.reshape(slope->sizes()).to(slope->scalar_type())};
 }
 
+void check_bn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  check_4d(x, "x");
+  const int64_t C = x.size(1);
+  TORCH_CHECK(weight.numel() == C && bias.numel() == C, "fastsr: weight and bias must have ", C,
+              " elements, got ", weight.numel(), " and ", bias.numel());
+  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1, "fastsr: batch_norm_prelu needs more than one value per "
+              "channel in training, got input of shape ", x.sizes());
+}
+
+// batch_norm_prelu's per-channel coefficients in fp64, cuda::kBnCoefRows x C (rows as launch.h names
+// them; the backward's pass-2 rows left 0). invstd = 1 / sqrt(var + eps) in fp64, as on CPU.
+at::Tensor bn_coefficients(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                           const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& slope,
+                           double eps) {
+  const int64_t C = x.size(1);
+  at::Tensor coef = at::zeros({cuda::kBnCoefRows, C}, x.options().dtype(at::kDouble));
+  coef[cuda::kBnMean].copy_(mean.to(at::kDouble).reshape({C}));
+  coef[cuda::kBnInvstd].copy_(at::reciprocal(at::sqrt(var.to(at::kDouble).reshape({C}) + eps)));
+  coef[cuda::kBnWeight].copy_(weight.reshape({C}));
+  coef[cuda::kBnBias].copy_(bias.reshape({C}));
+  if (slope) coef[cuda::kBnSlope].copy_(per_channel_slope(*slope, C, at::kDouble));
+  return coef;
+}
+
+// The (K, C) fp64 per-channel sums of a kernel's per-block partial sums (launch.h).
+at::Tensor channel_sums(const at::Tensor& partial) { return partial.sum(0); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& slope,
+    const std::optional<at::Tensor>& residual, double eps) {
+  check_bn(x, weight, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = output_format(x);
+  const at::Tensor xc = x.contiguous(fmt);
+  at::Tensor res;
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == x.sizes(), "fastsr: residual must have shape ", x.sizes());
+    res = residual->to(x.scalar_type()).contiguous(fmt);
+  }
+  const cuda::Shape s = shape_of(xc, fmt);
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  at::Tensor partial = at::empty({cuda::batch_norm_partial_blocks(s), 2, s.C}, x.options().dtype(at::kDouble));
+  check(cuda::batch_norm_stats(dtype_of(xc), xc.const_data_ptr(), partial.mutable_data_ptr<double>(), s, stream),
+        "batch_norm_stats");
+  const at::Tensor sums = channel_sums(partial);
+  const double n = static_cast<double>(s.N * s.H * s.W);
+  const at::Tensor mean = sums[0] / n, var = (sums[1] / n - mean * mean).clamp_min(0.0);
+  const auto acc = acc_type(x.scalar_type());
+  const at::Tensor coef = bn_coefficients(xc, mean, var, weight, bias, slope, eps).to(acc);
+  at::Tensor y = at::empty_like(xc, fmt);
+  check(cuda::batch_norm_prelu_forward(dtype_of(xc), xc.const_data_ptr(), coef.const_data_ptr(), slope.has_value(),
+                                       ptr_or_null(res), y.mutable_data_ptr(), s, stream),
+        "batch_norm_prelu_forward");
+  return {y, mean.to(acc), var.to(acc)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+    const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& slope, double eps) {
+  check_bn(x, weight, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = output_format(x);
+  const at::Tensor xc = x.contiguous(fmt), g = grad.to(x.scalar_type()).contiguous(fmt);
+  TORCH_CHECK(g.sizes() == x.sizes(), "fastsr: grad has shape ", g.sizes(), ", x ", x.sizes());
+  const cuda::Shape s = shape_of(xc, fmt);
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const bool act = slope.has_value();
+  at::Tensor coef = bn_coefficients(xc, mean, var, weight, bias, slope, eps);
+  const at::Tensor coef_acc = coef.to(acc_type(x.scalar_type())).contiguous();
+  at::Tensor partial = at::empty({cuda::batch_norm_partial_blocks(s), 3, s.C}, x.options().dtype(at::kDouble));
+  check(cuda::batch_norm_prelu_grad_sums(dtype_of(xc), g.const_data_ptr(), xc.const_data_ptr(),
+                                         coef_acc.const_data_ptr(), act, partial.mutable_data_ptr<double>(), s, stream),
+        "batch_norm_prelu_grad_sums");
+  const at::Tensor sums = channel_sums(partial);
+  const double n = static_cast<double>(s.N * s.H * s.W);
+  // gain from the invstd the kernels use (rounded to the acc dtype), as on CPU.
+  coef[cuda::kBnGain].copy_(coef[cuda::kBnWeight] * coef_acc[cuda::kBnInvstd].to(at::kDouble));
+  coef[cuda::kBnMeanGrad].copy_(sums[0] / n);
+  coef[cuda::kBnMeanGradXhat].copy_(sums[1] / n);
+  const at::Tensor coef_all = coef.to(acc_type(x.scalar_type())).contiguous();
+  at::Tensor grad_x = at::empty_like(xc, fmt);
+  check(cuda::batch_norm_prelu_backward(dtype_of(xc), g.const_data_ptr(), xc.const_data_ptr(),
+                                        coef_all.const_data_ptr(), act, grad_x.mutable_data_ptr(), s, stream),
+        "batch_norm_prelu_backward");
+  at::Tensor grad_slope = at::empty({0}, x.options());
+  if (slope) {
+    const at::Tensor per_channel = sums[2];
+    grad_slope = (slope->numel() == 1 ? per_channel.sum() : per_channel).reshape(slope->sizes());
+    grad_slope = grad_slope.to(slope->scalar_type());
+  }
+  return {grad_x, sums[1].to(weight.scalar_type()), sums[0].to(bias.scalar_type()), grad_slope};
+}
+
 void check_pair(const at::Tensor& a, const at::Tensor& b, bool y_channel, int64_t crop) {
   check_4d(a, "a");
   TORCH_CHECK(a.sizes() == b.sizes(), "fastsr: image batches differ in shape: ", a.sizes(), " vs ", b.sizes());
@@ -186,6 +279,8 @@ TORCH_LIBRARY_IMPL(fastsr, CUDA, m) {
   m.impl("sigmoid_gate_backward", &sigmoid_gate_backward_cuda);
   m.impl("shuffle_prelu", &shuffle_prelu_cuda);
   m.impl("shuffle_prelu_backward", &shuffle_prelu_backward_cuda);
+  m.impl("batch_norm_prelu", &batch_norm_prelu_cuda);
+  m.impl("batch_norm_prelu_backward", &batch_norm_prelu_backward_cuda);
   m.impl("mse_per_image", &mse_per_image_cuda);
   m.impl("mse_per_image_backward", &mse_per_image_backward_cuda);
   m.impl("to_uint8", &to_uint8_cuda);

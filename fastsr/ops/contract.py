@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-OPS = ("conv2d_prelu", "conv2d_silu", "pixel_shuffle_prelu", "mse", "psnr", "to_uint8")
+OPS = ("conv2d_prelu", "conv2d_silu", "batch_norm_prelu", "pixel_shuffle_prelu", "mse", "psnr", "to_uint8")
 
 
 @runtime_checkable
@@ -31,6 +31,14 @@ class Backend(Protocol):
                     skip: torch.Tensor | None) -> torch.Tensor:
         """y = conv2d(x, weight, bias, 'same'); silu(y) when skip is None, else SPAN's parameter-free
         attention (y + skip) * (sigmoid(y) - 0.5): (N, C_in, H, W) -> (N, C_out, H, W)."""
+
+    def batch_norm_prelu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, slope: torch.Tensor | None,
+                         residual: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training-mode BatchNorm -> PReLU -> + residual: (y, mean, var). y = prelu((x - mean) / sqrt(var + eps)
+        * weight + bias, slope) + residual, (N, C, H, W) like x; mean and the biased var (C,) of x over
+        (N, H, W) in the accumulation dtype, for the running statistics (no gradient flows through them).
+        weight and bias (C,) in the accumulation dtype; slope None = no activation. Differentiable in
+        x, weight, bias, slope and residual."""
 
     def pixel_shuffle_prelu(self, x: torch.Tensor, slope: torch.Tensor, upscale_factor: int) -> torch.Tensor:
         """prelu(pixel_shuffle(x, r), slope): (N, C r^2, H, W) -> (N, C, H r, W r)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layout import acc_dtype
 from .dispatch import resolve
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -145,6 +146,54 @@ def conv2d_silu(
     if skip is not None and tuple(skip.shape) != out_shape:
         raise ValueError(f"skip must have the output's shape {out_shape}, got {tuple(skip.shape)}")
     return resolve(backend, x, "conv2d_silu").conv2d_silu(x, weight, bias, skip)
+
+
+def batch_norm_prelu(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    slope: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    *,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Training-mode ``BatchNorm2d`` -> PReLU -> ``+ residual`` in two passes each way (statistics, then
+    one elementwise pass; the backward likewise): ``prelu(batch_norm(x, training=True), slope) + residual``.
+
+    ``x`` (N, C, H, W), normalised with its own batch statistics over (N, H, W); ``weight`` and
+    ``bias`` (C,) (None: 1 and 0, an ``affine=False`` BatchNorm); ``slope`` 1 or C elements (None:
+    no activation); ``residual`` like ``x``. ``running_mean`` / ``running_var`` (C,), when given,
+    are updated in place as ``F.batch_norm(training=True)`` does (unbiased variance, ``momentum``).
+    Output: ``x``'s shape, dtype and memory format. Statistics and normalisation in fp32 (fp64 for fp64).
+    """
+    _check_image_batch("x", x)
+    _check_devices(x, weight=weight, bias=bias, slope=slope, residual=residual)
+    channels, count = x.shape[1], x.numel() // x.shape[1]
+    if count < 2:
+        raise ValueError(f"batch_norm_prelu needs more than one value per channel, got shape {tuple(x.shape)}")
+    acc = acc_dtype(x.dtype)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.shape != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
+    weight = torch.ones(channels, dtype=acc, device=x.device) if weight is None else weight.to(acc)
+    bias = torch.zeros(channels, dtype=acc, device=x.device) if bias is None else bias.to(acc)
+    if slope is not None:
+        _check_slope(slope, channels)
+        slope = slope.to(x.dtype)
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    _check_dtypes(x, residual=residual)
+    y, mean, var = resolve(backend, x, "batch_norm_prelu").batch_norm_prelu(x, weight, bias, slope, residual, float(eps))
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        if running_var is not None:
+            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+    return y
 
 
 def pixel_shuffle_prelu(

@@ -36,6 +36,17 @@ def conv2d_silu(x, weight, bias, skip):
     return (y + skip) * (torch.sigmoid(y) - 0.5)
 
 
+def batch_norm_prelu(x, weight, bias, slope, residual, eps):
+    y = F.batch_norm(x, None, None, weight.to(x.dtype), bias.to(x.dtype), training=True, eps=eps)
+    if slope is not None:
+        y = F.prelu(y, slope.to(x.dtype))
+    if residual is not None:
+        y = y + residual
+    with torch.no_grad():
+        var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=(0, 2, 3), correction=0)
+    return y, mean, var
+
+
 def pixel_shuffle_prelu(x, slope, upscale_factor):
     return F.prelu(F.pixel_shuffle(x, upscale_factor), slope.to(x.dtype))
 

@@ -37,6 +37,10 @@ SILU_PROBES = [
     (1, 3, 16, 9, 8, 3, True),
 ]
 
+# (n, C, H, W, slope, residual): an SRResNet block's two BatchNorms (PReLU; residual, no activation)
+# on an image whose mean is far from zero (the statistics' cancellation), odd sizes.
+BATCH_NORM_PROBES = [(2, 16, 9, 7, "channel", False), (1, 16, 5, 11, None, True)]
+
 _lock = threading.Lock()
 
 
@@ -70,6 +74,16 @@ def _silu_args(case, device, channels_last: bool, gen: torch.Generator) -> list:
     return [x, wt, b, s]
 
 
+def _batch_norm_args(case, device, channels_last: bool, gen: torch.Generator) -> list:
+    n, c, h, w, slope, residual = case
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64) * 2 + 3
+    weight = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    bias = torch.randn(c, generator=gen, dtype=torch.float64) * 0.1
+    s = torch.rand(c, generator=gen, dtype=torch.float64) - 0.5 if slope else None
+    res = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64) if residual else None
+    return [_place(t, device, channels_last) for t in (x, weight, bias, s, res)] + [1e-5]
+
+
 def _place(t, device, channels_last: bool):
     if not isinstance(t, torch.Tensor):
         return t
@@ -91,6 +105,8 @@ def probes(op: str, device, channels_last: bool) -> list[list]:
         return [_conv_args(c, device, channels_last, gen) for c in CONV_PROBES]
     if op == "conv2d_silu":
         return [_silu_args(c, device, channels_last, gen) for c in SILU_PROBES]
+    if op == "batch_norm_prelu":
+        return [_batch_norm_args(case, device, channels_last, gen) for case in BATCH_NORM_PROBES]
     if op == "pixel_shuffle_prelu":
         x = torch.randn(2, 16, 5, 7, generator=gen, dtype=torch.float64)
         return [[_place(x, device, channels_last), (torch.rand(4, generator=gen, dtype=torch.float64) - 0.5).to(device),
@@ -124,6 +140,8 @@ def run_probe(op: str, backend: ModuleType, device, dtype: torch.dtype, channels
             if op == "to_uint8":
                 bad = int((ours.int() - want(*_cast(args, dtype)).int()).abs().gt(0).sum())
                 verdicts.append(Verdict(bad, ours.numel(), float(bad > 0), 0.0, float(bad)))
+            elif isinstance(ours, tuple):  # batch_norm_prelu: (y, mean, var), each within the rule
+                verdicts.extend(map(judge, ours, want(*args), want(*_cast(args, dtype)), [dtype] * len(ours)))
             else:
                 verdicts.append(judge(ours, want(*args), want(*_cast(args, dtype)), dtype))
     failing = [v for v in verdicts if not v.ok]

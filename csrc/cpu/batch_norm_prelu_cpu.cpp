@@ -1,0 +1,296 @@
+// CPU kernels of batch_norm_prelu: training-mode BatchNorm (batch statistics) -> PReLU -> + residual,
+// and its backward, in two passes each way instead of the five to seven of BatchNorm2d + PReLU + add.
+//   forward:  per-channel sums of x and x^2 (fp64 across elements) -> mean, var; then one pass
+//             y = prelu(xhat * weight + bias) + residual, xhat = (x - mean) * invstd (torch's order of
+//             operations, so the activation's kink falls where torch's does).
+//   backward: one pass for the per-channel sums of g' and g' * xhat (g' = the gradient through the
+//             PReLU) and the slope's gradient; then one pass for
+//             grad_x = weight * invstd * (g' - mean(g') - xhat * mean(g' * xhat)).
+// NCHW or channels_last (common.h's output_format), fp32 / fp64 / fp16 / bf16 (fp32 arithmetic).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../common.h"
+
+namespace fastsr {
+namespace {
+
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+// P pixels of C channels, dense in one memory format: channels_last stores element (p, c) at
+// p * C + c; NCHW stores it at (n * C + c) * HW + hw.
+struct Layout {
+  int64_t N, C, HW;
+  bool cl;
+  int64_t count() const { return N * HW; }  // elements per channel
+};
+
+// fn(kCL, thread, c0, offset, len) over runs of consecutive elements, spread over threads:
+// channels_last, one pixel (element k of the run is channel k); NCHW, one plane (channel c0).
+template <typename F>
+void for_each_run(const Layout& L, const F& fn) {
+  if (L.cl) {
+    at::parallel_for(0, L.count(), grain_for(L.C), [&](int64_t begin, int64_t end) {
+      const int thread = at::get_thread_num();
+      for (int64_t p = begin; p < end; ++p) fn(std::true_type{}, thread, 0, p * L.C, L.C);
+    });
+  } else {
+    at::parallel_for(0, L.N * L.C, grain_for(L.HW), [&](int64_t begin, int64_t end) {
+      const int thread = at::get_thread_num();
+      for (int64_t i = begin; i < end; ++i) fn(std::false_type{}, thread, i % L.C, i * L.HW, L.HW);
+    });
+  }
+}
+
+// K per-channel sums in fp64, one block of C per thread, added up at the end: out[k * C + c].
+template <int K>
+struct ChannelSums {
+  explicit ChannelSums(int64_t C) : C(C), partial(static_cast<size_t>(at::get_num_threads()) * K * C, 0.0) {}
+  double* of(int thread, int k) { return partial.data() + (static_cast<int64_t>(thread) * K + k) * C; }
+  std::vector<double> total() const {
+    std::vector<double> out(K * C, 0.0);
+    for (size_t i = 0; i < partial.size(); ++i) out[i % (K * C)] += partial[i];
+    return out;
+  }
+  int64_t C;
+  std::vector<double> partial;
+};
+
+// Per-channel coefficients in the arithmetic dtype A.
+template <typename A>
+struct Coefs {
+  std::vector<A> mean, invstd, weight, bias, slope;  // slope empty without an activation
+};
+
+template <typename A>
+Coefs<A> coefficients(const std::vector<double>& mean, const std::vector<double>& var, const at::Tensor& weight,
+                      const at::Tensor& bias, const std::optional<at::Tensor>& slope, double eps) {
+  const int64_t C = static_cast<int64_t>(mean.size());
+  const at::Tensor w = weight.to(at::kDouble).contiguous(), b = bias.to(at::kDouble).contiguous();
+  const double* wp = w.const_data_ptr<double>();
+  const double* bp = b.const_data_ptr<double>();
+  Coefs<A> k;
+  for (int64_t c = 0; c < C; ++c) {
+    k.mean.push_back(static_cast<A>(mean[c]));
+    k.invstd.push_back(static_cast<A>(1.0 / std::sqrt(var[c] + eps)));
+    k.weight.push_back(static_cast<A>(wp[c]));
+    k.bias.push_back(static_cast<A>(bp[c]));
+  }
+  if (slope) {
+    const at::Tensor s = per_channel_slope(*slope, C, at::kDouble);
+    for (int64_t c = 0; c < C; ++c) k.slope.push_back(static_cast<A>(s.const_data_ptr<double>()[c]));
+  }
+  return k;
+}
+
+template <typename T>
+void statistics(const T* x, const Layout& L, std::vector<double>& mean, std::vector<double>& var) {
+  ChannelSums<2> sums(L.C);
+  for_each_run(L, [&](auto cl, int thread, int64_t c0, int64_t off, int64_t len) {
+    double* __restrict__ s = sums.of(thread, 0) + c0;
+    double* __restrict__ q = sums.of(thread, 1) + c0;
+    const T* __restrict__ xr = x + off;
+    if constexpr (decltype(cl)::value) {
+      for (int64_t k = 0; k < len; ++k) {
+        const double v = static_cast<double>(xr[k]);
+        s[k] += v;
+        q[k] += v * v;
+      }
+    } else {
+      double a = 0.0, b = 0.0;
+      for (int64_t k = 0; k < len; ++k) {
+        const double v = static_cast<double>(xr[k]);
+        a += v;
+        b += v * v;
+      }
+      s[0] += a;
+      q[0] += b;
+    }
+  });
+  const std::vector<double> total = sums.total();
+  const double n = static_cast<double>(L.count());
+  mean.resize(L.C);
+  var.resize(L.C);
+  for (int64_t c = 0; c < L.C; ++c) {
+    mean[c] = total[c] / n;
+    var[c] = std::max(0.0, total[L.C + c] / n - mean[c] * mean[c]);
+  }
+}
+
+template <typename T>
+void normalise(const T* x, const T* res, T* y, const Layout& L, const Coefs<acc_t<T>>& k) {
+  using A = acc_t<T>;
+  const bool act = !k.slope.empty();
+  for_each_run(L, [&](auto cl, int, int64_t c0, int64_t off, int64_t len) {
+    constexpr bool kCL = decltype(cl)::value;
+    const A* __restrict__ mean = k.mean.data() + c0;
+    const A* __restrict__ invstd = k.invstd.data() + c0;
+    const A* __restrict__ weight = k.weight.data() + c0;
+    const A* __restrict__ bias = k.bias.data() + c0;
+    const A* __restrict__ slope = act ? k.slope.data() + c0 : nullptr;
+    const T* __restrict__ xr = x + off;
+    T* __restrict__ yr = y + off;
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t c = kCL ? j : 0;
+      A v = (static_cast<A>(xr[j]) - mean[c]) * invstd[c] * weight[c] + bias[c];
+      if (act) v = v > A(0) ? v : v * slope[c];
+      if (res) v += static_cast<A>(res[off + j]);
+      yr[j] = static_cast<T>(v);
+    }
+  });
+}
+
+// Pass 1 of the backward: sums of g', g' * xhat and (with a slope) g * v where v < 0.
+template <typename T>
+std::vector<double> gradient_sums(const T* g, const T* x, const Layout& L, const Coefs<acc_t<T>>& k) {
+  using A = acc_t<T>;
+  const bool act = !k.slope.empty();
+  ChannelSums<3> sums(L.C);
+  for_each_run(L, [&](auto cl, int thread, int64_t c0, int64_t off, int64_t len) {
+    constexpr bool kCL = decltype(cl)::value;
+    double* __restrict__ sg = sums.of(thread, 0) + c0;
+    double* __restrict__ sgx = sums.of(thread, 1) + c0;
+    double* __restrict__ ss = sums.of(thread, 2) + c0;
+    const T* __restrict__ gr = g + off;
+    const T* __restrict__ xr = x + off;
+    double a = 0.0, b = 0.0, d = 0.0;  // NCHW: one channel per run
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t c = kCL ? j : 0;
+      const A xv = static_cast<A>(xr[j]), gv = static_cast<A>(gr[j]);
+      const A xhat = (xv - k.mean[c0 + c]) * k.invstd[c0 + c];
+      const A v = xhat * k.weight[c0 + c] + k.bias[c0 + c];
+      const bool neg = act && !(v > A(0));
+      const A gp = neg ? gv * k.slope[c0 + c] : gv;
+      const double slope_part = neg ? static_cast<double>(gv * v) : 0.0;
+      if (kCL) {
+        sg[j] += gp;
+        sgx[j] += static_cast<double>(gp * xhat);
+        ss[j] += slope_part;
+      } else {
+        a += gp;
+        b += static_cast<double>(gp * xhat);
+        d += slope_part;
+      }
+    }
+    if (!kCL) sg[0] += a, sgx[0] += b, ss[0] += d;
+  });
+  return sums.total();
+}
+
+// Pass 2: grad_x = weight * invstd * (g' - mean(g') - xhat * mean(g' * xhat)).
+template <typename T>
+void input_gradient(const T* g, const T* x, T* gx, const Layout& L, const Coefs<acc_t<T>>& k,
+                    const std::vector<double>& sums, const at::Tensor& weight) {
+  using A = acc_t<T>;
+  const bool act = !k.slope.empty();
+  const double n = static_cast<double>(L.count());
+  const at::Tensor w = weight.to(at::kDouble).contiguous();
+  std::vector<A> gain(L.C), mg(L.C), mgx(L.C);
+  for (int64_t c = 0; c < L.C; ++c) {
+    gain[c] = static_cast<A>(w.const_data_ptr<double>()[c] * static_cast<double>(k.invstd[c]));
+    mg[c] = static_cast<A>(sums[c] / n);
+    mgx[c] = static_cast<A>(sums[L.C + c] / n);
+  }
+  for_each_run(L, [&](auto cl, int, int64_t c0, int64_t off, int64_t len) {
+    constexpr bool kCL = decltype(cl)::value;
+    const T* __restrict__ gr = g + off;
+    const T* __restrict__ xr = x + off;
+    T* __restrict__ out = gx + off;
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t c = c0 + (kCL ? j : 0);
+      const A xv = static_cast<A>(xr[j]), gv = static_cast<A>(gr[j]);
+      const A xhat = (xv - k.mean[c]) * k.invstd[c];
+      const A v = xhat * k.weight[c] + k.bias[c];
+      const A gp = act && !(v > A(0)) ? gv * k.slope[c] : gv;
+      out[j] = static_cast<T>(gain[c] * (gp - mg[c] - xhat * mgx[c]));
+    }
+  });
+}
+
+Layout layout_of(const at::Tensor& x, at::MemoryFormat fmt) {
+  return Layout{x.size(0), x.size(1), x.size(2) * x.size(3), is_channels_last(fmt)};
+}
+
+void check_params(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  check_4d(x, "x");
+  const int64_t C = x.size(1);
+  TORCH_CHECK(weight.numel() == C && bias.numel() == C, "fastsr: weight and bias must have ", C,
+              " elements, got ", weight.numel(), " and ", bias.numel());
+  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1, "fastsr: batch_norm_prelu needs more than one value per "
+              "channel in training, got input of shape ", x.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& slope,
+    const std::optional<at::Tensor>& residual, double eps) {
+  check_params(x, weight, bias);
+  const auto fmt = output_format(x);
+  const at::Tensor xc = x.contiguous(fmt);
+  at::Tensor res;
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == x.sizes(), "fastsr: residual must have shape ", x.sizes());
+    res = residual->to(x.scalar_type()).contiguous(fmt);
+  }
+  at::Tensor y = at::empty_like(xc, fmt);
+  const Layout L = layout_of(x, fmt);
+  std::vector<double> mean, var;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastsr_batch_norm_prelu", [&] {
+    statistics(xc.const_data_ptr<scalar_t>(), L, mean, var);
+    const auto k = coefficients<acc_t<scalar_t>>(mean, var, weight, bias, slope, eps);
+    normalise(xc.const_data_ptr<scalar_t>(), res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
+              y.mutable_data_ptr<scalar_t>(), L, k);
+  });
+  const auto acc = x.options().dtype(acc_type(x.scalar_type()));
+  const auto as_tensor = [&](const std::vector<double>& v) {
+    return at::tensor(at::ArrayRef<double>(v), x.options().dtype(at::kDouble)).to(acc);
+  };
+  return {y, as_tensor(mean), as_tensor(var)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+    const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& slope, double eps) {
+  check_params(x, weight, bias);
+  const auto fmt = output_format(x);
+  const at::Tensor xc = x.contiguous(fmt), g = grad.to(x.scalar_type()).contiguous(fmt);
+  TORCH_CHECK(g.sizes() == x.sizes(), "fastsr: grad has shape ", g.sizes(), ", x ", x.sizes());
+  const at::Tensor m64 = mean.to(at::kDouble).contiguous(), v64 = var.to(at::kDouble).contiguous();
+  const std::vector<double> mv(m64.const_data_ptr<double>(), m64.const_data_ptr<double>() + x.size(1));
+  const std::vector<double> vv(v64.const_data_ptr<double>(), v64.const_data_ptr<double>() + x.size(1));
+  const Layout L = layout_of(x, fmt);
+  at::Tensor grad_x = at::empty_like(xc, fmt);
+  std::vector<double> sums;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastsr_batch_norm_prelu_backward", [&] {
+    const auto k = coefficients<acc_t<scalar_t>>(mv, vv, weight, bias, slope, eps);
+    sums = gradient_sums(g.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), L, k);
+    input_gradient(g.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+                   L, k, sums, weight);
+  });
+  const int64_t C = L.C;
+  const auto f64 = x.options().dtype(at::kDouble);
+  const at::Tensor all = at::tensor(at::ArrayRef<double>(sums), f64).view({3, C});
+  at::Tensor grad_slope = at::empty({0}, x.options());
+  if (slope) {
+    const at::Tensor per_channel = all[2];
+    grad_slope = (slope->numel() == 1 ? per_channel.sum() : per_channel).reshape(slope->sizes()).to(slope->scalar_type());
+  }
+  return {grad_x, all[1].to(weight.scalar_type()), all[0].to(bias.scalar_type()), grad_slope};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastsr, CPU, m) {
+  m.impl("batch_norm_prelu", &batch_norm_prelu_cpu);
+  m.impl("batch_norm_prelu_backward", &batch_norm_prelu_backward_cpu);
+}
+
+}  // namespace fastsr

@@ -1,0 +1,117 @@
+// Weight gradient of a 'same' convolution with few output channels (SRResNet's 9x9 tail, 64 -> 3):
+//   dW[o, c, i, j] = sum over (n, h, w) of g[n, o, h, w] * x[n, c, h + i - p, w + j - p].
+// oneDNN computes it at about 20 GFLOP/s on that shape (three output channels fill no vector lanes,
+// as in the forward), most of a training step's backward. Here the input channels fill the lanes:
+// the (tap, channel chunk) pairs are spread over threads, and for each tap every pixel adds
+// g[pixel, o] * x[shifted pixel, chunk] to CO x NRV vector accumulators held in registers, flushed
+// to fp64 after each image row (so a long sum keeps fp32's error per row only). fp32, channels_last.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../common.h"
+#include "vec_util.h"
+
+namespace fastsr {
+namespace {
+
+using V = at::vec::Vectorized<float>;
+constexpr int64_t kVS = V::size();
+// Accumulators CO x NRV + NRV loaded vectors + a broadcast within the vector registers: 4 x 4 + 5 of
+// AVX-512's 32, 4 x 2 + 3 of AVX2's 16.
+constexpr int kNRV = kVS >= 16 ? 4 : 2;
+constexpr int64_t kMaxOut = 4;
+
+struct Shape {
+  int64_t N, H, W, Cin, Cout, k;
+};
+
+// One tap (i, j), channels [c0, c0 + NRV * kVS): dw[o][c] (fp64, o < CO) summed over the batch.
+template <int CO, int NRV>
+void tap_chunk(const float* g, const float* x, const Shape& s, int64_t i, int64_t j, int64_t c0, double* dw) {
+  const int64_t p = s.k / 2, h0 = std::max<int64_t>(0, p - i), h1 = std::min(s.H, s.H + p - i);
+  const int64_t w0 = std::max<int64_t>(0, p - j), w1 = std::min(s.W, s.W + p - j);
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t h = h0; h < h1; ++h) {
+      V acc[CO][NRV];
+      for (int o = 0; o < CO; ++o)
+        for (int v = 0; v < NRV; ++v) acc[o][v] = V(0.f);
+      const float* grow = g + ((n * s.H + h) * s.W) * s.Cout;
+      const float* xrow = x + ((n * s.H + h + i - p) * s.W + (j - p)) * s.Cin + c0;
+      for (int64_t w = w0; w < w1; ++w) {
+        V xv[NRV];
+        for (int v = 0; v < NRV; ++v) xv[v] = cpu::in_register(V::loadu(xrow + w * s.Cin + v * kVS));
+        for (int o = 0; o < CO; ++o) {
+          const V gb(grow[w * s.Cout + o]);
+          for (int v = 0; v < NRV; ++v) acc[o][v] = at::vec::fmadd(gb, xv[v], acc[o][v]);
+        }
+      }
+      float row[NRV * kVS];
+      for (int o = 0; o < CO; ++o) {
+        for (int v = 0; v < NRV; ++v) acc[o][v].store(row + v * kVS);
+        for (int64_t c = 0; c < NRV * kVS; ++c) dw[o * NRV * kVS + c] += row[c];
+      }
+    }
+}
+
+template <int CO, int NRV>
+void weight_grad(const float* g, const float* x, const Shape& s, float* out) {
+  const int64_t chunk = NRV * kVS, chunks = s.Cin / chunk, taps = s.k * s.k;
+  at::parallel_for(0, taps * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> dw(CO * chunk);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t tap = t / chunks, c0 = (t % chunks) * chunk, i = tap / s.k, j = tap % s.k;
+      std::fill(dw.begin(), dw.end(), 0.0);
+      tap_chunk<CO, NRV>(g, x, s, i, j, c0, dw.data());
+      for (int o = 0; o < CO; ++o)
+        for (int64_t c = 0; c < chunk; ++c)
+          out[((o * s.Cin + c0 + c) * s.k + i) * s.k + j] = static_cast<float>(dw[o * chunk + c]);
+    }
+  });
+}
+
+// The widest chunk of input channels (kNRV, 2 or 1 vectors) that divides C_in.
+template <int CO>
+void weight_grad_chunked(const float* g, const float* x, const Shape& s, float* out) {
+  if (s.Cin % (kNRV * kVS) == 0) return weight_grad<CO, kNRV>(g, x, s, out);
+  if (s.Cin % (2 * kVS) == 0) return weight_grad<CO, 2>(g, x, s, out);
+  weight_grad<CO, 1>(g, x, s, out);
+}
+
+at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size) {
+  check_4d(x, "x");
+  check_4d(grad, "grad");
+  const int64_t Cin = x.size(1), Cout = grad.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat,
+              "fastsr: conv2d_weight_grad takes fp32 tensors");
+  TORCH_CHECK(kernel_size % 2 == 1 && kernel_size > 0, "fastsr: kernel_size must be odd, got ", kernel_size);
+  TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(2) == x.size(2) && grad.size(3) == x.size(3),
+              "fastsr: grad ", grad.sizes(), " does not match x ", x.sizes());
+  TORCH_CHECK(Cout >= 1 && Cout <= kMaxOut && Cin % kVS == 0, "fastsr: conv2d_weight_grad serves 1 to ",
+              kMaxOut, " output channels and input channels in multiples of ", kVS, ", got ", Cout, " and ", Cin);
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor xc = x.contiguous(cl), gc = grad.contiguous(cl);
+  at::Tensor out = at::empty({Cout, Cin, kernel_size, kernel_size}, x.options());
+  const Shape s{x.size(0), x.size(2), x.size(3), Cin, Cout, kernel_size};
+  const float* gp = gc.const_data_ptr<float>();
+  const float* xp = xc.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  switch (Cout) {
+    case 1: weight_grad_chunked<1>(gp, xp, s, op); break;
+    case 2: weight_grad_chunked<2>(gp, xp, s, op); break;
+    case 3: weight_grad_chunked<3>(gp, xp, s, op); break;
+    default: weight_grad_chunked<4>(gp, xp, s, op); break;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastsr, CPU, m) { m.impl("conv2d_weight_grad", &conv2d_weight_grad_cpu); }
+
+}  // namespace fastsr
