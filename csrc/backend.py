@@ -230,6 +230,10 @@ def _fake_batch_norm_prelu_backward(grad, x, mean, var, weight, bias, slope, eps
     return _empty(x, x.shape), torch.empty_like(weight), torch.empty_like(bias), grad_slope
 
 
+def _fake_conv2d_weight_grad(grad, x, kernel_size):
+    return torch.empty((grad.shape[1], x.shape[1], kernel_size, kernel_size), dtype=x.dtype, device=x.device)
+
+
 def _fake_mse_per_image(a, b, scale, y_channel, crop):
     return torch.empty((a.shape[0],), dtype=acc_dtype(a.dtype), device=a.device)
 
@@ -377,7 +381,8 @@ def _mse_backward(ctx, grad):
 _FAKES = {"conv2d_prelu": _fake_conv2d_prelu, "conv2d_silu": _fake_conv2d_silu,
           "sigmoid_gate_backward": _fake_sigmoid_gate_backward, "shuffle_prelu": _fake_shuffle_prelu,
           "shuffle_prelu_backward": _fake_shuffle_prelu_backward, "batch_norm_prelu": _fake_batch_norm_prelu,
-          "batch_norm_prelu_backward": _fake_batch_norm_prelu_backward, "mse_per_image": _fake_mse_per_image,
+          "batch_norm_prelu_backward": _fake_batch_norm_prelu_backward,
+          "conv2d_weight_grad": _fake_conv2d_weight_grad, "mse_per_image": _fake_mse_per_image,
           "mse_per_image_backward": _fake_mse_per_image_backward, "to_uint8": _fake_to_uint8}
 _AUTOGRAD = {"conv2d_prelu": (_conv_backward, _conv_setup), "conv2d_silu": (_silu_backward, _silu_setup),
              "shuffle_prelu": (_shuffle_backward, _shuffle_setup),

@@ -82,6 +82,48 @@ def test_opcheck_shuffle_prelu_and_backward():
         _opcheck(torch.ops.fastsr.shuffle_prelu_backward.default, (torch.randn(2, 3, 10, 14), x.detach(), None, 2))
 
 
+def test_opcheck_batch_norm_prelu_and_backward():
+    for channels_last in (False, True):
+        x, res, grad = (fmt(torch.randn(2, 5, 4, 7) + 1, channels_last) for _ in range(3))
+        weight, bias, slope = torch.rand(5) + 0.5, torch.randn(5), torch.rand(5) - 0.5
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, slope, res)]
+        _opcheck(torch.ops.fastsr.batch_norm_prelu.default, (*leaves, 1e-5))
+        _opcheck(torch.ops.fastsr.batch_norm_prelu.default, (x, weight, bias, slope[:1], None, 1e-3))
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), correction=0)
+        _opcheck(torch.ops.fastsr.batch_norm_prelu_backward.default, (grad, x, mean, var, weight, bias, slope, 1e-5))
+        _opcheck(torch.ops.fastsr.batch_norm_prelu_backward.default, (grad, x, mean, var, weight, bias, None, 1e-5))
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 31, 17, 3, 9), (3, 32, 7, 13, 1, 3), (1, 16, 5, 6, 4, 5), (2, 48, 9, 8, 2, 9)],
+                         ids=lambda s: "n{}_ci{}_{}x{}_co{}_k{}".format(*s))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_conv2d_weight_grad_within_rule(shape, channels_last):
+    """The few-output weight gradient (the tail conv's, which training computes here instead of with
+    oneDNN) against the float64 convolution_backward, by the rule against fp32 oneDNN's error."""
+    n, c_in, h, w, c_out, k = shape
+    gen = torch.Generator().manual_seed(0)
+    x = fmt(torch.randn(n, c_in, h, w, generator=gen, dtype=torch.float64), channels_last)
+    g = fmt(torch.randn(n, c_out, h, w, generator=gen, dtype=torch.float64), channels_last)
+    weight = torch.empty(c_out, c_in, k, k, dtype=torch.float64)
+
+    def weight_grad(g, x):
+        return torch.ops.aten.convolution_backward(g, x, weight.to(x.dtype), None, [1, 1], [k // 2] * 2, [1, 1], False,
+                                                   [0, 0], 1, [False, True, False])[1]
+
+    ours = torch.ops.fastsr.conv2d_weight_grad(g.float(), x.float(), k)
+    assert ours.shape == weight.shape and ours.dtype == torch.float32
+    assert_within_rule("conv2d_weight_grad", ours, weight_grad(g, x), weight_grad(g.float(), x.float()), torch.float32)
+    _opcheck(torch.ops.fastsr.conv2d_weight_grad.default, (g.float(), x.float(), k))
+
+
+def test_conv2d_weight_grad_refuses_what_it_does_not_serve():
+    x, g = torch.randn(1, 16, 5, 5), torch.randn(1, 8, 5, 5)
+    with pytest.raises(RuntimeError, match="1 to 4 output channels"):
+        torch.ops.fastsr.conv2d_weight_grad(g, x, 3)
+    with pytest.raises(RuntimeError, match="fp32"):
+        torch.ops.fastsr.conv2d_weight_grad(g[:, :3].double(), x.double(), 3)
+
+
 def test_opcheck_mse_and_to_uint8():
     for channels_last in (False, True):
         a, b = (t.float() for t in image_pair("cpu", (2, 3, 9, 11), channels_last))
