@@ -190,3 +190,28 @@ def test_srresnet_x4_inference(benchmark, srresnet, size, impl, input_format):
     with fastsr.backend.global_backend("torch" if impl == "compile" else None):
         _time(benchmark, fn, (x,), rounds=3,
               info={"impl": impl, "input": f"{size}x{size}", "input_format": input_format})
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("block_part", ["bn_prelu", "bn_residual"])
+def test_batch_norm_prelu_train(benchmark, block_part, impl):
+    """Training BatchNorm -> PReLU (a residual block's first half) or -> + residual (its second),
+    forward and backward, on the paper's training size: 16 crops of 24x24 LR, 64 channels."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 64, 24, 24, generator=g).to(DEVICE).contiguous(memory_format=CL).requires_grad_()
+    weight, bias = (torch.rand(64, generator=g) + 0.5).to(DEVICE), torch.randn(64, generator=g).to(DEVICE)
+    slope = torch.full((1,), 0.25, device=DEVICE) if block_part == "bn_prelu" else None
+    residual = torch.randn(x.shape, generator=g).to(DEVICE).contiguous(memory_format=CL) if slope is None else None
+    grad = torch.randn(x.shape, generator=g).to(DEVICE).contiguous(memory_format=CL)
+    fn = _impl(impl, lambda *a: ops.batch_norm_prelu(*a, backend="cpp"),
+               lambda *a: ops.batch_norm_prelu(*a, backend="torch"))
+
+    def step():
+        fn(x, weight, bias, slope, residual).backward(grad)
+        _sync()
+
+    step()  # warm-up (and compilation) outside the timed rounds
+    benchmark.group = f"batch_norm_prelu-train-{block_part}-16x64x24x24"
+    benchmark.pedantic(step, rounds=20, warmup_rounds=2)
+    benchmark.extra_info.update({"device": DEVICE, "impl": impl,
+                                 "gb_per_s": 6 * x.numel() * 4 / 1e9 / benchmark.stats.stats.mean})

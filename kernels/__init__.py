@@ -1,7 +1,7 @@
 """The ``triton`` backend of :mod:`fastsr.ops.functional` (ships as ``fastsr.kernels``).
 
-Each op has its own module (``conv_prelu``, ``conv_silu``, ``shuffle_prelu``, ``mse_psnr``,
-``uint8``) holding its ``@triton.jit`` kernels, host launchers and autograd. The two conv ops share
+Each op has its own module (``conv_prelu``, ``conv_silu``, ``bn_prelu``, ``shuffle_prelu``,
+``mse_psnr``, ``uint8``) holding its ``@triton.jit`` kernels, host launchers and autograd. The two conv ops share
 the generic conv + epilogue kernels of ``conv`` and keep only their epilogue's own parts, with one
 entry point each: a ``torch.library.triton_op`` with ``register_autograd``, which serves eager
 calls and ``torch.compile`` (traced as one op) alike. This module implements the backend contract
@@ -69,6 +69,22 @@ def conv2d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, skip))
     return conv2d_silu_op(x, weight, bias, skip, needs_grad)[0]
+
+
+def batch_norm_prelu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    slope: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode BatchNorm -> PReLU -> + residual; see :func:`fastsr.ops.functional.batch_norm_prelu`.
+    (y like x in its dtype and memory format, mean, biased var (C,) in the accumulation dtype);
+    y is differentiable in x, weight, bias, slope and residual, mean and var are not."""
+    from .bn_prelu import batch_norm_prelu_op
+
+    return batch_norm_prelu_op(x, weight, bias, slope, residual, float(eps))
 
 
 def pixel_shuffle_prelu(x: torch.Tensor, slope: torch.Tensor, upscale_factor: int) -> torch.Tensor:
