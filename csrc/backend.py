@@ -284,14 +284,16 @@ def _conv_input_weight_grads(grad_pre, x, weight, bias, needs):
     own_w = need_w and _few_output_weight_grad(x, weight)
     grad_x = _winograd_input_grad(grad_pre, weight) if own_x else None
     grad_w = torch.ops.fastsr.conv2d_weight_grad(grad_pre, x, weight.shape[-1]) if own_w else None
-    mask = [need_x and not own_x, need_w and not own_w, need_b and bias is not None]
+    # Asked for the bias gradient, oneDNN computes the weight gradient too (15 ms of a tail's 17).
+    grad_b = grad_pre.sum(dim=(0, 2, 3)) if own_w and need_b and bias is not None else None
+    mask = [need_x and not own_x, need_w and not own_w, need_b and bias is not None and grad_b is None]
     if any(mask):
         pad = weight.shape[-1] // 2
-        gx, gw, grad_b = torch.ops.aten.convolution_backward(
+        gx, gw, gb = torch.ops.aten.convolution_backward(
             grad_pre, x, weight, None if bias is None else [bias.shape[0]], [1, 1], [pad, pad], [1, 1], False,
             [0, 0], 1, mask)
-        grad_x, grad_w = gx if mask[0] else grad_x, gw if mask[1] else grad_w
-    return grad_x if need_x else None, grad_w if need_w else None, grad_b if mask[2] else None
+        grad_x, grad_w, grad_b = gx if mask[0] else grad_x, gw if mask[1] else grad_w, gb if mask[2] else grad_b
+    return grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None
 
 
 def _fp32_cpu(*tensors) -> bool:
