@@ -94,7 +94,8 @@ def test_opcheck_batch_norm_prelu_and_backward():
         _opcheck(torch.ops.fastsr.batch_norm_prelu_backward.default, (grad, x, mean, var, weight, bias, None, 1e-5))
 
 
-@pytest.mark.parametrize("shape", [(4, 64, 31, 17, 3, 9), (3, 32, 7, 13, 1, 3), (1, 16, 5, 6, 4, 5), (2, 48, 9, 8, 2, 9)],
+@pytest.mark.parametrize("shape",
+                         [(4, 64, 31, 17, 3, 9), (3, 32, 7, 13, 1, 3), (1, 16, 5, 6, 4, 5), (2, 48, 9, 8, 2, 9)],
                          ids=lambda s: "n{}_ci{}_{}x{}_co{}_k{}".format(*s))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_conv2d_weight_grad_within_rule(shape, channels_last):

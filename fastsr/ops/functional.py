@@ -187,7 +187,8 @@ def batch_norm_prelu(
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     _check_dtypes(x, residual=residual)
-    y, mean, var = resolve(backend, x, "batch_norm_prelu").batch_norm_prelu(x, weight, bias, slope, residual, float(eps))
+    impl = resolve(backend, x, "batch_norm_prelu")
+    y, mean, var = impl.batch_norm_prelu(x, weight, bias, slope, residual, float(eps))
     with torch.no_grad():
         if running_mean is not None:
             running_mean.lerp_(mean.to(running_mean.dtype), momentum)
