@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .nn import ConvPReLU
 from .ops import functional
 
 # VGG19 ("E"): convolutions per block; every block ends with a 2x2 max-pool.
@@ -69,6 +70,21 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _vgg_conv(state: dict[str, torch.Tensor], i: int, c_in: int, relu: bool) -> ConvPReLU:
+    """VGG19's conv ``features.{i}`` (3x3, bias) with its ReLU when ``relu``, weights from ``state``."""
+    weight, bias = state.get(f"features.{i}.weight"), state.get(f"features.{i}.bias")
+    if weight is None or bias is None:
+        raise VGGWeightsError(f"features.{i}.weight/bias missing: not torchvision's VGG19 layout")
+    if weight.dim() != 4 or weight.shape[1] != c_in or weight.shape[2:] != (3, 3) or bias.shape != (weight.shape[0],):
+        raise VGGWeightsError(f"features.{i}.weight has shape {tuple(weight.shape)}, expected "
+                              f"(C, {c_in}, 3, 3): not torchvision's VGG19 layout")
+    layer = ConvPReLU(c_in, weight.shape[0], 3, activation="relu" if relu else None)
+    with torch.no_grad():
+        layer.conv.weight.copy_(weight)
+        layer.conv.bias.copy_(bias)
+    return layer
+
+
 class VGGFeatures(nn.Module):
     """VGG19 up to one layer: (N, 3, H, W) RGB in [0, 1] -> feature map, frozen, eval mode.
 
@@ -92,22 +108,12 @@ class VGGFeatures(nn.Module):
         c_in = 3
         for i in range(last + 1):
             if i in conv_positions:
-                weight, bias = state.get(f"features.{i}.weight"), state.get(f"features.{i}.bias")
-                if weight is None or bias is None:
-                    raise VGGWeightsError(f"features.{i}.weight/bias missing: not torchvision's VGG19 layout")
-                if weight.dim() != 4 or weight.shape[1] != c_in or weight.shape[2:] != (3, 3) \
-                        or bias.shape != (weight.shape[0],):
-                    raise VGGWeightsError(f"features.{i}.weight has shape {tuple(weight.shape)}, expected "
-                                          f"(C, {c_in}, 3, 3): not torchvision's VGG19 layout")
-                conv = nn.Conv2d(c_in, weight.shape[0], 3, padding=1)
-                with torch.no_grad():
-                    conv.weight.copy_(weight)
-                    conv.bias.copy_(bias)
-                layers.append(conv)
-                c_in = weight.shape[0]
-            elif i - 1 in conv_positions:
-                layers.append(nn.ReLU(inplace=False))
-            else:
+                # Conv + its ReLU as one fused op (fastsr's conv2d_prelu with slope 0); the ReLU's own
+                # index is then skipped. A "_prerelu" layer ends on a conv without activation.
+                relu = i + 1 <= last
+                layers.append(_vgg_conv(state, i, c_in, relu))
+                c_in = layers[-1].conv.out_channels
+            elif i - 1 not in conv_positions:
                 layers.append(nn.MaxPool2d(2, 2))
         self.layer = layer
         self.features = nn.Sequential(*layers)

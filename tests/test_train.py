@@ -105,10 +105,13 @@ def test_vgg_features_match_hand_built_stack(vgg_file):
         return y
 
     assert_within_rule("VGG features", features(x), stack(x.double()), stack(x), torch.float32)
+    with fastsr.use_backend("cpp"):  # fused conv + ReLU (Winograd from 64 pixels on)
+        assert_within_rule("VGG features on cpp", features(x), stack(x.double()), stack(x), torch.float32)
     pre = losses.VGGFeatures.from_file(vgg_file, "conv2_2_prerelu")
-    assert (pre(x) < 0).any() and len(pre.features) == len(features.features) - 1
+    assert (pre(x) < 0).any() and len(pre.features) == len(features.features)
+    assert pre.features[-1].activation is None and features.features[-1].activation == "relu"  # conv + ReLU fused
     deep = losses.VGGFeatures.from_file(vgg_file)  # conv5_4 after ReLU = torchvision features[:36]
-    assert len(deep.features) == 36 and deep(x).shape == (2, 8, 37 // 16, 41 // 16)
+    assert len(deep.features) == 16 + 4 and deep(x).shape == (2, 8, 37 // 16, 41 // 16)  # 16 convs, 4 pools
     assert not any(p.requires_grad for p in deep.parameters())
 
 

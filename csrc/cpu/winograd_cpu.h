@@ -21,7 +21,7 @@
 namespace fastsr::cpu {
 
 // Whether winograd_conv2d serves this call: fp32, 3x3 kernel, C_in and C_out / shuffle^2
-// multiples of 16, and (in the default "auto" mode) an image large enough for it to pay.
+// multiples of 16, and (in the default "auto" mode) a batch of at least 64 pixels.
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t shuffle);
 
 // prelu(pixel_shuffle(conv2d(x, weight, bias, 'same'), shuffle), slope) + residual (act kPReLU),
