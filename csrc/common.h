@@ -53,6 +53,17 @@ inline void check_4d(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 4, "fastsr: ", name, " must be a 4-D (N, C, H, W) tensor, got ", t.dim(), " dims");
 }
 
+// batch_norm_prelu's inputs (CPU and CUDA): C-element weight and bias, and more than one value per
+// channel (a training BatchNorm's variance needs two).
+inline void check_batch_norm_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  check_4d(x, "x");
+  const int64_t C = x.size(1);
+  TORCH_CHECK(weight.numel() == C && bias.numel() == C, "fastsr: weight and bias must have ", C,
+              " elements, got ", weight.numel(), " and ", bias.numel());
+  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1, "fastsr: batch_norm_prelu needs more than one value per "
+              "channel in training, got input of shape ", x.sizes());
+}
+
 // 'same' convolution, stride 1, as every fastsr op uses it (odd square kernels).
 inline at::Tensor conv_same(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,

@@ -93,6 +93,19 @@ Coefs<A> coefficients(const std::vector<double>& mean, const std::vector<double>
   return k;
 }
 
+// One element's way through the layer: xhat = (x - mean) * invstd, v = xhat * weight + bias, and
+// g' = the gradient g through prelu(v) (the slope is loaded whatever the sign: a select, not a branch).
+template <typename A>
+struct Through {
+  A xhat, v, gp;
+};
+
+template <typename A>
+inline Through<A> through(A x, A g, A mean, A invstd, A weight, A bias, A slope) {
+  const A xhat = (x - mean) * invstd, v = xhat * weight + bias;
+  return {xhat, v, v > A(0) ? g : g * slope};
+}
+
 template <typename T>
 void statistics(const T* x, const Layout& L, std::vector<double>& mean, std::vector<double>& var) {
   ChannelSums<2> sums(L.C);
@@ -133,6 +146,13 @@ using Vf = at::vec::Vectorized<float>;
 
 inline Vf normalised(const float* x, const Coefs<float>& k, int64_t c) {
   return (Vf::loadu(x + c) - Vf::loadu(k.mean.data() + c)) * Vf::loadu(k.invstd.data() + c);
+}
+
+// through() for the vector of channels [c, c + Vf::size()) of one pixel.
+inline Through<Vf> through(const float* x, const float* g, const Coefs<float>& k, int64_t c) {
+  const Vf gv = Vf::loadu(g + c), xhat = normalised(x, k, c);
+  const Vf v = xhat * Vf::loadu(k.weight.data() + c) + Vf::loadu(k.bias.data() + c);
+  return {xhat, v, Vf::blendv(gv * Vf::loadu(k.slope.data() + c), gv, v > Vf(0.f))};
 }
 
 void normalise_pixel(const float* x, const float* res, float* y, const Coefs<float>& k, int64_t C) {
@@ -183,20 +203,15 @@ constexpr int64_t kFlushEvery = 64;
 // with a mispredicted branch per element at the activation's kink (10x slower than this).
 void gradient_sums_pixel(const float* g, const float* x, const Coefs<float>& k, float* sg, float* sgx, float* ss,
                          int64_t C) {
-  using V = at::vec::Vectorized<float>;
   int64_t c = 0;
-  for (; c + V::size() <= C; c += V::size()) {
-    const V gv = V::loadu(g + c), xhat = (V::loadu(x + c) - V::loadu(k.mean.data() + c)) * V::loadu(k.invstd.data() + c);
-    const V v = xhat * V::loadu(k.weight.data() + c) + V::loadu(k.bias.data() + c);
-    const V pos = v > V(0.f);
-    const V gp = V::blendv(gv * V::loadu(k.slope.data() + c), gv, pos);
-    (V::loadu(sg + c) + gp).store(sg + c);
-    (V::loadu(sgx + c) + gp * xhat).store(sgx + c);
-    (V::loadu(ss + c) + V::blendv(gv * v, V(0.f), pos)).store(ss + c);
+  for (; c + Vf::size() <= C; c += Vf::size()) {
+    const auto [xhat, v, gp] = through(x, g, k, c);
+    (Vf::loadu(sg + c) + gp).store(sg + c);
+    (Vf::loadu(sgx + c) + gp * xhat).store(sgx + c);
+    (Vf::loadu(ss + c) + Vf::blendv(Vf::loadu(g + c) * v, Vf(0.f), v > Vf(0.f))).store(ss + c);
   }
   for (; c < C; ++c) {
-    const float xhat = (x[c] - k.mean[c]) * k.invstd[c], v = xhat * k.weight[c] + k.bias[c];
-    const float gp = v > 0.f ? g[c] : g[c] * k.slope[c];
+    const auto [xhat, v, gp] = through(x[c], g[c], k.mean[c], k.invstd[c], k.weight[c], k.bias[c], k.slope[c]);
     sg[c] += gp;
     sgx[c] += gp * xhat;
     ss[c] += v > 0.f ? 0.f : g[c] * v;
@@ -232,11 +247,8 @@ std::vector<double> gradient_sums(const T* g, const T* x, const Layout& L, const
     }
     for (int64_t j = 0; j < len; ++j) {
       const int64_t c = kCL ? j : 0;
-      const A xv = static_cast<A>(xr[j]), gv = static_cast<A>(gr[j]);
-      const A xhat = (xv - mean[c]) * invstd[c];
-      const A v = xhat * weight[c] + bias[c];
-      const A slope_c = slope[c];
-      const A gp = v > A(0) ? gv : gv * slope_c;
+      const A gv = static_cast<A>(gr[j]);
+      const auto [xhat, v, gp] = through(static_cast<A>(xr[j]), gv, mean[c], invstd[c], weight[c], bias[c], slope[c]);
       sg[c] += gp;
       sgx[c] += gp * xhat;
       ss[c] += v > A(0) ? A(0) : gv * v;
@@ -252,14 +264,11 @@ void input_gradient_pixel(const float* g, const float* x, float* out, const Coef
                           const float* mg, const float* mgx, int64_t C) {
   int64_t c = 0;
   for (; c + Vf::size() <= C; c += Vf::size()) {
-    const Vf gv = Vf::loadu(g + c), xhat = normalised(x, k, c);
-    const Vf v = xhat * Vf::loadu(k.weight.data() + c) + Vf::loadu(k.bias.data() + c);
-    const Vf gp = Vf::blendv(gv * Vf::loadu(k.slope.data() + c), gv, v > Vf(0.f));
+    const auto [xhat, v, gp] = through(x, g, k, c);
     (Vf::loadu(gain + c) * (gp - Vf::loadu(mg + c) - xhat * Vf::loadu(mgx + c))).store(out + c);
   }
   for (; c < C; ++c) {
-    const float xhat = (x[c] - k.mean[c]) * k.invstd[c], v = xhat * k.weight[c] + k.bias[c];
-    const float gp = v > 0.f ? g[c] : g[c] * k.slope[c];
+    const auto [xhat, v, gp] = through(x[c], g[c], k.mean[c], k.invstd[c], k.weight[c], k.bias[c], k.slope[c]);
     out[c] = gain[c] * (gp - mg[c] - xhat * mgx[c]);
   }
 }
@@ -289,11 +298,8 @@ void input_gradient(const T* g, const T* x, T* gx, const Layout& L, const Coefs<
     if constexpr (kCL && std::is_same_v<T, float>) return input_gradient_pixel(gr, xr, out, k, gn, mgc, mgxc, len);
     for (int64_t j = 0; j < len; ++j) {
       const int64_t c = kCL ? j : 0;
-      const A xv = static_cast<A>(xr[j]), gv = static_cast<A>(gr[j]);
-      const A xhat = (xv - mean[c]) * invstd[c];
-      const A v = xhat * weight[c] + bias[c];
-      const A slope_c = slope[c];
-      const A gp = v > A(0) ? gv : gv * slope_c;
+      const auto [xhat, v, gp] = through(static_cast<A>(xr[j]), static_cast<A>(gr[j]), mean[c], invstd[c], weight[c],
+                                         bias[c], slope[c]);
       out[j] = static_cast<T>(gn[c] * (gp - mgc[c] - xhat * mgxc[c]));
     }
   });
@@ -307,19 +313,10 @@ Layout layout_of(const at::Tensor& x, at::MemoryFormat fmt) {
   return Layout{x.size(0), x.size(1), x.size(2) * x.size(3), is_channels_last(fmt)};
 }
 
-void check_params(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  check_4d(x, "x");
-  const int64_t C = x.size(1);
-  TORCH_CHECK(weight.numel() == C && bias.numel() == C, "fastsr: weight and bias must have ", C,
-              " elements, got ", weight.numel(), " and ", bias.numel());
-  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1, "fastsr: batch_norm_prelu needs more than one value per "
-              "channel in training, got input of shape ", x.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& slope,
     const std::optional<at::Tensor>& residual, double eps) {
-  check_params(x, weight, bias);
+  check_batch_norm_inputs(x, weight, bias);
   if (is_reduced(x)) {  // fp16 / bf16: the vectorised fp32 kernels (the same arithmetic), then one rounding
     auto [y, mean, var] = batch_norm_prelu_cpu(x.to(at::kFloat), weight, bias, slope, residual, eps);
     return {y.to(x.scalar_type()), mean, var};
@@ -350,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
     const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& slope, double eps) {
-  check_params(x, weight, bias);
+  check_batch_norm_inputs(x, weight, bias);
   if (is_reduced(x)) {
     auto [gx, gw, gb, gs] = batch_norm_prelu_backward_cpu(grad.to(at::kFloat), x.to(at::kFloat), mean, var, weight,
                                                           bias, slope, eps);

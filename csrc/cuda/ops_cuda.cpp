@@ -120,15 +120,6 @@ std::tuple<at::Tensor, at::Tensor> shuffle_prelu_backward_cuda(const at::Tensor&
   return {grad_x, grad_slope.reshape(slope->sizes()).to(slope->scalar_type())};
 }
 
-void check_bn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  check_4d(x, "x");
-  const int64_t C = x.size(1);
-  TORCH_CHECK(weight.numel() == C && bias.numel() == C, "fastsr: weight and bias must have ", C,
-              " elements, got ", weight.numel(), " and ", bias.numel());
-  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1, "fastsr: batch_norm_prelu needs more than one value per "
-              "channel in training, got input of shape ", x.sizes());
-}
-
 // batch_norm_prelu's per-channel coefficients in fp64, cuda::kBnCoefRows x C (rows as launch.h names
 // them; the backward's pass-2 rows left 0). invstd = 1 / sqrt(var + eps) in fp64, as on CPU.
 at::Tensor bn_coefficients(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
@@ -150,7 +141,7 @@ at::Tensor channel_sums(const at::Tensor& partial) { return partial.sum(0); }
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& slope,
     const std::optional<at::Tensor>& residual, double eps) {
-  check_bn(x, weight, bias);
+  check_batch_norm_inputs(x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_format(x);
   const at::Tensor xc = x.contiguous(fmt);
@@ -179,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
     const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& slope, double eps) {
-  check_bn(x, weight, bias);
+  check_batch_norm_inputs(x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_format(x);
   const at::Tensor xc = x.contiguous(fmt), g = grad.to(x.scalar_type()).contiguous(fmt);
