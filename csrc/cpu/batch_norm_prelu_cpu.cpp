@@ -66,6 +66,28 @@ struct ChannelSums {
   std::vector<double> partial;
 };
 
+// A per-channel tensor's values as doubles, and doubles as a tensor of the given dtype, without
+// intermediate conversion tensors: at 64 channels each .to() cost more than the arithmetic (eight a
+// call, a few percent of a CPU training step).
+std::vector<double> to_doubles(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  std::vector<double> out(static_cast<size_t>(c.numel()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "fastsr_to_doubles", [&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[i]);
+  });
+  return out;
+}
+
+at::Tensor from_doubles(const double* v, int64_t n, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({n}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fastsr_from_doubles", [&] {
+    scalar_t* p = out.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(v[i]);
+  });
+  return out;
+}
+
 // Per-channel coefficients in the arithmetic dtype A.
 template <typename A>
 struct Coefs {
@@ -78,18 +100,22 @@ template <typename A>
 Coefs<A> coefficients(const std::vector<double>& mean, const std::vector<double>& var, const at::Tensor& weight,
                       const at::Tensor& bias, const std::optional<at::Tensor>& slope, double eps) {
   const int64_t C = static_cast<int64_t>(mean.size());
-  const at::Tensor w = weight.to(at::kDouble).contiguous(), b = bias.to(at::kDouble).contiguous();
-  const double* wp = w.const_data_ptr<double>();
-  const double* bp = b.const_data_ptr<double>();
+  const std::vector<double> w = to_doubles(weight), b = to_doubles(bias);
+  std::vector<double> s(C, 1.0);
+  if (slope) {
+    TORCH_CHECK(slope->numel() == 1 || slope->numel() == C, "fastsr: slope must have 1 or ", C,
+                " elements, got ", slope->numel());
+    const std::vector<double> given = to_doubles(*slope);
+    for (int64_t c = 0; c < C; ++c) s[c] = given[given.size() == 1 ? 0 : c];
+  }
   Coefs<A> k;
   for (int64_t c = 0; c < C; ++c) {
     k.mean.push_back(static_cast<A>(mean[c]));
     k.invstd.push_back(static_cast<A>(1.0 / std::sqrt(var[c] + eps)));
-    k.weight.push_back(static_cast<A>(wp[c]));
-    k.bias.push_back(static_cast<A>(bp[c]));
+    k.weight.push_back(static_cast<A>(w[c]));
+    k.bias.push_back(static_cast<A>(b[c]));
+    k.slope.push_back(static_cast<A>(s[c]));
   }
-  const at::Tensor s = slope ? per_channel_slope(*slope, C, at::kDouble) : at::ones({C}, w.options());
-  for (int64_t c = 0; c < C; ++c) k.slope.push_back(static_cast<A>(s.const_data_ptr<double>()[c]));
   return k;
 }
 
@@ -279,10 +305,9 @@ void input_gradient(const T* g, const T* x, T* gx, const Layout& L, const Coefs<
                     const std::vector<double>& sums, const at::Tensor& weight) {
   using A = acc_t<T>;
   const double n = static_cast<double>(L.count());
-  const at::Tensor w = weight.to(at::kDouble).contiguous();
   std::vector<A> gain(L.C), mg(L.C), mgx(L.C);
   for (int64_t c = 0; c < L.C; ++c) {
-    gain[c] = static_cast<A>(w.const_data_ptr<double>()[c] * static_cast<double>(k.invstd[c]));
+    gain[c] = static_cast<A>(static_cast<double>(k.weight[c]) * static_cast<double>(k.invstd[c]));
     mg[c] = static_cast<A>(sums[c] / n);
     mgx[c] = static_cast<A>(sums[L.C + c] / n);
   }
@@ -338,10 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_cpu(
               y.mutable_data_ptr<scalar_t>(), L, k);
   });
   const auto acc = x.options().dtype(acc_type(x.scalar_type()));
-  const auto as_tensor = [&](const std::vector<double>& v) {
-    return at::tensor(at::ArrayRef<double>(v), x.options().dtype(at::kDouble)).to(acc);
-  };
-  return {y, as_tensor(mean), as_tensor(var)};
+  return {y, from_doubles(mean.data(), L.C, acc), from_doubles(var.data(), L.C, acc)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_backward_cpu(
@@ -356,9 +378,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_back
   const auto fmt = output_format(x);
   const at::Tensor xc = x.contiguous(fmt), g = grad.to(x.scalar_type()).contiguous(fmt);
   TORCH_CHECK(g.sizes() == x.sizes(), "fastsr: grad has shape ", g.sizes(), ", x ", x.sizes());
-  const at::Tensor m64 = mean.to(at::kDouble).contiguous(), v64 = var.to(at::kDouble).contiguous();
-  const std::vector<double> mv(m64.const_data_ptr<double>(), m64.const_data_ptr<double>() + x.size(1));
-  const std::vector<double> vv(v64.const_data_ptr<double>(), v64.const_data_ptr<double>() + x.size(1));
+  const std::vector<double> mv = to_doubles(mean), vv = to_doubles(var);
+  TORCH_CHECK(static_cast<int64_t>(mv.size()) == x.size(1) && static_cast<int64_t>(vv.size()) == x.size(1),
+              "fastsr: mean and var must have ", x.size(1), " elements");
   const Layout L = layout_of(x, fmt);
   at::Tensor grad_x = at::empty_like(xc, fmt);
   std::vector<double> sums;
@@ -369,14 +391,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_back
                    L, k, sums, weight);
   });
   const int64_t C = L.C;
-  const auto f64 = x.options().dtype(at::kDouble);
-  const at::Tensor all = at::tensor(at::ArrayRef<double>(sums), f64).view({3, C});
+  // sums holds, per channel, sum(g'), sum(g' * xhat) and the slope's gradient, in blocks of C.
   at::Tensor grad_slope = at::empty({0}, x.options());
   if (slope) {
-    const at::Tensor per_channel = all[2];
-    grad_slope = (slope->numel() == 1 ? per_channel.sum() : per_channel).reshape(slope->sizes()).to(slope->scalar_type());
+    const double* per_channel = sums.data() + 2 * C;
+    double total = 0.0;
+    for (int64_t c = 0; c < C; ++c) total += per_channel[c];
+    const bool shared = slope->numel() == 1;
+    grad_slope = from_doubles(shared ? &total : per_channel, shared ? 1 : C, slope->options()).reshape(slope->sizes());
   }
-  return {grad_x, all[1].to(weight.scalar_type()), all[0].to(bias.scalar_type()), grad_slope};
+  return {grad_x, from_doubles(sums.data() + C, C, weight.options()), from_doubles(sums.data(), C, bias.options()),
+          grad_slope};
 }
 
 }  // namespace

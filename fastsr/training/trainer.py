@@ -18,6 +18,7 @@ from ..models.checkpoint import ModelFileError
 from ..nn import convert_sync_batchnorm
 from .amp import resolve_amp
 from .config import TrainConfig, TrainingError, validate
+from .memory import keep_freed_memory
 
 CHECKPOINT_VERSION = 2
 
@@ -40,11 +41,15 @@ class EMA:
     def update(self, model: nn.Module, step: int | None = None) -> None:
         decay = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
         params = dict(model.named_parameters())
+        averaged, buffers = [], []
         for key, value in model.state_dict().items():
-            if key in params:
-                self.state[key].mul_(decay).add_(value.detach(), alpha=1.0 - decay)
-            else:
-                self.state[key].copy_(value)
+            (averaged if key in params else buffers).append((self.state[key], value.detach()))
+        # One multi-tensor call each instead of two ops per tensor (126 tensors in SRResNet: the
+        # per-op overhead was ~3% of a CPU training step).
+        if averaged:
+            torch._foreach_lerp_(*map(list, zip(*averaged)), 1.0 - decay)
+        if buffers:
+            torch._foreach_copy_(*map(list, zip(*buffers)))
 
     def model_copy(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` carrying the averaged weights, in eval mode."""
@@ -97,6 +102,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, device: torch.device, world_size: int = 1) -> None:
         validate(cfg)
         self.cfg, self.device, self.world_size = cfg, device, world_size
+        if device.type == "cpu":
+            keep_freed_memory()  # large gradients in reused memory, not page-faulted in each step
         self.amp = resolve_amp(cfg.amp, device)  # "auto" -> bf16 or off; a slow choice warns
         self.gan = cfg.stage == "gan"
         self.loss_names = ["loss", "content", "adversarial", "d_real", "d_fake"] if self.gan else ["loss"]
@@ -142,7 +149,10 @@ class Trainer:
 
     def _build_optim(self, model: nn.Module, lr: float) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
         """Adam at peak rate ``lr`` and its schedule (:func:`lr_factor`), stepped once per step."""
-        opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
+        # The fused kernel (CPU and CUDA): one pass per tensor instead of ~10 ops, each with its
+        # scalar-to-tensor copies (Adam was 8% of a CPU pretrain step on the single-tensor path).
+        fused = self.device.type in ("cpu", "cuda")
+        opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), fused=fused)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.cfg))
 
     def _wrap_models(self) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
