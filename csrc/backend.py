@@ -247,142 +247,15 @@ def _fake_to_uint8(x):
     return torch.empty((n, h, w, c), dtype=torch.uint8, device=x.device)
 
 
-# conv2d_prelu's autograd formula. With a slope it serves only direct torch.ops.fastsr.conv2d_prelu
-# calls (torch.library.opcheck in tests/test_cpp.py, users calling the op themselves): under autograd
-# the backend's conv2d_prelu above never runs the fused op with a slope but conv + bias, then
-# shuffle_prelu, which keeps the pre-activation. Here the backward recomputes the convolution instead
-# (its pre-activation values decide the PReLU gradient), like activation checkpointing: the op stays
-# a single output and saves nothing but its inputs. Without a slope (the path the backend takes) it
-# needs no recompute: the gradient is only un-shuffled.
-def _conv_setup(ctx, inputs, output):
-    x, weight, bias, slope, residual, shuffle = inputs
-    ctx.shuffle = shuffle
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(x, weight, bias, slope)
-
-
-def _conv_backward(ctx, grad):
-    x, weight, bias, slope = ctx.saved_tensors
-    r = ctx.shuffle
-    need_x, need_w, need_b, need_slope, _, _ = ctx.needs_input_grad
-    grad_slope = None
-    if slope is not None:
-        pre = torch.ops.fastsr.conv2d_prelu(x, weight, bias, None, None, 1)
-        grad_pre, grad_slope = torch.ops.fastsr.shuffle_prelu_backward(grad, pre, slope, r)
-    else:
-        grad_pre = torch.nn.functional.pixel_unshuffle(grad, r) if r > 1 else grad
-    grad_x, grad_w, grad_b = _conv_input_weight_grads(grad_pre, x, weight, bias, (need_x, need_w, need_b))
-    return grad_x, grad_w, grad_b, grad_slope if need_slope else None, grad if ctx.has_residual else None, None
-
-
-def _conv_input_weight_grads(grad_pre, x, weight, bias, needs):
-    """(grad_x, grad_weight, grad_bias) of the 'same' convolution for the upstream gradient of its
-    output ``grad_pre``; None where ``needs`` (same order) is False. The parts this extension's CPU
-    kernels do faster than oneDNN are computed here; oneDNN does the rest in one call."""
-    need_x, need_w, need_b = needs
-    # The input gradient stays on oneDNN: through the Winograd kernel (a conv with the flipped weight) it
-    # was 1.3x faster at 24x24 but a whole SRResNet's slope gradient broke the tolerance rule (1.4x the bound).
-    own_w = need_w and _few_output_weight_grad(x, weight)
-    grad_x = None
-    grad_w = torch.ops.fastsr.conv2d_weight_grad(grad_pre, x, weight.shape[-1]) if own_w else None
-    # Asked for the bias gradient, oneDNN computes the weight gradient too (15 ms of a tail's 17).
-    grad_b = grad_pre.sum(dim=(0, 2, 3)) if own_w and need_b and bias is not None else None
-    mask = [need_x, need_w and not own_w, need_b and bias is not None and grad_b is None]
-    if any(mask):
-        pad = weight.shape[-1] // 2
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad_pre, x, weight, None if bias is None else [bias.shape[0]], [1, 1], [pad, pad], [1, 1], False,
-            [0, 0], 1, mask)
-        grad_x, grad_w, grad_b = gx if mask[0] else grad_x, gw if mask[1] else grad_w, gb if mask[2] else grad_b
-    return grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None
-
-
-def _fp32_cpu(*tensors) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-
-
-def _few_output_weight_grad(x, weight) -> bool:
-    """conv2d_weight_grad's shapes (1-4 output channels, input channels in multiples of 16): a
-    tail conv's weight gradient, 5-10x faster there than oneDNN's (benchmarks/test_train_step.py)."""
-    return _fp32_cpu(x, weight) and weight.shape[0] <= 4 and x.shape[1] % 16 == 0
-
-
-# conv2d_silu's autograd formula, the one the backend's conv2d_silu takes: like conv2d_prelu's with a
-# slope, the backward recomputes the convolution for the activation's derivative (the
-# sigmoid_gate_backward op).
-def _silu_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _silu_backward(ctx, grad):
-    x, weight, bias, skip = ctx.saved_tensors
-    pre = torch.ops.fastsr.conv2d_prelu(x, weight, bias, None, None, 1)
-    grad_pre, grad_skip = torch.ops.fastsr.sigmoid_gate_backward(grad, pre, skip)
-    grads = _conv_input_weight_grads(grad_pre, x, weight, bias, ctx.needs_input_grad[:3])
-    return *grads, grad_skip if ctx.needs_input_grad[3] else None
-
-
-def _shuffle_setup(ctx, inputs, output):
-    x, slope, residual, r = inputs
-    ctx.r = r
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(x, slope)
-
-
-def _shuffle_backward(ctx, grad):
-    x, slope = ctx.saved_tensors
-    grad_x, grad_slope = torch.ops.fastsr.shuffle_prelu_backward(grad, x, slope, ctx.r)
-    return grad_x, grad_slope if slope is not None else None, grad if ctx.has_residual else None, None
-
-
-# batch_norm_prelu's autograd: one fused backward op (two passes: the per-channel sums, then grad_x).
-# mean and var are statistics for the running averages, not differentiable outputs.
-def _bn_setup(ctx, inputs, output):
-    x, weight, bias, slope, residual, eps = inputs
-    _, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    ctx.eps = eps
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(x, mean, var, weight, bias, slope)
-
-
-def _bn_backward(ctx, grad, _grad_mean, _grad_var):
-    x, mean, var, weight, bias, slope = ctx.saved_tensors
-    grad_x, grad_w, grad_b, grad_slope = torch.ops.fastsr.batch_norm_prelu_backward(grad, x, mean, var, weight,
-                                                                                   bias, slope, ctx.eps)
-    need = ctx.needs_input_grad
-    return (grad_x if need[0] else None, grad_w if need[1] else None, grad_b if need[2] else None,
-            grad_slope if slope is not None and need[3] else None, grad if ctx.has_residual else None, None)
-
-
-def _mse_setup(ctx, inputs, output):
-    a, b, scale, y_channel, crop = inputs
-    ctx.args = (scale, y_channel, crop)
-    ctx.save_for_backward(a, b)
-
-
-def _mse_backward(ctx, grad):
-    a, b = ctx.saved_tensors
-    grad_a = torch.ops.fastsr.mse_per_image_backward(grad, a, b, *ctx.args)
-    need_a, need_b = ctx.needs_input_grad[:2]
-    return (grad_a if need_a else None, (-grad_a).to(b.dtype) if need_b else None, None, None, None)
-
-
 _FAKES = {"conv2d_prelu": _fake_conv2d_prelu, "conv2d_silu": _fake_conv2d_silu,
           "sigmoid_gate_backward": _fake_sigmoid_gate_backward, "shuffle_prelu": _fake_shuffle_prelu,
           "shuffle_prelu_backward": _fake_shuffle_prelu_backward, "batch_norm_prelu": _fake_batch_norm_prelu,
           "batch_norm_prelu_backward": _fake_batch_norm_prelu_backward,
           "conv2d_weight_grad": _fake_conv2d_weight_grad, "mse_per_image": _fake_mse_per_image,
           "mse_per_image_backward": _fake_mse_per_image_backward, "to_uint8": _fake_to_uint8}
-_AUTOGRAD = {"conv2d_prelu": (_conv_backward, _conv_setup), "conv2d_silu": (_silu_backward, _silu_setup),
-             "shuffle_prelu": (_shuffle_backward, _shuffle_setup),
-             "batch_norm_prelu": (_bn_backward, _bn_setup),
-             "mse_per_image": (_mse_backward, _mse_setup)}
 
 
 def _register_python_side() -> None:
-    """Fake (meta) kernels for torch.compile and opcheck, and the autograd formulas."""
+    """Fake (meta) kernels for torch.compile and opcheck (the autograd formulas are C++: csrc/autograd.cpp)."""
     for op, fake in _FAKES.items():
         torch.library.register_fake(f"fastsr::{op}", fake)
-    for op, (backward, setup) in _AUTOGRAD.items():
-        torch.library.register_autograd(f"fastsr::{op}", backward, setup_context=setup)

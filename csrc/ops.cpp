@@ -1,6 +1,6 @@
 // Operator schemas of the fastsr extension. Device kernels are registered per dispatch key in
-// cpu/ops_cpu.cpp and (CUDA builds only) cuda/ops_cuda.cpp; fake (meta) kernels and autograd are
-// registered from Python in csrc/backend.py (fastsr.csrc.backend).
+// cpu/*.cpp and (CUDA builds only) cuda/ops_cuda.cpp, the autograd formulas in autograd.cpp; fake
+// (meta) kernels are registered from Python in csrc/backend.py (fastsr.csrc.backend).
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastsr, m) {
