@@ -80,7 +80,7 @@ def _run(benchmark, trainer: Trainer, backend: str, label: str) -> None:
         return values
 
     step()  # warm-up (and compilation) outside the timed rounds
-    values = benchmark.pedantic(step, rounds=3 if DEVICE == "cpu" else 10, warmup_rounds=1)
+    values = benchmark.pedantic(step, rounds=5 if DEVICE == "cpu" else 10, warmup_rounds=1)
     assert torch.isfinite(values).all()
     seconds = benchmark.stats.stats.mean
     benchmark.extra_info.update({
