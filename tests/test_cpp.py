@@ -94,6 +94,43 @@ def test_opcheck_batch_norm_prelu_and_backward():
         _opcheck(torch.ops.fastsr.batch_norm_prelu_backward.default, (grad, x, mean, var, weight, bias, None, 1e-5))
 
 
+
+# The autograd formulas are C++ (csrc/autograd.cpp). Their context numbers only the tensor inputs
+# that were given, so each case leaves an optional tensor out and differentiates a subset of the
+# inputs: a gradient that landed on the wrong input fails gradcheck (float64, the direct ops).
+def _double(*shape, channels_last=False, offset=0.0):
+    gen = torch.Generator().manual_seed(sum(shape))
+    t = torch.randn(*shape, generator=gen, dtype=torch.float64) + offset
+    return fmt(t, channels_last) if t.dim() == 4 else t
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("op,inputs,differentiate", [
+    ("conv2d_prelu", lambda cl: (_double(2, 3, 5, 6, channels_last=cl), _double(4, 3, 3, 3), None,
+                                 _double(4).abs() * 0.3, _double(2, 4, 5, 6, channels_last=cl), 1), (0, 1, 3, 4)),
+    ("conv2d_prelu", lambda cl: (_double(2, 3, 5, 6, channels_last=cl), _double(8, 3, 3, 3), None, None,
+                                 _double(2, 2, 10, 12, channels_last=cl), 2), (1, 4)),
+    ("conv2d_silu", lambda cl: (_double(2, 3, 5, 6, channels_last=cl), _double(4, 3, 3, 3), None,
+                                _double(2, 4, 5, 6, channels_last=cl)), (1, 3)),
+    ("shuffle_prelu", lambda cl: (_double(2, 8, 3, 4, channels_last=cl), None,
+                                  _double(2, 2, 6, 8, channels_last=cl), 2), (0, 2)),
+    ("batch_norm_prelu", lambda cl: (_double(2, 5, 4, 7, channels_last=cl, offset=1.0), _double(5).abs() + 0.5,
+                                     _double(5), None, _double(2, 5, 4, 7, channels_last=cl), 1e-5), (1, 4)),
+    ("mse_per_image", lambda cl: (_double(2, 3, 9, 11, channels_last=cl), _double(2, 3, 9, 11, channels_last=cl),
+                                  0.5, True, 1), (1,)),
+], ids=["conv-no-bias", "conv-shuffle-no-slope", "silu-no-bias", "shuffle-no-slope", "bn-no-slope", "mse-b-only"])
+def test_autograd_with_absent_inputs_and_partial_gradients(op, inputs, differentiate, channels_last):
+    args = list(inputs(channels_last))
+    for i in differentiate:
+        args[i].requires_grad_()
+
+    def fn(*a):
+        out = getattr(torch.ops.fastsr, op)(*a)
+        return out[0] if isinstance(out, tuple) else out
+
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
 @pytest.mark.parametrize("shape",
                          [(4, 64, 31, 17, 3, 9), (3, 32, 7, 13, 1, 3), (1, 16, 5, 6, 4, 5), (2, 48, 9, 8, 2, 9)],
                          ids=lambda s: "n{}_ci{}_{}x{}_co{}_k{}".format(*s))
