@@ -12,7 +12,12 @@
 //   mse_per_image    mse_per_image_backward (d/db is the negation of d/da).
 // The convolutions' input and weight gradients: oneDNN (at::convolution_backward) in one call, except
 // a few-output conv's weight gradient on CPU in fp32, which conv2d_weight_grad does 5-10x faster.
-#include <ATen/ATen.h>
+// Per-op ATen headers rather than ATen/ATen.h: this file is the extension's slowest to compile.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/neg.h>
+#include <ATen/ops/pixel_unshuffle.h>
+#include <ATen/ops/sum.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
