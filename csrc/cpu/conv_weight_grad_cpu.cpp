@@ -5,6 +5,10 @@
 // the (tap, channel chunk) pairs are spread over threads, and for each tap every pixel adds
 // g[pixel, o] * x[shifted pixel, chunk] to CO x NRV vector accumulators held in registers, flushed
 // to fp64 after each image row (so a long sum keeps fp32's error per row only). fp32, channels_last.
+// A thread runs all its taps over one band of kBandRows output rows before the next band, so the
+// band's input rows come from cache, not memory, for every tap: tap by tap over the whole batch,
+// 16 x 64 x 128 x 128 (a 67 MB input read 81 times) took 476 ms on one Zen 4 core, oneDNN 388.
+// Each tap still visits the rows in the same order, so the sums are the same.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -26,51 +30,59 @@ constexpr int64_t kVS = V::size();
 // AVX-512's 32, 4 x 2 + 3 of AVX2's 16.
 constexpr int kNRV = kVS >= 16 ? 4 : 2;
 constexpr int64_t kMaxOut = 4;
+constexpr int64_t kBandRows = 8;
 
 struct Shape {
   int64_t N, H, W, Cin, Cout, k;
 };
 
-// One tap (i, j), channels [c0, c0 + NRV * kVS): dw[o][c] (fp64, o < CO) summed over the batch.
+// One tap (i, j), channels [c0, c0 + NRV * kVS), output rows [r0, r1) of image n: adds to dw[o][c]
+// (fp64, o < CO).
 template <int CO, int NRV>
-void tap_chunk(const float* g, const float* x, const Shape& s, int64_t i, int64_t j, int64_t c0, double* dw) {
-  const int64_t p = s.k / 2, h0 = std::max<int64_t>(0, p - i), h1 = std::min(s.H, s.H + p - i);
+void tap_chunk(const float* g, const float* x, const Shape& s, int64_t i, int64_t j, int64_t c0, int64_t n,
+               int64_t r0, int64_t r1, double* dw) {
+  const int64_t p = s.k / 2, h0 = std::max({int64_t(0), p - i, r0}), h1 = std::min({s.H, s.H + p - i, r1});
   const int64_t w0 = std::max<int64_t>(0, p - j), w1 = std::min(s.W, s.W + p - j);
-  for (int64_t n = 0; n < s.N; ++n)
-    for (int64_t h = h0; h < h1; ++h) {
-      V acc[CO][NRV];
-      for (int o = 0; o < CO; ++o)
-        for (int v = 0; v < NRV; ++v) acc[o][v] = V(0.f);
-      const float* grow = g + ((n * s.H + h) * s.W) * s.Cout;
-      const float* xrow = x + ((n * s.H + h + i - p) * s.W + (j - p)) * s.Cin + c0;
-      for (int64_t w = w0; w < w1; ++w) {
-        V xv[NRV];
-        for (int v = 0; v < NRV; ++v) xv[v] = cpu::in_register(V::loadu(xrow + w * s.Cin + v * kVS));
-        for (int o = 0; o < CO; ++o) {
-          const V gb(grow[w * s.Cout + o]);
-          for (int v = 0; v < NRV; ++v) acc[o][v] = at::vec::fmadd(gb, xv[v], acc[o][v]);
-        }
-      }
-      float row[NRV * kVS];
+  for (int64_t h = h0; h < h1; ++h) {
+    V acc[CO][NRV];
+    for (int o = 0; o < CO; ++o)
+      for (int v = 0; v < NRV; ++v) acc[o][v] = V(0.f);
+    const float* grow = g + ((n * s.H + h) * s.W) * s.Cout;
+    const float* xrow = x + ((n * s.H + h + i - p) * s.W + (j - p)) * s.Cin + c0;
+    for (int64_t w = w0; w < w1; ++w) {
+      V xv[NRV];
+      for (int v = 0; v < NRV; ++v) xv[v] = cpu::in_register(V::loadu(xrow + w * s.Cin + v * kVS));
       for (int o = 0; o < CO; ++o) {
-        for (int v = 0; v < NRV; ++v) acc[o][v].store(row + v * kVS);
-        for (int64_t c = 0; c < NRV * kVS; ++c) dw[o * NRV * kVS + c] += row[c];
+        const V gb(grow[w * s.Cout + o]);
+        for (int v = 0; v < NRV; ++v) acc[o][v] = at::vec::fmadd(gb, xv[v], acc[o][v]);
       }
     }
+    float row[NRV * kVS];
+    for (int o = 0; o < CO; ++o) {
+      for (int v = 0; v < NRV; ++v) acc[o][v].store(row + v * kVS);
+      for (int64_t c = 0; c < NRV * kVS; ++c) dw[o * NRV * kVS + c] += row[c];
+    }
+  }
 }
 
 template <int CO, int NRV>
 void weight_grad(const float* g, const float* x, const Shape& s, float* out) {
   const int64_t chunk = NRV * kVS, chunks = s.Cin / chunk, taps = s.k * s.k;
   at::parallel_for(0, taps * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> dw(CO * chunk);
+    std::vector<double> dw((end - begin) * CO * chunk, 0.0);
+    for (int64_t n = 0; n < s.N; ++n)
+      for (int64_t r0 = 0; r0 < s.H; r0 += kBandRows)
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t tap = t / chunks, c0 = (t % chunks) * chunk;
+          tap_chunk<CO, NRV>(g, x, s, tap / s.k, tap % s.k, c0, n, r0, std::min(s.H, r0 + kBandRows),
+                             dw.data() + (t - begin) * CO * chunk);
+        }
     for (int64_t t = begin; t < end; ++t) {
       const int64_t tap = t / chunks, c0 = (t % chunks) * chunk, i = tap / s.k, j = tap % s.k;
-      std::fill(dw.begin(), dw.end(), 0.0);
-      tap_chunk<CO, NRV>(g, x, s, i, j, c0, dw.data());
+      const double* d = dw.data() + (t - begin) * CO * chunk;
       for (int o = 0; o < CO; ++o)
         for (int64_t c = 0; c < chunk; ++c)
-          out[((o * s.Cin + c0 + c) * s.k + i) * s.k + j] = static_cast<float>(dw[o * chunk + c]);
+          out[((o * s.Cin + c0 + c) * s.k + i) * s.k + j] = static_cast<float>(d[o * chunk + c]);
     }
   });
 }
