@@ -40,9 +40,13 @@ inline bool is_channels_last(at::MemoryFormat f) { return f == at::MemoryFormat:
 
 // Slope of a (P)ReLU as one value per channel in the accumulation dtype (fp64 for fp64, else
 // fp32), contiguous: kernels index it by channel without caring whether it was shared.
-inline at::Tensor per_channel_slope(const at::Tensor& slope, int64_t channels, at::ScalarType acc) {
+inline void check_slope(const at::Tensor& slope, int64_t channels) {
   TORCH_CHECK(slope.numel() == 1 || slope.numel() == channels, "fastsr: slope must have 1 or ", channels,
               " elements, got ", slope.numel());
+}
+
+inline at::Tensor per_channel_slope(const at::Tensor& slope, int64_t channels, at::ScalarType acc) {
+  check_slope(slope, channels);
   return slope.to(acc).reshape({-1}).expand({channels}).contiguous();
 }
 

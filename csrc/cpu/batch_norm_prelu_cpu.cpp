@@ -103,8 +103,7 @@ Coefs<A> coefficients(const std::vector<double>& mean, const std::vector<double>
   const std::vector<double> w = to_doubles(weight), b = to_doubles(bias);
   std::vector<double> s(C, 1.0);
   if (slope) {
-    TORCH_CHECK(slope->numel() == 1 || slope->numel() == C, "fastsr: slope must have 1 or ", C,
-                " elements, got ", slope->numel());
+    check_slope(*slope, C);
     const std::vector<double> given = to_doubles(*slope);
     for (int64_t c = 0; c < C; ++c) s[c] = given[given.size() == 1 ? 0 : c];
   }

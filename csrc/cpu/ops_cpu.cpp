@@ -287,6 +287,13 @@ at::Tensor prelu_backward_pixels(const float* x, float* g, const float* slope, i
   return per_channel;
 }
 
+// The slope's gradient from its per-channel sums (C,) fp64: summed when the slope is shared, in the
+// slope's shape and dtype.
+at::Tensor slope_gradient(const at::Tensor& per_channel, const at::Tensor& slope) {
+  const at::Tensor g = slope.numel() == 1 ? per_channel.sum() : per_channel;
+  return g.reshape(slope.sizes()).to(slope.scalar_type());
+}
+
 at::Tensor shuffle_prelu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& slope,
                              const std::optional<at::Tensor>& residual, int64_t r) {
   check_4d(x, "x");
@@ -325,10 +332,9 @@ std::tuple<at::Tensor, at::Tensor> shuffle_prelu_backward_cpu(const at::Tensor& 
     unshuffle_into_grad_x();
     const at::Tensor per_channel = prelu_backward_pixels(xc.const_data_ptr<float>(), grad_x.mutable_data_ptr<float>(),
                                                          s.const_data_ptr<float>(), N * H * W, C, r * r);
-    const at::Tensor grad_slope = slope->numel() == 1 ? per_channel.sum() : per_channel;
-    return {grad_x, grad_slope.reshape(slope->sizes()).to(slope->scalar_type())};
+    return {grad_x, slope_gradient(per_channel, *slope)};
   }
-  at::Tensor grad_slope;
+  at::Tensor total = at::zeros({C}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastsr_shuffle_prelu_backward", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
@@ -360,13 +366,11 @@ std::tuple<at::Tensor, at::Tensor> shuffle_prelu_backward_cpu(const at::Tensor& 
     for_each_shuffled(N, C, H, W, r, is_channels_last(fmt), [&](int thread, const Run& run) {
       if (is_channels_last(fmt)) body(std::true_type{}, thread, run); else body(std::false_type{}, thread, run);
     });
-    at::Tensor total = at::zeros({C}, x.options().dtype(at::kDouble));
     double* tp = total.mutable_data_ptr<double>();
     for (int64_t t = 0; t < threads; ++t)
       for (int64_t c = 0; c < C; ++c) tp[c] += partial[t * C + c];
-    grad_slope = slope->numel() == 1 ? total.sum().reshape(slope->sizes()) : total.reshape(slope->sizes());
   });
-  return {grad_x, grad_slope.to(slope->scalar_type())};
+  return {grad_x, slope_gradient(total, *slope)};
 }
 
 // ---------------------------------------------------------------------------------------------
