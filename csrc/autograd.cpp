@@ -10,9 +10,10 @@
 //   shuffle_prelu    shuffle_prelu_backward.
 //   batch_norm_prelu batch_norm_prelu_backward (mean and var are statistics, not differentiable).
 //   mse_per_image    mse_per_image_backward (d/db is the negation of d/da).
-// The convolutions' input and weight gradients: oneDNN (at::convolution_backward) in one call, except
-// a few-output conv's weight gradient on CPU in fp32, which conv2d_weight_grad does 5-10x faster. The
-// input gradient stays on oneDNN: through the Winograd kernel it was 1.3x faster at 24x24, but a whole
+// The convolutions' input gradients: oneDNN (at::convolution_backward). Their weight gradients on CPU
+// in fp32: conv2d_weight_grad for a few-output conv (5-10x oneDNN) and for the 3x3 many-channel convs
+// (Winograd, ~2x oneDNN's weight gradient at 4x64x12x12); oneDNN elsewhere, input and weight in one call.
+// The input gradient stays on oneDNN: through the Winograd kernel it was 1.3x faster at 24x24, but a whole
 // SRResNet's slope gradient then broke the tolerance rule (1.4x the bound).
 // Per-op ATen headers rather than ATen/ATen.h: this file is the extension's slowest to compile.
 #include <ATen/core/Tensor.h>
@@ -71,10 +72,12 @@ bool needs(AutogradContext* ctx, int argument) {
   return ctx->needs_input_grad(static_cast<size_t>(edge));
 }
 
-// conv2d_weight_grad's shapes: 1-4 output channels (a tail conv), input channels in multiples of 16, fp32 CPU.
-bool few_output_weight_grad(const Tensor& x, const Tensor& weight) {
+// conv2d_weight_grad's shapes (fp32 CPU): 1-4 output channels (a tail conv) with input channels in
+// multiples of 16, or a 3x3 kernel with input and output channels in multiples of 16 (Winograd).
+bool own_weight_grad(const Tensor& x, const Tensor& weight) {
   const auto fp32_cpu = [](const Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; };
-  return fp32_cpu(x) && fp32_cpu(weight) && weight.size(0) <= 4 && x.size(1) % 16 == 0;
+  if (!fp32_cpu(x) || !fp32_cpu(weight) || x.size(1) % 16 != 0) return false;
+  return weight.size(0) <= 4 || (weight.size(-1) == 3 && weight.size(-2) == 3 && weight.size(0) % 16 == 0);
 }
 
 // (grad_x, grad_weight, grad_bias) of the 'same' convolution for the gradient of its output; undefined
@@ -83,7 +86,7 @@ std::array<Tensor, 3> conv_grads(const Tensor& grad, const Tensor& x, const Tens
                                  std::array<bool, 3> need) {
   static const auto weight_grad = op<Tensor(const Tensor&, const Tensor&, int64_t)>("fastsr::conv2d_weight_grad");
   std::array<Tensor, 3> out;
-  const bool own_w = need[1] && few_output_weight_grad(x, weight);
+  const bool own_w = need[1] && own_weight_grad(x, weight);
   if (own_w) out[1] = weight_grad.call(grad, x, weight.size(-1));
   // Asked for the bias gradient too, oneDNN computes the weight gradient (15 ms of a tail's 17).
   if (own_w && need[2] && bias) out[2] = grad.sum({0, 2, 3});

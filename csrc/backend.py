@@ -231,7 +231,7 @@ def _fake_batch_norm_prelu_backward(grad, x, mean, var, weight, bias, slope, eps
 
 
 def _fake_conv2d_weight_grad(grad, x, kernel_size):
-    return torch.empty((grad.shape[1], x.shape[1], kernel_size, kernel_size), dtype=x.dtype, device=x.device)
+    return _empty(x, (grad.shape[1], x.shape[1], kernel_size, kernel_size))  # in x's format, as a model's weights
 
 
 def _fake_mse_per_image(a, b, scale, y_channel, crop):

@@ -24,6 +24,7 @@ import torch
 from cases import conv_inputs, image_pair, small_srresnet
 from fastsr.csrc import backend as ext
 from tolerance import (
+    assert_weight_grad_within_rule,
     assert_within_rule,
     fmt,
     grads,
@@ -132,32 +133,29 @@ def test_autograd_with_absent_inputs_and_partial_gradients(op, inputs, different
 
 
 @pytest.mark.parametrize("shape",
-                         [(4, 64, 31, 17, 3, 9), (3, 32, 7, 13, 1, 3), (1, 16, 5, 6, 4, 5), (2, 48, 9, 8, 2, 9)],
+                         [(4, 64, 31, 17, 3, 9), (3, 32, 7, 13, 1, 3), (1, 16, 5, 6, 4, 5), (2, 48, 9, 8, 2, 9),
+                          (3, 16, 7, 13, 32, 3), (1, 16, 5, 6, 16, 3)],
                          ids=lambda s: "n{}_ci{}_{}x{}_co{}_k{}".format(*s))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_conv2d_weight_grad_within_rule(shape, channels_last):
-    """The few-output weight gradient (the tail conv's, which training computes here instead of with
-    oneDNN) against the float64 convolution_backward, by the rule against fp32 oneDNN's error."""
+    """The weight gradients training computes with this op instead of oneDNN's: few outputs (the tail
+    conv's) and 3x3 with channels in multiples of 16 (Winograd; the last case, 30 pixels, is below
+    its size threshold and goes to oneDNN), against the float64 convolution_backward, by the rule."""
     n, c_in, h, w, c_out, k = shape
     gen = torch.Generator().manual_seed(0)
     x = fmt(torch.randn(n, c_in, h, w, generator=gen, dtype=torch.float64), channels_last)
     g = fmt(torch.randn(n, c_out, h, w, generator=gen, dtype=torch.float64), channels_last)
-    weight = torch.empty(c_out, c_in, k, k, dtype=torch.float64)
-
-    def weight_grad(g, x):
-        return torch.ops.aten.convolution_backward(g, x, weight.to(x.dtype), None, [1, 1], [k // 2] * 2, [1, 1], False,
-                                                   [0, 0], 1, [False, True, False])[1]
-
-    ours = torch.ops.fastsr.conv2d_weight_grad(g.float(), x.float(), k)
-    assert ours.shape == weight.shape and ours.dtype == torch.float32
-    assert_within_rule("conv2d_weight_grad", ours, weight_grad(g, x), weight_grad(g.float(), x.float()), torch.float32)
+    ours = assert_weight_grad_within_rule(g, x, k)
+    assert ours.shape == (c_out, c_in, k, k)
     _opcheck(torch.ops.fastsr.conv2d_weight_grad.default, (g.float(), x.float(), k))
 
 
 def test_conv2d_weight_grad_refuses_what_it_does_not_serve():
     x, g = torch.randn(1, 16, 5, 5), torch.randn(1, 8, 5, 5)
     with pytest.raises(RuntimeError, match="1 to 4 output channels"):
-        torch.ops.fastsr.conv2d_weight_grad(g, x, 3)
+        torch.ops.fastsr.conv2d_weight_grad(g, x, 3)  # 8 outputs: neither few nor a multiple of 16
+    with pytest.raises(RuntimeError, match="1 to 4 output channels"):
+        torch.ops.fastsr.conv2d_weight_grad(torch.randn(1, 16, 5, 5), x, 5)  # many outputs, 5x5
     with pytest.raises(RuntimeError, match="fp32"):
         torch.ops.fastsr.conv2d_weight_grad(g[:, :3].double(), x.double(), 3)
 

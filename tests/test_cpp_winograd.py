@@ -4,7 +4,8 @@ Forward cases on odd shapes, tile multiples and non-multiples, 1x1 images, batch
 and without bias / slope (scalar, per channel) / residual, shuffle 2 (64 -> 256), both memory
 formats, all by the tolerance rule (docs/architecture.md); that the path is really taken (the extension's
 ``_winograd_calls`` counter) for the SRResNet shapes; a whole SRResNet x4 against the fp64 torch
-reference. ``_winograd_mode(2)`` forces the path on tiny images that "auto" would leave to oneDNN.
+reference; the weight gradient (conv2d_weight_grad's 3x3 many-channel path) on the same kinds of
+shapes. ``_winograd_mode(2)`` forces the path on tiny images that "auto" would leave to oneDNN.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from cases import conv_inputs
 from fastsr.csrc import backend as ext
-from tolerance import assert_conv_forward_within_rule, assert_conv_grads_within_rule, assert_within_rule, fmt
+from tolerance import (
+    assert_conv_forward_within_rule,
+    assert_conv_grads_within_rule,
+    assert_weight_grad_within_rule,
+    assert_within_rule,
+    fmt,
+)
 
 import fastsr
 
@@ -158,7 +165,7 @@ def test_auto_mode_leaves_tiny_batches_to_onednn(auto):
 
 def test_gradients_still_flow_with_winograd_forward(forced):
     # Under autograd the forward may run Winograd (conv + bias, then shuffle_prelu); the backward
-    # is aten's convolution_backward. The output and every gradient against the fp64 reference, by
+    # takes the weight gradient from Winograd too, the input gradient from oneDNN. The output and every gradient against the fp64 reference, by
     # the rule (the fp32 torch reference as the same-dtype baseline).
     ins = conv_inputs("cpu", 1, 64, 256, 6, 7, 3, 2, True, "channel", True, True)
     before = _calls()
@@ -244,3 +251,50 @@ def test_channel_slices_are_read_in_place(cin, forced):
                                            0.2) + residual.double()
     same = torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(x, w, b, padding=1), 0.2) + residual
     assert_within_rule("winograd on channel slices", out, ref64, same, torch.float32)
+
+
+# (n, C_in, C_out, H, W) of the weight gradient, 3x3.
+WEIGHT_GRAD_CASES = [
+    (4, 64, 64, 12, 12),   # SRResNet's body convs at the training benchmark's size
+    (1, 64, 64, 13, 17),   # odd sizes: partial tiles on both edges
+    (3, 16, 32, 7, 13),    # batch 3, the smallest channel counts
+    (1, 64, 256, 5, 4),    # an upsample conv
+    (2, 16, 16, 47, 45),   # 1,104 tiles: three blocks of 512, the last one ragged
+    (2, 32, 48, 1, 1),     # one pixel: every tap but the centre sees padding
+]
+
+
+@pytest.mark.parametrize("case", WEIGHT_GRAD_CASES, ids=lambda c: "n{}_ci{}_co{}_{}x{}".format(*c))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_winograd_weight_grad_within_rule(case, channels_last, forced):
+    n, cin, cout, h, w = case
+    gen = torch.Generator().manual_seed(sum(case))
+    x = fmt(torch.randn(n, cin, h, w, generator=gen, dtype=torch.float64), channels_last)
+    g = fmt(torch.randn(n, cout, h, w, generator=gen, dtype=torch.float64), channels_last)
+    before = _calls()
+    ours = assert_weight_grad_within_rule(g, x, 3)
+    assert _calls() == before + 1, "the Winograd path was not taken"
+    # In x's memory format (a channels_last model's weights are channels_last: no copy for the optimizer).
+    assert ours.is_contiguous(memory_format=torch.channels_last if channels_last and h * w > 1 else
+                              torch.contiguous_format)
+
+
+def test_winograd_weight_grad_reads_channel_slices_in_place(forced):
+    """Channel slices of channels_last buffers (strided pixels, adjacent channels), as the forward reads them."""
+    gen = torch.Generator().manual_seed(5)
+    x = fmt(torch.randn(2, 96, 9, 11, generator=gen, dtype=torch.float64), True)[:, 16:80]
+    g = fmt(torch.randn(2, 64, 9, 11, generator=gen, dtype=torch.float64), True)[:, 32:64]
+    assert x.stride(1) == 1 and not x.is_contiguous(memory_format=torch.channels_last)
+    before = _calls()
+    assert_weight_grad_within_rule(g, x, 3)
+    assert _calls() == before + 1
+
+
+def test_auto_mode_leaves_tiny_weight_grads_to_onednn(auto):
+    """As in the forward: below 64 pixels oneDNN's weight gradient (still within the rule), from 64 on Winograd."""
+    gen = torch.Generator().manual_seed(6)
+    for n, h, w, winograd in [(1, 3, 5, False), (4, 4, 4, True)]:
+        x, g = (torch.randn(n, 64, h, w, generator=gen, dtype=torch.float64) for _ in range(2))
+        before = _calls()
+        assert_weight_grad_within_rule(fmt(g, True), fmt(x, True), 3)
+        assert _calls() == before + int(winograd)

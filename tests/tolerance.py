@@ -66,6 +66,22 @@ def case_id(c) -> str:
     return "n{}_ci{}_co{}_{}x{}_k{}_r{}_b{}_s{}_res{}".format(*c)
 
 
+def assert_weight_grad_within_rule(g: torch.Tensor, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """fastsr.conv2d_weight_grad of fp32 ``g`` (N, C_out, H, W) and ``x`` (N, C_in, H, W) against
+    the float64 convolution_backward of the given float64 tensors, by the rule with fp32 oneDNN's
+    error as the baseline. Returns the op's result."""
+
+    def weight_grad(g, x):
+        weight = torch.empty(g.shape[1], x.shape[1], kernel_size, kernel_size, dtype=x.dtype)
+        return torch.ops.aten.convolution_backward(g, x, weight, None, [1, 1], [kernel_size // 2] * 2, [1, 1], False,
+                                                   [0, 0], 1, [False, True, False])[1]
+
+    ours = torch.ops.fastsr.conv2d_weight_grad(g.float(), x.float(), kernel_size)
+    assert ours.dtype == torch.float32
+    assert_within_rule("conv2d_weight_grad", ours, weight_grad(g, x), weight_grad(g.float(), x.float()), torch.float32)
+    return ours
+
+
 def assert_conv_forward_within_rule(backend: str, ins, shuffle: int, dtype, channels_last: bool) -> None:
     """``conv2d_prelu`` on ``backend`` (inputs ``ins`` in fp64, cast to ``dtype``) against the fp64
     reference by the rule; the output keeps the dtype and the memory format of the input."""

@@ -20,6 +20,7 @@
 
 #include "../common.h"
 #include "vec_util.h"
+#include "winograd_cpu.h"
 
 namespace fastsr {
 namespace {
@@ -95,17 +96,9 @@ void weight_grad_chunked(const float* g, const float* x, const Shape& s, float* 
   weight_grad<CO, 1>(g, x, s, out);
 }
 
-at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size) {
-  check_4d(x, "x");
-  check_4d(grad, "grad");
+// The few-output direct kernel above; (C_out, C_in, k, k) contiguous.
+at::Tensor few_output_weight_grad(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size) {
   const int64_t Cin = x.size(1), Cout = grad.size(1);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat,
-              "fastsr: conv2d_weight_grad takes fp32 tensors");
-  TORCH_CHECK(kernel_size % 2 == 1 && kernel_size > 0, "fastsr: kernel_size must be odd, got ", kernel_size);
-  TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(2) == x.size(2) && grad.size(3) == x.size(3),
-              "fastsr: grad ", grad.sizes(), " does not match x ", x.sizes());
-  TORCH_CHECK(Cout >= 1 && Cout <= kMaxOut && Cin % kVS == 0, "fastsr: conv2d_weight_grad serves 1 to ",
-              kMaxOut, " output channels and input channels in multiples of ", kVS, ", got ", Cout, " and ", Cin);
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(cl), gc = grad.contiguous(cl);
   at::Tensor out = at::empty({Cout, Cin, kernel_size, kernel_size}, x.options());
@@ -120,6 +113,33 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x, i
     default: weight_grad_chunked<4>(gp, xp, s, op); break;
   }
   return out;
+}
+
+// Two shapes: few outputs (1-4 channels, any odd kernel: the direct kernel above), and 3x3 with
+// channels in multiples of 16 (SRResNet's body and upsample convs: Winograd F(2x2, 3x3) in
+// winograd_cpu.cpp, or oneDNN's weight gradient where Winograd's "auto" mode declines a small
+// image). The result is in x's memory format (output_format), as a channels_last model's weights are.
+at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size) {
+  check_4d(x, "x");
+  check_4d(grad, "grad");
+  const int64_t Cin = x.size(1), Cout = grad.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat,
+              "fastsr: conv2d_weight_grad takes fp32 tensors");
+  TORCH_CHECK(kernel_size % 2 == 1 && kernel_size > 0, "fastsr: kernel_size must be odd, got ", kernel_size);
+  TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(2) == x.size(2) && grad.size(3) == x.size(3),
+              "fastsr: grad ", grad.sizes(), " does not match x ", x.sizes());
+  const bool few = Cout >= 1 && Cout <= kMaxOut && Cin % kVS == 0;
+  const bool winograd_shape = kernel_size == 3 && Cin % 16 == 0 && Cout % 16 == 0 && Cin > 0 && Cout > 0;
+  TORCH_CHECK(few || winograd_shape, "fastsr: conv2d_weight_grad serves 1 to ", kMaxOut,
+              " output channels with input channels in multiples of ", kVS,
+              ", or a 3x3 kernel with input and output channels in multiples of 16; got ", Cout, " and ", Cin,
+              " channels, kernel ", kernel_size);
+  const auto fmt = output_format(x);
+  if (few) return few_output_weight_grad(grad, x, kernel_size).contiguous(fmt);
+  if (cpu::winograd_weight_grad_applies(grad, x)) return cpu::winograd_weight_grad(grad, x, fmt);
+  const at::Tensor weight = at::empty({Cout, Cin, 3, 3}, x.options(), fmt);  // its shape is all oneDNN reads
+  return std::get<1>(at::convolution_backward(grad, x, weight, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0},
+                                              1, {false, true, false}));
 }
 
 }  // namespace

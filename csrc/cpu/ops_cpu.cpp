@@ -8,6 +8,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -117,30 +118,30 @@ void shuffle_prelu_kernel(const T* x, const acc_t<T>* slope, const T* res, T* ou
     }
     return;
   }
-  // Pixel shuffle: out[n, c, h*r+i, w*r+j] = x[n, c*r*r + i*r + j, h, w], run by run. The
-  // layout is a compile-time constant inside the loop (unit steps known, slope hoisted in NCHW)
-  // and the pointers are local and restrict, so the compiler vectorises it.
-  auto body = [&](auto layout, const Run& run) {
-    constexpr bool kCL = decltype(layout)::value;
-    const int64_t in_step = kCL ? run.in_step : 1, out_step = kCL ? 1 : run.out_step;
-    const T* __restrict__ src = x + run.in;
-    const T* __restrict__ rp = res ? res + run.out : nullptr;
-    T* __restrict__ dst = out + run.out;
-    const A* __restrict__ s = slope ? slope + run.c0 : nullptr;
-    const A s0 = s ? s[0] : A(0);
-    for (int64_t k = 0; k < run.len; ++k) {
-      A v = static_cast<A>(src[k * in_step]);
-      if (s) v = prelu(v, kCL ? s[k] : s0);
-      if (rp) v += static_cast<A>(rp[k * out_step]);
-      dst[k * out_step] = static_cast<T>(v);
+  // Pixel shuffle, NCHW (epilogue() sends channels_last to ATen's pixel_shuffle first):
+  // out[n, c, h*r+i, w*r+j] = x[n, c*r*r + i*r + j, h, w], one input row of one sub-pixel plane at a
+  // time: the PReLU over the contiguous row into a per-thread buffer (vectorised for fp32), then the
+  // store strided by r, + residual, rounded once.
+  TORCH_CHECK(!cl, "fastsr: shuffle_prelu_kernel shuffles NCHW only");
+  std::vector<A> scratch(at::get_num_threads() * W);
+  for_each_shuffled(N, C, H, W, r, /*cl=*/false, [&](int thread, const Run& run) {
+    A* buf = scratch.data() + thread * W;
+    const T* src = x + run.in;
+    const T* rp = res ? res + run.out : nullptr;
+    T* dst = out + run.out;
+    const A s0 = activate ? slope[run.c0] : A(0);
+    if constexpr (std::is_same_v<T, A>) {
+      prelu_run<T>(src, activate, nullptr, s0, nullptr, buf, run.len);
+    } else {
+      for (int64_t k = 0; k < run.len; ++k) buf[k] = activate ? prelu(static_cast<A>(src[k]), s0) : static_cast<A>(src[k]);
     }
-  };
-  for_each_shuffled(N, C, H, W, r, cl, [&](int, const Run& run) {
-    if (cl) body(std::true_type{}, run); else body(std::false_type{}, run);
+    for (int64_t k = 0; k < run.len; ++k)
+      dst[k * run.out_step] = static_cast<T>(rp ? buf[k] + static_cast<A>(rp[k * run.out_step]) : buf[k]);
   });
 }
 
-// The shared epilogue: prelu(pixel_shuffle(pre, r), slope) + residual in one pass over memory.
+// The shared epilogue: prelu(pixel_shuffle(pre, r), slope) + residual in one pass over memory
+// (two for channels_last with a shuffle).
 // `pre` is consumed: with r == 1 the result is written over it.
 at::Tensor epilogue(at::Tensor pre, const std::optional<at::Tensor>& slope, const std::optional<at::Tensor>& residual,
                     int64_t r, at::MemoryFormat fmt, bool may_overwrite) {
@@ -148,6 +149,12 @@ at::Tensor epilogue(at::Tensor pre, const std::optional<at::Tensor>& slope, cons
   TORCH_CHECK(r >= 1 && CP % (r * r) == 0, "fastsr: ", CP, " channels are not divisible by shuffle**2 = ", r * r);
   const int64_t C = CP / (r * r);
   pre = pre.contiguous(fmt);  // a no-op for the convolution outputs, which follow x's format
+  if (r > 1 && is_channels_last(fmt)) {
+    // ATen's channels_last pixel_shuffle (a vectorised transpose), then PReLU + residual in one pass
+    // over its output: 4x256x24x24 fp32 0.06 + 0.04 ms. One strided pass did both in 0.14 ms with
+    // AVX-512 (gathers) and 1.5 ms with AVX2, where the loop stayed scalar and branched on each sign.
+    return epilogue(at::pixel_shuffle(pre, r).contiguous(fmt), slope, residual, 1, fmt, /*may_overwrite=*/true);
+  }
   if (!slope && !residual && r == 1) return pre;
   at::Tensor out = (r == 1 && may_overwrite) ? pre : at::empty({N, C, H * r, W * r}, pre.options(), fmt);
   at::Tensor res;

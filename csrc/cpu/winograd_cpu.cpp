@@ -60,6 +60,9 @@ constexpr int64_t kChannelMultiple = 16;
 // after every optimizer step in training): 1x8x8 0.13 vs oneDNN 0.14 ms, 1x12x12 0.11 vs 0.17,
 // 4x12x12 0.31 vs 0.42-0.49; at 1x4x4 the two are level (0.105 vs 0.089).
 constexpr int64_t kMinPixels = 64;
+// The weight gradient's block of tiles (its GEMMs' depth): 512 tiles of 64 + 64 channels are 4 MB of transforms,
+// held in L3 between the transform and the GEMM (measured 128-512: 512 best at 16x24x24 and 16x48x48).
+constexpr int64_t kWeightGradTiles = 512;
 
 // 0: never, 1: auto (size threshold), 2: always when the shapes allow (tests). FASTSR_WINOGRAD
 // sets the initial mode (0/off, 1/auto, 2/force); the _winograd_mode op changes it at run time.
@@ -234,9 +237,9 @@ WeightCache& weight_cache() {
   return cache;
 }
 
-// Input transform of tile `tile` (global index) into Vt[e][slot][ci].
+// Input transform of tile `tile` (global index) into Vt[e][slot][ci], element e at vt + e * estride.
 inline void input_tile(const float* __restrict__ x, const Plan& p, int64_t tile, float* __restrict__ vt,
-                       int64_t slot) {
+                       int64_t slot, int64_t estride) {
   const int64_t n = tile / (p.TH * p.TW), ty = (tile / p.TW) % p.TH, tx = tile % p.TW;
   const int64_t h0 = 2 * ty - 1, w0 = 2 * tx - 1, Cin = p.Cin;
   const float* img = x + n * p.xsN;
@@ -246,7 +249,6 @@ inline void input_tile(const float* __restrict__ x, const Plan& p, int64_t tile,
       const int64_t ih = h0 + a, iw = w0 + b;
       src[a][b] = (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) ? img + ih * p.xsH + iw * p.xsW : nullptr;
     }
-  const int64_t estride = kTiles * Cin;
   float* dst = vt + slot * Cin;
   for (int64_t ci = 0; ci < Cin; ci += kVS) {
     V d[4][4];
@@ -342,7 +344,7 @@ void run(const float* x, const float* U, const Plan& p, const Epilogue& ep) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t t_begin = blk * kTiles, nt = std::min(kTiles, p.tiles - t_begin);
       const int64_t mr = mr_for(nrv), rows = (nt + mr - 1) / mr * mr;
-      for (int64_t s = 0; s < nt; ++s) input_tile(x, p, t_begin + s, vt.data(), s);
+      for (int64_t s = 0; s < nt; ++s) input_tile(x, p, t_begin + s, vt.data(), s, kTiles * p.Cin);
       for (int64_t k = 0; k < p.chunks; ++k) {
         const float* uk = U + k * p.Cin * p.CW;
         switch (nrv) {
@@ -353,6 +355,72 @@ void run(const float* x, const float* U, const Plan& p, const Epilogue& ep) {
         }
         for (int64_t s = 0; s < nt; ++s) output_tile(m.data(), p, t_begin + s, s, k, ep);
       }
+    }
+  });
+}
+
+
+// The weight gradient (winograd_weight_grad): with Z = A dY A^T the output gradient's 2x2 tile
+// carried back through the output transform and V = B^T d B the input tile as in the forward,
+// dL/dU[e] = sum over tiles of Z[e] V[e]^T (16 GEMMs over all tiles at once), then dL/dg = G^T (dL/dU) G.
+
+// Z of output-gradient tile `tile` (zero outside the image) into Zt[e][slot][co], element e at zt + e * estride.
+inline void grad_tile(const float* __restrict__ g, const int64_t gs[3], const Plan& p, int64_t tile,
+                      float* __restrict__ zt, int64_t slot, int64_t estride) {
+  const int64_t n = tile / (p.TH * p.TW), ty = (tile / p.TW) % p.TH, tx = tile % p.TW;
+  const float* src[2][2];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      const int64_t oh = 2 * ty + i, ow = 2 * tx + j;
+      src[i][j] = (oh < p.H && ow < p.W) ? g + n * gs[0] + oh * gs[1] + ow * gs[2] : nullptr;
+    }
+  float* dst = zt + slot * p.Cout;
+  for (int64_t co = 0; co < p.Cout; co += kVS) {
+    V y[2][2];
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) y[i][j] = src[i][j] ? V::loadu(src[i][j] + co) : V(0.f);
+    V t[4][2];  // A y
+    for (int j = 0; j < 2; ++j) {
+      t[0][j] = y[0][j];
+      t[1][j] = y[0][j] + y[1][j];
+      t[2][j] = y[0][j] - y[1][j];
+      t[3][j] = V(0.f) - y[1][j];
+    }
+    for (int a = 0; a < 4; ++a) {  // (A y) A^T
+      t[a][0].store(dst + (a * 4 + 0) * estride + co);
+      (t[a][0] + t[a][1]).store(dst + (a * 4 + 1) * estride + co);
+      (t[a][0] - t[a][1]).store(dst + (a * 4 + 2) * estride + co);
+      (V(0.f) - t[a][1]).store(dst + (a * 4 + 3) * estride + co);
+    }
+  }
+}
+
+// out[co][ci] = G^T M[.][ci][co] G (3x3 from the 16 GEMM results M[e] (Cin x Cout)), in fp64 and
+// rounded once, written at `out`'s strides os. Output channels innermost, so the arithmetic vectorises.
+void weight_grad_output(const float* m, const Plan& p, float* out, const int64_t os[4]) {
+  const int64_t Cin = p.Cin, Cout = p.Cout, estride = Cin * Cout;
+  at::parallel_for(0, Cin, grain_for(16 * Cout * 8), [&](int64_t begin, int64_t end) {
+    std::vector<double> t(4 * 3 * Cout);  // t[a][kw][co] = (M G)[a][kw]
+    for (int64_t ci = begin; ci < end; ++ci) {
+      for (int a = 0; a < 4; ++a) {
+        const float* m0 = m + (a * 4 * Cin + ci) * Cout;
+        double* ta = t.data() + a * 3 * Cout;
+        for (int64_t co = 0; co < Cout; ++co) {
+          const double m1 = m0[estride + co], m2 = m0[2 * estride + co];
+          ta[co] = m0[co] + 0.5 * (m1 + m2);
+          ta[Cout + co] = 0.5 * (m1 - m2);
+          ta[2 * Cout + co] = 0.5 * (m1 + m2) + m0[3 * estride + co];
+        }
+      }
+      for (int kw = 0; kw < 3; ++kw)
+        for (int64_t co = 0; co < Cout; ++co) {
+          const double t0 = t[kw * Cout + co], t1 = t[(3 + kw) * Cout + co], t2 = t[(6 + kw) * Cout + co],
+                       t3 = t[(9 + kw) * Cout + co];
+          float* o = out + co * os[0] + ci * os[1] + kw * os[3];
+          o[0] = static_cast<float>(t0 + 0.5 * (t1 + t2));
+          o[os[2]] = static_cast<float>(0.5 * (t1 - t2));
+          o[2 * os[2]] = static_cast<float>(0.5 * (t1 + t2) + t3);
+        }
     }
   });
 }
@@ -418,6 +486,55 @@ at::Tensor winograd_conv2d(const at::Tensor& x, const at::Tensor& weight, const 
   if (res.defined()) ep.rsN = res.stride(0), ep.rsH = res.stride(2), ep.rsW = res.stride(3);
   run(xin.const_data_ptr<float>(), U->data(), p, ep);
   return is_channels_last(fmt) ? out : out.contiguous(fmt);
+}
+
+bool winograd_weight_grad_applies(const at::Tensor& grad, const at::Tensor& x) {
+  const int mode = g_mode.load(std::memory_order_relaxed);
+  if (mode == 0 || x.scalar_type() != at::kFloat || grad.scalar_type() != at::kFloat || x.dim() != 4 ||
+      grad.dim() != 4)
+    return false;
+  if (x.size(1) % kChannelMultiple != 0 || grad.size(1) % kChannelMultiple != 0 || x.size(1) == 0 ||
+      grad.size(1) == 0 || x.numel() == 0)
+    return false;
+  if (grad.size(0) != x.size(0) || grad.size(2) != x.size(2) || grad.size(3) != x.size(3)) return false;
+  return mode == 2 || x.size(0) * x.size(2) * x.size(3) >= kMinPixels;
+}
+
+at::Tensor winograd_weight_grad(const at::Tensor& grad, const at::Tensor& x, at::MemoryFormat fmt) {
+  TORCH_CHECK(winograd_weight_grad_applies(grad, x), "fastsr: winograd weight gradient does not apply to grad ",
+              grad.sizes(), ", x ", x.sizes());
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  Plan p{};
+  p.N = x.size(0), p.Cin = x.size(1), p.H = x.size(2), p.W = x.size(3), p.Cout = grad.size(1), p.r = 1, p.C = p.Cout;
+  p.TH = (p.H + 1) / 2, p.TW = (p.W + 1) / 2, p.tiles = p.N * p.TH * p.TW;
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor xin = channels_adjacent(x) ? x : x.contiguous(cl);
+  const at::Tensor gin = channels_adjacent(grad) ? grad : grad.contiguous(cl);
+  p.xsN = xin.stride(0), p.xsH = xin.stride(2), p.xsW = xin.stride(3);
+  const int64_t gs[3] = {gin.stride(0), gin.stride(2), gin.stride(3)};
+  // Blocks of tiles whose transforms stay in cache for their GEMMs: transforming all tiles first
+  // wrote 4x the input and the gradient to memory and read them back (2x slower than oneDNN at 16x48x48).
+  const int64_t block = std::min<int64_t>(p.tiles, kWeightGradTiles);
+  at::Tensor vt = at::empty({16, block, p.Cin}, x.options()), zt = at::empty({16, block, p.Cout}, x.options());
+  at::Tensor m = at::zeros({16, p.Cin, p.Cout}, x.options());  // dL/dU per element, summed over the blocks
+  float* vp = vt.mutable_data_ptr<float>();
+  float* zp = zt.mutable_data_ptr<float>();
+  const float* xp = xin.const_data_ptr<float>();
+  const float* gp = gin.const_data_ptr<float>();
+  for (int64_t t0 = 0; t0 < p.tiles; t0 += block) {
+    const int64_t nt = std::min(block, p.tiles - t0);
+    at::parallel_for(0, nt, grain_for(16 * (p.Cin + p.Cout)), [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        input_tile(xp, p, t0 + s, vp, s, block * p.Cin);
+        grad_tile(gp, gs, p, t0 + s, zp, s, block * p.Cout);
+      }
+    });
+    m.baddbmm_(vt.narrow(1, 0, nt).transpose(1, 2), zt.narrow(1, 0, nt));
+  }
+  at::Tensor out = at::empty({p.Cout, p.Cin, 3, 3}, x.options(), fmt);
+  const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
+  weight_grad_output(m.const_data_ptr<float>(), p, out.mutable_data_ptr<float>(), os);
+  return out;
 }
 
 namespace {

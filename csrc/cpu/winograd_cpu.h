@@ -31,4 +31,11 @@ at::Tensor winograd_conv2d(const at::Tensor& x, const at::Tensor& weight, const 
                            const std::optional<at::Tensor>& slope, const std::optional<at::Tensor>& residual,
                            int64_t shuffle, at::MemoryFormat fmt, Act act = Act::kPReLU);
 
+// The weight gradient of a 'same' 3x3 convolution (stride 1, no dilation) for the output gradient
+// `grad` (N, C_out, H, W) and input x (N, C_in, H, W), both fp32 with channels in multiples of 16:
+// (C_out, C_in, 3, 3) fp32 in memory format `fmt`, by Winograd F(2x2, 3x3): 16 GEMMs over the
+// transformed tiles instead of 9 taps over the pixels. Applies in the same modes as the forward.
+bool winograd_weight_grad_applies(const at::Tensor& grad, const at::Tensor& x);
+at::Tensor winograd_weight_grad(const at::Tensor& grad, const at::Tensor& x, at::MemoryFormat fmt);
+
 }  // namespace fastsr::cpu
