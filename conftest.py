@@ -15,9 +15,9 @@ if not torch.cuda.is_available():
 # torch.compile's kernel cache, one per ATen CPU capability: a kernel cached under
 # ATEN_CPU_CAPABILITY=avx2 (the EPYC approximation) and reused without it, or the other way
 # round, gave NaN gradients and crashes here. And one per version of the cpp ops' fake kernels
-# (fastsr.csrc.backend, installed or not): a compiled graph asserts the strides a fake promised, and a graph cached before
-# conv2d_weight_grad's result followed x's memory format failed on the new strides. Kept between
-# runs otherwise (compiling is slow).
+# (fastsr.csrc.backend, installed or not): a compiled graph asserts the strides a fake promised,
+# and a graph cached before conv2d_weight_grad's result followed x's memory format failed on the
+# new strides. Kept between runs otherwise (compiling is slow).
 _FAKES = hashlib.sha256(Path(importlib.util.find_spec("fastsr.csrc.backend").origin).read_bytes()).hexdigest()[:12]
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"torchinductor-fastsr-{os.environ.get('ATEN_CPU_CAPABILITY', 'native').lower()}-{_FAKES}"))

@@ -165,8 +165,8 @@ def test_auto_mode_leaves_tiny_batches_to_onednn(auto):
 
 def test_gradients_still_flow_with_winograd_forward(forced):
     # Under autograd the forward may run Winograd (conv + bias, then shuffle_prelu); the backward
-    # takes the weight gradient from Winograd too, the input gradient from oneDNN. The output and every gradient against the fp64 reference, by
-    # the rule (the fp32 torch reference as the same-dtype baseline).
+    # takes the weight gradient from Winograd too, the input gradient from oneDNN. The output and
+    # every gradient against the fp64 reference, by the rule (fp32 torch as the same-dtype baseline).
     ins = conv_inputs("cpu", 1, 64, 256, 6, 7, 3, 2, True, "channel", True, True)
     before = _calls()
     assert_conv_grads_within_rule("cpp", ins, 2, torch.float32, True)
