@@ -60,9 +60,11 @@ constexpr int64_t kChannelMultiple = 16;
 // after every optimizer step in training): 1x8x8 0.13 vs oneDNN 0.14 ms, 1x12x12 0.11 vs 0.17,
 // 4x12x12 0.31 vs 0.42-0.49; at 1x4x4 the two are level (0.105 vs 0.089).
 constexpr int64_t kMinPixels = 64;
-// The weight gradient's block of tiles (its GEMMs' depth): 512 tiles of 64 + 64 channels are 4 MB of transforms,
-// held in L3 between the transform and the GEMM (measured 128-512: 512 best at 16x24x24 and 16x48x48).
-constexpr int64_t kWeightGradTiles = 512;
+// The weight gradient's blocks: at most 64 tiles (its GEMMs' depth; 64 tiles of 64 + 64 channels are
+// 512 KB of transforms, kept in L2 for the GEMMs), and MR output channels per micro-kernel call:
+// 8 x 2 vectors of accumulators (+3) of AVX-512's 32 registers, 4 x 2 (+3) of AVX2's 16.
+constexpr int64_t kWeightGradTiles = 64;
+constexpr int kWeightGradMR = kVS >= 16 ? 8 : 4;
 
 // 0: never, 1: auto (size threshold), 2: always when the shapes allow (tests). FASTSR_WINOGRAD
 // sets the initial mode (0/off, 1/auto, 2/force); the _winograd_mode op changes it at run time.
@@ -76,22 +78,23 @@ int initial_mode() {
 std::atomic<int> g_mode{initial_mode()};
 std::atomic<int64_t> g_calls{0};
 
-// C[MR][NRV * kVS] = A[MR][K] (row stride lda) * B[K][NRV * kVS] (row stride ldb).
+// C[MR][NRV * kVS] (+)= A[MR][K] * B[K][NRV * kVS]: A's element (r, k) at a[r * a_row + k * a_k], B's
+// rows ldb apart, C's ldc apart; with `accumulate` the product is added to C, else it replaces C.
 template <int MR, int NRV>
-inline void micro_kernel(const float* __restrict__ a, int64_t lda, const float* __restrict__ b, int64_t ldb,
-                         float* __restrict__ c, int64_t ldc, int64_t K) {
+inline void micro_kernel(const float* __restrict__ a, int64_t a_row, int64_t a_k, const float* __restrict__ b,
+                         int64_t ldb, float* __restrict__ c, int64_t ldc, int64_t K, bool accumulate) {
   V acc[MR][NRV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NRV; ++v) acc[r][v] = V(0.f);
+    for (int v = 0; v < NRV; ++v) acc[r][v] = accumulate ? V::loadu(c + r * ldc + v * kVS) : V(0.f);
   for (int64_t k = 0; k < K; ++k) {
     V bv[NRV];
 #pragma GCC unroll 4
     for (int v = 0; v < NRV; ++v) bv[v] = in_register(V::loadu(b + k * ldb + v * kVS));
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const V av = in_register(V(a[r * lda + k]));
+      const V av = in_register(V(a[r * a_row + k * a_k]));
 #pragma GCC unroll 4
       for (int v = 0; v < NRV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
     }
@@ -332,7 +335,7 @@ void gemm_chunk(const float* vt, const float* u, float* m, const Plan& p, int64_
     float* c = m + e * kTiles * p.CW;
     for (int64_t t0 = 0; t0 < rows; t0 += MR)
       for (int64_t col = 0; col < p.CW; col += NRV * kVS)
-        micro_kernel<MR, NRV>(a + t0 * p.Cin, p.Cin, b + col, p.CW, c + t0 * p.CW + col, p.CW, p.Cin);
+        micro_kernel<MR, NRV>(a + t0 * p.Cin, p.Cin, 1, b + col, p.CW, c + t0 * p.CW + col, p.CW, p.Cin, false);
   }
 }
 
@@ -395,27 +398,48 @@ inline void grad_tile(const float* __restrict__ g, const int64_t gs[3], const Pl
   }
 }
 
-// out[co][ci] = G^T M[.][ci][co] G (3x3 from the 16 GEMM results M[e] (Cin x Cout)), in fp64 and
-// rounded once, written at `out`'s strides os. Output channels innermost, so the arithmetic vectorises.
-void weight_grad_output(const float* m, const Plan& p, float* out, const int64_t os[4]) {
-  const int64_t Cin = p.Cin, Cout = p.Cout, estride = Cin * Cout;
-  at::parallel_for(0, Cin, grain_for(16 * Cout * 8), [&](int64_t begin, int64_t end) {
-    std::vector<double> t(4 * 3 * Cout);  // t[a][kw][co] = (M G)[a][kw]
-    for (int64_t ci = begin; ci < end; ++ci) {
+// M[e] (C_out x C_in) += Zt[e]^T Vt[e] over a block's nt tiles (element e of Zt / Vt bt tiles apart),
+// for e = 0..15. Rows MR output channels, columns NRV vectors of input channels.
+template <int NRV>
+void weight_grad_gemm(const float* zt, const float* vt, float* m, const Plan& p, int64_t nt, int64_t bt) {
+  for (int e = 0; e < 16; ++e) {
+    const float* a = zt + e * bt * p.Cout;
+    const float* b = vt + e * bt * p.Cin;
+    float* c = m + e * p.Cout * p.Cin;
+    for (int64_t row = 0; row < p.Cout; row += kWeightGradMR)
+      for (int64_t col = 0; col < p.Cin; col += NRV * kVS)
+        micro_kernel<kWeightGradMR, NRV>(a + row, 1, p.Cout, b + col, p.Cin, c + row * p.Cin + col, p.Cin, nt, true);
+  }
+}
+
+// out[co][ci] = G^T M[.][co][ci] G (3x3 from the 16 GEMM results), M summed over the `parts`
+// per-thread partials (each 16 x C_out x C_in), in fp64 and rounded once, written at `out`'s strides
+// os. Input channels innermost, so the arithmetic vectorises.
+void weight_grad_output(const float* partial, int64_t parts, const Plan& p, float* out, const int64_t os[4]) {
+  const int64_t Cin = p.Cin, Cout = p.Cout, estride = Cout * Cin;
+  at::parallel_for(0, Cout, grain_for(16 * Cin * 4 * parts), [&](int64_t begin, int64_t end) {
+    std::vector<double> m(16 * Cin), t(4 * 3 * Cin);  // m[e][ci]; t[a][kw][ci] = (M G)[a][kw]
+    for (int64_t co = begin; co < end; ++co) {
+      for (int e = 0; e < 16; ++e) {
+        const float* src = partial + e * estride + co * Cin;
+        double* me = m.data() + e * Cin;
+        for (int64_t ci = 0; ci < Cin; ++ci) me[ci] = src[ci];
+        for (int64_t part = 1; part < parts; ++part)
+          for (int64_t ci = 0; ci < Cin; ++ci) me[ci] += src[part * 16 * estride + ci];
+      }
       for (int a = 0; a < 4; ++a) {
-        const float* m0 = m + (a * 4 * Cin + ci) * Cout;
-        double* ta = t.data() + a * 3 * Cout;
-        for (int64_t co = 0; co < Cout; ++co) {
-          const double m1 = m0[estride + co], m2 = m0[2 * estride + co];
-          ta[co] = m0[co] + 0.5 * (m1 + m2);
-          ta[Cout + co] = 0.5 * (m1 - m2);
-          ta[2 * Cout + co] = 0.5 * (m1 + m2) + m0[3 * estride + co];
+        const double *m0 = m.data() + a * 4 * Cin, *m1 = m0 + Cin, *m2 = m1 + Cin, *m3 = m2 + Cin;
+        double* ta = t.data() + a * 3 * Cin;
+        for (int64_t ci = 0; ci < Cin; ++ci) {
+          ta[ci] = m0[ci] + 0.5 * (m1[ci] + m2[ci]);
+          ta[Cin + ci] = 0.5 * (m1[ci] - m2[ci]);
+          ta[2 * Cin + ci] = 0.5 * (m1[ci] + m2[ci]) + m3[ci];
         }
       }
       for (int kw = 0; kw < 3; ++kw)
-        for (int64_t co = 0; co < Cout; ++co) {
-          const double t0 = t[kw * Cout + co], t1 = t[(3 + kw) * Cout + co], t2 = t[(6 + kw) * Cout + co],
-                       t3 = t[(9 + kw) * Cout + co];
+        for (int64_t ci = 0; ci < Cin; ++ci) {
+          const double t0 = t[kw * Cin + ci], t1 = t[(3 + kw) * Cin + ci], t2 = t[(6 + kw) * Cin + ci],
+                       t3 = t[(9 + kw) * Cin + ci];
           float* o = out + co * os[0] + ci * os[1] + kw * os[3];
           o[0] = static_cast<float>(t0 + 0.5 * (t1 + t2));
           o[os[2]] = static_cast<float>(0.5 * (t1 - t2));
@@ -512,28 +536,35 @@ at::Tensor winograd_weight_grad(const at::Tensor& grad, const at::Tensor& x, at:
   const at::Tensor gin = channels_adjacent(grad) ? grad : grad.contiguous(cl);
   p.xsN = xin.stride(0), p.xsH = xin.stride(2), p.xsW = xin.stride(3);
   const int64_t gs[3] = {gin.stride(0), gin.stride(2), gin.stride(3)};
-  // Blocks of tiles whose transforms stay in cache for their GEMMs: transforming all tiles first
-  // wrote 4x the input and the gradient to memory and read them back (2x slower than oneDNN at 16x48x48).
-  const int64_t block = std::min<int64_t>(p.tiles, kWeightGradTiles);
-  at::Tensor vt = at::empty({16, block, p.Cin}, x.options()), zt = at::empty({16, block, p.Cout}, x.options());
-  at::Tensor m = at::zeros({16, p.Cin, p.Cout}, x.options());  // dL/dU per element, summed over the blocks
-  float* vp = vt.mutable_data_ptr<float>();
-  float* zp = zt.mutable_data_ptr<float>();
+  // Each thread transforms blocks of tiles into its own buffers and adds their 16 GEMMs to its own
+  // partial M, so the transforms stay in cache for the GEMMs (transforming all tiles first wrote 4x
+  // the input and the gradient to memory: 2x slower than oneDNN at 16x48x48) and the threads share
+  // nothing until the partials are summed. Blocks of at most kWeightGradTiles, a multiple of the
+  // thread count in number so both threads get the same work.
+  const int64_t threads = at::get_num_threads();
+  const int64_t needed = (p.tiles + kWeightGradTiles - 1) / kWeightGradTiles;
+  const int64_t blocks = (needed + threads - 1) / threads * threads, bt = (p.tiles + blocks - 1) / blocks;
+  std::vector<float> partial(threads * 16 * p.Cout * p.Cin, 0.f);
   const float* xp = xin.const_data_ptr<float>();
   const float* gp = gin.const_data_ptr<float>();
-  for (int64_t t0 = 0; t0 < p.tiles; t0 += block) {
-    const int64_t nt = std::min(block, p.tiles - t0);
-    at::parallel_for(0, nt, grain_for(16 * (p.Cin + p.Cout)), [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s) {
-        input_tile(xp, p, t0 + s, vp, s, block * p.Cin);
-        grad_tile(gp, gs, p, t0 + s, zp, s, block * p.Cout);
+  const bool two = p.Cin % (2 * kVS) == 0;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> vt(16 * bt * p.Cin), zt(16 * bt * p.Cout);
+    float* m = partial.data() + at::get_thread_num() * 16 * p.Cout * p.Cin;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t t0 = blk * bt, nt = std::min(bt, p.tiles - t0);
+      if (nt <= 0) break;
+      for (int64_t s = 0; s < nt; ++s) {
+        input_tile(xp, p, t0 + s, vt.data(), s, bt * p.Cin);
+        grad_tile(gp, gs, p, t0 + s, zt.data(), s, bt * p.Cout);
       }
-    });
-    m.baddbmm_(vt.narrow(1, 0, nt).transpose(1, 2), zt.narrow(1, 0, nt));
-  }
+      if (two) weight_grad_gemm<2>(zt.data(), vt.data(), m, p, nt, bt);
+      else weight_grad_gemm<1>(zt.data(), vt.data(), m, p, nt, bt);
+    }
+  });
   at::Tensor out = at::empty({p.Cout, p.Cin, 3, 3}, x.options(), fmt);
   const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
-  weight_grad_output(m.const_data_ptr<float>(), p, out.mutable_data_ptr<float>(), os);
+  weight_grad_output(partial.data(), threads, p, out.mutable_data_ptr<float>(), os);
   return out;
 }
 
