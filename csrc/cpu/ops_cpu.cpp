@@ -133,7 +133,10 @@ void shuffle_prelu_kernel(const T* x, const acc_t<T>* slope, const T* res, T* ou
     if constexpr (std::is_same_v<T, A>) {
       prelu_run<T>(src, activate, nullptr, s0, nullptr, buf, run.len);
     } else {
-      for (int64_t k = 0; k < run.len; ++k) buf[k] = activate ? prelu(static_cast<A>(src[k]), s0) : static_cast<A>(src[k]);
+      for (int64_t k = 0; k < run.len; ++k) {
+        const A v = static_cast<A>(src[k]);
+        buf[k] = activate ? prelu(v, s0) : v;
+      }
     }
     for (int64_t k = 0; k < run.len; ++k)
       dst[k * run.out_step] = static_cast<T>(rp ? buf[k] + static_cast<A>(rp[k * run.out_step]) : buf[k]);

@@ -364,10 +364,10 @@ void run(const float* x, const float* U, const Plan& p, const Epilogue& ep) {
   });
 }
 
-
 // The weight gradient (winograd_weight_grad): with Z = A dY A^T the output gradient's 2x2 tile
 // carried back through the output transform and V = B^T d B the input tile as in the forward,
-// dL/dU[e] = sum over tiles of Z[e] V[e]^T (16 GEMMs over all tiles at once), then dL/dg = G^T (dL/dU) G.
+// dL/dU[e] = sum over tiles of Z[e] V[e]^T (16 GEMMs per block of tiles, summed), then
+// dL/dg = G^T (dL/dU) G.
 
 // Z of output-gradient tile `tile` (zero outside the image) into Zt[e][slot][co], element e at zt + e * estride.
 inline void grad_tile(const float* __restrict__ g, const int64_t gs[3], const Plan& p, int64_t tile,
