@@ -66,6 +66,7 @@ constexpr int64_t kMinPixels = 64;
 // 512 KB of transforms, kept in L2 for the GEMMs), and MR output channels per micro-kernel call:
 // 8 x 2 vectors of accumulators (+3) of AVX-512's 32 registers, 4 x 2 (+3) of AVX2's 16.
 constexpr int64_t kWeightGradTiles = 64;
+constexpr int64_t kMinPartTiles = 32;
 constexpr int kWeightGradMR = kVS >= 16 ? 8 : 4;
 
 // 0: never, 1: auto (size threshold), 2: always when the shapes allow (tests). FASTSR_WINOGRAD
@@ -415,8 +416,8 @@ void weight_grad_gemm(const float* zt, const float* vt, float* m, const Plan& p,
 }
 
 // out[co][ci] = G^T M[.][co][ci] G (3x3 from the 16 GEMM results), M summed over the `parts`
-// per-thread partials (each 16 x C_out x C_in), in fp64 and rounded once, written at `out`'s strides
-// os. Input channels innermost, so the arithmetic vectorises.
+// partials of contiguous tile ranges (each 16 x C_out x C_in), in fp64 and rounded once, written at
+// `out`'s strides os. Input channels innermost, so the arithmetic vectorises.
 void weight_grad_output(const float* partial, int64_t parts, const Plan& p, float* out, const int64_t os[4]) {
   const int64_t Cin = p.Cin, Cout = p.Cout, estride = Cout * Cin;
   at::parallel_for(0, Cout, grain_for(16 * Cin * 4 * parts), [&](int64_t begin, int64_t end) {
@@ -538,35 +539,39 @@ at::Tensor winograd_weight_grad(const at::Tensor& grad, const at::Tensor& x, at:
   const at::Tensor gin = channels_adjacent(grad) ? grad : grad.contiguous(cl);
   p.xsN = xin.stride(0), p.xsH = xin.stride(2), p.xsW = xin.stride(3);
   const int64_t gs[3] = {gin.stride(0), gin.stride(2), gin.stride(3)};
-  // Each thread transforms blocks of tiles into its own buffers and adds their 16 GEMMs to its own
-  // partial M, so the transforms stay in cache for the GEMMs (transforming all tiles first wrote 4x
-  // the input and the gradient to memory: 2x slower than oneDNN at 16x48x48) and the threads share
-  // nothing until the partials are summed. Blocks of at most kWeightGradTiles, a multiple of the
-  // thread count in number so both threads get the same work.
-  const int64_t threads = at::get_num_threads();
-  const int64_t needed = (p.tiles + kWeightGradTiles - 1) / kWeightGradTiles;
-  const int64_t blocks = (needed + threads - 1) / threads * threads, bt = (p.tiles + blocks - 1) / blocks;
-  std::vector<float> partial(threads * 16 * p.Cout * p.Cin, 0.f);
+  // The tiles are split into `parts` contiguous ranges, each summed into its own partial M: at most
+  // one per thread, and at least kMinPartTiles tiles each (a 64-thread machine would otherwise zero
+  // and add up 64 partials for a 144-tile conv). A range is done in blocks of at most
+  // kWeightGradTiles, transformed into the thread's buffers and at once multiplied, so the transforms
+  // stay in cache for the GEMMs (transforming all tiles first wrote 4x the input and the gradient to
+  // memory: 2x slower than oneDNN at 16x48x48).
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.tiles / kMinPartTiles));
+  const int64_t per_part = (p.tiles + parts - 1) / parts;
+  const int64_t blocks_per_part = (per_part + kWeightGradTiles - 1) / kWeightGradTiles;
+  const int64_t bt = (per_part + blocks_per_part - 1) / blocks_per_part;
+  std::vector<float> partial(parts * 16 * p.Cout * p.Cin, 0.f);
   const float* xp = xin.const_data_ptr<float>();
   const float* gp = gin.const_data_ptr<float>();
   const bool two = p.Cin % (2 * kVS) == 0;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> vt(16 * bt * p.Cin), zt(16 * bt * p.Cout);
-    float* m = partial.data() + at::get_thread_num() * 16 * p.Cout * p.Cin;
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t t0 = blk * bt, nt = std::min(bt, p.tiles - t0);
-      if (nt <= 0) break;
-      for (int64_t s = 0; s < nt; ++s) {
-        input_tile(xp, p, t0 + s, vt.data(), s, bt * p.Cin);
-        grad_tile(gp, gs, p, t0 + s, zt.data(), s, bt * p.Cout);
+    for (int64_t part = begin; part < end; ++part) {
+      float* m = partial.data() + part * 16 * p.Cout * p.Cin;
+      const int64_t last = std::min(p.tiles, (part + 1) * per_part);
+      for (int64_t t0 = part * per_part; t0 < last; t0 += bt) {
+        const int64_t nt = std::min(bt, last - t0);
+        for (int64_t s = 0; s < nt; ++s) {
+          input_tile(xp, p, t0 + s, vt.data(), s, bt * p.Cin);
+          grad_tile(gp, gs, p, t0 + s, zt.data(), s, bt * p.Cout);
+        }
+        if (two) weight_grad_gemm<2>(zt.data(), vt.data(), m, p, nt, bt);
+        else weight_grad_gemm<1>(zt.data(), vt.data(), m, p, nt, bt);
       }
-      if (two) weight_grad_gemm<2>(zt.data(), vt.data(), m, p, nt, bt);
-      else weight_grad_gemm<1>(zt.data(), vt.data(), m, p, nt, bt);
     }
   });
   at::Tensor out = at::empty({p.Cout, p.Cin, 3, 3}, x.options(), fmt);
   const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
-  weight_grad_output(partial.data(), threads, p, out.mutable_data_ptr<float>(), os);
+  weight_grad_output(partial.data(), parts, p, out.mutable_data_ptr<float>(), os);
   return out;
 }
 
