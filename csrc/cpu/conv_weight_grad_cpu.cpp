@@ -129,7 +129,7 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x, i
   TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(2) == x.size(2) && grad.size(3) == x.size(3),
               "fastsr: grad ", grad.sizes(), " does not match x ", x.sizes());
   const bool few = Cout >= 1 && Cout <= kMaxOut && Cin % kVS == 0;
-  const bool winograd_shape = kernel_size == 3 && Cin % 16 == 0 && Cout % 16 == 0 && Cin > 0 && Cout > 0;
+  const bool winograd_shape = kernel_size == 3 && cpu::winograd_weight_grad_supported(grad, x);
   TORCH_CHECK(few || winograd_shape, "fastsr: conv2d_weight_grad serves 1 to ", kMaxOut,
               " output channels with input channels in multiples of ", kVS,
               ", or a 3x3 kernel with input and output channels in multiples of 16; got ", Cout, " and ", Cin,

@@ -469,10 +469,15 @@ static bool supported(const at::Tensor& x, const at::Tensor& weight, int64_t shu
   return x.size(0) > 0 && x.size(2) > 0 && x.size(3) > 0;
 }
 
-bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t shuffle) {
+// Whether the mode takes a call the kernel supports, on input x: never (0), always (2), or in "auto"
+// from kMinPixels pixels over the batch.
+static bool mode_takes(const at::Tensor& x) {
   const int mode = g_mode.load(std::memory_order_relaxed);
-  if (mode == 0 || !supported(x, weight, shuffle)) return false;
-  return mode == 2 || x.size(0) * x.size(2) * x.size(3) >= kMinPixels;
+  return mode == 2 || (mode == 1 && x.size(0) * x.size(2) * x.size(3) >= kMinPixels);
+}
+
+bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t shuffle) {
+  return supported(x, weight, shuffle) && mode_takes(x);
 }
 
 at::Tensor winograd_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -515,16 +520,16 @@ at::Tensor winograd_conv2d(const at::Tensor& x, const at::Tensor& weight, const 
   return is_channels_last(fmt) ? out : out.contiguous(fmt);
 }
 
+bool winograd_weight_grad_supported(const at::Tensor& grad, const at::Tensor& x) {
+  if (x.scalar_type() != at::kFloat || grad.scalar_type() != at::kFloat || x.dim() != 4 || grad.dim() != 4)
+    return false;
+  if (x.size(1) % kChannelMultiple != 0 || grad.size(1) % kChannelMultiple != 0 || x.size(1) == 0 || grad.size(1) == 0)
+    return false;
+  return grad.size(0) == x.size(0) && grad.size(2) == x.size(2) && grad.size(3) == x.size(3);
+}
+
 bool winograd_weight_grad_applies(const at::Tensor& grad, const at::Tensor& x) {
-  const int mode = g_mode.load(std::memory_order_relaxed);
-  if (mode == 0 || x.scalar_type() != at::kFloat || grad.scalar_type() != at::kFloat || x.dim() != 4 ||
-      grad.dim() != 4)
-    return false;
-  if (x.size(1) % kChannelMultiple != 0 || grad.size(1) % kChannelMultiple != 0 || x.size(1) == 0 ||
-      grad.size(1) == 0 || x.numel() == 0)
-    return false;
-  if (grad.size(0) != x.size(0) || grad.size(2) != x.size(2) || grad.size(3) != x.size(3)) return false;
-  return mode == 2 || x.size(0) * x.size(2) * x.size(3) >= kMinPixels;
+  return winograd_weight_grad_supported(grad, x) && x.numel() > 0 && mode_takes(x);  // no tiles: oneDNN's zeros
 }
 
 at::Tensor winograd_weight_grad(const at::Tensor& grad, const at::Tensor& x, at::MemoryFormat fmt) {
@@ -586,7 +591,7 @@ int64_t winograd_calls_op() { return g_calls.load(); }
 
 // Introspection for tests and benchmarks: _winograd_mode(m) sets the mode (0 off, 1 auto,
 // 2 force; -1 only reads it) and returns the previous one; _winograd_calls() counts the
-// convolutions the Winograd path has served in this process.
+// convolutions and weight gradients the Winograd path has served in this process.
 TORCH_LIBRARY_FRAGMENT(fastsr, m) {
   m.def("_winograd_mode(int mode) -> int", &fastsr::cpu::winograd_mode_op);
   m.def("_winograd_calls() -> int", &fastsr::cpu::winograd_calls_op);

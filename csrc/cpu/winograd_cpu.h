@@ -34,7 +34,9 @@ at::Tensor winograd_conv2d(const at::Tensor& x, const at::Tensor& weight, const 
 // The weight gradient of a 'same' 3x3 convolution (stride 1, no dilation) for the output gradient
 // `grad` (N, C_out, H, W) and input x (N, C_in, H, W), both fp32 with channels in multiples of 16:
 // (C_out, C_in, 3, 3) fp32 in memory format `fmt`, by Winograd F(2x2, 3x3): 16 GEMMs over the
-// transformed tiles instead of 9 taps over the pixels. Applies in the same modes as the forward.
+// transformed tiles instead of 9 taps over the pixels. Supported: those shapes and dtypes; applies:
+// supported and taken by the mode, as the forward (its "auto" size threshold, FASTSR_WINOGRAD).
+bool winograd_weight_grad_supported(const at::Tensor& grad, const at::Tensor& x);
 bool winograd_weight_grad_applies(const at::Tensor& grad, const at::Tensor& x);
 at::Tensor winograd_weight_grad(const at::Tensor& grad, const at::Tensor& x, at::MemoryFormat fmt);
 
