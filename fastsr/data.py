@@ -7,6 +7,8 @@ and evaluation see the same degradation.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -19,6 +21,8 @@ from PIL import Image
 log = logging.getLogger("fastsr")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+# How a crop picks its image: each image equally often, or in proportion to its pixel count.
+SAMPLINGS = ("image", "area")
 
 # Photos shipped in scikit-image, split once and for all: the default model never sees HELD_OUT.
 HELD_OUT_PHOTOS = ("astronaut", "coffee", "rocket")
@@ -88,6 +92,10 @@ def export_skimage_photos(out_dir: str | os.PathLike, names: tuple[str, ...] = T
 class RandomCrops:
     """Random HR crops with flips, rot90 and (optionally) a random colour-channel permutation.
 
+    ``sampling="image"`` picks each image equally often; ``"area"`` in proportion to its pixel
+    count, so every pixel of the set is equally likely to be seen (a folder mixing 0.3 Mpx and
+    3 Mpx photos otherwise shows each pixel of the small ones ten times as often).
+
     Every crop is drawn from its own ``torch.Generator`` seeded from ``(seed, step, index)``,
     where ``index`` is the crop's place in the global batch of that step. So the data position
     of a run is just its step: resuming needs no sampler state, DataLoader workers can build
@@ -98,12 +106,15 @@ class RandomCrops:
     """
 
     def __init__(self, root: str | os.PathLike, crop: int, scale: int, *, permute_channels: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, sampling: str = "image") -> None:
         if crop % scale:
             raise ValueError(f"crop ({crop}) must be a multiple of scale ({scale})")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         self.crop, self.scale, self.permute_channels, self.seed = crop, scale, permute_channels, seed
+        self.sampling = sampling
         self.images: list[torch.Tensor] = []
         self.skipped: dict[str, str] = {}
         paths = find_images(root)
@@ -125,6 +136,8 @@ class RandomCrops:
             log.warning("skipped %d of %d images under %s", len(self.skipped), len(paths), root)
         if not self.images:
             raise ValueError(f"none of the {len(paths)} images under {root} is usable (see warnings)")
+        # Cumulative pixel counts: image i owns the draws in [ends[i-1], ends[i]).
+        self._area_ends = list(itertools.accumulate(im.shape[1] * im.shape[2] for im in self.images))
 
     def _generator(self, step: int, index: int) -> torch.Generator:
         # SeedSequence mixes the three integers into well-spread, independent seeds.
@@ -135,7 +148,10 @@ class RandomCrops:
         """Crop number ``index`` of ``step``'s global batch: (3, crop, crop) uint8."""
         g = self._generator(step, index)
         randint = lambda high: int(torch.randint(high, (1,), generator=g))  # noqa: E731
-        image = self.images[randint(len(self.images))]
+        if self.sampling == "area":
+            image = self.images[bisect.bisect_right(self._area_ends, randint(self._area_ends[-1]))]
+        else:
+            image = self.images[randint(len(self.images))]
         top = randint(image.shape[1] - self.crop + 1)
         left = randint(image.shape[2] - self.crop + 1)
         crop = image[:, top : top + self.crop, left : left + self.crop]

@@ -241,6 +241,20 @@ def test_dataloader_workers_give_the_same_batches(photos):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("sampling, expected_small", [("image", 0.5), ("area", 1 / 101)])
+def test_crop_sampling_by_image_or_by_area(tmp_path, sampling, expected_small):
+    # A black 32x32 image and a white 320x320 one (100x the pixels): "image" picks each half the
+    # time, "area" the small one once per 101 crops.
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "small.png")
+    Image.fromarray(np.full((320, 320, 3), 255, np.uint8)).save(tmp_path / "large.png")
+    crops = RandomCrops(tmp_path, 32, 4, sampling=sampling)
+    hr = crops.batch(0, 0, 2000)[1]
+    small = float((hr.amax(dim=(1, 2, 3)) == 0).float().mean())
+    assert abs(small - expected_small) < 4 * (expected_small * (1 - expected_small) / 2000) ** 0.5 + 1e-3
+    with pytest.raises(ValueError, match="sampling"):
+        RandomCrops(tmp_path, 32, 4, sampling="pixels")
+
+
 def test_bad_images_skipped_and_counted(tmp_path, photos, caplog):
     for p in photos.glob("*.png"):
         (tmp_path / p.name).write_bytes(p.read_bytes())

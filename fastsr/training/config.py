@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data import SAMPLINGS
 from ..errors import UserError
 from ..ops.dispatch import BACKENDS
 from ..options import check_values, flag_of, option
@@ -45,6 +46,8 @@ class TrainConfig:
                        choices=("mse", "l1"))
     ema_decay: float = option(0.999, "EMA decay of the exported weights", at_least=0.0, below=1.0)
     permute_channels: bool = option(True, "random RGB permutation of the crops")
+    sampling: str = option("image", "how a crop picks its image: each equally often (image), or in proportion "
+                                    "to its pixel count (area: every pixel equally likely)", choices=SAMPLINGS)
     amp: str = option("off", "mixed precision (auto: bf16 where the hardware has it, else fp32)",
                       choices=("off", "auto", "bf16", "fp16"))
     save_every: int = option(500, "checkpoint every N steps", at_least=1)
