@@ -92,6 +92,9 @@ def export_skimage_photos(out_dir: str | os.PathLike, names: tuple[str, ...] = T
 class RandomCrops:
     """Random HR crops with flips, rot90 and (optionally) a random colour-channel permutation.
 
+    ``shrink < 1`` takes each crop from its image shrunk by a random factor in ``[shrink, 1]``
+    (antialiased bicubic, rounded to 8 bits like a photo saved at that size): the same photos at
+    more scales, so detail as dense as in a smaller picture.
     ``sampling="image"`` picks each image equally often; ``"area"`` in proportion to its pixel
     count, so every pixel of the set is equally likely to be seen (a folder mixing 0.3 Mpx and
     3 Mpx photos otherwise shows each pixel of the small ones ten times as often).
@@ -106,7 +109,7 @@ class RandomCrops:
     """
 
     def __init__(self, root: str | os.PathLike, crop: int, scale: int, *, permute_channels: bool = True,
-                 seed: int = 0, sampling: str = "image") -> None:
+                 seed: int = 0, sampling: str = "image", shrink: float = 1.0) -> None:
         if crop % scale:
             raise ValueError(f"crop ({crop}) must be a multiple of scale ({scale})")
         if seed < 0:
@@ -114,7 +117,9 @@ class RandomCrops:
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         self.crop, self.scale, self.permute_channels, self.seed = crop, scale, permute_channels, seed
-        self.sampling = sampling
+        if not 0.0 < shrink <= 1.0:
+            raise ValueError(f"shrink must be in (0, 1], got {shrink}")
+        self.sampling, self.shrink = sampling, shrink
         self.images: list[torch.Tensor] = []
         self.skipped: dict[str, str] = {}
         paths = find_images(root)
@@ -152,9 +157,16 @@ class RandomCrops:
             image = self.images[bisect.bisect_right(self._area_ends, randint(self._area_ends[-1]))]
         else:
             image = self.images[randint(len(self.images))]
-        top = randint(image.shape[1] - self.crop + 1)
-        left = randint(image.shape[2] - self.crop + 1)
-        crop = image[:, top : top + self.crop, left : left + self.crop]
+        side = self.crop  # of the region cut out, before any shrinking
+        if self.shrink < 1.0:  # draws nothing when off, so the crops of shrink=1 stay what they were
+            factor = self.shrink + (1.0 - self.shrink) * float(torch.rand((), generator=g))
+            side = min(round(self.crop / factor), image.shape[1], image.shape[2])
+        top = randint(image.shape[1] - side + 1)
+        left = randint(image.shape[2] - side + 1)
+        crop = image[:, top : top + side, left : left + side]
+        if side != self.crop:
+            crop = F.interpolate(crop[None].float(), size=(self.crop, self.crop), mode="bicubic", antialias=True,
+                                 align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
         if randint(2):
             crop = crop.flip(-1)
         crop = torch.rot90(crop, randint(4), dims=(-2, -1))

@@ -133,7 +133,7 @@ class _Recipe:
         """This rank's slice of each step's batch, for the steps still to go (see :class:`RandomCrops`)."""
         cfg = self.cfg
         crops = RandomCrops(cfg.data, cfg.crop, cfg.scale, permute_channels=cfg.permute_channels, seed=cfg.seed,
-                            sampling=cfg.sampling)
+                            sampling=cfg.sampling, shrink=cfg.shrink)
         local = cfg.batch_size // self.dist.world_size
         return torch.utils.data.DataLoader(
             StepBatches(crops, self.dist.rank * local, local), batch_size=None, sampler=range(self.step, self.last),

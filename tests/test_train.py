@@ -255,6 +255,26 @@ def test_crop_sampling_by_image_or_by_area(tmp_path, sampling, expected_small):
         RandomCrops(tmp_path, 32, 4, sampling="pixels")
 
 
+def test_shrink_takes_crops_from_the_image_at_smaller_scales(tmp_path):
+    # A ramp (value = column) gains 1 per pixel at full size, 1/f per pixel shrunk by f.
+    ramp = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (256, 256, 3))
+    Image.fromarray(np.ascontiguousarray(ramp)).save(tmp_path / "ramp.png")
+
+    def slopes(shrink):
+        hr = RandomCrops(tmp_path, 32, 4, shrink=shrink, seed=1).batch(0, 0, 64)[1] * 255.0
+        along_w, along_h = hr.diff(dim=-1).mean(dim=(1, 2, 3)).abs(), hr.diff(dim=-2).mean(dim=(1, 2, 3)).abs()
+        return torch.maximum(along_w, along_h)  # rot90 turns some ramps vertical
+
+    assert torch.equal(slopes(1.0), torch.ones(64))
+    shrunk = slopes(0.5)
+    assert shrunk.min() >= 0.95 and shrunk.max() <= 2.05  # factors in [0.5, 1]
+    assert (shrunk > 1.5).sum() >= 10 and (shrunk < 1.25).sum() >= 10  # spread over the range
+    assert torch.equal(RandomCrops(tmp_path, 32, 4, shrink=0.5, seed=1).batch(0, 0, 64)[1],
+                       RandomCrops(tmp_path, 32, 4, shrink=0.5, seed=1).batch(0, 0, 64)[1])
+    with pytest.raises(ValueError, match="shrink"):
+        RandomCrops(tmp_path, 32, 4, shrink=1.5)
+
+
 def test_bad_images_skipped_and_counted(tmp_path, photos, caplog):
     for p in photos.glob("*.png"):
         (tmp_path / p.name).write_bytes(p.read_bytes())

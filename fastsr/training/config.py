@@ -48,6 +48,8 @@ class TrainConfig:
     permute_channels: bool = option(True, "random RGB permutation of the crops")
     sampling: str = option("image", "how a crop picks its image: each equally often (image), or in proportion "
                                     "to its pixel count (area: every pixel equally likely)", choices=SAMPLINGS)
+    shrink: float = option(1.0, "take each crop from its image shrunk by a random factor in [SHRINK, 1] "
+                                "(antialiased): the photos at more scales; 1 = off", above=0.0)
     amp: str = option("off", "mixed precision (auto: bf16 where the hardware has it, else fp32)",
                       choices=("off", "auto", "bf16", "fp16"))
     save_every: int = option(500, "checkpoint every N steps", at_least=1)
@@ -125,6 +127,8 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainingError(f"--crop {cfg.crop} must be a multiple of --scale {cfg.scale} (the LR crop is "
                             f"crop / scale pixels)")
     _check_device(cfg.device)
+    if cfg.shrink > 1.0:
+        raise TrainingError(f"--shrink {cfg.shrink:g} must be at most 1 (a factor the images are shrunk by)")
     if cfg.min_lr > cfg.lr:
         raise TrainingError(f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: the schedule decays from --lr "
                             f"down to --min-lr")
