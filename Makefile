@@ -124,7 +124,11 @@ default-model: data/wallpapers/manifest.csv runs/default-base.safetensors
 		--data data/default-train --val data/default-val --out runs/default-mse --steps 1200 --batch-size 16 \
 		--crop 128 --lr 2e-5 --min-lr 1e-6 --warmup-steps 50 --loss mse --amp auto --save-every 200 --seed 4 \
 		$(if $(wildcard runs/default-mse/checkpoint.pt),--resume)
-	$(BIN)/python -c "import fastsr, torch; fastsr.save_model(fastsr.load_model('runs/default-mse/model.safetensors'), \
+	$(BIN)/fastsr train --init runs/default-mse/model.safetensors \
+		--data data/default-train --val data/default-val --out runs/default-area --steps 3000 --batch-size 16 \
+		--crop 128 --lr 5e-5 --min-lr 1e-6 --warmup-steps 50 --loss mse --amp off --sampling area --save-every 250 \
+		--seed 5 $(if $(wildcard runs/default-area/checkpoint.pt),--resume)
+	$(BIN)/python -c "import fastsr, torch; fastsr.save_model(fastsr.load_model('runs/default-area/model.safetensors'), \
 		'fastsr/models/weights/srresnet_x4_default.safetensors', dtype=torch.float16)"
 
 # ruff, and the import contracts of pyproject.toml (import-linter, on the installed layout; also in `make test`).
