@@ -92,12 +92,12 @@ def export_skimage_photos(out_dir: str | os.PathLike, names: tuple[str, ...] = T
 class RandomCrops:
     """Random HR crops with flips, rot90 and (optionally) a random colour-channel permutation.
 
-    ``shrink < 1`` takes each crop from its image shrunk by a random factor in ``[shrink, 1]``
-    (antialiased bicubic, rounded to 8 bits like a photo saved at that size): the same photos at
-    more scales, so detail as dense as in a smaller picture.
     ``sampling="image"`` picks each image equally often; ``"area"`` in proportion to its pixel
     count, so every pixel of the set is equally likely to be seen (a folder mixing 0.3 Mpx and
     3 Mpx photos otherwise shows each pixel of the small ones ten times as often).
+    ``shrink < 1`` takes each crop from its image shrunk by a random factor in ``[shrink, 1]``
+    (antialiased bicubic, rounded to 8 bits like a photo saved at that size): the same photos at
+    more scales, so detail as dense as in a smaller picture.
 
     Every crop is drawn from its own ``torch.Generator`` seeded from ``(seed, step, index)``,
     where ``index`` is the crop's place in the global batch of that step. So the data position
@@ -116,9 +116,9 @@ class RandomCrops:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-        self.crop, self.scale, self.permute_channels, self.seed = crop, scale, permute_channels, seed
         if not 0.0 < shrink <= 1.0:
             raise ValueError(f"shrink must be in (0, 1], got {shrink}")
+        self.crop, self.scale, self.permute_channels, self.seed = crop, scale, permute_channels, seed
         self.sampling, self.shrink = sampling, shrink
         self.images: list[torch.Tensor] = []
         self.skipped: dict[str, str] = {}
