@@ -100,7 +100,8 @@ wallpaper-photos: data/wallpapers/manifest.csv
 # scikit-image photos alone, the two stages in the README), taken from git at commit c65eddf so a rerun
 # starts from the same place after the new weights replace them: 3,500 steps of 96-pixel crops, then
 # 4,000 of 128-pixel crops at a lower learning rate, both L1; then 1,200 steps of MSE (the loss PSNR
-# measures) from the fp16 export of the second stage (each stage resumes on its own).
+# measures) from the fp16 export of the second stage, 3,000 more with crops sampled in proportion to each
+# photo's area, and 900 with batches of 32 at a lower rate (each stage resumes on its own).
 BASE_COMMIT := c65eddf
 runs/default-base.safetensors:
 	mkdir -p runs && git show $(BASE_COMMIT):fastsr/models/weights/srresnet_x4_default.safetensors > $@.tmp && mv $@.tmp $@
@@ -128,7 +129,11 @@ default-model: data/wallpapers/manifest.csv runs/default-base.safetensors
 		--data data/default-train --val data/default-val --out runs/default-area --steps 3000 --batch-size 16 \
 		--crop 128 --lr 5e-5 --min-lr 1e-6 --warmup-steps 50 --loss mse --amp off --sampling area --save-every 250 \
 		--seed 5 $(if $(wildcard runs/default-area/checkpoint.pt),--resume)
-	$(BIN)/python -c "import fastsr, torch; fastsr.save_model(fastsr.load_model('runs/default-area/model.safetensors'), \
+	$(BIN)/fastsr train --init runs/default-area/model.safetensors \
+		--data data/default-train --val data/default-val --out runs/default-b32 --steps 900 --batch-size 32 \
+		--crop 128 --lr 3e-5 --min-lr 1e-6 --warmup-steps 50 --loss mse --amp off --sampling area --ema-decay 0.998 \
+		--save-every 150 --seed 7 $(if $(wildcard runs/default-b32/checkpoint.pt),--resume)
+	$(BIN)/python -c "import fastsr, torch; fastsr.save_model(fastsr.load_model('runs/default-b32/model.safetensors'), \
 		'fastsr/models/weights/srresnet_x4_default.safetensors', dtype=torch.float16)"
 
 # ruff, and the import contracts of pyproject.toml (import-linter, on the installed layout; also in `make test`).
