@@ -106,35 +106,31 @@ BASE_COMMIT := c65eddf
 runs/default-base.safetensors:
 	mkdir -p runs && git show $(BASE_COMMIT):fastsr/models/weights/srresnet_x4_default.safetensors > $@.tmp && mv $@.tmp $@
 
+# $(call default_stage,NAME,INIT,OPTIONS): one stage, `fastsr train` from INIT on the default model's
+# folders into runs/NAME, resumed when its checkpoint exists. $(call fp16_copy,SRC,DST): SRC saved in fp16.
+default_stage = $(BIN)/fastsr train --init $(2) --data data/default-train --val data/default-val --out runs/$(1) \
+	$(3) $(if $(wildcard runs/$(1)/checkpoint.pt),--resume)
+fp16_copy = $(BIN)/python -c "import fastsr, torch; fastsr.save_model(fastsr.load_model('$(1)'), '$(2)', dtype=torch.float16)"
+
 default-model: data/wallpapers/manifest.csv runs/default-base.safetensors
 	mkdir -p data/default-train/wallpapers data/default-val
 	cp data/wallpapers/train/*.png data/default-train/wallpapers/
 	$(BIN)/python -c "from fastsr.data import *; export_skimage_photos('data/default-train/skimage'); \
 		export_skimage_photos('data/default-val', HELD_OUT_PHOTOS)"
-	$(BIN)/fastsr train --init runs/default-base.safetensors \
-		--data data/default-train --val data/default-val --out runs/default-photos --steps 3500 --batch-size 16 \
-		--crop 96 --lr 1e-4 --warmup-steps 100 --loss l1 --amp auto --save-every 250 --seed 2 \
-		$(if $(wildcard runs/default-photos/checkpoint.pt),--resume)
-	$(BIN)/fastsr train --init runs/default-photos/model.safetensors \
-		--data data/default-train --val data/default-val --out runs/default-photos2 --steps 4000 --batch-size 16 \
-		--crop 128 --lr 5e-5 --min-lr 1e-6 --warmup-steps 50 --loss l1 --amp auto --save-every 250 --seed 3 \
-		$(if $(wildcard runs/default-photos2/checkpoint.pt),--resume)
-	$(BIN)/python -c "import fastsr, torch; fastsr.save_model(fastsr.load_model('runs/default-photos2/model.safetensors'), \
-		'runs/default-photos2-fp16.safetensors', dtype=torch.float16)"
-	$(BIN)/fastsr train --init runs/default-photos2-fp16.safetensors \
-		--data data/default-train --val data/default-val --out runs/default-mse --steps 1200 --batch-size 16 \
-		--crop 128 --lr 2e-5 --min-lr 1e-6 --warmup-steps 50 --loss mse --amp auto --save-every 200 --seed 4 \
-		$(if $(wildcard runs/default-mse/checkpoint.pt),--resume)
-	$(BIN)/fastsr train --init runs/default-mse/model.safetensors \
-		--data data/default-train --val data/default-val --out runs/default-area --steps 3000 --batch-size 16 \
-		--crop 128 --lr 5e-5 --min-lr 1e-6 --warmup-steps 50 --loss mse --amp off --sampling area --save-every 250 \
-		--seed 5 $(if $(wildcard runs/default-area/checkpoint.pt),--resume)
-	$(BIN)/fastsr train --init runs/default-area/model.safetensors \
-		--data data/default-train --val data/default-val --out runs/default-b32 --steps 900 --batch-size 32 \
-		--crop 128 --lr 3e-5 --min-lr 1e-6 --warmup-steps 50 --loss mse --amp off --sampling area --ema-decay 0.998 \
-		--save-every 150 --seed 7 $(if $(wildcard runs/default-b32/checkpoint.pt),--resume)
-	$(BIN)/python -c "import fastsr, torch; fastsr.save_model(fastsr.load_model('runs/default-b32/model.safetensors'), \
-		'fastsr/models/weights/srresnet_x4_default.safetensors', dtype=torch.float16)"
+	$(call default_stage,default-photos,runs/default-base.safetensors,--steps 3500 --batch-size 16 --crop 96 \
+		--lr 1e-4 --warmup-steps 100 --loss l1 --amp auto --save-every 250 --seed 2)
+	$(call default_stage,default-photos2,runs/default-photos/model.safetensors,--steps 4000 --batch-size 16 \
+		--crop 128 --lr 5e-5 --min-lr 1e-6 --warmup-steps 50 --loss l1 --amp auto --save-every 250 --seed 3)
+	$(call fp16_copy,runs/default-photos2/model.safetensors,runs/default-photos2-fp16.safetensors)
+	$(call default_stage,default-mse,runs/default-photos2-fp16.safetensors,--steps 1200 --batch-size 16 \
+		--crop 128 --lr 2e-5 --min-lr 1e-6 --warmup-steps 50 --loss mse --amp auto --save-every 200 --seed 4)
+	$(call default_stage,default-area,runs/default-mse/model.safetensors,--steps 3000 --batch-size 16 \
+		--crop 128 --lr 5e-5 --min-lr 1e-6 --warmup-steps 50 --loss mse --amp off --sampling area \
+		--save-every 250 --seed 5)
+	$(call default_stage,default-b32,runs/default-area/model.safetensors,--steps 900 --batch-size 32 \
+		--crop 128 --lr 3e-5 --min-lr 1e-6 --warmup-steps 50 --loss mse --amp off --sampling area \
+		--ema-decay 0.998 --save-every 150 --seed 7)
+	$(call fp16_copy,runs/default-b32/model.safetensors,fastsr/models/weights/srresnet_x4_default.safetensors)
 
 # ruff, and the import contracts of pyproject.toml (import-linter, on the installed layout; also in `make test`).
 lint: venv
