@@ -105,7 +105,7 @@ def steps(results: Path, dry_run: bool, py: str = sys.executable, work: Path | N
     The dry run keeps every step but narrows what it selects, so the rehearsal stays short."""
     work = work or results
     device = "cpu" if dry_run else "cuda"
-    workers = 0 if dry_run else 12
+    workers = 2 if dry_run else 12  # the rehearsal runs the same xdist paths, on this machine's 2 cores
     no_tests = (0, 5)  # pytest's 5: nothing collected (no CUDA targets on a CPU)
     # Correctness steps run Triton with one config: autotuning every shape they meet would compile
     # the whole config space for each (minutes); the benchmark steps autotune.
@@ -131,8 +131,10 @@ def steps(results: Path, dry_run: bool, py: str = sys.executable, work: Path | N
              35, no_tests, after="build"),
         Step("selftest", [py, "-m", "fastsr", "selftest", "--device", device, "--jsonl", str(results / "cases.jsonl"),
                           *(["--backends", "cpp"] if dry_run else [])], 30, env=one_config),
-        Step("bench-warm", _pytest(py, "benchmarks/test_gpu_key.py", "benchmarks/test_zoo.py", *bench, "-k", warm,
-                                   workers=workers), 45, env={**no_validate, "FASTSR_BENCH_ROUNDS": "1"}),
+        # Under xdist pytest-benchmark is disabled (each benchmarked call runs once, which is all a
+        # warm-up needs) and refuses --benchmark-only, so this step selects by -k alone.
+        Step("bench-warm", _pytest(py, "benchmarks/test_gpu_key.py", "benchmarks/test_zoo.py", "--benchmark-disable",
+                                   "-k", warm, workers=workers), 45, env=no_validate),
         Step("key-benchmarks", _pytest(py, "benchmarks/test_gpu_key.py", *bench, "-k", key,
                                        f"--benchmark-json={work / 'key-benchmarks.json'}"), 50, env=no_validate),
         Step("zoo-benchmarks", _pytest(py, "benchmarks/test_zoo.py", *bench, "-k", zoo,
@@ -380,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         if carried >= CARRY_LIMIT_MIB:
             problems.append(f"working tree + .whl is {carried:.1f} MiB, over {CARRY_LIMIT_MIB} MiB")
         py = rehearse_venv(venv_dir)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # tests' conftest sets it without CUDA
+    # TRITON_INTERPRET: tests' conftest sets it without CUDA. PYTEST_XDIST_*: the rehearsal may run
+    # in an xdist worker (`make test`), and pytest-benchmark in the steps would take it for its own.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_XDIST_")}
     env.update(FASTSR_GPU_CHECK_DRY="1" if args.dry_run else "0", FASTSR_RESULTS_JSONL=str(results / "cases.jsonl"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), env.get("PYTHONPATH")])))
     outcomes = run_all(steps(results, args.dry_run, py, work), results, work, env, args.budget)

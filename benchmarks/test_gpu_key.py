@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from timing import mean_seconds
 
 import fastsr
 from fastsr.ops import functional as ops
@@ -26,8 +27,7 @@ from fastsr.ops import reference as ref
 DRY = os.environ.get("FASTSR_GPU_CHECK_DRY") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not DRY else "cpu"
 DTYPE = torch.float32 if DRY else torch.bfloat16
-# FASTSR_BENCH_ROUNDS: the GPU check's warm-up step runs every case once, in parallel, to compile.
-ROUNDS = int(os.environ.get("FASTSR_BENCH_ROUNDS", 1 if DRY else 10))
+ROUNDS = 1 if DRY else 10
 CL = torch.channels_last
 SIZES = {"conv": (2, 24) if DRY else (16, 96), "model": 32 if DRY else 512, "metric": (2, 256) if DRY else (16, 2048),
          "pipeline": (96, 48) if DRY else (2048, 512)}
@@ -51,7 +51,7 @@ def _time(benchmark, fn, *args, **info):
     step()  # warm-up and compilation outside the timed rounds
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=0 if DRY or ROUNDS == 1 else 2)
     benchmark.extra_info.update({"device": DEVICE, "dtype": str(DTYPE), **info})
-    return benchmark.stats.stats.mean
+    return mean_seconds(benchmark)
 
 
 def _impl(impl: str, fast, eager):
@@ -158,4 +158,4 @@ def test_tiled_pipeline_vs_model(benchmark, tmp_path_factory, what):
     benchmark.group = f"pipeline-{size}"
     benchmark.pedantic(fn, rounds=min(ROUNDS, 3), warmup_rounds=0 if DRY or ROUNDS == 1 else 1)
     benchmark.extra_info.update({"device": DEVICE, "what": what,
-                                 "output_mpix_per_s": (4 * size) ** 2 / benchmark.stats.stats.mean / 1e6})
+                                 "output_mpix_per_s": (4 * size) ** 2 / mean_seconds(benchmark) / 1e6})
