@@ -274,6 +274,44 @@ def test_too_little_free_space_measured_after_a_batch_stops_the_run(tmp_path, mo
     assert np.array_equal(np.asarray(Image.open(dst)), fastsr.upscale(image, model, tile=16, backend=BACKEND))
 
 
+def test_a_writer_failing_while_the_model_waits_for_the_reader_stops_the_run(tmp_path, model, monkeypatch):
+    """The reader slower than the model: the calling thread waits on an empty queue when the writer
+    fails, and the reader stops without filling it. The run must end in its error, not wait for ever
+    (CI once hung here, at the test above, on a host where the reader was the slow thread)."""
+    import threading
+    import time
+
+    from fastsr.pipeline.assemble import SpaceWatch
+    from fastsr.tiling import TilePlan
+
+    src, dst = tmp_path / "in.tif", tmp_path / "out.png"
+    tifffile.imwrite(src, photo(48, 64), photometric="rgb")
+    monkeypatch.setattr(SpaceWatch, "free", lambda self: 4096)  # the writer fails after the first batch
+    real, reads = TilePlan.read, []
+
+    def slow_read(self, *args, **kwargs):
+        reads.append(1)
+        if len(reads) > 1:
+            time.sleep(0.3)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TilePlan, "read", slow_read)
+    raised = []
+
+    def run():
+        try:
+            fastsr.upscale_file(src, dst, model, tile=16, progress=False, backend=BACKEND)
+        except fastsr.imageio.DiskFullError as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the run hung after its writer failed"
+    assert len(raised) == 1 and "4.0 KiB free" in str(raised[0])
+    assert manifest_lines(dst) == ["0"]
+
+
 @pytest.mark.parametrize("suffix,writer", [(".png", "write_pillow"), (".tif", "write_tiff")])
 def test_the_output_file_failing_for_want_of_space_keeps_every_batch(tmp_path, model, monkeypatch, suffix, writer):
     """The last step (the PNG at the end, the TIFF written alongside) runs out of space: all tiles

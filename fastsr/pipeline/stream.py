@@ -38,6 +38,18 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
     return False
 
 
+def _get(q: queue.Queue, stop: threading.Event):
+    """The next item of ``q``; None once ``stop`` is set and ``q`` is empty: the thread that would
+    have filled it may have stopped too (a reader stops when a writer fails), so a plain blocking
+    get could wait for ever."""
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set():
+                return None
+
+
 def writer_threads(device: torch.device) -> int:
     """Threads compressing finished tiles into the store. On a GPU the model outruns one thread
     by far (zstd level 1 packs a few hundred MB/s per core; a fast GPU makes GB/s of pixels),
@@ -100,7 +112,7 @@ class _Stream:
 
     def compute(self) -> None:
         """The calling thread: each batch of windows through the model, on to the writers."""
-        while (item := self.inq.get()) is not None:
+        while (item := _get(self.inq, self.stop)) is not None:
             if isinstance(item, _Failure):
                 raise item.exc
             g, tiles, windows = item
@@ -126,7 +138,8 @@ class _Stream:
 
     def writer(self) -> None:
         try:
-            while (item := self._next_result()) is not None:
+            # Once the calling thread failed, what was queued before is still written.
+            while (item := _get(self.outq, self.stop)) is not None:
                 self._write(*item)
         except BaseException as exc:  # noqa: B036 - handed to the calling thread
             if self.space is not None and imageio.is_disk_full(exc):
@@ -145,16 +158,6 @@ class _Stream:
             self.bar.update(sum(map(_area, tiles)) * self.plan.scale ** 2)
             if self.space is not None:
                 self.space.batch_done(g)
-
-    def _next_result(self):
-        """The next computed batch, or None at the end (or once the calling thread failed: what
-        was queued before is still written)."""
-        while True:
-            try:
-                return self.outq.get(timeout=0.1)
-            except queue.Empty:
-                if self.stop.is_set():
-                    return None
 
     def shut_down(self, read_thread: threading.Thread, write_threads: list[threading.Thread]) -> None:
         for t in write_threads:
