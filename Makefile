@@ -10,10 +10,11 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # dependencies, plus the wheels carried in .whl/. Every other install resolves them from the index.
 OFFLINE ?=
 # The default suite leaves out tests marked slow (pyproject's addopts); `make test-slow` runs them.
-# TEST_WORKERS xdist processes of one intra-op thread each: on a machine whose other core is busy
-# (a shared CI host), a 2-thread process waits at every OpenMP barrier and runs 10-20x slower, one
-# thread does not; on an idle 2-core machine two workers also beat one 2-thread process (6.3 vs 9.5
-# minutes here). A test still running after TEST_TIMEOUT seconds fails with its stack (pytest-timeout;
+# TEST_WORKERS xdist processes of one intra-op thread each: a 2-thread process waits at every OpenMP
+# barrier for a thread that another process has pushed off its core (a 2-thread forward ran 2.5-3x
+# slower here beside a busy loop), one thread never does; and on an idle 2-core machine two workers
+# beat one 2-thread process (the suite in 5.7-6.2 instead of 9.1-9.7 minutes on a Zen 4). A test
+# still running after TEST_TIMEOUT seconds fails with its stack, naming itself (pytest-timeout;
 # TEST_TIMEOUT= leaves the option out, for a venv without the plugin such as the GPU image's).
 TEST_WORKERS ?= 2
 TEST_TIMEOUT ?= 900
