@@ -13,12 +13,13 @@ OFFLINE ?=
 # TEST_WORKERS xdist processes of one intra-op thread each: a 2-thread process waits at every OpenMP
 # barrier for a thread that another process has pushed off its core (a 2-thread forward ran 2.5-3x
 # slower here beside a busy loop), one thread never does; and on an idle 2-core machine two workers
-# beat one 2-thread process (the suite in 5.7-6.2 instead of 9.1-9.7 minutes on a Zen 4). A test
+# beat one 2-thread process (the suite in 5.7-6.2 instead of 9.1-9.7 minutes on a Zen 4).
+# --dist loadgroup: the GPU-memory-heavy CUDA tests (tests/cases.py) run one at a time. A test
 # still running after TEST_TIMEOUT seconds fails with its stack, naming itself (pytest-timeout;
 # TEST_TIMEOUT= leaves the option out, for a venv without the plugin such as the GPU image's).
 TEST_WORKERS ?= 2
 TEST_TIMEOUT ?= 900
-PYTEST_FAST = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) \
+PYTEST_FAST = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup \
 	$(if $(TEST_TIMEOUT),--timeout=$(TEST_TIMEOUT))
 FASTSR_RESULTS ?= benchmarks/results
 

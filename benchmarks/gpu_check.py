@@ -95,8 +95,9 @@ class Running:
 
 
 def _pytest(py: str, *args: str, workers: int = 0) -> list[str]:
-    """pytest with the results plugin (one JSON line per case) and, when xdist is there, workers."""
-    parallel = ["-n", str(workers)] if workers and importlib.util.find_spec("xdist") else []
+    """pytest with the results plugin (one JSON line per case) and, when xdist is there, workers
+    (tests of one xdist_group on one worker: the GPU-memory-heavy ones run one at a time)."""
+    parallel = ["-n", str(workers), "--dist", "loadgroup"] if workers and importlib.util.find_spec("xdist") else []
     return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_check_plugin", *parallel, *args]
 
 

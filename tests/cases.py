@@ -1,16 +1,23 @@
 """Inputs shared by the test files: conv cases of the backend suites (test_conformance.py,
-test_cpp.py, test_triton.py) and the photo crops of the pipeline tests."""
+test_cpp.py, test_triton.py) and the photo crops of the pipeline tests; and the mark of the tests
+too large for the GPU to run several at once."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pytest
 import torch
 from tolerance import fmt
 from torch import nn
 
 import fastsr
+
+# 13-40 GB of GPU memory a test (and each process's caching allocator keeps its peak): under the GPU
+# check's `-n 12` they would start together and pass the H200's 139 GB. One xdist group puts them on
+# one worker, one after another (`--dist loadgroup`, as the GPU check and `make test` run pytest).
+GPU_MEMORY_HEAVY = pytest.mark.xdist_group("gpu-memory")
 
 
 def conv_inputs(device, n, c_in, c_out, h, w, k, shuffle, bias, slope, residual, channels_last, seed=0):

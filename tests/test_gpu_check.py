@@ -96,3 +96,19 @@ def test_dry_run_of_the_whole_gpu_check(tmp_path):
     for case in ("test_conv_64_3x3_bf16[eager]", "test_tiled_pipeline_vs_model[pipeline]", "test_plain_module[SPAN",
                  "test_train_step_backend[torch-pretrain-off]"):
         assert case in md, md
+
+
+def test_the_gpu_memory_heavy_tests_run_one_at_a_time():
+    """The CUDA tests past 2**31 elements take 13-40 GB each: under the check's `-n 12` they must
+    share one xdist group, and the parallel steps must schedule by group (--dist loadgroup)."""
+    import test_triton
+    import test_triton_large
+
+    parallel = [s.command for s in _module().steps(Path("results"), dry_run=False) if "-n" in s.command]
+    assert parallel and all(c[c.index("--dist") + 1] == "loadgroup" for c in parallel)
+    heavy = [test_triton.test_over_2_31_elements, *(getattr(test_triton_large, name) for name in (
+        "test_conv2d_prelu_nchw_channel_offsets_past_2_31", "test_pixel_shuffle_prelu_nchw_channel_offsets_past_2_31",
+        "test_to_uint8_past_2_31_pixels_and_channel_offsets", "test_mse_psnr_past_65535_blocks_and_2_31_pixels"))]
+    for test in heavy:
+        groups = [m.args for m in getattr(test, "pytestmark", []) if m.name == "xdist_group"]
+        assert groups == [("gpu-memory",)], test.__name__

@@ -16,7 +16,7 @@ import importlib
 
 import pytest
 import torch
-from cases import conv_inputs, image_pair
+from cases import GPU_MEMORY_HEAVY, conv_inputs, image_pair
 from tolerance import (
     assert_within_rule,
     cast,
@@ -95,6 +95,7 @@ def test_bf16_pixel_shuffle_and_metrics():
 
 
 @pytest.mark.gpu
+@GPU_MEMORY_HEAVY
 def test_over_2_31_elements():
     """int64 offsets: a conv whose input and output each hold > 2**31 elements, checked against
     the reference on the last rows/columns (the farthest offsets), and mse over > 2**31 elements."""

@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import torch
+from cases import GPU_MEMORY_HEAVY
 from fastsr.kernels import common
 from tolerance import assert_within_rule
 
@@ -222,6 +223,7 @@ def _corner_grads_within_rule(fn, leaves, g, crop, dtype):
 
 
 @pytest.mark.gpu
+@GPU_MEMORY_HEAVY
 def test_conv2d_prelu_nchw_channel_offsets_past_2_31():
     """(C_in - 1) * H * W >= 2**31 in NCHW: the channel offsets of the input, output, gradient."""
     dtype, c, h, w = torch.float16, 64, 6000, 6000
@@ -249,6 +251,7 @@ def test_conv2d_prelu_nchw_channel_offsets_past_2_31():
 
 
 @pytest.mark.gpu
+@GPU_MEMORY_HEAVY
 def test_pixel_shuffle_prelu_nchw_channel_offsets_past_2_31():
     """Input (C - 1) * H * W and output (C/4 - 1) * 4 * H * W both >= 2**31 in NCHW."""
     dtype, c, h, w = torch.float16, 64, 6000, 6000
@@ -281,6 +284,7 @@ def test_pixel_shuffle_prelu_nchw_channel_offsets_past_2_31():
 
 
 @pytest.mark.gpu
+@GPU_MEMORY_HEAVY
 def test_to_uint8_past_2_31_pixels_and_channel_offsets():
     """One image of more than 2**31 pixels (H * W itself passes int32), 3 channels in NCHW."""
     h = w = 46341
@@ -292,6 +296,7 @@ def test_to_uint8_past_2_31_pixels_and_channel_offsets():
 
 
 @pytest.mark.gpu
+@GPU_MEMORY_HEAVY
 def test_mse_psnr_past_65535_blocks_and_2_31_pixels():
     """3 x 46341 x 46341 bf16: 1.05M blocks per image (grid axis 1 held 65535), H * W and the
     Y-channel offset 2 * H * W past int32; one differing value in the last element of the farthest
