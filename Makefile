@@ -19,8 +19,8 @@ OFFLINE ?=
 # TEST_TIMEOUT= leaves the option out, for a venv without the plugin such as the GPU image's).
 TEST_WORKERS ?= 2
 TEST_TIMEOUT ?= 900
-PYTEST_FAST = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup \
-	$(if $(TEST_TIMEOUT),--timeout=$(TEST_TIMEOUT))
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadgroup $(if $(TEST_TIMEOUT),--timeout=$(TEST_TIMEOUT))
+PYTEST_FAST = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15 $(PYTEST_PARALLEL)
 FASTSR_RESULTS ?= benchmarks/results
 
 .PHONY: venv demo test test-slow check-wheel bench gpu-check gpu-wheels lint clean default-model wallpaper-photos
@@ -75,7 +75,7 @@ test-slow: venv
 # What a user installs: the sdist, a wheel built from it, installed into a fresh venv from the index,
 # used from outside the checkout with a PATH that lacks the venv (see .ci/check_wheel.sh).
 check-wheel: venv
-	TORCH_PIN="$(TORCH_PIN)" TORCH_INDEX="$(TORCH_INDEX)" bash .ci/check_wheel.sh
+	TORCH_PIN="$(TORCH_PIN)" TORCH_INDEX="$(TORCH_INDEX)" PYTEST_PARALLEL="$(PYTEST_PARALLEL)" bash .ci/check_wheel.sh
 
 bench: venv
 	$(BIN)/python -m pytest benchmarks --benchmark-only

@@ -6,8 +6,8 @@
 #      call, as pipx gives) and an empty extension cache: info, selftest (builds the C++ extension,
 #      so ninja must be found through Python), upscale of a photo on the cpp backend, the demo;
 #   4. the sdist's own tests, collected from the unpacked sdist (no fastsr/ beside them), and the
-#      ones that need no source tree run against the installed package (as `make test` runs them:
-#      two xdist workers of one thread each, a time limit per test).
+#      ones that need no source tree run against the installed package, one intra-op thread a
+#      process and $PYTEST_PARALLEL (`make check-wheel` passes make test's workers and time limit).
 # Any failure exits non-zero.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -53,5 +53,5 @@ mkdir "$work/src" && tar xzf "$sdist" -C "$work/src" --strip-components=1
 mkdir "$work/t" && cp -r "$work/src/tests" "$work/src/conftest.py" "$work/src/pyproject.toml" "$work/src/README.md" "$work/t"
 cd "$work/t"
 "$v/python" -m pytest -q -p no:cacheprovider --collect-only tests > collect.log || { tail -30 collect.log; exit 1; }
-OMP_NUM_THREADS=1 "$v/python" -m pytest -q -p no:cacheprovider -n 2 --timeout=900 tests/test_api.py tests/test_readme.py tests/test_functional.py \
+OMP_NUM_THREADS=1 "$v/python" -m pytest -q -p no:cacheprovider ${PYTEST_PARALLEL-} tests/test_api.py tests/test_readme.py tests/test_functional.py \
     tests/test_checkpoint.py tests/test_cpp_build.py
