@@ -145,6 +145,25 @@ def test_content_loss_scaling(vgg_file):
                        F.mse_loss(sr, hr), torch.float32)
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_amp_stores_the_frozen_vgg_in_the_autocast_dtype(photos, tmp_path, vgg_file, amp, backend):
+    """Under --amp the trainer keeps VGG19's frozen weights in the autocast dtype (autocast would cast
+    them again on every call), its input normalisation in fp32, and gives the content loss of the
+    fp32-weight module under autocast exactly: one rounding of each weight either way."""
+    fastsr.save_model(fastsr.SRResNet(4, 1, 8), tmp_path / "g.safetensors")
+    cfg = tiny(photos, tmp_path / "run", stage="gan", init=str(tmp_path / "g.safetensors"),
+               vgg_weights=str(vgg_file), amp=amp)
+    content = Trainer(cfg, torch.device("cpu")).content
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    assert {p.dtype for p in content.features.features.parameters()} == {dtype}
+    assert content.features.mean.dtype == content.features.std.dtype == torch.float32
+    reference = losses.ContentLoss(losses.VGGFeatures.from_file(vgg_file).to(memory_format=torch.channels_last))
+    sr, hr = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    with fastsr.use_backend(backend), torch.autocast("cpu", dtype=dtype):
+        assert torch.equal(content(sr.to(dtype), hr), reference(sr.to(dtype), hr))
+
+
 def test_adversarial_loss_is_bce_with_logits():
     logits = torch.tensor([-3.0, 0.0, 2.5])
     for real, bce in ((True, lambda z: -torch.log(torch.sigmoid(z)).mean()),

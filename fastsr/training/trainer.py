@@ -21,6 +21,7 @@ from .config import TrainConfig, TrainingError, validate
 from .memory import keep_freed_memory
 
 CHECKPOINT_VERSION = 2
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class EMA:
@@ -146,6 +147,12 @@ class Trainer:
         except losses.VGGWeightsError as exc:
             raise TrainingError(str(exc)) from None
         features = features.to(self.device).to(memory_format=torch.channels_last)
+        if self.amp in AMP_DTYPES:
+            # The frozen convolutions' weights in the autocast dtype once: autocast caches its casts of
+            # trainable weights only, so it cast these ~20M weights again on every call, twice a step
+            # (the same values: rounding once or each time is one rounding). The input normalisation
+            # stays fp32.
+            features.features.to(AMP_DTYPES[self.amp])
         return losses.ContentLoss(torch.compile(features) if cfg.compile else features)
 
     def _build_optim(self, model: nn.Module, lr: float) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
@@ -173,7 +180,7 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------
     def _autocast(self) -> torch.autocast:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        dtype = AMP_DTYPES.get(self.amp)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def step(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
