@@ -27,6 +27,7 @@ import fastsr
 from fastsr import losses
 from fastsr.data import RandomCrops, StepBatches, export_skimage_photos
 from fastsr.train import EMA, SyncBatchNorm2d, TrainConfig, Trainer, TrainingError, train
+from fastsr.training.amp import AUTOCAST_DTYPES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,7 +156,7 @@ def test_amp_stores_the_frozen_vgg_in_the_autocast_dtype(photos, tmp_path, vgg_f
     cfg = tiny(photos, tmp_path / "run", stage="gan", init=str(tmp_path / "g.safetensors"),
                vgg_weights=str(vgg_file), amp=amp)
     content = Trainer(cfg, torch.device("cpu")).content
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    dtype = AUTOCAST_DTYPES[amp]
     assert {p.dtype for p in content.features.features.parameters()} == {dtype}
     assert content.features.mean.dtype == content.features.std.dtype == torch.float32
     reference = losses.ContentLoss(losses.VGGFeatures.from_file(vgg_file).to(memory_format=torch.channels_last))

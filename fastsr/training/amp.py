@@ -23,6 +23,8 @@ log = logging.getLogger("fastsr")
 
 # CPU flags (/proc/cpuinfo) that make each autocast dtype native.
 NATIVE_CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+# The torch dtype each --amp choice autocasts to ("off": no autocast).
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SLOWDOWN = "7-15x slower than fp32 measured on an AVX2-only AMD EPYC Zen 2"
 
 

@@ -16,12 +16,11 @@ from .. import losses
 from ..models import Discriminator, SRResNet, load_model
 from ..models.checkpoint import ModelFileError
 from ..nn import convert_sync_batchnorm
-from .amp import resolve_amp
+from .amp import AUTOCAST_DTYPES, resolve_amp
 from .config import TrainConfig, TrainingError, validate
 from .memory import keep_freed_memory
 
 CHECKPOINT_VERSION = 2
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class EMA:
@@ -147,12 +146,12 @@ class Trainer:
         except losses.VGGWeightsError as exc:
             raise TrainingError(str(exc)) from None
         features = features.to(self.device).to(memory_format=torch.channels_last)
-        if self.amp in AMP_DTYPES:
+        if self.amp in AUTOCAST_DTYPES:
             # The frozen convolutions' weights in the autocast dtype once: autocast caches its casts of
             # trainable weights only, so it cast these ~20M weights again on every call, twice a step
             # (the same values: rounding once or each time is one rounding). The input normalisation
             # stays fp32.
-            features.features.to(AMP_DTYPES[self.amp])
+            features.features.to(AUTOCAST_DTYPES[self.amp])
         return losses.ContentLoss(torch.compile(features) if cfg.compile else features)
 
     def _build_optim(self, model: nn.Module, lr: float) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
@@ -180,7 +179,7 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------
     def _autocast(self) -> torch.autocast:
-        dtype = AMP_DTYPES.get(self.amp)
+        dtype = AUTOCAST_DTYPES.get(self.amp)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def step(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
