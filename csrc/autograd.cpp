@@ -84,10 +84,12 @@ bool own_weight_grad(const Tensor& x, const Tensor& weight) {
 // where not needed (need: x, weight, bias).
 std::array<Tensor, 3> conv_grads(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                  std::array<bool, 3> need) {
-  static const auto weight_grad = op<Tensor(const Tensor&, const Tensor&, int64_t)>("fastsr::conv2d_weight_grad");
+  static const auto weight_grad =
+      op<Tensor(const Tensor&, const Tensor&, int64_t, bool)>("fastsr::conv2d_weight_grad");
   std::array<Tensor, 3> out;
   const bool own_w = need[1] && own_weight_grad(x, weight);
-  if (own_w) out[1] = weight_grad.call(grad, x, weight.size(-1));
+  const bool weight_channels_last = weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  if (own_w) out[1] = weight_grad.call(grad, x, weight.size(-1), weight_channels_last);
   // Asked for the bias gradient too, oneDNN computes the weight gradient (15 ms of a tail's 17).
   if (own_w && need[2] && bias) out[2] = grad.sum({0, 2, 3});
   const std::array<bool, 3> mask{need[0], need[1] && !own_w, need[2] && bias.has_value() && !out[2].defined()};

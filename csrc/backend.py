@@ -230,8 +230,10 @@ def _fake_batch_norm_prelu_backward(grad, x, mean, var, weight, bias, slope, eps
     return _empty(x, x.shape), torch.empty_like(weight), torch.empty_like(bias), grad_slope
 
 
-def _fake_conv2d_weight_grad(grad, x, kernel_size):
-    return _empty(x, (grad.shape[1], x.shape[1], kernel_size, kernel_size))  # in x's format, as a model's weights
+def _fake_conv2d_weight_grad(grad, x, kernel_size, channels_last):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((grad.shape[1], x.shape[1], kernel_size, kernel_size), dtype=x.dtype, device=x.device,
+                       memory_format=layout)
 
 
 def _fake_mse_per_image(a, b, scale, y_channel, crop):

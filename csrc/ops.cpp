@@ -31,9 +31,10 @@ TORCH_LIBRARY(fastsr, m) {
   // (grad_x, grad_weight, grad_bias, grad_slope); grad_slope has slope's shape (0 elements without).
   m.def("batch_norm_prelu_backward(Tensor grad, Tensor x, Tensor mean, Tensor var, Tensor weight, Tensor bias, Tensor? slope, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   // Weight gradient of the 'same' convolution conv2d(x, weight) for the output gradient grad:
-  // (C_out, C_in, k, k) fp32 in x's memory format, for few output channels (a 9x9 tail conv's 3) or a
-  // 3x3 kernel with input and output channels in multiples of 16 (CPU only).
-  m.def("conv2d_weight_grad(Tensor grad, Tensor x, int kernel_size) -> Tensor");
+  // (C_out, C_in, k, k) fp32, channels_last or contiguous as asked (the weight's own layout, which
+  // autograd's gradient accumulation keeps without a copy), for few output channels (a 9x9 tail
+  // conv's 3) or a 3x3 kernel with input and output channels in multiples of 16 (CPU only).
+  m.def("conv2d_weight_grad(Tensor grad, Tensor x, int kernel_size, bool channels_last) -> Tensor");
   // Float (N, C, H, W) in [0, 1] -> uint8 (N, H, W, C): clamp, * 255, round half to even.
   m.def("to_uint8(Tensor x) -> Tensor");
 }

@@ -66,18 +66,21 @@ def case_id(c) -> str:
     return "n{}_ci{}_co{}_{}x{}_k{}_r{}_b{}_s{}_res{}".format(*c)
 
 
-def assert_weight_grad_within_rule(g: torch.Tensor, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+def assert_weight_grad_within_rule(g: torch.Tensor, x: torch.Tensor, kernel_size: int,
+                                   channels_last: bool) -> torch.Tensor:
     """fastsr.conv2d_weight_grad of fp32 ``g`` (N, C_out, H, W) and ``x`` (N, C_in, H, W) against
     the float64 convolution_backward of the given float64 tensors, by the rule with fp32 oneDNN's
-    error as the baseline. Returns the op's result."""
+    error as the baseline, and in the asked layout (``channels_last`` or contiguous, whatever x's).
+    Returns the op's result."""
 
     def weight_grad(g, x):
         weight = torch.empty(g.shape[1], x.shape[1], kernel_size, kernel_size, dtype=x.dtype)
         return torch.ops.aten.convolution_backward(g, x, weight, None, [1, 1], [kernel_size // 2] * 2, [1, 1], False,
                                                    [0, 0], 1, [False, True, False])[1]
 
-    ours = torch.ops.fastsr.conv2d_weight_grad(g.float(), x.float(), kernel_size)
+    ours = torch.ops.fastsr.conv2d_weight_grad(g.float(), x.float(), kernel_size, channels_last)
     assert ours.dtype == torch.float32
+    assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert_within_rule("conv2d_weight_grad", ours, weight_grad(g, x), weight_grad(g.float(), x.float()), torch.float32)
     return ours
 

@@ -66,8 +66,9 @@ void tap_chunk(const float* g, const float* x, const Shape& s, int64_t i, int64_
   }
 }
 
+// out: (C_out, C_in, k, k) at strides os (contiguous or channels_last).
 template <int CO, int NRV>
-void weight_grad(const float* g, const float* x, const Shape& s, float* out) {
+void weight_grad(const float* g, const float* x, const Shape& s, float* out, const int64_t* os) {
   const int64_t chunk = NRV * kVS, chunks = s.Cin / chunk, taps = s.k * s.k;
   at::parallel_for(0, taps * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> dw((end - begin) * CO * chunk, 0.0);
@@ -83,34 +84,36 @@ void weight_grad(const float* g, const float* x, const Shape& s, float* out) {
       const double* d = dw.data() + (t - begin) * CO * chunk;
       for (int o = 0; o < CO; ++o)
         for (int64_t c = 0; c < chunk; ++c)
-          out[((o * s.Cin + c0 + c) * s.k + i) * s.k + j] = static_cast<float>(d[o * chunk + c]);
+          out[o * os[0] + (c0 + c) * os[1] + i * os[2] + j * os[3]] = static_cast<float>(d[o * chunk + c]);
     }
   });
 }
 
 // The widest chunk of input channels (kNRV, 2 or 1 vectors) that divides C_in.
 template <int CO>
-void weight_grad_chunked(const float* g, const float* x, const Shape& s, float* out) {
-  if (s.Cin % (kNRV * kVS) == 0) return weight_grad<CO, kNRV>(g, x, s, out);
-  if (s.Cin % (2 * kVS) == 0) return weight_grad<CO, 2>(g, x, s, out);
-  weight_grad<CO, 1>(g, x, s, out);
+void weight_grad_chunked(const float* g, const float* x, const Shape& s, float* out, const int64_t* os) {
+  if (s.Cin % (kNRV * kVS) == 0) return weight_grad<CO, kNRV>(g, x, s, out, os);
+  if (s.Cin % (2 * kVS) == 0) return weight_grad<CO, 2>(g, x, s, out, os);
+  weight_grad<CO, 1>(g, x, s, out, os);
 }
 
-// The few-output direct kernel above; (C_out, C_in, k, k) contiguous.
-at::Tensor few_output_weight_grad(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size) {
+// The few-output direct kernel above; (C_out, C_in, k, k) in memory format fmt.
+at::Tensor few_output_weight_grad(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size,
+                                  at::MemoryFormat fmt) {
   const int64_t Cin = x.size(1), Cout = grad.size(1);
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(cl), gc = grad.contiguous(cl);
-  at::Tensor out = at::empty({Cout, Cin, kernel_size, kernel_size}, x.options());
+  at::Tensor out = at::empty({Cout, Cin, kernel_size, kernel_size}, x.options(), fmt);
+  const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
   const Shape s{x.size(0), x.size(2), x.size(3), Cin, Cout, kernel_size};
   const float* gp = gc.const_data_ptr<float>();
   const float* xp = xc.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   switch (Cout) {
-    case 1: weight_grad_chunked<1>(gp, xp, s, op); break;
-    case 2: weight_grad_chunked<2>(gp, xp, s, op); break;
-    case 3: weight_grad_chunked<3>(gp, xp, s, op); break;
-    default: weight_grad_chunked<4>(gp, xp, s, op); break;
+    case 1: weight_grad_chunked<1>(gp, xp, s, op, os); break;
+    case 2: weight_grad_chunked<2>(gp, xp, s, op, os); break;
+    case 3: weight_grad_chunked<3>(gp, xp, s, op, os); break;
+    default: weight_grad_chunked<4>(gp, xp, s, op, os); break;
   }
   return out;
 }
@@ -118,8 +121,11 @@ at::Tensor few_output_weight_grad(const at::Tensor& grad, const at::Tensor& x, i
 // Two shapes: few outputs (1-4 channels, any odd kernel: the direct kernel above), and 3x3 with
 // channels in multiples of 16 (SRResNet's body and upsample convs: Winograd F(2x2, 3x3) in
 // winograd_cpu.cpp, or oneDNN's weight gradient where Winograd's "auto" mode declines a small
-// image). The result is in x's memory format (output_format), as a channels_last model's weights are.
-at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size) {
+// image). The result is channels_last or contiguous as asked: the weight's layout, so autograd's
+// gradient accumulation takes it as it is (in another layout it copies every gradient, and the fused
+// Adam copies a channels_last gradient of a contiguous weight again).
+at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t kernel_size,
+                                  bool channels_last) {
   check_4d(x, "x");
   check_4d(grad, "grad");
   const int64_t Cin = x.size(1), Cout = grad.size(1);
@@ -134,12 +140,13 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x, i
               " output channels with input channels in multiples of ", kVS,
               ", or a 3x3 kernel with input and output channels in multiples of 16; got ", Cout, " and ", Cin,
               " channels, kernel ", kernel_size);
-  const auto fmt = output_format(x);
-  if (few) return few_output_weight_grad(grad, x, kernel_size).contiguous(fmt);
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  if (few) return few_output_weight_grad(grad, x, kernel_size, fmt);
   if (cpu::winograd_weight_grad_applies(grad, x)) return cpu::winograd_weight_grad(grad, x, fmt);
   const at::Tensor weight = at::empty({Cout, Cin, 3, 3}, x.options(), fmt);  // its shape is all oneDNN reads
   return std::get<1>(at::convolution_backward(grad, x, weight, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0},
-                                              1, {false, true, false}));
+                                              1, {false, true, false}))
+      .contiguous(fmt);
 }
 
 }  // namespace
