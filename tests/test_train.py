@@ -214,6 +214,23 @@ def test_ema_copies_buffers():
     assert int(ema.state["num_batches_tracked"]) == 5
 
 
+def test_ema_follows_tensors_replaced_after_its_first_update():
+    """The average finds the model's tensors once, but reads them in their module at every update:
+    a parameter or buffer replaced since (``model.to``, a new ``nn.Parameter``) is the one averaged
+    or copied, in a nested model, by state key."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ema = EMA(model, 0.5)
+    ema.update(model)
+    start = model[0].weight.detach().clone()
+    model[0].weight = torch.nn.Parameter(start + 2.0)
+    model[1].running_var = torch.full((4,), 7.0)
+    ema.update(model)
+    assert torch.allclose(ema.state["0.weight"], start + 1.0)
+    assert torch.equal(ema.state["1.running_var"], torch.full((4,), 7.0))
+    with pytest.raises(ValueError, match="do not match"):
+        ema.update(torch.nn.Linear(2, 1))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
                     reason="mallopt is glibc's (Linux)")
 def test_training_keeps_freed_memory_for_the_next_step():

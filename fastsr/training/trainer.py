@@ -36,21 +36,41 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self._index: tuple[nn.Module, list[tuple[str, nn.Module, str, bool]]] | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
         decay = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
-        params = dict(model.named_parameters())
-        current = model.state_dict()
-        averaged = [key for key in current if key in params]
-        buffers = [key for key in current if key not in params]
-        # One multi-tensor call each instead of two ops per tensor (126 tensors in SRResNet: the
+        averages, params, kept, buffers = [], [], [], []
+        for key, module, name, is_param in self._entries(model):
+            if is_param:
+                averages.append(self.state[key])
+                params.append(module._parameters[name])
+            else:
+                kept.append(self.state[key])
+                buffers.append(module._buffers[name])
+        # One multi-tensor call each instead of two ops per tensor (190 tensors in SRResNet: the
         # per-op overhead was ~3% of a CPU training step).
-        if averaged:
-            torch._foreach_lerp_([self.state[k] for k in averaged], [current[k].detach() for k in averaged],
-                                 1.0 - decay)
-        if buffers:
-            torch._foreach_copy_([self.state[k] for k in buffers], [current[k] for k in buffers])
+        if averages:
+            torch._foreach_lerp_(averages, params, 1.0 - decay)
+        if kept:
+            torch._foreach_copy_(kept, buffers)
+
+    def _entries(self, model: nn.Module) -> list[tuple[str, nn.Module, str, bool]]:
+        """(state key, owning module, attribute name, is a parameter) for every entry of the state,
+        found once per model: building ``state_dict()`` and ``named_parameters()`` on every step cost
+        ~0.5 ms of a 36 ms CPU step. The tensors themselves are looked up in their module at each
+        update, so one replaced since (``model.to``, a new ``nn.Parameter``) is still the one read."""
+        if self._index is None or self._index[0] is not model:
+            entries = [(prefix + ("." if prefix else "") + name, module, name, is_param)
+                       for prefix, module in model.named_modules()
+                       for is_param, tensors in ((True, module._parameters), (False, module._buffers))
+                       for name, t in tensors.items()
+                       if t is not None and (is_param or name not in module._non_persistent_buffers_set)]
+            if sorted(key for key, *_ in entries) != sorted(self.state):
+                raise ValueError("the model's tensors do not match the average's state (a different architecture?)")
+            self._index = (model, entries)
+        return self._index[1]
 
     def model_copy(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` carrying the averaged weights, in eval mode."""
