@@ -181,7 +181,8 @@ def _resolve_name(name: str | None, device_type: str, op: str, dtype: torch.dtyp
 
 def _invalid(name: str, device_type: str, op: str, dtype: torch.dtype, channels_last: bool) -> str | None:
     """Load backend ``name``; why it is wrong for ``op`` here (first-use validation), or None."""
-    _LOADED[name] = backend_module(name)
+    if name not in _LOADED:  # every op call comes here: import once
+        _LOADED[name] = backend_module(name)
     from . import validate
 
     return validate.check(op, name, _LOADED[name], device_type, dtype, channels_last)

@@ -155,6 +155,8 @@ def check(op: str, name: str, backend: ModuleType, device_type: str, dtype: torc
     if not enabled() or name == "torch" or not dtype.is_floating_point:
         return None
     key = (op, name, device_type, dtype, channels_last)
+    if key in _verdicts:  # every op call asks: a verdict once written is read without the lock
+        return _verdicts[key]
     with _lock:
         if key not in _verdicts:
             _verdicts[key] = _probe_reason(op, backend, device_type, dtype, channels_last)
