@@ -230,6 +230,29 @@ def test_transformed_weights_follow_in_place_updates(forced):
         assert torch.equal(conv(x, w, None, None, None, 1), conv(x, w.clone(), None, None, None, 1))
 
 
+@pytest.mark.parametrize("shuffle", [1, 2])
+def test_weights_are_read_at_their_strides(shuffle, forced):
+    """The transform reads the weight in place: contiguous, channels_last (transposed 16 x 16 in
+    registers) and views of a larger weight of either layout give exactly the result of a
+    contiguous copy, and that result is within the rule."""
+    g = torch.Generator().manual_seed(7 + shuffle)
+    x = fmt(torch.rand(2, 64, 9, 11, generator=g), True)
+    big = torch.randn(64 * shuffle**2 + 32, 96, 3, 3, generator=g) * 0.05
+    layouts = {"oihw": big, "ohwi": fmt(big, True)}
+    conv = torch.ops.fastsr.conv2d_prelu
+    with torch.no_grad():
+        for name, source in layouts.items():
+            for view in (source[:64 * shuffle**2, :64], source[32:, 16:80]):
+                expected = conv(x, view.contiguous(), None, None, None, shuffle)
+                assert torch.equal(conv(x, view, None, None, None, shuffle), expected), name
+        w = layouts["ohwi"][:64 * shuffle**2, :64]
+        ref64 = torch.nn.functional.pixel_shuffle(torch.nn.functional.conv2d(x.double(), w.double(), padding=1),
+                                                  shuffle)
+        same = torch.nn.functional.pixel_shuffle(torch.nn.functional.conv2d(x, w, padding=1), shuffle)
+        assert_within_rule("winograd, weight view", conv(x, w, None, None, None, shuffle), ref64, same,
+                           torch.float32)
+
+
 @pytest.mark.parametrize("cin", [64, 96])
 def test_channel_slices_are_read_in_place(cin, forced):
     """RRDBNet's concat-free dense blocks hand the conv x = buffer[:, :cin] of a channels_last

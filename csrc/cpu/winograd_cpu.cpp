@@ -38,6 +38,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "../common.h"
@@ -116,70 +117,118 @@ struct Plan {
   int64_t CW, chunks;                // output-channel chunk width and count
 };
 
+// A float vector whose new elements are left uninitialised (std::vector zero-fills them): a
+// transform writes every element, and zeroing its 256 KB (1 MB for a 64 -> 256 conv) first added
+// ~5 us to each of a training step's ~35 transforms.
+template <typename T>
+struct DefaultInit : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = DefaultInit<U>;
+  };
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+using Floats = std::vector<float, DefaultInit<float>>;
+
 // U[e][chunk][ci][CW] = (G g G^T)[e] for output channel chunk * CW + (index in chunk), output
 // channels in shuffled order co' = s * C + c (s = i * r + j the sub-pixel), from weight[c r^2 + s].
-// The weight is read in place at its strides (contiguous, channels_last, any view): ATen's copy to
-// (ci, 3, 3, co') took ~20 of a 64 -> 64 transform's ~30 us, paid after every optimizer step.
-std::vector<float> transform_weights(const at::Tensor& weight, const Plan& p) {
+// Paid after every optimizer step in training (~35 calls a step), so it is kept cheap: the weight is
+// read in place at its strides (contiguous, channels_last, any view), 16 input channels at a time
+// (one cache line of a channels_last weight per output channel and tap), into a block laid out
+// (ci, tap, co') for the arithmetic. ATen's permuted copy to that layout was ~20 us of a 64 -> 64
+// transform, and gathering tap by tap across the whole weight about as slow.
+Floats transform_weights(const at::Tensor& weight, const Plan& p) {
+  constexpr int64_t kBlock = 16;  // input channels gathered together (C_in is a multiple of 16)
   const float* wp = weight.const_data_ptr<float>();
-  std::vector<float> U(16 * p.Cin * p.Cout);
+  Floats U(16 * p.Cin * p.Cout);
   float* up = U.data();
-  const int64_t Cin = p.Cin, CW = p.CW, chunks = p.chunks, s_ci = weight.stride(1);
-  // Where output channel co' and tap (kh, kw) start in the weight, computed once (an integer
-  // division per channel and input channel made the transform slower than the copy it replaced).
-  std::vector<int64_t> channel_at(p.Cout);
-  for (int64_t co = 0; co < p.Cout; ++co) channel_at[co] = ((co % p.C) * p.r * p.r + co / p.C) * weight.stride(0);
+  const int64_t Cin = p.Cin, Cout = p.Cout, CW = p.CW, chunks = p.chunks, s_ci = weight.stride(1);
+  // Where output channel co' and tap (kh, kw) start in the weight, computed once.
+  std::vector<int64_t> channel_at(Cout);
+  for (int64_t co = 0; co < Cout; ++co) channel_at[co] = ((co % p.C) * p.r * p.r + co / p.C) * weight.stride(0);
   int64_t tap_at[9];
   for (int tap = 0; tap < 9; ++tap) tap_at[tap] = (tap / 3) * weight.stride(2) + (tap % 3) * weight.stride(3);
-  // Per (ci, chunk): the chunk's 9 x CW taps gathered into g, then the fp64 arithmetic with the
-  // chunk's channels innermost, contiguous in g and in U, so it vectorises (channel-outer loops made
-  // the transform cost as much as the convolution at 12x12).
-  at::parallel_for(0, Cin, grain_for(16 * p.Cout * 16), [&](int64_t begin, int64_t end) {
-    float g[9][64];      // taps (kh * 3 + kw) x the chunk's channels (CW <= 64)
-    double t[4][3][64];  // G g for one chunk
-    for (int64_t ci = begin; ci < end; ++ci)
-      for (int64_t k = 0; k < chunks; ++k) {
-        for (int64_t cc = 0; cc < CW; ++cc) {
-          const float* w = wp + channel_at[k * CW + cc] + ci * s_ci;
-          for (int tap = 0; tap < 9; ++tap) g[tap][cc] = w[tap_at[tap]];
-        }
-        for (int kw = 0; kw < 3; ++kw)
-          for (int64_t cc = 0; cc < CW; ++cc) {
-            const double g0 = g[0 * 3 + kw][cc], g1 = g[1 * 3 + kw][cc], g2 = g[2 * 3 + kw][cc];
-            t[0][kw][cc] = g0;
-            t[1][kw][cc] = 0.5 * (g0 + g1 + g2);
-            t[2][kw][cc] = 0.5 * (g0 - g1 + g2);
-            t[3][kw][cc] = g2;
+  at::parallel_for(0, Cin / kBlock, grain_for(kBlock * 16 * Cout * 16), [&](int64_t begin, int64_t end) {
+    std::vector<float> taps(kBlock * 9 * Cout);  // [ci - ci0][kh * 3 + kw][co']
+    double t[4][3][64];                          // G g for one chunk (CW <= 64)
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t ci0 = blk * kBlock;
+      if (s_ci == 1) {
+        // Input channels adjacent (channels_last): per tap, 16 x 16 (co', ci) tiles transposed in
+        // vector registers. 16 shuffled channels co' from a multiple of 16 share one sub-pixel, so
+        // their rows are evenly spaced in the weight.
+        for (int64_t co0 = 0; co0 < Cout; co0 += kBlock)
+          for (int tap = 0; tap < 9; ++tap)
+            at::vec::transpose_mxn<float, kBlock, kBlock>(wp + channel_at[co0] + tap_at[tap] + ci0,
+                                                          channel_at[co0 + 1] - channel_at[co0],
+                                                          taps.data() + tap * Cout + co0, 9 * Cout);
+      } else {
+        for (int64_t co = 0; co < Cout; ++co)
+          for (int tap = 0; tap < 9; ++tap) {
+            const float* src = wp + channel_at[co] + tap_at[tap] + ci0 * s_ci;
+            for (int64_t c = 0; c < kBlock; ++c) taps[(c * 9 + tap) * Cout + co] = src[c * s_ci];
           }
-        for (int a = 0; a < 4; ++a) {
-          float* u0 = up + (((a * 4 + 0) * chunks + k) * Cin + ci) * CW;
-          const int64_t step = chunks * Cin * CW;  // from element (a, b) to (a, b + 1)
-          for (int64_t cc = 0; cc < CW; ++cc) {
-            const double t0 = t[a][0][cc], t1 = t[a][1][cc], t2 = t[a][2][cc];
-            u0[cc] = static_cast<float>(t0);
-            u0[step + cc] = static_cast<float>(0.5 * (t0 + t1 + t2));
-            u0[2 * step + cc] = static_cast<float>(0.5 * (t0 - t1 + t2));
-            u0[3 * step + cc] = static_cast<float>(t2);
-          }
-        }
       }
+      // Per (ci, chunk): the fp64 arithmetic with the chunk's channels innermost, contiguous in
+      // `taps` and in U, so it vectorises.
+      for (int64_t c = 0; c < kBlock; ++c)
+        for (int64_t k = 0; k < chunks; ++k) {
+          const int64_t ci = ci0 + c;
+          const float* g = taps.data() + c * 9 * Cout + k * CW;  // tap (row, kw), channel cc at g[(row * 3 + kw) * Cout + cc]
+          for (int kw = 0; kw < 3; ++kw)
+            for (int64_t cc = 0; cc < CW; ++cc) {
+              const double g0 = g[(0 * 3 + kw) * Cout + cc], g1 = g[(1 * 3 + kw) * Cout + cc],
+                           g2 = g[(2 * 3 + kw) * Cout + cc];
+              t[0][kw][cc] = g0;
+              t[1][kw][cc] = 0.5 * (g0 + g1 + g2);
+              t[2][kw][cc] = 0.5 * (g0 - g1 + g2);
+              t[3][kw][cc] = g2;
+            }
+          for (int a = 0; a < 4; ++a) {
+            float* u0 = up + (((a * 4 + 0) * chunks + k) * Cin + ci) * CW;
+            const int64_t step = chunks * Cin * CW;  // from element (a, b) to (a, b + 1)
+            for (int64_t cc = 0; cc < CW; ++cc) {
+              const double t0 = t[a][0][cc], t1 = t[a][1][cc], t2 = t[a][2][cc];
+              u0[cc] = static_cast<float>(t0);
+              u0[step + cc] = static_cast<float>(0.5 * (t0 + t1 + t2));
+              u0[2 * step + cc] = static_cast<float>(0.5 * (t0 - t1 + t2));
+              u0[3 * step + cc] = static_cast<float>(t2);
+            }
+          }
+        }
+    }
   });
   return U;
 }
 
-// A fingerprint of the weight's values (fp32 words, position-weighted sums in four lanes): part of
+// A fingerprint of the weight's values (fp32 words, position-weighted sums in eight lanes): part of
 // the cache key because a buffer can be rewritten without its version counter moving. torch.compile's
 // generated code writes an eval model's folded weights into reused buffers that way, and without
-// this a compiled SRResNet got the previous call's transformed weights. ~5 us for 64x64x3x3.
+// this a compiled SRResNet got the previous call's transformed weights. Computed on every call: the
+// lanes are eight independent sums, eight words a step, so they stay in registers (one sum per word
+// index mod 4, indexed in memory, was one dependent load-add-store per word: ~25 us for 64x64x3x3).
 // A dense tensor (contiguous or channels_last) is read in memory order where it lies (its strides
 // are in the key too): copying a channels_last 512x512x3x3 VGG weight first cost more than its conv.
 uint64_t fingerprint(const at::Tensor& weight) {
   const at::Tensor w = weight.is_non_overlapping_and_dense() ? weight : weight.contiguous();
   const auto* words = reinterpret_cast<const uint32_t*>(w.const_data_ptr<float>());
   const int64_t n = w.numel();
-  uint64_t lane[4] = {0, 0, 0, 0};
-  for (int64_t i = 0; i < n; ++i) lane[i & 3] += (uint64_t(words[i]) + 1) * uint64_t(2 * i + 1);
-  return lane[0] ^ (lane[1] * 0x9E3779B97F4A7C15ull) ^ (lane[2] << 21 | lane[2] >> 43) ^ (lane[3] * 0xC2B2AE3D27D4EB4Full);
+  constexpr int kLanes = 8;
+  uint64_t lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane[j] += (uint64_t(words[i + j]) + 1) * uint64_t(2 * (i + j) + 1);
+  for (; i < n; ++i) lane[i % kLanes] += (uint64_t(words[i]) + 1) * uint64_t(2 * i + 1);
+  uint64_t h = 0;
+  for (int j = 0; j < kLanes; ++j) h = (h ^ lane[j]) * 0x9E3779B97F4A7C15ull + (h >> 29);
+  return h;
 }
 
 // Transformed weights per weight tensor. An entry is valid while the weight's storage is alive
@@ -190,11 +239,11 @@ uint64_t fingerprint(const at::Tensor& weight) {
 // expired entries go first, then the oldest.
 class WeightCache {
  public:
-  using Value = std::shared_ptr<const std::vector<float>>;
+  using Value = std::shared_ptr<const Floats>;
 
   template <typename Make>
   Value get(const at::Tensor& weight, int64_t shuffle, Make make) {
-    if (weight.is_inference()) return std::make_shared<const std::vector<float>>(make());
+    if (weight.is_inference()) return std::make_shared<const Floats>(make());
     Key key{weight.data_ptr(), weight._version(), fingerprint(weight), weight.sizes().vec(), weight.strides().vec(),
             shuffle};
     {
@@ -202,7 +251,7 @@ class WeightCache {
       for (const Entry& e : entries_)
         if (e.key == key && !e.storage.expired()) return e.value;
     }
-    Value value = std::make_shared<const std::vector<float>>(make());
+    Value value = std::make_shared<const Floats>(make());
     std::lock_guard<std::mutex> lock(mutex_);
     insert(Entry{weight.storage().getWeakStorageImpl(),
                  std::move(key), value});
@@ -350,24 +399,35 @@ void gemm_chunk(const float* vt, const float* u, float* m, const Plan& p, int64_
   }
 }
 
+// A thread's scratch of at least n floats, kept for its next calls: allocating and zeroing ~300 KB
+// per thread and call was ~10% of a 4x64x12x12 conv (a training step has 35 of them). Rows past a
+// block's last tile hold stale values: the GEMM rows they feed are never stored.
+float* thread_scratch(int slot, int64_t n) {
+  thread_local std::vector<float> buffers[2];
+  std::vector<float>& buf = buffers[slot];
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
 void run(const float* x, const float* U, const Plan& p, const Epilogue& ep) {
   const int64_t blocks = (p.tiles + kTiles - 1) / kTiles;
   const int nrv = static_cast<int>(std::min<int64_t>(kNRV, p.CW / kVS));
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> vt(16 * kTiles * p.Cin, 0.f), m(16 * kTiles * p.CW, 0.f);
+    float* vt = thread_scratch(0, 16 * kTiles * p.Cin);
+    float* m = thread_scratch(1, 16 * kTiles * p.CW);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t t_begin = blk * kTiles, nt = std::min(kTiles, p.tiles - t_begin);
       const int64_t mr = mr_for(nrv), rows = (nt + mr - 1) / mr * mr;
-      for (int64_t s = 0; s < nt; ++s) input_tile(x, p, t_begin + s, vt.data(), s, kTiles * p.Cin);
+      for (int64_t s = 0; s < nt; ++s) input_tile(x, p, t_begin + s, vt, s, kTiles * p.Cin);
       for (int64_t k = 0; k < p.chunks; ++k) {
         const float* uk = U + k * p.Cin * p.CW;
         switch (nrv) {
-          case 4: gemm_chunk<4 <= kNRV ? 4 : 1>(vt.data(), uk, m.data(), p, rows); break;
-          case 3: gemm_chunk<3 <= kNRV ? 3 : 1>(vt.data(), uk, m.data(), p, rows); break;
-          case 2: gemm_chunk<2>(vt.data(), uk, m.data(), p, rows); break;
-          default: gemm_chunk<1>(vt.data(), uk, m.data(), p, rows); break;
+          case 4: gemm_chunk<4 <= kNRV ? 4 : 1>(vt, uk, m, p, rows); break;
+          case 3: gemm_chunk<3 <= kNRV ? 3 : 1>(vt, uk, m, p, rows); break;
+          case 2: gemm_chunk<2>(vt, uk, m, p, rows); break;
+          default: gemm_chunk<1>(vt, uk, m, p, rows); break;
         }
-        for (int64_t s = 0; s < nt; ++s) output_tile(m.data(), p, t_begin + s, s, k, ep);
+        for (int64_t s = 0; s < nt; ++s) output_tile(m, p, t_begin + s, s, k, ep);
       }
     }
   });
