@@ -12,7 +12,8 @@
 //   mse_per_image    mse_per_image_backward (d/db is the negation of d/da).
 // The convolutions' input gradients: oneDNN (at::convolution_backward). Their weight gradients on CPU
 // in fp32: conv2d_weight_grad for a few-output conv (5-10x oneDNN) and for the 3x3 many-channel convs
-// (Winograd, 1.6-1.9x oneDNN's weight gradient on Zen 4); oneDNN elsewhere, input and weight in one call.
+// (Winograd, 1.6-1.9x oneDNN's weight gradient on Zen 4), written in the weight's own layout so
+// AccumulateGrad stores it as it is; oneDNN elsewhere, input and weight in one call.
 // The input gradient stays on oneDNN: through the Winograd kernel it was 1.3x faster at 24x24, but a whole
 // SRResNet's slope gradient then broke the tolerance rule (1.4x the bound; 1.75x when tried again).
 // Per-op ATen headers rather than ATen/ATen.h: this file is the extension's slowest to compile.
