@@ -320,14 +320,16 @@ def test_auto_mode_leaves_tiny_weight_grads_to_onednn(auto):
         assert _calls() == before + int(winograd)
 
 
-@pytest.mark.parametrize("threads", [1, 3, 8])
+@pytest.mark.parametrize("threads", [1, 3, 8, 40])
 def test_winograd_weight_grad_any_thread_count(threads, forced):
     """The tiles are split into one partial sum per thread (at most, and at least 32 tiles each):
-    1 thread, an odd count and more threads than cores give results within the rule."""
+    1 thread, an odd count and more threads than cores give results within the rule. With 40
+    threads, 1,281 tiles (122x42) make 40 ranges of 33 tiles: the last one is empty, and its partial
+    sum (never written by a GEMM) must count as zero."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for n, cin, cout, h, w in [(4, 64, 64, 12, 12), (2, 16, 16, 47, 45), (1, 16, 32, 3, 3)]:
+        for n, cin, cout, h, w in [(4, 64, 64, 12, 12), (2, 16, 16, 47, 45), (1, 16, 32, 3, 3), (1, 16, 16, 122, 42)]:
             gen = torch.Generator().manual_seed(threads)
             x = fmt(torch.randn(n, cin, h, w, generator=gen, dtype=torch.float64), True)
             g = fmt(torch.randn(n, cout, h, w, generator=gen, dtype=torch.float64), True)
