@@ -89,8 +89,9 @@ std::array<Tensor, 3> conv_grads(const Tensor& grad, const Tensor& x, const Tens
       op<Tensor(const Tensor&, const Tensor&, int64_t, bool)>("fastsr::conv2d_weight_grad");
   std::array<Tensor, 3> out;
   const bool own_w = need[1] && own_weight_grad(x, weight);
-  const bool weight_channels_last = weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  if (own_w) out[1] = weight_grad.call(grad, x, weight.size(-1), weight_channels_last);
+  if (own_w)
+    out[1] = weight_grad.call(grad, x, weight.size(-1),
+                              weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast);
   // Asked for the bias gradient too, oneDNN computes the weight gradient (15 ms of a tail's 17).
   if (own_w && need[2] && bias) out[2] = grad.sum({0, 2, 3});
   const std::array<bool, 3> mask{need[0], need[1] && !own_w, need[2] && bias.has_value() && !out[2].defined()};

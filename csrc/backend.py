@@ -232,8 +232,7 @@ def _fake_batch_norm_prelu_backward(grad, x, mean, var, weight, bias, slope, eps
 
 def _fake_conv2d_weight_grad(grad, x, kernel_size, channels_last):
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((grad.shape[1], x.shape[1], kernel_size, kernel_size), dtype=x.dtype, device=x.device,
-                       memory_format=layout)
+    return _empty(x, (grad.shape[1], x.shape[1], kernel_size, kernel_size), fmt=layout)
 
 
 def _fake_mse_per_image(a, b, scale, y_channel, crop):

@@ -404,8 +404,9 @@ void gemm_chunk(const float* vt, const float* u, float* m, const Plan& p, int64_
 // zero-filled per thread and call (with U's zero-fill, memset was ~3% of the micro-kernel's time in a
 // perf profile of training-sized 4x64x12x12 calls). Rows past a block's last tile hold stale values:
 // the GEMM rows they feed are never stored.
-float* thread_scratch(int slot, int64_t n) {
-  thread_local std::vector<float> buffers[2];
+enum Scratch { kInputTiles, kProducts, kScratchSlots };
+float* thread_scratch(Scratch slot, int64_t n) {
+  thread_local std::vector<float> buffers[kScratchSlots];
   std::vector<float>& buf = buffers[slot];
   if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
   return buf.data();
@@ -415,8 +416,8 @@ void run(const float* x, const float* U, const Plan& p, const Epilogue& ep) {
   const int64_t blocks = (p.tiles + kTiles - 1) / kTiles;
   const int nrv = static_cast<int>(std::min<int64_t>(kNRV, p.CW / kVS));
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    float* vt = thread_scratch(0, 16 * kTiles * p.Cin);
-    float* m = thread_scratch(1, 16 * kTiles * p.CW);
+    float* vt = thread_scratch(kInputTiles, 16 * kTiles * p.Cin);
+    float* m = thread_scratch(kProducts, 16 * kTiles * p.CW);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t t_begin = blk * kTiles, nt = std::min(kTiles, p.tiles - t_begin);
       const int64_t mr = mr_for(nrv), rows = (nt + mr - 1) / mr * mr;
