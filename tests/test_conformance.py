@@ -399,7 +399,7 @@ def test_srresnet_forward_backward_matches_torch_backend(target, train):
 
     def run(dtype, backend):
         m = copy.deepcopy(model).to(dtype)
-        xi = x.to(dtype).requires_grad_()
+        xi = x.to(dtype, copy=True).requires_grad_()  # a leaf of its own per run
         with fastsr.use_backend(backend):
             out = m(xi)
             out.backward(grad.to(dtype))
