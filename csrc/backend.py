@@ -182,6 +182,13 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.fastsr.to_uint8(x)
 
 
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay):
+    """Adam's update of fp32 CPU parameters in one parallel pass (csrc/cpu/adam_cpu.cpp); each
+    gradient and moment has its parameter's shape and strides, every parameter is dense."""
+    _ensure()
+    torch.ops.fastsr.adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay)
+
+
 # ----------------------------------------------------------------------------------------------
 # Fake kernels and autograd, registered once the library has defined the ops.
 
@@ -243,6 +250,10 @@ def _fake_mse_per_image_backward(grad, a, b, scale, y_channel, crop):
     return _empty(a, a.shape)
 
 
+def _fake_adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay):
+    return None
+
+
 def _fake_to_uint8(x):
     n, c, h, w = x.shape
     return torch.empty((n, h, w, c), dtype=torch.uint8, device=x.device)
@@ -253,7 +264,8 @@ _FAKES = {"conv2d_prelu": _fake_conv2d_prelu, "conv2d_silu": _fake_conv2d_silu,
           "shuffle_prelu_backward": _fake_shuffle_prelu_backward, "batch_norm_prelu": _fake_batch_norm_prelu,
           "batch_norm_prelu_backward": _fake_batch_norm_prelu_backward,
           "conv2d_weight_grad": _fake_conv2d_weight_grad, "mse_per_image": _fake_mse_per_image,
-          "mse_per_image_backward": _fake_mse_per_image_backward, "to_uint8": _fake_to_uint8}
+          "mse_per_image_backward": _fake_mse_per_image_backward, "to_uint8": _fake_to_uint8,
+          "adam_step_": _fake_adam_step_}
 
 
 def _register_python_side() -> None:

@@ -35,6 +35,10 @@ TORCH_LIBRARY(fastsr, m) {
   // autograd's gradient accumulation keeps without a copy), for few output channels (a 9x9 tail
   // conv's 3) or a 3x3 kernel with input and output channels in multiples of 16 (CPU only).
   m.def("conv2d_weight_grad(Tensor grad, Tensor x, int kernel_size, bool channels_last) -> Tensor");
+  // Adam's update in place for lists of parameters, their gradients, both moments and step counts
+  // (each count gains 1 first): torch.optim.Adam's arithmetic with L2 weight decay (CPU, fp32; the
+  // training step's optimizer, csrc/cpu/adam_cpu.cpp).
+  m.def("adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
   // Float (N, C, H, W) in [0, 1] -> uint8 (N, H, W, C): clamp, * 255, round half to even.
   m.def("to_uint8(Tensor x) -> Tensor");
 }

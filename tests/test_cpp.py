@@ -96,6 +96,15 @@ def test_opcheck_batch_norm_prelu_and_backward():
 
 
 
+def test_opcheck_adam_step():
+    for channels_last in (False, True):
+        params = [fmt(torch.randn(8, 5, 3, 3), channels_last), torch.randn(19)]
+        state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+        _opcheck(torch.ops.fastsr.adam_step_.default,
+                 (params, [torch.randn_like(p) for p in params], *state, [torch.tensor(0.0), torch.tensor(2.0)],
+                  1e-3, 0.9, 0.99, 1e-8, 0.01))
+
+
 # The autograd formulas are C++ (csrc/autograd.cpp). Their context numbers only the tensor inputs
 # that were given, so each case leaves an optional tensor out and differentiates a subset of the
 # inputs: a gradient that landed on the wrong input fails gradcheck (float64, the direct ops).

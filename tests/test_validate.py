@@ -96,7 +96,7 @@ def test_validation_can_be_turned_off(monkeypatch):
 
 
 def test_the_probes_cover_every_op_of_the_contract():
-    for op in contract.OPS:
+    for op in (*contract.OPS, *contract.OPTIONAL_OPS):
         assert validate.probes(op, torch.device("cpu"), False), op
 
 
@@ -106,3 +106,26 @@ def test_the_real_cpp_kernels_pass_their_probes(op, channels_last):
     for dtype in (torch.float32, torch.bfloat16):
         verdict = validate.run_probe(op, cpp, torch.device("cpu"), dtype, channels_last)
         assert verdict.ok, f"{op} {dtype}: {verdict}"
+
+
+def test_the_real_cpp_adam_step_passes_its_probe():
+    verdict = validate.run_probe("adam_step", cpp, torch.device("cpu"), torch.float32, False)
+    assert verdict.ok, str(verdict)
+
+
+def test_a_wrong_optional_kernel_is_not_used_and_said_once(monkeypatch, capsys):
+    real = cpp.adam_step
+    monkeypatch.setattr(cpp, "adam_step", lambda *a: real(*a[:-1], 0.0))  # forgets the weight decay
+    p = torch.zeros(3)
+    capsys.readouterr()
+    with fastsr.use_backend("cpp"):
+        assert dispatch.optional_kernel("adam_step", p) is None
+        assert dispatch.optional_kernel("adam_step", p) is None
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "failed its first-use check of adam_step (cpu, float32), using PyTorch's" in lines[0]
+    monkeypatch.setattr(cpp, "adam_step", real)
+    validate.forget()
+    with fastsr.use_backend("cpp"):
+        assert dispatch.optional_kernel("adam_step", p) is real
+    with fastsr.use_backend("torch"):
+        assert dispatch.optional_kernel("adam_step", p) is None  # the torch backend's Adam is PyTorch's

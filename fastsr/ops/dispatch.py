@@ -19,7 +19,7 @@ import contextvars
 import importlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
@@ -133,6 +133,32 @@ def resolve(name: str | None, tensor: torch.Tensor, op: str) -> ModuleType:
     device_type = "cuda" if tensor.is_cuda else "cpu"
     return _LOADED[_resolve_name(name, device_type, op, tensor.dtype, is_channels_last(tensor))]
 
+
+
+def optional_kernel(op: str, tensor: torch.Tensor) -> Callable | None:
+    """The backend in effect's own kernel for ``op`` (one of contract.OPTIONAL_OPS, e.g. Adam's step)
+    on tensors like ``tensor``, validated on first use like the op set's kernels; None where it has
+    none, where it is the torch backend (whose kernel is PyTorch's own, which the caller then uses),
+    or where its kernel failed the first-use check (said once on stderr)."""
+    device_type = "cuda" if tensor.is_cuda else "cpu"
+    name = get_backend()
+    if name == "auto":
+        name = next((c for c in _AUTO_ORDER.get(device_type, ()) if availability(c, device_type)[0]), "torch")
+    if name == "torch" or not availability(name, device_type)[0]:
+        return None
+    if name not in _LOADED:
+        _LOADED[name] = backend_module(name)
+    kernel = getattr(_LOADED[name], op, None)
+    if kernel is None:
+        return None
+    wrong = _invalid(name, device_type, op, tensor.dtype, False)  # its probe holds both memory formats
+    if wrong:
+        if (name, op, device_type, tensor.dtype) not in _warned_invalid:
+            _warned_invalid.add((name, op, device_type, tensor.dtype))
+            print(f"fastsr: warning: backend {name!r} failed its first-use check of {op} ({device_type}, "
+                  f"{str(tensor.dtype).removeprefix('torch.')}), using PyTorch's: {wrong}", file=sys.stderr, flush=True)
+        return None
+    return kernel
 
 # Backend modules already picked by _resolve_name; a plain dict lookup torch.compile can trace.
 _LOADED: dict[str, ModuleType] = {}

@@ -7,6 +7,8 @@ contract they implement is :class:`fastsr.ops.contract.Backend`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -82,3 +84,19 @@ def to_uint8(x):
     y = x if x.dtype == torch.float64 else x.float()
     y = torch.nan_to_num(y, nan=0.0).clamp(0, 1) * 255
     return y.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # round(): half to even
+
+
+@torch.no_grad()
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay):
+    """torch.optim.Adam's update, in place, one tensor at a time (L2 weight decay, no amsgrad): each
+    step count gains 1, then ``m = lerp(m, g, 1 - beta1)``, ``v = beta2 v + (1 - beta2) g^2`` and
+    ``p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)``, ``g`` the gradient plus
+    ``weight_decay * p``."""
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        step += 1
+        t = step.item()
+        g = g + weight_decay * p if weight_decay else g
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))

@@ -97,6 +97,23 @@ def _image_pair(shape, device, channels_last: bool, gen: torch.Generator) -> lis
     return [_place(a, device, channels_last), _place(b, device, channels_last)]
 
 
+def _adam_args(device, gen: torch.Generator) -> list:
+    """Both memory formats at once: a channels_last and a contiguous conv weight, a vector (odd sizes,
+    longer than a vector register and not a multiple of one) and a 1-element slope; moments from an
+    earlier step (step count 4), weight decay on."""
+    params = [_place(torch.randn(*shape, generator=gen, dtype=torch.float64), device, cl)
+              for shape, cl in (((16, 5, 3, 3), True), ((3, 16, 9, 9), False), ((37,), False), ((1,), False))]
+
+    def like_params(scale: float, positive: bool = False) -> list[torch.Tensor]:
+        # Each in its parameter's layout, as the optimizer's state is.
+        draw = torch.rand if positive else torch.randn
+        return [torch.empty_like(p).copy_(draw(p.shape, generator=gen, dtype=torch.float64) * scale) for p in params]
+
+    grads, exp_avgs, exp_avg_sqs = like_params(1.0), like_params(0.1), like_params(0.01, positive=True)
+    steps = [torch.tensor(4.0, dtype=torch.float64, device=device) for _ in params]
+    return [params, grads, exp_avgs, exp_avg_sqs, steps, 1e-2, 0.9, 0.99, 1e-8, 1e-2]
+
+
 def probes(op: str, device, channels_last: bool) -> list[list]:
     """The probe inputs (float64, on ``device``, in the memory format) for ``op``: argument lists
     in the contract's positional order."""
@@ -118,11 +135,33 @@ def probes(op: str, device, channels_last: bool) -> list[list]:
     if op == "to_uint8":
         return [[_place(torch.rand(1, 3, 9, 8, generator=gen, dtype=torch.float64) * 1.4 - 0.2, device,
                         channels_last)]]
+    if op == "adam_step":
+        return [_adam_args(device, gen)]
     raise ValueError(f"no probe for op {op!r}")
 
 
 def _cast(args: list, dtype: torch.dtype) -> list:
-    return [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    """Copies of the float tensors (also in lists) in ``dtype``; step counts (0-dim) stay fp32 or wider."""
+    def one(a):
+        if isinstance(a, list):
+            return [one(t) for t in a]
+        if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+            return a
+        return a.to(torch.float32 if a.dim() == 0 and dtype != torch.float64 else dtype, copy=True)
+    return [one(a) for a in args]
+
+
+def _in_place_verdicts(fn: Callable, want: Callable, args: list, dtype: torch.dtype) -> list[Verdict]:
+    """An op that updates lists of tensors in place (adam_step): every tensor it updates, against the
+    reference's update of float64 copies, the same-dtype reference's as the baseline."""
+    ours, ref64, same = _cast(args, dtype), _cast(args, torch.float64), _cast(args, dtype)
+    try:
+        fn(*ours)
+    except Exception as exc:
+        raise KernelError(exc) from exc
+    want(*ref64)
+    want(*same)
+    return [judge(o, r, s, dtype) for i in (0, 2, 3, 4) for o, r, s in zip(ours[i], ref64[i], same[i], strict=True)]
 
 
 def run_probe(op: str, backend: ModuleType, device, dtype: torch.dtype, channels_last: bool) -> Verdict:
@@ -133,6 +172,9 @@ def run_probe(op: str, backend: ModuleType, device, dtype: torch.dtype, channels
     verdicts = []
     with torch.no_grad():
         for args in probes(op, device, channels_last):
+            if op == "adam_step":
+                verdicts.extend(_in_place_verdicts(fn, want, args, dtype))
+                continue
             try:
                 ours = fn(*_cast(args, dtype))
             except Exception as exc:  # a kernel that raises is as unusable as one that is wrong

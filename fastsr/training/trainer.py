@@ -19,6 +19,7 @@ from ..nn import convert_sync_batchnorm
 from .amp import AUTOCAST_DTYPES, resolve_amp
 from .config import TrainConfig, TrainingError, validate
 from .memory import keep_freed_memory
+from .optim import Adam
 
 CHECKPOINT_VERSION = 2
 
@@ -174,12 +175,13 @@ class Trainer:
             features.features.to(AUTOCAST_DTYPES[self.amp])
         return losses.ContentLoss(torch.compile(features) if cfg.compile else features)
 
-    def _build_optim(self, model: nn.Module, lr: float) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
+    def _build_optim(self, model: nn.Module, lr: float) -> tuple[Adam, torch.optim.lr_scheduler.LambdaLR]:
         """Adam at peak rate ``lr`` and its schedule (:func:`lr_factor`), stepped once per step."""
-        # The fused kernel (CPU and CUDA): one pass per tensor instead of ~10 ops, each with its
-        # scalar-to-tensor copies (Adam was 8% of a CPU pretrain step on the single-tensor path).
+        # The backend's own kernel where it has one (optim.Adam), else PyTorch's fused kernel (CPU and
+        # CUDA): one pass per tensor instead of ~10 ops, each with its scalar-to-tensor copies (Adam was
+        # 8% of a CPU pretrain step on the single-tensor path).
         fused = self.device.type in ("cpu", "cuda")
-        opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), fused=fused)
+        opt = Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), fused=fused)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.cfg))
 
     def _wrap_models(self) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
