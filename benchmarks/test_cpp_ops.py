@@ -215,3 +215,38 @@ def test_batch_norm_prelu_train(benchmark, block_part, impl):
     benchmark.pedantic(step, rounds=20, warmup_rounds=2)
     benchmark.extra_info.update({"device": DEVICE, "impl": impl,
                                  "gb_per_s": 6 * x.numel() * 4 / 1e9 / benchmark.stats.stats.mean})
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_adam_step_srresnet(benchmark, impl):
+    """One Adam update of SRResNet x4's 126 channels_last parameters (1.55 M values), as the trainer
+    makes it: ``cpp`` is fastsr.training.optim.Adam on the cpp backend (its one-pass kernel on CPU;
+    on CUDA it is PyTorch's fused step), ``eager`` torch.optim.Adam(fused=True), ``compile``
+    torch.compile of torch.optim.Adam's step (Inductor fuses the foreach update)."""
+    from fastsr.training.optim import Adam
+
+    model = fastsr.SRResNet(4).to(DEVICE).to(memory_format=CL)
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen))
+    kwargs = {"lr": 1e-4, "betas": (0.9, 0.99)}
+    if impl == "cpp":
+        opt = Adam(model.parameters(), fused=True, **kwargs)
+        step = opt.step
+    elif impl == "eager":
+        step = torch.optim.Adam(model.parameters(), fused=True, **kwargs).step
+    else:
+        torch._dynamo.reset()
+        step = torch.compile(torch.optim.Adam(model.parameters(), **kwargs).step)
+
+    def run():
+        with fastsr.use_backend("cpp" if impl == "cpp" else "torch"):
+            step()
+        _sync()
+
+    run()  # warm-up, state creation and compilation outside the timed rounds
+    benchmark.group = "adam-step-srresnet-x4"
+    benchmark.pedantic(run, rounds=50, warmup_rounds=3)
+    values = sum(p.numel() for p in model.parameters())
+    benchmark.extra_info.update({"device": DEVICE, "impl": impl, "values": values,
+                                 "gb_per_s": 7 * 4 * values / 1e9 / benchmark.stats.stats.mean})
