@@ -134,7 +134,6 @@ def resolve(name: str | None, tensor: torch.Tensor, op: str) -> ModuleType:
     return _LOADED[_resolve_name(name, device_type, op, tensor.dtype, is_channels_last(tensor))]
 
 
-
 def optional_kernel(op: str, tensor: torch.Tensor) -> Callable | None:
     """The backend in effect's own kernel for ``op`` (one of contract.OPTIONAL_OPS, e.g. Adam's step)
     on tensors like ``tensor``, validated on first use like the op set's kernels; None where it has
@@ -159,6 +158,7 @@ def optional_kernel(op: str, tensor: torch.Tensor) -> Callable | None:
                   f"{str(tensor.dtype).removeprefix('torch.')}), using PyTorch's: {wrong}", file=sys.stderr, flush=True)
         return None
     return kernel
+
 
 # Backend modules already picked by _resolve_name; a plain dict lookup torch.compile can trace.
 _LOADED: dict[str, ModuleType] = {}

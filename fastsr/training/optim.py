@@ -17,9 +17,9 @@ from ..ops.dispatch import optional_kernel
 
 class Adam(torch.optim.Adam):
     """``torch.optim.Adam`` (same arguments, state and results within float rounding) whose step runs
-    the backend in effect's multi-tensor kernel (the cpp backend's: fp32 CPU parameters, contiguous or channels_last,
-    each gradient in its parameter's layout) and otherwise ``torch.optim.Adam.step`` (fused where
-    asked). The torch backend always takes PyTorch's step: it is the plain-PyTorch baseline."""
+    the backend in effect's multi-tensor kernel (the cpp backend's: fp32 CPU parameters, contiguous
+    or channels_last, each gradient in its parameter's layout) and otherwise ``torch.optim.Adam.step``
+    (fused where asked). The torch backend always takes PyTorch's step: it is the plain-PyTorch baseline."""
 
     @torch.no_grad()
     def step(self, closure=None):
