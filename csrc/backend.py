@@ -182,6 +182,11 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.fastsr.to_uint8(x)
 
 
+# The optional training kernels this backend has (contract.OPTIONAL_OPS), with the (device type,
+# dtype) pairs each serves: dispatch.optional_kernel and `fastsr selftest` read it.
+OPTIONAL = {"adam_step": {("cpu", torch.float32)}}
+
+
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay):
     """Adam's update of fp32 CPU parameters in one parallel pass (csrc/cpu/adam_cpu.cpp); each
     gradient and moment has its parameter's shape and strides, every parameter is dense."""

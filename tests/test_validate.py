@@ -127,5 +127,15 @@ def test_a_wrong_optional_kernel_is_not_used_and_said_once(monkeypatch, capsys):
     validate.forget()
     with fastsr.use_backend("cpp"):
         assert dispatch.optional_kernel("adam_step", p) is real
+        assert dispatch.optional_kernel("adam_step", p.double()) is None  # not a dtype it serves
     with fastsr.use_backend("torch"):
         assert dispatch.optional_kernel("adam_step", p) is None  # the torch backend's Adam is PyTorch's
+
+
+def test_selftest_checks_the_optional_kernels_where_they_serve():
+    from fastsr.commands import selftest
+
+    rows, _ = selftest.collect("cpu", ["cpp"])
+    adam = [r for r in rows if r["op"] == "adam_step"]
+    assert [(r["dtype"], r["format"], r["ok"]) for r in adam] == [("float32", "both", True)]
+    assert {r["op"] for r in rows} == {*contract.OPS, "adam_step"}

@@ -32,15 +32,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", metavar="NAMES", help="comma-separated fast backends to check (default: all)")
 
 
-def _row(op: str, name: str, backend, device, dtype: str, channels_last: bool) -> dict:
+def _row(op: str, name: str, backend, device, dtype: str, channels_last: bool | None) -> dict:
+    """One check; ``channels_last`` None: a probe that holds both memory formats."""
     import torch
 
     from ..ops.validate import KernelError, run_probe
 
-    row = {"op": op, "backend": name, "dtype": dtype, "format": "channels_last" if channels_last else "NCHW"}
+    layout = "both" if channels_last is None else "channels_last" if channels_last else "NCHW"
+    row = {"op": op, "backend": name, "dtype": dtype, "format": layout}
     start = time.perf_counter()
     try:
-        verdict = run_probe(op, backend, device, getattr(torch, dtype), channels_last)
+        verdict = run_probe(op, backend, device, getattr(torch, dtype), bool(channels_last))
         row.update(ok=verdict.ok, worst=round(verdict.ratio, 3), detail="" if verdict.ok else str(verdict))
     except KernelError as failure:
         row.update(ok=False, worst=None, detail=f"{type(failure.__cause__).__name__}: {failure.__cause__}"[:200])
@@ -66,14 +68,16 @@ def collect(device_type: str, backends: list[str] | None = None, on_row=None) ->
             continue
         backend = dispatch.backend_module(name)
         skipped += [f"{name} {dtype}: {why}" for (n, d, dtype), why in NOT_RUN.items() if (n, d) == (name, device_type)]
-        for op in OPS:
-            for dtype in DTYPES:
-                if (name, device_type, dtype) in NOT_RUN:
-                    continue
-                for channels_last in (False, True):
-                    rows.append(_row(op, name, backend, torch.device(device_type), dtype, channels_last))
-                    if on_row is not None:
-                        on_row(rows[-1])
+        checks = [(op, dtype, cl) for op in OPS for dtype in DTYPES if (name, device_type, dtype) not in NOT_RUN
+                  for cl in (False, True)]
+        # Optional training kernels (contract.OPTIONAL_OPS) where they serve; their probe holds both layouts.
+        checks += [(op, str(dtype).removeprefix("torch."), None)
+                   for op, serves in getattr(backend, "OPTIONAL", {}).items()
+                   for device, dtype in sorted(serves, key=str) if device == device_type]
+        for op, dtype, channels_last in checks:
+            rows.append(_row(op, name, backend, torch.device(device_type), dtype, channels_last))
+            if on_row is not None:
+                on_row(rows[-1])
     return rows, skipped
 
 

@@ -16,9 +16,10 @@ import torch
 
 OPS = ("conv2d_prelu", "conv2d_silu", "batch_norm_prelu", "pixel_shuffle_prelu", "mse", "psnr", "to_uint8")
 
-# Training kernels a fast backend may have; where the backend in effect has none, the caller uses
-# PyTorch's own (the torch backend's is PyTorch's: torch.optim.Adam). The reference holds each
-# one's plain form, the oracle of the tests and of first-use validation (dispatch.optional_kernel).
+# Training kernels a fast backend may have, declared in its ``OPTIONAL`` dict (op -> the (device type,
+# dtype) pairs it serves); where the backend in effect has none, the caller uses PyTorch's own (the
+# torch backend's is PyTorch's: torch.optim.Adam). The reference holds each one's plain form, the
+# oracle of the tests, of first-use validation (dispatch.optional_kernel) and of `fastsr selftest`.
 #   adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay) -> None:
 #       torch.optim.Adam's update in place for lists of tensors (reference.adam_step).
 OPTIONAL_OPS = ("adam_step",)

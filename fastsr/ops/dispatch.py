@@ -136,9 +136,10 @@ def resolve(name: str | None, tensor: torch.Tensor, op: str) -> ModuleType:
 
 def optional_kernel(op: str, tensor: torch.Tensor) -> Callable | None:
     """The backend in effect's own kernel for ``op`` (one of contract.OPTIONAL_OPS, e.g. Adam's step)
-    on tensors like ``tensor``, validated on first use like the op set's kernels; None where it has
-    none, where it is the torch backend (whose kernel is PyTorch's own, which the caller then uses),
-    or where its kernel failed the first-use check (said once on stderr)."""
+    on tensors like ``tensor``, validated on first use like the op set's kernels. None where it has
+    none for the tensor's device and dtype (its ``OPTIONAL`` dict), where it is the torch backend
+    (whose kernel is PyTorch's own, which the caller then uses), or where its kernel failed the
+    first-use check (said once on stderr)."""
     device_type = "cuda" if tensor.is_cuda else "cpu"
     name = get_backend()
     if name == "auto":
@@ -147,9 +148,9 @@ def optional_kernel(op: str, tensor: torch.Tensor) -> Callable | None:
         return None
     if name not in _LOADED:
         _LOADED[name] = backend_module(name)
-    kernel = getattr(_LOADED[name], op, None)
-    if kernel is None:
+    if (device_type, tensor.dtype) not in getattr(_LOADED[name], "OPTIONAL", {}).get(op, ()):
         return None
+    kernel = getattr(_LOADED[name], op)
     wrong = _invalid(name, device_type, op, tensor.dtype, False)  # its probe holds both memory formats
     if wrong:
         if (name, op, device_type, tensor.dtype) not in _warned_invalid:
