@@ -147,3 +147,27 @@ def test_the_state_moves_between_fastsr_and_torch_adam():
     back = Adam(theirs.parameters(), lr=1e-3)
     back.load_state_dict(handed.state_dict())
     assert all(s["step"].item() == 4 for s in back.state_dict()["state"].values())
+
+
+def test_adam_is_torchs_for_moments_loaded_in_another_layout(monkeypatch):
+    """Moments saved from an NCHW model and loaded for the channels_last one keep their strides: the
+    step after the load is torch.optim.Adam's (the layouts checked before the load are forgotten)."""
+    calls = []
+    real = cpp.adam_step
+    monkeypatch.setattr(cpp, "adam_step", lambda *a: calls.append(len(a[0])) or real(*a))
+    model, grads = _model_and_grads()
+    nchw = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    nchw_opt = torch.optim.Adam(nchw.parameters(), lr=1e-3)
+    _train(nchw, nchw_opt, [[g.contiguous() for g in gs] for gs in grads[:1]], "torch")
+    theirs = copy.deepcopy(model)
+    ours_opt, theirs_opt = Adam(model.parameters(), lr=1e-3), torch.optim.Adam(theirs.parameters(), lr=1e-3)
+    _train(model, ours_opt, grads[:1], "cpp")  # the kernel's step: this layout is checked and remembered
+    _train(theirs, theirs_opt, grads[:1], "cpp")
+    ours_opt.load_state_dict(copy.deepcopy(nchw_opt.state_dict()))  # loading keeps the tensors: one copy each
+    theirs_opt.load_state_dict(copy.deepcopy(nchw_opt.state_dict()))
+    _train(model, ours_opt, grads[1:], "cpp")
+    _train(theirs, theirs_opt, grads[1:], "cpp")
+    n = len(list(model.parameters()))
+    assert calls.count(n) == 1
+    for ours, theirs_p in zip(model.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs_p, rtol=0, atol=1e-6)  # one kernel step, then the same torch steps
