@@ -3,8 +3,15 @@
 ``_sq_err_partial_kernel`` reads each pixel of both images once (optionally cropped, optionally
 converted to BT.601 luma as MATLAB's rgb2ycbcr does) and writes one fp32 (fp64 for fp64
 inputs) partial sum of squared differences per (image, block). ``_finish_kernel`` (one program)
-then sums each image's partials in a fixed order and turns them into MSE or PSNR, and their
-mean: two launches per call in all, deterministic run to run (no atomics).
+then sums each image's partials in a fixed order into the MSE, or their mean: two launches per
+call, deterministic run to run (no atomics). PSNR is ``-10 * log10(mse)`` in torch on the MSE
+(N values): a compiled ``tl.log2`` is an approximation on GPUs (it missed the rule by 1.4x on a
+119 dB PSNR on an H200), torch's log10 is not.
+
+Float constants (the data range, the luma weights and offset, the pixel count) reach the kernels
+in a small tensor of the accumulation dtype, never as Python floats: Triton types a float argument
+or literal as fp32, which cost fp64 inputs 1e-8 of relative error on the GPU (the interpreter
+keeps Python floats in fp64, so only a GPU showed it).
 
 Grids are one-dimensional, program = image * blocks + block: the block count of a large image
 exceeds CUDA's 65535 limit of grid axes 1 and 2 (a 16400x16400 image has 131329 blocks), while
@@ -27,21 +34,24 @@ from .common import checked_grid, interpreting, nhwc_strides, tl_acc_dtype
 # (a streaming reduction, no dot: the num_warps caveat of the conv loop does not apply).
 _BLOCK = 8192 if interpreting() else 2048
 _NUM_WARPS = 8
+# Positions in the constants tensor (``_constants``): 1 / data range, the three luma weights, the
+# luma offset, the count of compared values per image. constexpr: the kernels read them as globals.
+_INV_RANGE, _W0, _Y_OFF, _COUNT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(4), tl.constexpr(5)
 
 
 @triton.jit
 def _sq_err_partial_kernel(
-    a_ptr, b_ptr, part_ptr,
+    a_ptr, b_ptr, part_ptr, const_ptr,
     C, CROP, WC, PIXELS, BLOCKS,
     san, sah, saw, sac,
     sbn, sbh, sbw, sbc,
-    inv_range,
-    Y_CHANNEL: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, Y_OFF: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    Y_CHANNEL: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """part[pid] = sum over block pid % BLOCKS of image pid // BLOCKS (PIXELS pixels of the cropped
     window, WC wide, starting at (CROP, CROP)) of (a - b)**2 over channels, or of (Y(a) - Y(b))**2
-    with Y_CHANNEL."""
+    with Y_CHANNEL; the constants (1 / data range, the luma weights W0-W2 and offset) from const_ptr
+    (see ``_constants``)."""
+    inv_range = tl.load(const_ptr + _INV_RANGE)
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid // BLOCKS
     p = (pid % BLOCKS) * BLOCK + tl.arange(0, BLOCK)  # int64
@@ -56,6 +66,8 @@ def _sq_err_partial_kernel(
         # plane holds >= 2**30 pixels (pointer arithmetic is 64-bit).
         a1, b1 = a_pix + sac, b_pix + sbc
         a2, b2 = a1 + sac, b1 + sbc
+        W0, W1, W2 = tl.load(const_ptr + _W0), tl.load(const_ptr + _W0 + 1), tl.load(const_ptr + _W0 + 2)
+        Y_OFF = tl.load(const_ptr + _Y_OFF)
         ya = (W0 * (tl.load(a_pix, mask=mask, other=0.0).to(ACC) * inv_range)
               + W1 * (tl.load(a1, mask=mask, other=0.0).to(ACC) * inv_range)
               + W2 * (tl.load(a2, mask=mask, other=0.0).to(ACC) * inv_range) + Y_OFF)
@@ -80,23 +92,18 @@ def _sq_err_partial_kernel(
 
 
 @triton.jit
-def _finish_kernel(
-    part_ptr, out_ptr, N, BLOCKS, inv_count,
-    PSNR: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """out[n] = mse_n = sum(part[n, :]) * inv_count, or 10 * log10(1 / mse_n) with PSNR;
-    with MEAN, out[0] = the mean over images instead. A single program: the sums are tiny.
+def _finish_kernel(part_ptr, out_ptr, const_ptr, N, BLOCKS, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """out[n] = mse_n = sum(part[n, :]) / count (the compared values per image, from const_ptr);
+    with MEAN, out[0] = their mean over images instead. A single program: the sums are tiny.
     n * BLOCKS + idx stays below N * BLOCKS, the partial kernel's grid size (< 2**31)."""
+    count = tl.load(const_ptr + _COUNT)
     total = tl.sum(tl.zeros((BLOCK,), dtype=ACC), axis=0)
     for n in range(N):
         acc = tl.zeros((BLOCK,), dtype=ACC)
         for b0 in range(0, BLOCKS, BLOCK):
             idx = b0 + tl.arange(0, BLOCK)
             acc += tl.load(part_ptr + n * BLOCKS + idx, mask=idx < BLOCKS, other=0.0)
-        value = tl.sum(acc, axis=0) * inv_count
-        if PSNR:
-            # 10 * log10(1 / mse) = -10 * log10(2) * log2(mse)
-            value = -3.010299956639812 * tl.log2(value)
+        value = tl.sum(acc, axis=0) / count
         if MEAN:
             total += value
         else:
@@ -135,6 +142,12 @@ def _mse_bwd_kernel(
         tl.store(db_ptr + pid_n * sen + h * seh + w * sew + c * sec, (-g).to(db_ptr.dtype.element_ty), mask=mask)
 
 
+def _constants(acc: torch.dtype, device: torch.device, data_range: float, count: int) -> torch.Tensor:
+    """The kernels' float constants in the accumulation dtype: 1 / data range, the luma weights and
+    offset, and the number of compared values per image (exact in fp64)."""
+    return torch.tensor([1.0 / data_range, *Y_WEIGHTS, Y_OFFSET, float(count)], dtype=acc, device=device)
+
+
 def partial_grid(images: int, per_image: int) -> tuple[int, ...]:
     """The one-dimensional grid of the per-block kernels: ``images`` x the blocks of ``per_image``
     pixels (forward) or elements (backward), all on axis 0 (CUDA's limit there is 2**31 - 1)."""
@@ -158,20 +171,19 @@ def reduce_squared_error(
     hc, wc = h - 2 * crop_border, w - 2 * crop_border
     blocks = triton.cdiv(hc * wc, _BLOCK)
     acc = acc_dtype(a.dtype)
+    consts = _constants(acc, a.device, data_range, (1 if y_channel else c) * hc * wc)
     part = torch.empty((n, blocks), dtype=acc, device=a.device)
     _sq_err_partial_kernel[partial_grid(n, hc * wc)](
-        a, b, part, c, crop_border, wc, hc * wc, blocks, *nhwc_strides(a), *nhwc_strides(b), 1.0 / data_range,
-        Y_CHANNEL=y_channel, W0=Y_WEIGHTS[0], W1=Y_WEIGHTS[1], W2=Y_WEIGHTS[2], Y_OFF=Y_OFFSET,
-        ACC=tl_acc_dtype(a.dtype), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        a, b, part, consts, c, crop_border, wc, hc * wc, blocks, *nhwc_strides(a), *nhwc_strides(b),
+        Y_CHANNEL=y_channel, ACC=tl_acc_dtype(a.dtype), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
     )
-    mean = reduction == "mean"
+    mean = reduction == "mean" and not psnr  # a PSNR's mean is over the images' PSNRs, below
     out = torch.empty(() if mean else (n,), dtype=acc, device=a.device)
-    count = (1 if y_channel else c) * hc * wc
-    _finish_kernel[(1,)](
-        part, out, n, blocks, 1.0 / count,
-        PSNR=psnr, MEAN=mean, ACC=tl_acc_dtype(a.dtype), BLOCK=1024, num_warps=4,
-    )
-    return out
+    _finish_kernel[(1,)](part, out, consts, n, blocks, MEAN=mean, ACC=tl_acc_dtype(a.dtype), BLOCK=1024, num_warps=4)
+    if not psnr:
+        return out
+    out = -10.0 * torch.log10(out)  # 10 * log10(1 / mse), with torch's accurate log10
+    return out.mean() if reduction == "mean" else out
 
 
 def mse_backward(

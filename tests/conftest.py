@@ -10,6 +10,22 @@ import torch
 import fastsr
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _ieee_fp32_deterministic_cuda():
+    """On a GPU, fp32 means IEEE fp32 and cuDNN picks deterministic algorithms, for every test. The
+    tolerance rule's baseline is torch's fp32 error: cuDNN's TF32 (on by default for convolutions)
+    made it a TF32 error, compared element by element with another algorithm's TF32 rounding. And
+    gradcheck's reentrancy check (nondet_tol 0) failed on cuDNN's default weight-gradient algorithms,
+    which accumulate with atomics. Seen on the first H200 run (docs/gpu-check.md). No effect on a CPU."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic,
+             torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = False, True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic,
+     torch.backends.cuda.matmul.allow_tf32) = flags
+
+
 @pytest.fixture(scope="module")
 def tiny_model_file(tmp_path_factory) -> Path:
     """A 1-block, 8-channel x4 SRResNet file: fast enough for pipeline tests on a CPU."""

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
@@ -84,8 +86,8 @@ def test_dry_run_of_the_whole_gpu_check(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((tmp_path / "gpu-check.json").read_text())
     assert [s["name"] for s in summary["steps"]] == [
-        "env", "conformance-triton", "triton-tests", "build", "conformance-cpp", "selftest", "bench-warm",
-        "key-benchmarks", "zoo-benchmarks", "train-step", "compile"]
+        "env", "conformance-triton", "triton-tests", "build", "conformance-cpp", "selftest", "train-step",
+        "bench-warm", "key-benchmarks", "zoo-benchmarks", "compile"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cases.jsonl", "gpu-check.json", "gpu-check.md",
                                                           "logs.tar.gz"]
     cases = [json.loads(line) for line in (tmp_path / "cases.jsonl").read_text().splitlines()]
@@ -96,6 +98,17 @@ def test_dry_run_of_the_whole_gpu_check(tmp_path):
     for case in ("test_conv_64_3x3_bf16[eager]", "test_tiled_pipeline_vs_model[pipeline]", "test_plain_module[SPAN",
                  "test_train_step_backend[torch-pretrain-off]"):
         assert case in md, md
+
+
+def test_only_runs_the_named_steps_and_what_they_wait_for():
+    """A rerun (--only): the named steps in plan order, plus the build when one waits for it."""
+    gpu_check = _module()
+    plan = gpu_check.steps(Path("results"), dry_run=False)
+    assert [s.name for s in gpu_check.select(plan, ["train-step", "env"])] == ["build", "env", "train-step"]
+    assert [s.name for s in gpu_check.select(plan, ["selftest"])] == ["selftest"]
+    assert gpu_check.select(plan, None) == plan
+    with pytest.raises(SystemExit, match="no step named bench"):
+        gpu_check.select(plan, ["bench"])
 
 
 def test_the_gpu_memory_heavy_tests_run_one_at_a_time():

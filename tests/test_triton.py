@@ -198,8 +198,9 @@ def build(fn, ptr_dtypes, consts, num_warps=4, num_stages=3):
         elif name in ptr_dtypes:
             sig[name] = "*" + ptr_dtypes[name]
         else:
-            # pixel and element counts as int64: the type Triton gives them for tensors past 2**31
-            sig[name] = "fp32" if name.startswith("inv_") else "i64" if name in ("M", "PIXELS", "ELEMENTS") else "i32"
+            # pixel and element counts as int64: the type Triton gives them for tensors past 2**31. No kernel
+            # takes a float argument: Triton types one fp32, so fp64 paths read their constants from tensors.
+            sig[name] = "i64" if name in ("M", "PIXELS", "ELEMENTS") else "i32"
     triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -235,9 +236,11 @@ build(sp._pixel_shuffle_prelu_fwd_kernel, dict.fromkeys(["x_ptr", "slope_ptr", "
 build(sp._pixel_shuffle_prelu_bwd_kernel, {**dict.fromkeys(["g_ptr", "x_ptr", "slope_ptr", "dx_ptr"], bf),
       "ds_ptr": f32}, ps)
 for y in (False, True):
-    build(mp._sq_err_partial_kernel, {"a_ptr": bf, "b_ptr": bf, "part_ptr": f32},
-          dict(Y_CHANNEL=y, W0=0.25, W1=0.5, W2=0.1, Y_OFF=0.06, ACC=tl.float32, BLOCK=mp._BLOCK), num_warps=8)
-build(mp._finish_kernel, {"part_ptr": f32, "out_ptr": f32}, dict(PSNR=True, MEAN=True, ACC=tl.float32, BLOCK=1024))
+    for data, acc, tl_acc in ((bf, f32, tl.float32), ("fp64", "fp64", tl.float64)):
+        build(mp._sq_err_partial_kernel, {"a_ptr": data, "b_ptr": data, "part_ptr": acc, "const_ptr": acc},
+              dict(Y_CHANNEL=y, ACC=tl_acc, BLOCK=mp._BLOCK), num_warps=8)
+        build(mp._finish_kernel, {"part_ptr": acc, "out_ptr": acc, "const_ptr": acc},
+              dict(MEAN=y, ACC=tl_acc, BLOCK=1024))
 build(mp._mse_bwd_kernel, {"a_ptr": bf, "b_ptr": bf, "scale_ptr": f32, "da_ptr": bf, "db_ptr": bf},
       dict(HAS_DA=True, HAS_DB=True, ACC=tl.float32, BLOCK=mp._BLOCK), num_warps=8)
 print("compiled")

@@ -95,8 +95,7 @@ __global__ void shuffle_prelu_fwd_kernel(const T* __restrict__ x, const typename
 template <typename T>
 __global__ void shuffle_prelu_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x,
                                          const typename Acc<T>::type* __restrict__ slope, T* __restrict__ grad_x,
-                                         typename Acc<T>::type* __restrict__ grad_slope, Shape in, Shape os,
-                                         int64_t r) {
+                                         Shape in, Shape os, int64_t r) {
   using A = typename Acc<T>::type;
   const int64_t total = in.N * in.C * in.H * in.W;
   FASTSR_GRID_STRIDE(i, total) {
@@ -104,18 +103,8 @@ __global__ void shuffle_prelu_bwd_kernel(const T* __restrict__ g, const T* __res
     decode(in, i, n, cp, h, w);
     const int64_t c = cp / (r * r), k = cp % (r * r);
     const A gv = Acc<T>::load(g[offset(os, n, c, h * r + k / r, w * r + k % r)]);
-    if (slope == nullptr) {
-      grad_x[i] = Acc<T>::store(gv);
-      continue;
-    }
-    const A v = Acc<T>::load(x[i]);
-    if (v > A(0)) {
-      grad_x[i] = Acc<T>::store(gv);
-    } else {
-      grad_x[i] = Acc<T>::store(slope[c] * gv);
-      // One atomic per non-positive element: simple and correct; channels are few and spread.
-      if (v * gv != A(0)) atomicAdd(grad_slope + c, v * gv);
-    }
+    const bool pass = slope == nullptr || Acc<T>::load(x[i]) > A(0);
+    grad_x[i] = Acc<T>::store(pass ? gv : slope[c] * gv);
   }
 }
 
@@ -465,14 +454,14 @@ cudaError_t sigmoid_gate_backward(DType dtype, const void* grad, const void* y, 
 }
 
 cudaError_t shuffle_prelu_backward(DType dtype, const void* grad_out, const void* x, const void* slope, void* grad_x,
-                                   void* grad_slope_acc, Shape in, int64_t r, cudaStream_t stream) {
+                                   Shape in, int64_t r, cudaStream_t stream) {
   const Shape os{in.N, in.C / (r * r), in.H * r, in.W * r, in.channels_last};
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
     shuffle_prelu_bwd_kernel<T><<<blocks_for(in.N * in.C * in.H * in.W), kThreads, 0, stream>>>(
         static_cast<const T*>(grad_out), static_cast<const T*>(x), static_cast<const A*>(slope),
-        static_cast<T*>(grad_x), static_cast<A*>(grad_slope_acc), in, os, r);
+        static_cast<T*>(grad_x), in, os, r);
   });
 }
 

@@ -34,10 +34,10 @@ cudaError_t sigmoid_gate(DType dtype, void* y, const void* skip, int64_t numel, 
 cudaError_t sigmoid_gate_backward(DType dtype, const void* grad, const void* y, const void* skip, void* grad_y,
                                   void* grad_skip, int64_t numel, cudaStream_t stream);
 
-// Backward of shuffle_prelu: grad_x (like x) and, when slope is set, grad_slope_acc (C acc values,
-// zeroed by the caller) accumulates sum(grad * min(x, 0)) per channel.
+// Backward of shuffle_prelu: grad_x (like x). The slope's gradient is the caller's (a deterministic
+// ATen reduction: atomics here made it vary from run to run).
 cudaError_t shuffle_prelu_backward(DType dtype, const void* grad_out, const void* x, const void* slope, void* grad_x,
-                                   void* grad_slope_acc, Shape in, int64_t r, cudaStream_t stream);
+                                   Shape in, int64_t r, cudaStream_t stream);
 
 // sums[n] (fp64, zeroed by the caller) += sum over the cropped region of image n of (a - b)^2,
 // or of the BT.601 luma difference squared when y_channel (C == 3).

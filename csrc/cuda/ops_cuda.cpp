@@ -106,17 +106,18 @@ std::tuple<at::Tensor, at::Tensor> shuffle_prelu_backward_cuda(const at::Tensor&
               "fastsr: grad_out has shape ", g.sizes());
   at::Tensor grad_x = at::empty_like(xc, fmt);
   const auto acc = acc_type(x.scalar_type());
-  at::Tensor s, acc_slope;
-  if (slope) {
-    s = per_channel_slope(slope->to(x.device()), C, acc);
-    acc_slope = at::zeros({C}, x.options().dtype(acc));
-  }
+  const at::Tensor s = slope ? per_channel_slope(slope->to(x.device()), C, acc) : at::Tensor();
   check(cuda::shuffle_prelu_backward(dtype_of(xc), g.const_data_ptr(), xc.const_data_ptr(), ptr_or_null(s),
-                                     grad_x.mutable_data_ptr(), acc_slope.defined() ? acc_slope.mutable_data_ptr() : nullptr,
-                                     shape_of(xc, fmt), r, c10::cuda::getCurrentCUDAStream().stream()),
+                                     grad_x.mutable_data_ptr(), shape_of(xc, fmt), r,
+                                     c10::cuda::getCurrentCUDAStream().stream()),
         "shuffle_prelu_backward");
   if (!slope) return {grad_x, at::empty({0}, x.options())};
-  at::Tensor grad_slope = slope->numel() == 1 ? acc_slope.sum() : acc_slope;
+  // sum(grad * x) over x <= 0 (NaN included, as the kernel's test) per channel, by ATen's reduction:
+  // deterministic, unlike atomics (gradcheck's reentrancy check failed on them on an H200).
+  const at::Tensor unshuffled = r == 1 ? g : at::pixel_unshuffle(g, r);  // (N, C*r*r, H, W), like x
+  const at::Tensor terms = (xc.to(acc) * unshuffled.to(acc)).masked_fill_(xc > 0, 0);
+  const at::Tensor per_channel = terms.sum({0, 2, 3}).view({C, r * r}).sum(1);
+  const at::Tensor grad_slope = slope->numel() == 1 ? per_channel.sum() : per_channel;
   return {grad_x, grad_slope.reshape(slope->sizes()).to(slope->scalar_type())};
 }
 

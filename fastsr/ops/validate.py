@@ -11,9 +11,10 @@ convs, the pixel shuffle, the reductions and ``to_uint8``. ``FASTSR_VALIDATE=0``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
@@ -164,13 +165,29 @@ def _in_place_verdicts(fn: Callable, want: Callable, args: list, dtype: torch.dt
     return [judge(o, r, s, dtype) for i in (0, 2, 3, 4) for o, r, s in zip(ours[i], ref64[i], same[i], strict=True)]
 
 
+@contextlib.contextmanager
+def _ieee_fp32(device: torch.device) -> Iterator[None]:
+    """TF32 off while a CUDA probe runs: the rule's baseline is torch's IEEE fp32 error, and cuDNN's
+    convolutions (the reference's and the cpp backend's) round fp32 inputs to TF32 by default, each
+    algorithm differently. The flags are process-wide; they are restored when the probe ends."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def run_probe(op: str, backend: ModuleType, device, dtype: torch.dtype, channels_last: bool) -> Verdict:
     """``backend``'s ``op`` on every probe in ``dtype`` against the float64 reference; the worst verdict.
     A kernel that raises raises :class:`KernelError`. ``to_uint8`` must equal the reference exactly."""
     fn: Callable = getattr(backend, op)
     want: Callable = getattr(reference, op)
     verdicts = []
-    with torch.no_grad():
+    with torch.no_grad(), _ieee_fp32(torch.device(device)):
         for args in probes(op, device, channels_last):
             if op == "adam_step":
                 verdicts.extend(_in_place_verdicts(fn, want, args, dtype))
