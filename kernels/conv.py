@@ -127,19 +127,6 @@ def _k_block_coords(k0, C, K_TOTAL, KS: tl.constexpr, BLOCK: tl.constexpr, TAP_A
 
 
 @triton.jit
-def _dot_acc(a, b, acc, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + a @ b. IEEE dots (fp32/fp64) sum each block's product on its own, then add it to acc:
-    blocked summation, whose rounding error grows with BLOCK_K + K / BLOCK_K terms instead of K.
-    A 9x9x64 conv (K = 5184) missed the rule by up to 1.6x against cuDNN's fp32 on an H200 when
-    every product went into one running sum. Tensor-core dots (bf16/fp16) accumulate in place."""
-    if DOT_PRECISION == "ieee":
-        acc = acc + tl.dot(a, b, input_precision=DOT_PRECISION, out_dtype=ACC)
-    else:
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
-    return acc
-
-
-@triton.jit
 def _load_im2col(x_ptr, x_base, h, w, p_mask, c, kh, kw, k_mask, H, W, sxh, sxw, sxc, KS: tl.constexpr):
     """The im2col tile x[p, (kh, kw, c)] = x[n, h + kh - PAD, w + kw - PAD, c] for pixels p (rows;
     ``x_base`` = n * sxn, int64) and reduction elements (columns); 'same' padding as the load mask."""
@@ -168,7 +155,7 @@ def _fwd_gemm(
         a = _load_im2col(x_ptr, x_base, oh, ow, m_mask, c, kh, kw, k_mask, H, W, sxh, sxw, sxc, KS)
         b_off = co[None, :] * swo + c[:, None] * swi + kh[:, None] * swh + kw[:, None] * sww
         b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & co_mask[None, :], other=0.0)
-        acc = _dot_acc(a, b, acc, ACC, DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     return acc
 
 
@@ -291,7 +278,7 @@ def _conv_bwd_input_kernel(
         b_off = co[:, None] * swo + ci[None, :] * swi + kh[:, None] * swh + kw[:, None] * sww
         b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & ci_mask[None, :], other=0.0)
         # dz is rounded to the weight dtype for the tensor-core product, as the reference does.
-        acc = _dot_acc(dz.to(b.dtype), b, acc, ACC, DOT_PRECISION)
+        acc = tl.dot(dz.to(b.dtype), b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
 
     mask = m_mask[:, None] & ci_mask[None, :]
     off = n[:, None] * sdn + ih[:, None] * sdh + iw[:, None] * sdw + ci[None, :].to(tl.int64) * sdc
@@ -337,7 +324,7 @@ def _conv_bwd_weight_kernel(
         db += tl.sum(dz, axis=1)
         dslope += tl.sum(neg, axis=1)
         xt = _load_im2col(x_ptr, n * sxn, h, w, p_mask, c, kh, kw, k_mask, H, W, sxh, sxw, sxc, KS)
-        acc = _dot_acc(dz.to(xt.dtype), xt, acc, ACC, DOT_PRECISION)
+        acc = tl.dot(dz.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
 
     out_off = pid_s * C_out * K_TOTAL + co[:, None] * K_TOTAL + k[None, :]
     tl.store(dw_ptr + out_off, acc, mask=co_mask[:, None] & k_mask[None, :])
