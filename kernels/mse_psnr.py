@@ -4,9 +4,8 @@
 converted to BT.601 luma as MATLAB's rgb2ycbcr does) and writes one fp32 (fp64 for fp64
 inputs) partial sum of squared differences per (image, block). ``_finish_kernel`` (one program)
 then sums each image's partials in a fixed order into the MSE, or their mean: two launches per
-call, deterministic run to run (no atomics). PSNR is ``-10 * log10(mse)`` in torch on the MSE
-(N values): a compiled ``tl.log2`` is an approximation on GPUs (it missed the rule by 1.4x on a
-119 dB PSNR on an H200), torch's log10 is not.
+call, deterministic run to run (no atomics). PSNR is ``-10 * log10(mse)`` in torch on the N MSEs:
+the kernel's former ``10 / log2(10)`` literal was fp32 (below), torch's log10 needs no constant.
 
 Float constants (the data range, the luma weights and offset, the pixel count) reach the kernels
 in a small tensor of the accumulation dtype, never as Python floats: Triton types a float argument
