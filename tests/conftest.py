@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastsr
+from fastsr.ops.validate import ieee_fp32
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -17,13 +18,11 @@ def _ieee_fp32_deterministic_cuda():
     made it a TF32 error, compared element by element with another algorithm's TF32 rounding. And
     gradcheck's reentrancy check (nondet_tol 0) failed on cuDNN's default weight-gradient algorithms,
     which accumulate with atomics. Seen on the first H200 run (docs/gpu-check.md). No effect on a CPU."""
-    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic,
-             torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = False, True
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic,
-     torch.backends.cuda.matmul.allow_tf32) = flags
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    with ieee_fp32(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        yield
+    torch.backends.cudnn.deterministic = deterministic
 
 
 @pytest.fixture(scope="module")

@@ -166,10 +166,11 @@ def _in_place_verdicts(fn: Callable, want: Callable, args: list, dtype: torch.dt
 
 
 @contextlib.contextmanager
-def _ieee_fp32(device: torch.device) -> Iterator[None]:
+def ieee_fp32(device: torch.device) -> Iterator[None]:
     """TF32 off while a CUDA probe runs: the rule's baseline is torch's IEEE fp32 error, and cuDNN's
     convolutions (the reference's and the cpp backend's) round fp32 inputs to TF32 by default, each
-    algorithm differently. The flags are process-wide; they are restored when the probe ends."""
+    algorithm differently. The flags are process-wide; they are restored when the probe ends. The
+    tests hold every CUDA case to the rule under it too (tests/conftest.py)."""
     if device.type != "cuda":
         yield
         return
@@ -187,7 +188,7 @@ def run_probe(op: str, backend: ModuleType, device, dtype: torch.dtype, channels
     fn: Callable = getattr(backend, op)
     want: Callable = getattr(reference, op)
     verdicts = []
-    with torch.no_grad(), _ieee_fp32(torch.device(device)):
+    with torch.no_grad(), ieee_fp32(torch.device(device)):
         for args in probes(op, device, channels_last):
             if op == "adam_step":
                 verdicts.extend(_in_place_verdicts(fn, want, args, dtype))
