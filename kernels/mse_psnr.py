@@ -20,6 +20,8 @@ int >= 2**31 as int64) and program ids are int64, so offsets are exact past 2**3
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -141,9 +143,12 @@ def _mse_bwd_kernel(
         tl.store(db_ptr + pid_n * sen + h * seh + w * sew + c * sec, (-g).to(db_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=64)
 def _constants(acc: torch.dtype, device: torch.device, data_range: float, count: int) -> torch.Tensor:
     """The kernels' float constants in the accumulation dtype: 1 / data range, the luma weights and
-    offset, and the number of compared values per image (exact in fp64)."""
+    offset, and the number of compared values per image (exact in fp64). Cached: a training loss
+    calls this every step with the same shapes, and each new tensor is a blocking host-to-GPU copy.
+    Read-only for the kernels."""
     return torch.tensor([1.0 / data_range, *Y_WEIGHTS, Y_OFFSET, float(count)], dtype=acc, device=device)
 
 
