@@ -52,7 +52,8 @@ cudaError_t squared_error_backward(DType dtype, const void* coef, const void* a,
 // batch_norm_prelu (training-mode BatchNorm -> PReLU -> + residual) in two passes each way, as the
 // CPU kernels (csrc/cpu/batch_norm_prelu_cpu.cpp). The per-channel sums come back as per-block
 // partial sums, `partial` = (batch_norm_partial_blocks(s), K, C) fp64, element (b, k, c) at
-// (b * K + k) * C + c, every element written (no zeroing needed); the glue adds them up over b.
+// (b * K + k) * C + c, every element written (no zeroing needed); the finalize kernels below add
+// them up over b.
 // Per-channel coefficients come in `coef`: kBnCoefRows x C acc values, row r at coef + r * C.
 constexpr int kBnMean = 0, kBnInvstd = 1, kBnWeight = 2, kBnBias = 3, kBnSlope = 4;  // both directions
 constexpr int kBnGain = 5, kBnMeanGrad = 6, kBnMeanGradXhat = 7;                       // backward pass 2
@@ -69,6 +70,20 @@ cudaError_t batch_norm_stats(DType dtype, const void* x, double* partial, Shape 
 cudaError_t batch_norm_prelu_forward(DType dtype, const void* x, const void* coef, bool act, const void* res, void* y,
                                      Shape s, cudaStream_t stream);
 
+// Between the forward passes: from pass 1's partial (K = 2), per channel c in fp64: mean = sum x / n,
+// var = max(sum x^2 / n - mean^2, 0), n = N * H * W; writes coef rows kBnMean..kBnBias (kBnSlope
+// when slope is given) and mean[c], var[c]. weight, bias: C acc values; slope: slope_count (1 or C)
+// acc values or nullptr; coef, mean, var: acc values. invstd = 1 / sqrt(var + eps), rounded once.
+cudaError_t batch_norm_finalize(DType dtype, const double* partial, Shape s, double eps, const void* weight,
+                                const void* bias, const void* slope, int64_t slope_count, void* coef, void* mean,
+                                void* var, cudaStream_t stream);
+
+// Before backward pass 1: coef rows kBnMean..kBnBias (and kBnSlope with a slope) from the saved
+// mean and var (C acc values each), as batch_norm_finalize writes them.
+cudaError_t batch_norm_coefficients(DType dtype, const void* mean, const void* var, int64_t C, double eps,
+                                    const void* weight, const void* bias, const void* slope, int64_t slope_count,
+                                    void* coef, cudaStream_t stream);
+
 // Backward pass 1, partial (K = 3): per-block sums of g', g' * xhat and g * v where !(v > 0) (0 when
 // !act) per channel; g' = g, or g * slope where !(v > 0) when act. coef rows kBnMean..kBnSlope.
 cudaError_t batch_norm_prelu_grad_sums(DType dtype, const void* grad, const void* x, const void* coef, bool act,
@@ -78,6 +93,14 @@ cudaError_t batch_norm_prelu_grad_sums(DType dtype, const void* grad, const void
 // (gain = weight * invstd, the means = pass 1's first two sums / (N * H * W)).
 cudaError_t batch_norm_prelu_backward(DType dtype, const void* grad, const void* x, const void* coef, bool act,
                                       void* grad_x, Shape s, cudaStream_t stream);
+
+// Between the backward passes, from pass 1's partial (K = 3 sums S0, S1, S2) and coef's rows
+// kBnInvstd and kBnWeight: coef rows kBnGain = weight * invstd, kBnMeanGrad = S0 / n and
+// kBnMeanGradXhat = S1 / n; grad_weight = S1 and grad_bias = S0 (C acc values each); grad_slope (fp64,
+// nullptr without a slope) = S2 per channel, or its total over the channels when slope_count is 1.
+cudaError_t batch_norm_backward_finalize(DType dtype, const double* partial, Shape s, void* coef, void* grad_weight,
+                                         void* grad_bias, double* grad_slope, int64_t slope_count,
+                                         cudaStream_t stream);
 
 // out (N, H, W, C) uint8 = round_half_even(clamp(x, 0, 1) * 255), NaN -> 0.
 cudaError_t to_uint8(DType dtype, const void* x, uint8_t* out, Shape s, cudaStream_t stream);

@@ -121,24 +121,32 @@ std::tuple<at::Tensor, at::Tensor> shuffle_prelu_backward_cuda(const at::Tensor&
   return {grad_x, grad_slope.reshape(slope->sizes()).to(slope->scalar_type())};
 }
 
-// batch_norm_prelu's per-channel coefficients in fp64, cuda::kBnCoefRows x C (rows as launch.h names
-// them; the backward's pass-2 rows left 0). invstd = 1 / sqrt(var + eps) in fp64, as on CPU.
-at::Tensor bn_coefficients(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
-                           const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& slope,
-                           double eps) {
+// batch_norm_prelu's per-channel parameters as its kernels read them: C acc values each for weight
+// and bias, and the slope's 1 or C values (undefined without one); no copies for the functional API's
+// arguments, which are already so.
+struct BnParams {
+  at::Tensor weight, bias, slope;
+  int64_t slope_count = 0;
+};
+
+BnParams bn_params(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                   const std::optional<at::Tensor>& slope) {
   const int64_t C = x.size(1);
-  at::Tensor coef = at::zeros({cuda::kBnCoefRows, C}, x.options().dtype(at::kDouble));
-  coef[cuda::kBnMean].copy_(mean.to(at::kDouble).reshape({C}));
-  coef[cuda::kBnInvstd].copy_(at::reciprocal(at::sqrt(var.to(at::kDouble).reshape({C}) + eps)));
-  coef[cuda::kBnWeight].copy_(weight.reshape({C}));
-  coef[cuda::kBnBias].copy_(bias.reshape({C}));
-  if (slope) coef[cuda::kBnSlope].copy_(per_channel_slope(*slope, C, at::kDouble));
-  return coef;
+  const auto acc = acc_type(x.scalar_type());
+  BnParams p;
+  p.weight = weight.to(x.device(), acc).reshape({C}).contiguous();
+  p.bias = bias.to(x.device(), acc).reshape({C}).contiguous();
+  if (slope) {
+    check_slope(*slope, C);
+    p.slope = slope->to(x.device(), acc).reshape({-1}).contiguous();
+    p.slope_count = p.slope.numel();
+  }
+  return p;
 }
 
-// The (K, C) fp64 per-channel sums of a kernel's per-block partial sums (launch.h).
-at::Tensor channel_sums(const at::Tensor& partial) { return partial.sum(0); }
-
+// Both directions: one kernel per pass and one for the per-channel step between them (kernels.cu),
+// so a call launches 3 kernels forward and 4 backward (ATen ops for that step took about 20 more
+// launches forward and 25 backward).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& slope,
     const std::optional<at::Tensor>& residual, double eps) {
@@ -153,19 +161,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_cuda(
   }
   const cuda::Shape s = shape_of(xc, fmt);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const auto acc = x.options().dtype(acc_type(x.scalar_type()));
   at::Tensor partial = at::empty({cuda::batch_norm_partial_blocks(s), 2, s.C}, x.options().dtype(at::kDouble));
   check(cuda::batch_norm_stats(dtype_of(xc), xc.const_data_ptr(), partial.mutable_data_ptr<double>(), s, stream),
         "batch_norm_stats");
-  const at::Tensor sums = channel_sums(partial);
-  const double n = static_cast<double>(s.N * s.H * s.W);
-  const at::Tensor mean = sums[0] / n, var = (sums[1] / n - mean * mean).clamp_min(0.0);
-  const auto acc = acc_type(x.scalar_type());
-  const at::Tensor coef = bn_coefficients(xc, mean, var, weight, bias, slope, eps).to(acc);
+  const BnParams p = bn_params(xc, weight, bias, slope);
+  at::Tensor coef = at::empty({cuda::kBnCoefRows, s.C}, acc), mean = at::empty({s.C}, acc), var = at::empty({s.C}, acc);
+  check(cuda::batch_norm_finalize(dtype_of(xc), partial.const_data_ptr<double>(), s, eps, p.weight.const_data_ptr(),
+                                  p.bias.const_data_ptr(), ptr_or_null(p.slope), p.slope_count,
+                                  coef.mutable_data_ptr(), mean.mutable_data_ptr(), var.mutable_data_ptr(), stream),
+        "batch_norm_finalize");
   at::Tensor y = at::empty_like(xc, fmt);
   check(cuda::batch_norm_prelu_forward(dtype_of(xc), xc.const_data_ptr(), coef.const_data_ptr(), slope.has_value(),
                                        ptr_or_null(res), y.mutable_data_ptr(), s, stream),
         "batch_norm_prelu_forward");
-  return {y, mean.to(acc), var.to(acc)};
+  return {y, mean, var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_backward_cuda(
@@ -178,31 +188,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_back
   TORCH_CHECK(g.sizes() == x.sizes(), "fastsr: grad has shape ", g.sizes(), ", x ", x.sizes());
   const cuda::Shape s = shape_of(xc, fmt);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const auto acc_dtype = acc_type(x.scalar_type());
+  const auto acc = x.options().dtype(acc_dtype);
   const bool act = slope.has_value();
-  at::Tensor coef = bn_coefficients(xc, mean, var, weight, bias, slope, eps);
-  const at::Tensor coef_acc = coef.to(acc_type(x.scalar_type())).contiguous();
+  const BnParams p = bn_params(xc, weight, bias, slope);
+  const at::Tensor mean_acc = mean.to(x.device(), acc_dtype).reshape({s.C}).contiguous();
+  const at::Tensor var_acc = var.to(x.device(), acc_dtype).reshape({s.C}).contiguous();
+  at::Tensor coef = at::empty({cuda::kBnCoefRows, s.C}, acc);
+  check(cuda::batch_norm_coefficients(dtype_of(xc), mean_acc.const_data_ptr(), var_acc.const_data_ptr(), s.C, eps,
+                                      p.weight.const_data_ptr(), p.bias.const_data_ptr(), ptr_or_null(p.slope),
+                                      p.slope_count, coef.mutable_data_ptr(), stream),
+        "batch_norm_coefficients");
   at::Tensor partial = at::empty({cuda::batch_norm_partial_blocks(s), 3, s.C}, x.options().dtype(at::kDouble));
-  check(cuda::batch_norm_prelu_grad_sums(dtype_of(xc), g.const_data_ptr(), xc.const_data_ptr(),
-                                         coef_acc.const_data_ptr(), act, partial.mutable_data_ptr<double>(), s, stream),
+  check(cuda::batch_norm_prelu_grad_sums(dtype_of(xc), g.const_data_ptr(), xc.const_data_ptr(), coef.const_data_ptr(),
+                                         act, partial.mutable_data_ptr<double>(), s, stream),
         "batch_norm_prelu_grad_sums");
-  const at::Tensor sums = channel_sums(partial);
-  const double n = static_cast<double>(s.N * s.H * s.W);
-  // gain from the invstd the kernels use (rounded to the acc dtype), as on CPU.
-  coef[cuda::kBnGain].copy_(coef[cuda::kBnWeight] * coef_acc[cuda::kBnInvstd].to(at::kDouble));
-  coef[cuda::kBnMeanGrad].copy_(sums[0] / n);
-  coef[cuda::kBnMeanGradXhat].copy_(sums[1] / n);
-  const at::Tensor coef_all = coef.to(acc_type(x.scalar_type())).contiguous();
+  at::Tensor grad_weight = at::empty({s.C}, acc), grad_bias = at::empty({s.C}, acc);
+  at::Tensor slope_sums = act ? at::empty({p.slope_count}, x.options().dtype(at::kDouble)) : at::Tensor();
+  check(cuda::batch_norm_backward_finalize(dtype_of(xc), partial.const_data_ptr<double>(), s, coef.mutable_data_ptr(),
+                                           grad_weight.mutable_data_ptr(), grad_bias.mutable_data_ptr(),
+                                           act ? slope_sums.mutable_data_ptr<double>() : nullptr, p.slope_count,
+                                           stream),
+        "batch_norm_backward_finalize");
   at::Tensor grad_x = at::empty_like(xc, fmt);
-  check(cuda::batch_norm_prelu_backward(dtype_of(xc), g.const_data_ptr(), xc.const_data_ptr(),
-                                        coef_all.const_data_ptr(), act, grad_x.mutable_data_ptr(), s, stream),
+  check(cuda::batch_norm_prelu_backward(dtype_of(xc), g.const_data_ptr(), xc.const_data_ptr(), coef.const_data_ptr(),
+                                        act, grad_x.mutable_data_ptr(), s, stream),
         "batch_norm_prelu_backward");
-  at::Tensor grad_slope = at::empty({0}, x.options());
-  if (slope) {
-    const at::Tensor per_channel = sums[2];
-    grad_slope = (slope->numel() == 1 ? per_channel.sum() : per_channel).reshape(slope->sizes());
-    grad_slope = grad_slope.to(slope->scalar_type());
-  }
-  return {grad_x, sums[1].to(weight.scalar_type()), sums[0].to(bias.scalar_type()), grad_slope};
+  const at::Tensor grad_slope =
+      act ? slope_sums.reshape(slope->sizes()).to(slope->scalar_type()) : at::empty({0}, x.options());
+  return {grad_x, grad_weight.to(weight.scalar_type()), grad_bias.to(bias.scalar_type()), grad_slope};
 }
 
 void check_pair(const at::Tensor& a, const at::Tensor& b, bool y_channel, int64_t crop) {
