@@ -14,10 +14,11 @@ import sys
 import torch
 
 sys.path.insert(0, "tests")
-import fastsr  # noqa: E402
 from cases import small_srresnet  # noqa: E402
-from fastsr.ops.tolerance import judge  # noqa: E402
 from tolerance import fmt  # noqa: E402
+
+import fastsr  # noqa: E402
+from fastsr.ops.tolerance import judge  # noqa: E402
 
 
 def verdicts(seed: int, h: int, w: int, train: bool) -> list[tuple[str, float]]:
