@@ -129,17 +129,21 @@ struct BnParams {
   int64_t slope_count = 0;
 };
 
+// t's `count` values (reshape checks the count) as a contiguous vector of x's acc dtype on x's device.
+at::Tensor acc_values(const at::Tensor& t, const at::Tensor& x, int64_t count) {
+  return t.to(x.device(), acc_type(x.scalar_type())).reshape({count}).contiguous();
+}
+
 BnParams bn_params(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                    const std::optional<at::Tensor>& slope) {
   const int64_t C = x.size(1);
-  const auto acc = acc_type(x.scalar_type());
   BnParams p;
-  p.weight = weight.to(x.device(), acc).reshape({C}).contiguous();
-  p.bias = bias.to(x.device(), acc).reshape({C}).contiguous();
+  p.weight = acc_values(weight, x, C);
+  p.bias = acc_values(bias, x, C);
   if (slope) {
     check_slope(*slope, C);
-    p.slope = slope->to(x.device(), acc).reshape({-1}).contiguous();
-    p.slope_count = p.slope.numel();
+    p.slope_count = slope->numel();
+    p.slope = acc_values(*slope, x, p.slope_count);
   }
   return p;
 }
@@ -188,12 +192,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_back
   TORCH_CHECK(g.sizes() == x.sizes(), "fastsr: grad has shape ", g.sizes(), ", x ", x.sizes());
   const cuda::Shape s = shape_of(xc, fmt);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  const auto acc_dtype = acc_type(x.scalar_type());
-  const auto acc = x.options().dtype(acc_dtype);
+  const auto acc = x.options().dtype(acc_type(x.scalar_type()));
   const bool act = slope.has_value();
   const BnParams p = bn_params(xc, weight, bias, slope);
-  const at::Tensor mean_acc = mean.to(x.device(), acc_dtype).reshape({s.C}).contiguous();
-  const at::Tensor var_acc = var.to(x.device(), acc_dtype).reshape({s.C}).contiguous();
+  const at::Tensor mean_acc = acc_values(mean, xc, s.C), var_acc = acc_values(var, xc, s.C);
   at::Tensor coef = at::empty({cuda::kBnCoefRows, s.C}, acc);
   check(cuda::batch_norm_coefficients(dtype_of(xc), mean_acc.const_data_ptr(), var_acc.const_data_ptr(), s.C, eps,
                                       p.weight.const_data_ptr(), p.bias.const_data_ptr(), ptr_or_null(p.slope),
@@ -203,6 +205,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_prelu_back
   check(cuda::batch_norm_prelu_grad_sums(dtype_of(xc), g.const_data_ptr(), xc.const_data_ptr(), coef.const_data_ptr(),
                                          act, partial.mutable_data_ptr<double>(), s, stream),
         "batch_norm_prelu_grad_sums");
+  // Rounded from fp64 to the acc dtype in the kernel: the weight's own dtype as fastsr.functional passes
+  // it (the CPU kernel rounds once to any weight dtype; a direct op call with bf16 weights rounds twice here).
   at::Tensor grad_weight = at::empty({s.C}, acc), grad_bias = at::empty({s.C}, acc);
   at::Tensor slope_sums = act ? at::empty({p.slope_count}, x.options().dtype(at::kDouble)) : at::Tensor();
   check(cuda::batch_norm_backward_finalize(dtype_of(xc), partial.const_data_ptr<double>(), s, coef.mutable_data_ptr(),
