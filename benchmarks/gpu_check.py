@@ -16,6 +16,8 @@ case it finished. The steps, in order:
   selftest             `fastsr selftest --device cuda`, one JSON line per check
   train-step           benchmarks/test_train_step.py: the bf16 pretrain step (batch 16, 96x96) on
                        torch (eager), cpp and triton (issue 25's GPU goal: before the other benchmarks)
+  train-profile        benchmarks/profile_train_step.py: that step on torch and cpp under torch.profiler
+                       (wall, host and GPU-busy time, launches, the costliest operators)
   bench-warm           the benchmarks once each, one round, in parallel: compiles and autotunes on
                        12 cores, so the timed steps find a warm Triton cache
   key-benchmarks       benchmarks/test_gpu_key.py (first-use validation off: the selftest covers it)
@@ -35,7 +37,7 @@ the working tree plus carried wheels must stay under 56 MiB, and the returned fi
 against the limits (count, size, depth, names). The steps run at toy sizes with narrow selections.
 
   make gpu-check FASTSR_RESULTS=$OUT                                   # on the GPU machine
-  .venv/bin/python benchmarks/gpu_check.py --results $OUT --only conformance-cpp,train-step   # a rerun
+  .venv/bin/python benchmarks/gpu_check.py --results $OUT --only conformance-cpp,train-step,train-profile   # a rerun
   .venv/bin/python benchmarks/gpu_check.py --results /tmp/r --dry-run   # the rehearsal (CI)
 """
 
@@ -119,6 +121,8 @@ def steps(results: Path, dry_run: bool, py: str = sys.executable, work: Path | N
     key = "conv_64 and eager or tiled_pipeline" if dry_run else "not compile"
     zoo = "SPAN and plain or frame and cpp" if dry_run else "not compile"
     train = "backend and pretrain and off and torch" if dry_run else "backend and pretrain and bf16"
+    train_amp = "off" if dry_run else "bf16"
+    profile_size = ["--batch", "1", "--crop", "24", "--steps", "2"] if dry_run else []
     compile_ = ["benchmarks/test_gpu_key.py", "-k", "conv_64 and compile"] if dry_run else [
         "benchmarks/test_gpu_key.py", "benchmarks/test_zoo.py", "-k", "compile"]
     return [
@@ -138,6 +142,12 @@ def steps(results: Path, dry_run: bool, py: str = sys.executable, work: Path | N
         # of its three cases (eager took 19 ms a step; the Triton case autotunes its backward kernels).
         Step("train-step", _pytest(py, "benchmarks/test_train_step.py", *bench, "-k", train,
                                    f"--benchmark-json={work / 'train-step-benchmarks.json'}"), 120,
+             env=no_validate, after="build"),
+        # Where that step's time goes, eager vs cpp: host time, GPU busy time, launches, the costliest
+        # operators (benchmarks/profile_train_step.py; the report goes into logs.tar.gz, a line per
+        # backend into the case table). A host-bound step needs fewer launches, not faster kernels.
+        Step("train-profile", [py, "benchmarks/profile_train_step.py", "--device", device, "--amp", train_amp,
+                               *profile_size, "--out", str(work / "train-profile.md")], 60,
              env=no_validate, after="build"),
         # Under xdist pytest-benchmark is disabled (each benchmarked call runs once, which is all a
         # warm-up needs) and refuses --benchmark-only, so this step selects by -k alone.

@@ -87,7 +87,7 @@ def test_dry_run_of_the_whole_gpu_check(tmp_path):
     summary = json.loads((tmp_path / "gpu-check.json").read_text())
     assert [s["name"] for s in summary["steps"]] == [
         "env", "conformance-triton", "triton-tests", "build", "conformance-cpp", "selftest", "train-step",
-        "bench-warm", "key-benchmarks", "zoo-benchmarks", "compile"]
+        "train-profile", "bench-warm", "key-benchmarks", "zoo-benchmarks", "compile"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cases.jsonl", "gpu-check.json", "gpu-check.md",
                                                           "logs.tar.gz"]
     cases = [json.loads(line) for line in (tmp_path / "cases.jsonl").read_text().splitlines()]
@@ -96,7 +96,7 @@ def test_dry_run_of_the_whole_gpu_check(tmp_path):
     assert any(c["step"] == "selftest" and c["ok"] for c in cases)
     md = (tmp_path / "gpu-check.md").read_text()
     for case in ("test_conv_64_3x3_bf16[eager]", "test_tiled_pipeline_vs_model[pipeline]", "test_plain_module[SPAN",
-                 "test_train_step_backend[torch-pretrain-off]"):
+                 "test_train_step_backend[torch-pretrain-off]", "train_profile[eager]", "train_profile[cpp]"):
         assert case in md, md
 
 
