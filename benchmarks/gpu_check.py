@@ -13,6 +13,8 @@ case it finished. The steps, in order:
                        pytest -n 12, which also compiles the kernels on 12 cores)
   triton-tests         tests/test_triton*.py: bf16, the >2**31-element and grid-limit sizes, torch.compile
   conformance-cpp      (after the build) tests/test_conformance.py on CUDA, the C++ extension
+  train-graph          (after the build) tests/test_train.py's CUDA-graph test: ten pretrain steps replayed
+                       from a graph give the eager steps' loss curve, on torch and cpp
   selftest             `fastsr selftest --device cuda`, one JSON line per check
   train-step           benchmarks/test_train_step.py: the bf16 pretrain step (batch 16, 96x96) on
                        torch (eager), cpp and triton (issue 25's GPU goal: before the other benchmarks)
@@ -59,6 +61,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+EAGER_STEP = "eager (fastsr[torch])"  # the train-step cases' baseline (benchmarks/test_train_step.py)
 BUDGET_S = 330.0  # every step; with the venv (30 s box) 6 minutes
 MIB = 2**20
 # The GPU machine's transfer limits, and the margin the rehearsal keeps below the 64 MiB carry limit.
@@ -135,6 +138,9 @@ def steps(results: Path, dry_run: bool, py: str = sys.executable, work: Path | N
                                      workers=workers), 60, no_tests, one_config),
         Step("conformance-cpp", _pytest(py, "tests/test_conformance.py", "-k", "cpp-cuda", workers=workers // 2),
              35, no_tests, after="build"),
+        # --cuda-graph's correctness: replayed steps train as eager ones do (tests/test_train.py).
+        Step("train-graph", _pytest(py, "tests/test_train.py", "-m", "gpu", "-k", "cuda_graph"), 60, no_tests,
+             after="build"),
         Step("selftest", [py, "-m", "fastsr", "selftest", "--device", device, "--jsonl", str(results / "cases.jsonl"),
                           *(["--backends", "cpp"] if dry_run else [])], 30, env=one_config),
         # The bf16 SRResNet training step (batch 16 of 96x96 crops on CUDA) per backend vs eager: issue 25's
@@ -245,7 +251,7 @@ def _benchmark_rows(cases: list[dict]) -> list[str]:
     rows = []
     for group, members in groups.items():
         base = next((m for m in members if re.search(r"\[(eager|copy-eager)", m["case"]) or
-                     "test_plain_module" in m["case"]), None)
+                     "test_plain_module" in m["case"] or m.get("extra_info", {}).get("what") == EAGER_STEP), None)
         for m in members:
             extra = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in m.get("extra_info", {}).items() if k not in ("device", "dtype"))

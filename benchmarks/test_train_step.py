@@ -24,6 +24,7 @@ from timing import mean_seconds
 import fastsr
 from fastsr import losses
 from fastsr.train import TrainConfig, Trainer
+from fastsr.training.graph import WARMUP_STEPS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH, CROP = (16, 96) if DEVICE == "cuda" else (4, 48)
@@ -51,10 +52,12 @@ def vgg_weights(tmp_path_factory):
     return str(path)
 
 
-def _trainer(stage: str, vgg: str, compile_: bool, amp: str, batch: int = BATCH, crop: int = CROP) -> Trainer:
+def _trainer(stage: str, vgg: str, compile_: bool, amp: str, batch: int = BATCH, crop: int = CROP,
+             cuda_graph: bool = False) -> Trainer:
     torch.manual_seed(0)
     cfg = TrainConfig(data="", out="", stage=stage, batch_size=batch, crop=crop, device=DEVICE,
-                      content_loss="vgg", vgg_weights=vgg, compile=compile_, warmup_steps=0, amp=amp)
+                      content_loss="vgg", vgg_weights=vgg, compile=compile_, warmup_steps=0, amp=amp,
+                      cuda_graph=cuda_graph)
     if stage == "gan":
         # The gan stage refuses to start from scratch; a fresh generator's weights do for timing.
         cfg.init = _fresh_generator_file(vgg)
@@ -70,7 +73,7 @@ def _fresh_generator_file(vgg: str) -> str:
     return str(path)
 
 
-def _run(benchmark, trainer: Trainer, backend: str, label: str, reduced: str = REDUCED) -> None:
+def _run(benchmark, trainer: Trainer, backend: str, label: str, reduced: str = REDUCED, warmup: int = 1) -> None:
     batch, crop = trainer.cfg.batch_size, trainer.cfg.crop
     gen = torch.Generator().manual_seed(1)
     hr = torch.rand(batch, 3, crop, crop, generator=gen)
@@ -82,7 +85,8 @@ def _run(benchmark, trainer: Trainer, backend: str, label: str, reduced: str = R
         _sync()
         return values
 
-    step()  # warm-up (and compilation) outside the timed rounds
+    for _ in range(warmup):  # warm-up (compilation, the CUDA graph's capture) outside the timed rounds
+        step()
     values = benchmark.pedantic(step, rounds=5 if DEVICE == "cpu" else 10, warmup_rounds=1)
     assert torch.isfinite(values).all()
     seconds = mean_seconds(benchmark)
@@ -95,6 +99,22 @@ def _run(benchmark, trainer: Trainer, backend: str, label: str, reduced: str = R
 
 STAGES = ["pretrain", "gan"]
 AMP = ["off", "bf16"]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("amp", AMP)
+@pytest.mark.parametrize("stage", ["pretrain"])  # --cuda-graph covers the pretrain stage
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_train_step_backend_cuda_graph(benchmark, vgg_weights, backend, stage, amp):
+    """The pretrain step replayed as one CUDA graph (``--cuda-graph``): a small-batch step on a GPU is
+    host-bound, and a replay issues it with one launch (its id matches the GPU check's selection)."""
+    ok, why = fastsr.ops.dispatch.availability(backend, DEVICE)
+    if not ok:
+        pytest.skip(f"backend {backend} unavailable on {DEVICE}: {why}")
+    benchmark.group = f"train-step-{stage}-amp-{amp}"
+    label = ("eager (fastsr[torch])" if backend == "torch" else f"fastsr[{backend}]") + " + CUDA graph"
+    trainer = _trainer(stage, vgg_weights, False, amp, cuda_graph=True)
+    _run(benchmark, trainer, backend, label, warmup=WARMUP_STEPS + 1)
 
 
 @pytest.mark.parametrize("amp", AMP)

@@ -86,8 +86,8 @@ def test_dry_run_of_the_whole_gpu_check(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((tmp_path / "gpu-check.json").read_text())
     assert [s["name"] for s in summary["steps"]] == [
-        "env", "conformance-triton", "triton-tests", "build", "conformance-cpp", "selftest", "train-step",
-        "train-profile", "bench-warm", "key-benchmarks", "zoo-benchmarks", "compile"]
+        "env", "conformance-triton", "triton-tests", "build", "conformance-cpp", "train-graph", "selftest",
+        "train-step", "train-profile", "bench-warm", "key-benchmarks", "zoo-benchmarks", "compile"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cases.jsonl", "gpu-check.json", "gpu-check.md",
                                                           "logs.tar.gz"]
     cases = [json.loads(line) for line in (tmp_path / "cases.jsonl").read_text().splitlines()]

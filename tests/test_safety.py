@@ -287,6 +287,13 @@ def test_train_out_must_not_hold_or_lie_in_its_inputs(hr_photos, tmp_path, capsy
     assert not (hr_photos / "run").exists()
 
 
+def test_cuda_graph_on_a_cpu_is_refused_in_one_line(hr_photos, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(train_args(hr_photos, out, "--cuda-graph")) == 2
+    assert "--cuda-graph needs --device cuda" in one_line(capsys)
+    assert not out.exists() or not list(out.iterdir())
+
+
 def test_a_new_run_does_not_replace_another_runs_files_without_overwrite(hr_photos, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

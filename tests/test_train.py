@@ -429,6 +429,45 @@ def test_cpp_and_torch_backends_give_the_same_loss_curve(photos, tmp_path):
     np.testing.assert_allclose(curves["cpp"], curves["torch"], rtol=1e-4)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"stage": "gan", "init": "g.safetensors", "content_loss": "mse"}, "covers the pretrain stage"),
+    ({"amp": "fp16"}, "--amp fp16"), ({"compile": True}, "choose one")])
+def test_cuda_graph_refuses_what_it_cannot_capture(photos, tmp_path, change, message):
+    """The conditions --cuda-graph needs besides a GPU (checked here with device "cuda" on any
+    machine: the device check itself runs first in validate)."""
+    from fastsr.training.config import check_cuda_graph
+
+    cfg = replace(tiny(photos, tmp_path, cuda_graph=True, device="cuda"), **change)
+    with pytest.raises(TrainingError, match=message):
+        check_cuda_graph(cfg)
+    check_cuda_graph(replace(cfg, stage="pretrain", amp="bf16", compile=False))  # what it covers passes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_cuda_graph_steps_train_like_eager_steps(photos, tmp_path, backend):
+    """Ten pretrain steps replayed from a CUDA graph (3 eager warm-up steps, the capture, 6 replays):
+    the same loss curve as ten eager steps within fp32 noise, as the cpp and torch backends are held
+    to (test_cpp_and_torch_backends_give_the_same_loss_curve), and a checkpoint that resumes without
+    the graph. TF32 is off so that both runs' convolutions round as fp32."""
+    if backend == "cpp" and not fastsr.ops.dispatch.availability("cpp", "cuda")[0]:
+        pytest.skip("the C++ extension has no CUDA build here")
+    curves = {}
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        for graph in (False, True):
+            out = tmp_path / f"graph-{graph}"
+            cfg = tiny(photos, out, steps=10, crop=64, channels=16, num_blocks=2, backend=backend, device="cuda",
+                       cuda_graph=graph)
+            train(cfg)
+            curves[graph] = np.array([float(r["loss"]) for r in read_log(out)])
+        np.testing.assert_allclose(curves[True], curves[False], rtol=1e-4)
+        train(replace(cfg, cuda_graph=False, steps=12, resume=True))  # the graph run's checkpoint, resumed eagerly
+    assert len(read_log(out)) == 12
+    with pytest.raises(TrainingError, match="one process"):
+        Trainer(replace(cfg, resume=False), torch.device("cuda"), world_size=2)
+
+
 def test_version1_checkpoint_resumes(photos, tmp_path):
     """A checkpoint written by the first train.py (keys step, model, optimizer, scheduler, ema, data,
     torch_rng; data = a sequential generator state) resumes with the default options."""

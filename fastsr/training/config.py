@@ -81,6 +81,9 @@ class TrainConfig:
     stop_at: int | None = option(None, "save and stop at this step (the schedule still runs to --steps)",
                                  at_least=1)
     compile: bool = option(False, "torch.compile the models (slow start, faster steps)")
+    cuda_graph: bool = option(False, "replay the pretrain step as one CUDA graph after 3 warm-up steps "
+                                     "(--device cuda, one process, --amp off or bf16): the host issues one "
+                                     "launch a step instead of hundreds")
     overwrite: bool = option(False, "start a new run in an --out that holds another run's files (checkpoint.pt, "
                                     "config.json, log.csv, model.safetensors), replacing them")
 
@@ -91,7 +94,8 @@ class TrainConfig:
 # other field is a hyper-parameter: resuming with another value would mix two trainings (the
 # optimizer keeps the old --lr) while config.json claimed the new value.
 RUN_CONTROL_FIELDS = frozenset({"data", "out", "val", "resume", "device", "init", "vgg_weights", "workers",
-                                "backend", "stop_at", "compile", "save_every", "log_every", "overwrite", "steps"})
+                                "backend", "stop_at", "compile", "cuda_graph", "save_every", "log_every",
+                                "overwrite", "steps"})
 
 
 def changed_hyperparameters(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -119,6 +123,20 @@ def _check_device(device: str) -> None:
         raise TrainingError(f"--device {device}: no CUDA GPU is available (torch.cuda.is_available() is False)")
 
 
+def check_cuda_graph(cfg: TrainConfig) -> None:
+    """--cuda-graph's conditions that the configuration alone decides (one process: Trainer)."""
+    if torch.device(cfg.device).type != "cuda":
+        raise TrainingError(f"--cuda-graph needs --device cuda (CUDA graphs are a GPU feature), not {cfg.device}")
+    if cfg.stage != "pretrain":
+        raise TrainingError("--cuda-graph covers the pretrain stage; run the gan stage without it")
+    if cfg.amp == "fp16":
+        raise TrainingError("--cuda-graph with --amp fp16: the loss scaler checks every step's gradients on the "
+                            "host; use --amp bf16 (the same speed on GPUs with bf16) or off")
+    if cfg.compile:
+        raise TrainingError("--cuda-graph with --compile: choose one (torch.compile has its own CUDA graphs, "
+                            "mode reduce-overhead)")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise :class:`TrainingError` for a value outside a field's choices or bounds, options that
     contradict each other, or a gan stage without its inputs."""
@@ -132,6 +150,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.min_lr > cfg.lr:
         raise TrainingError(f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: the schedule decays from --lr "
                             f"down to --min-lr")
+    if cfg.cuda_graph:
+        check_cuda_graph(cfg)
     if cfg.stage == "gan" and not cfg.init:
         raise TrainingError("the gan stage starts from a pre-trained generator: pass --init PATH "
                             "(a pretrain run's checkpoint.pt or model.safetensors)")

@@ -18,6 +18,7 @@ from ..models.checkpoint import ModelFileError
 from ..nn import convert_sync_batchnorm
 from .amp import AUTOCAST_DTYPES, resolve_amp
 from .config import TrainConfig, TrainingError, validate
+from .graph import GraphedStep
 from .memory import keep_freed_memory
 from .optim import Adam
 
@@ -123,6 +124,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, device: torch.device, world_size: int = 1) -> None:
         validate(cfg)
+        if cfg.cuda_graph and world_size > 1:
+            raise TrainingError("--cuda-graph runs in one process; under torchrun leave it off")
         self.cfg, self.device, self.world_size = cfg, device, world_size
         if device.type == "cpu":
             keep_freed_memory()  # large gradients in reused memory, not page-faulted in each step
@@ -139,6 +142,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
         self.ema = EMA(self.generator, cfg.ema_decay)
         self.g_train, self.d_train, self.d_plain = self._wrap_models()
+        # The step's device work, replayed as one CUDA graph with --cuda-graph (fastsr.training.graph).
+        self._device_step = self._optimizer_steps
+        if cfg.cuda_graph:
+            self._device_step = GraphedStep(self._optimizer_steps, [self.g_opt])
 
     # -- setup --------------------------------------------------------------------------------
     def _build_model(self) -> tuple[SRResNet, Discriminator | None]:
@@ -202,12 +209,28 @@ class Trainer:
     # -- one step -----------------------------------------------------------------------------
     def _autocast(self) -> torch.autocast:
         dtype = AUTOCAST_DTYPES.get(self.amp)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        # Autocast's cache of weight casts cannot live in a captured graph (fastsr.training.graph).
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None,
+                              cache_enabled=not self.cfg.cuda_graph)
 
     def step(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         """One optimizer step of G (and of D in the gan stage) on this rank's slice of the batch."""
         lr = lr.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         hr = hr.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        values = self._device_step(lr, hr)
+        self.g_sched.step()
+        if self.d_sched is not None:
+            self.d_sched.step()
+        self.ema.update(self.generator, self.g_sched.last_epoch)  # last_epoch = steps taken, resumed too
+        if self.world_size > 1:
+            # Every rank must take the same stop/go decision on a non-finite loss.
+            dist.all_reduce(values)
+            values /= self.world_size
+        return values
+
+    def _optimizer_steps(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        """The step's device work: G's (and D's) forward, losses, backward and update; the losses
+        stacked (1-D fp32). No host reads or writes a CUDA graph could not replay."""
         with self._autocast():
             sr = self.g_train(lr)
         if self.gan:
@@ -220,16 +243,7 @@ class Trainer:
             self.discriminator.requires_grad_(True)
             values += self._discriminator_step(hr, sr.detach())
         self.scaler.update()
-        self.g_sched.step()
-        if self.d_sched is not None:
-            self.d_sched.step()
-        self.ema.update(self.generator, self.g_sched.last_epoch)  # last_epoch = steps taken, resumed too
-        values = torch.stack([v.float() for v in values])
-        if self.world_size > 1:
-            # Every rank must take the same stop/go decision on a non-finite loss.
-            dist.all_reduce(values)
-            values /= self.world_size
-        return values
+        return torch.stack([v.float() for v in values])
 
     def _generator_loss(self, sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """G's loss (to backpropagate) and its logged terms (detached): loss (, content, adversarial)."""
@@ -302,6 +316,8 @@ class Trainer:
             self.discriminator.load_state_dict(state["discriminator"])
             self.d_opt.load_state_dict(state["d_optimizer"])
             self.d_sched.load_state_dict(state["d_scheduler"])
+        if self.cfg.cuda_graph:  # a captured step would go on reading the optimizer's replaced state tensors
+            self._device_step = GraphedStep(self._optimizer_steps, [self.g_opt])
 
     def parameter_checksum(self) -> torch.Tensor:
         """(2,) float64: sum and sum of squares of every trainable weight (G, D and G's EMA), to compare
