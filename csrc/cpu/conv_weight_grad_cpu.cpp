@@ -27,9 +27,11 @@ namespace {
 
 using V = at::vec::Vectorized<float>;
 constexpr int64_t kVS = V::size();
-// Accumulators CO x NRV + NRV loaded vectors + a broadcast within the vector registers: 4 x 4 + 5 of
-// AVX-512's 32, 4 x 2 + 3 of AVX2's 16.
-constexpr int kNRV = kVS >= 16 ? 4 : 2;
+// Vectors of input channels per chunk: accumulators CO x NRV + CO broadcasts + the input vector in use
+// within the vector registers: 4 x 4 + 5 of AVX-512's 32; 3 x 4 + 4 of AVX2's 16 for SRResNet's three
+// outputs (with 2 vectors its six accumulators left the FMA units waiting on each other: the FMAs'
+// latency needs about ten independent sums), 4 x 2 + 5 for four.
+constexpr int nrv_for(int co) { return kVS >= 16 || co <= 3 ? 4 : 2; }
 constexpr int64_t kMaxOut = 4;
 constexpr int64_t kBandRows = 8;
 
@@ -51,11 +53,11 @@ void tap_chunk(const float* g, const float* x, const Shape& s, int64_t i, int64_
     const float* grow = g + ((n * s.H + h) * s.W) * s.Cout;
     const float* xrow = x + ((n * s.H + h + i - p) * s.W + (j - p)) * s.Cin + c0;
     for (int64_t w = w0; w < w1; ++w) {
-      V xv[NRV];
-      for (int v = 0; v < NRV; ++v) xv[v] = cpu::in_register(V::loadu(xrow + w * s.Cin + v * kVS));
-      for (int o = 0; o < CO; ++o) {
-        const V gb(grow[w * s.Cout + o]);
-        for (int v = 0; v < NRV; ++v) acc[o][v] = at::vec::fmadd(gb, xv[v], acc[o][v]);
+      V gb[CO];
+      for (int o = 0; o < CO; ++o) gb[o] = cpu::in_register(V(grow[w * s.Cout + o]));
+      for (int v = 0; v < NRV; ++v) {
+        const V xv = cpu::in_register(V::loadu(xrow + w * s.Cin + v * kVS));
+        for (int o = 0; o < CO; ++o) acc[o][v] = at::vec::fmadd(gb[o], xv, acc[o][v]);
       }
     }
     float row[NRV * kVS];
@@ -89,9 +91,10 @@ void weight_grad(const float* g, const float* x, const Shape& s, float* out, con
   });
 }
 
-// The widest chunk of input channels (kNRV, 2 or 1 vectors) that divides C_in.
+// The widest chunk of input channels (nrv_for(CO), 2 or 1 vectors) that divides C_in.
 template <int CO>
 void weight_grad_chunked(const float* g, const float* x, const Shape& s, float* out, const int64_t* os) {
+  constexpr int kNRV = nrv_for(CO);
   if (s.Cin % (kNRV * kVS) == 0) return weight_grad<CO, kNRV>(g, x, s, out, os);
   if (s.Cin % (2 * kVS) == 0) return weight_grad<CO, 2>(g, x, s, out, os);
   weight_grad<CO, 1>(g, x, s, out, os);
