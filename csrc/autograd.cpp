@@ -10,15 +10,22 @@
 //   shuffle_prelu    shuffle_prelu_backward.
 //   batch_norm_prelu batch_norm_prelu_backward (mean and var are statistics, not differentiable).
 //   mse_per_image    mse_per_image_backward (d/db is the negation of d/da).
-// The convolutions' input gradients: oneDNN (at::convolution_backward). Their weight gradients on CPU
-// in fp32: conv2d_weight_grad for a few-output conv (5-10x oneDNN) and for the 3x3 many-channel convs
-// (Winograd, 1.6-1.9x oneDNN's weight gradient on Zen 4), written in the weight's own layout so
-// AccumulateGrad stores it as it is; oneDNN elsewhere, input and weight in one call.
-// The input gradient stays on oneDNN: through the Winograd kernel it was 1.3x faster at 24x24, but a whole
-// SRResNet's slope gradient then broke the tolerance rule (1.4x the bound; 1.75x when tried again).
+// The convolutions' input gradients: oneDNN (at::convolution_backward), but for a few-output conv on
+// CPU in fp32 (the 64 -> 3 tail) in the AVX2 and AVX-512 builds, whose input gradient is the 3 -> 64
+// convolution of the gradient with the flipped, transposed weight: conv2d_prelu's few-input kernel, the
+// same FMAs in the same order as oneDNN's (bit for bit on SRResNet's tail on a Zen 5, natively and under
+// the AVX2 approximation), 1.2x oneDNN's speed under AVX2. Not in the portable build: without FMA its
+// sums round twice per term, and a whole SRResNet's slope gradient then left the rule.
+// The 3x3 convs' input gradient stays on oneDNN: through the Winograd kernel it was 1.3x faster at
+// 24x24, but a whole SRResNet's slope gradient then broke the tolerance rule (1.4x the bound; 1.75x
+// when tried again).
+// The weight gradients on CPU in fp32: conv2d_weight_grad for a few-output conv (5-10x oneDNN) and for
+// the 3x3 many-channel convs (Winograd, 1.6-1.9x oneDNN's weight gradient on Zen 4), written in the
+// weight's own layout so AccumulateGrad stores it as it is; oneDNN elsewhere, input and weight in one call.
 // Per-op ATen headers rather than ATen/ATen.h: this file is the extension's slowest to compile.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/flip.h>
 #include <ATen/ops/neg.h>
 #include <ATen/ops/pixel_unshuffle.h>
 #include <ATen/ops/sum.h>
@@ -73,12 +80,27 @@ bool needs(AutogradContext* ctx, int argument) {
   return ctx->needs_input_grad(static_cast<size_t>(edge));
 }
 
-// conv2d_weight_grad's shapes (fp32 CPU): 1-4 output channels (a tail conv) with input channels in
-// multiples of 16, or a 3x3 kernel with input and output channels in multiples of 16 (Winograd).
+bool fp32_cpu(const Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }
+
+// A few-output conv (1-4 output channels, input channels in multiples of 16: a tail conv), fp32 CPU.
+bool few_output(const Tensor& x, const Tensor& weight) {
+  return fp32_cpu(x) && fp32_cpu(weight) && x.size(1) % 16 == 0 && weight.size(0) <= 4;
+}
+
+// Whether its input gradient is the few-input convolution (see the top of this file).
+constexpr bool kOwnInputGrad =
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    true;
+#else
+    false;
+#endif
+
+// conv2d_weight_grad's shapes (fp32 CPU): a few-output conv, or a 3x3 kernel with input and output
+// channels in multiples of 16 (Winograd).
 bool own_weight_grad(const Tensor& x, const Tensor& weight) {
-  const auto fp32_cpu = [](const Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; };
-  if (!fp32_cpu(x) || !fp32_cpu(weight) || x.size(1) % 16 != 0) return false;
-  return weight.size(0) <= 4 || (weight.size(-1) == 3 && weight.size(-2) == 3 && weight.size(0) % 16 == 0);
+  if (few_output(x, weight)) return true;
+  return fp32_cpu(x) && fp32_cpu(weight) && x.size(1) % 16 == 0 && weight.size(-1) == 3 && weight.size(-2) == 3 &&
+         weight.size(0) % 16 == 0;
 }
 
 // (grad_x, grad_weight, grad_bias) of the 'same' convolution for the gradient of its output; undefined
@@ -88,13 +110,18 @@ std::array<Tensor, 3> conv_grads(const Tensor& grad, const Tensor& x, const Tens
   static const auto weight_grad =
       op<Tensor(const Tensor&, const Tensor&, int64_t, bool)>("fastsr::conv2d_weight_grad");
   std::array<Tensor, 3> out;
+  const bool own_x = kOwnInputGrad && need[0] && few_output(x, weight);
+  if (own_x)
+    out[0] = call_conv2d_prelu(grad, weight.flip({2, 3}).transpose(0, 1), std::nullopt, std::nullopt, std::nullopt,
+                               1);
   const bool own_w = need[1] && own_weight_grad(x, weight);
   if (own_w)
     out[1] = weight_grad.call(grad, x, weight.size(-1),
                               weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast);
   // Asked for the bias gradient too, oneDNN computes the weight gradient (15 ms of a tail's 17).
   if (own_w && need[2] && bias) out[2] = grad.sum({0, 2, 3});
-  const std::array<bool, 3> mask{need[0], need[1] && !own_w, need[2] && bias.has_value() && !out[2].defined()};
+  const std::array<bool, 3> mask{need[0] && !own_x, need[1] && !own_w,
+                                  need[2] && bias.has_value() && !out[2].defined()};
   if (mask[0] || mask[1] || mask[2]) {
     const int64_t pad = weight.size(-1) / 2;
     const std::vector<int64_t> bias_sizes = bias ? std::vector<int64_t>{bias->size(0)} : std::vector<int64_t>{};

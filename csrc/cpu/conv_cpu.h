@@ -1,6 +1,6 @@
-// fastsr's own CPU convolution for layers with very few output channels (the SRResNet tail,
-// 64 -> 3 channels, 9x9, at the output resolution), where oneDNN's kernels, vectorised over
-// output channels, leave most vector lanes empty.
+// fastsr's own CPU convolutions for layers with very few output channels (the SRResNet tail,
+// 64 -> 3 channels, 9x9, at the output resolution) or input channels (its head, 3 -> 64, and the
+// tail's input gradient), where oneDNN's kernels leave most vector lanes empty.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,5 +16,12 @@ bool few_out_conv_applies(const at::Tensor& x, const at::Tensor& weight);
 // conv2d(x, weight, bias, stride 1, 'same' padding) -> (N, C_out, H, W) in memory format `fmt`.
 at::Tensor few_out_conv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         at::MemoryFormat fmt);
+
+// Whether few_in_conv serves this (x, weight) pair: fp32, 1..4 input channels, output channels in
+// whole vectors, a square odd kernel.
+bool few_in_conv_applies(const at::Tensor& x, const at::Tensor& weight);
+
+// conv2d(x, weight, bias, stride 1, 'same' padding) -> (N, C_out, H, W), channels_last.
+at::Tensor few_in_conv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
 }  // namespace fastsr::cpu

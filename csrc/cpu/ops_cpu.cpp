@@ -176,6 +176,16 @@ at::Tensor epilogue(at::Tensor pre, const std::optional<at::Tensor>& slope, cons
   return out;
 }
 
+// conv2d(x, weight, bias, 'same') outside Winograd's shapes: fastsr's direct kernels for convs with very
+// few output channels (the 64 -> 3 tail, vectorised over the reduction) or input channels (the 3 -> 64
+// head, vectorised over output channels), oneDNN for the rest. In `fmt` or channels_last.
+at::Tensor direct_conv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       at::MemoryFormat fmt) {
+  if (cpu::few_out_conv_applies(x, weight)) return cpu::few_out_conv(x, weight, bias, fmt);
+  if (cpu::few_in_conv_applies(x, weight)) return cpu::few_in_conv(x, weight, bias);
+  return conv_same(x, weight, bias);
+}
+
 at::Tensor conv2d_prelu_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& slope, const std::optional<at::Tensor>& residual,
                             int64_t shuffle) {
@@ -185,12 +195,9 @@ at::Tensor conv2d_prelu_cpu(const at::Tensor& x, const at::Tensor& weight, const
   // its output transform (winograd_cpu.cpp).
   if (cpu::winograd_applies(x, weight, shuffle))
     return cpu::winograd_conv2d(x, weight, bias, slope, residual, shuffle, fmt);
-  // The bias goes into the convolution (oneDNN adds it in-register); activation, residual and the
-  // pixel-shuffle store are the single pass over the conv output. Convs with very few output
-  // channels (the 64 -> 3 tail) use fastsr's own direct kernel, vectorised over pixels.
-  at::Tensor pre = cpu::few_out_conv_applies(x, weight) ? cpu::few_out_conv(x, weight, bias, fmt)
-                                                         : conv_same(x, weight, bias);
-  return epilogue(std::move(pre), slope, residual, shuffle, fmt, /*may_overwrite=*/true);
+  // The bias goes into the convolution (added in-register); activation, residual and the
+  // pixel-shuffle store are the single pass over the conv output.
+  return epilogue(direct_conv(x, weight, bias, fmt), slope, residual, shuffle, fmt, /*may_overwrite=*/true);
 }
 
 // y = silu(y), or (y + skip) * (sigmoid(y) - 0.5) with a skip, in place over `len` elements in
@@ -216,8 +223,7 @@ at::Tensor conv2d_silu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const Act act = skip ? Act::kAttention : Act::kSiLU;
   // SPAN's 48-channel 3x3 convs: the activation is fused into Winograd's output transform.
   if (cpu::winograd_applies(x, weight, 1)) return cpu::winograd_conv2d(x, weight, bias, std::nullopt, skip, 1, fmt, act);
-  at::Tensor y = (cpu::few_out_conv_applies(x, weight) ? cpu::few_out_conv(x, weight, bias, fmt)
-                                                        : conv_same(x, weight, bias)).contiguous(fmt);
+  at::Tensor y = direct_conv(x, weight, bias, fmt).contiguous(fmt);
   const at::Tensor s = skip_like(skip, y, fmt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastsr_conv2d_silu", [&] {
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
