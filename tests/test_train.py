@@ -450,19 +450,18 @@ def test_cuda_graph_steps_train_like_eager_steps(photos, tmp_path, backend):
     """Ten pretrain steps replayed from a CUDA graph (3 eager warm-up steps, the capture, 6 replays):
     the same loss curve as ten eager steps within fp32 noise, as the cpp and torch backends are held
     to (test_cpp_and_torch_backends_give_the_same_loss_curve), and a checkpoint that resumes without
-    the graph. TF32 is off so that both runs' convolutions round as fp32."""
+    the graph. Both runs in IEEE fp32 with deterministic cuDNN (the suite's autouse fixture)."""
     if backend == "cpp" and not fastsr.ops.dispatch.availability("cpp", "cuda")[0]:
         pytest.skip("the C++ extension has no CUDA build here")
     curves = {}
-    with torch.backends.cudnn.flags(allow_tf32=False):
-        for graph in (False, True):
-            out = tmp_path / f"graph-{graph}"
-            cfg = tiny(photos, out, steps=10, crop=64, channels=16, num_blocks=2, backend=backend, device="cuda",
-                       cuda_graph=graph)
-            train(cfg)
-            curves[graph] = np.array([float(r["loss"]) for r in read_log(out)])
-        np.testing.assert_allclose(curves[True], curves[False], rtol=1e-4)
-        train(replace(cfg, cuda_graph=False, steps=12, resume=True))  # the graph run's checkpoint, resumed eagerly
+    for graph in (False, True):
+        out = tmp_path / f"graph-{graph}"
+        cfg = tiny(photos, out, steps=10, crop=64, channels=16, num_blocks=2, backend=backend, device="cuda",
+                   cuda_graph=graph)
+        train(cfg)
+        curves[graph] = np.array([float(r["loss"]) for r in read_log(out)])
+    np.testing.assert_allclose(curves[True], curves[False], rtol=1e-4)
+    train(replace(cfg, cuda_graph=False, steps=12, resume=True))  # the graph run's checkpoint, resumed eagerly
     assert len(read_log(out)) == 12
     with pytest.raises(TrainingError, match="one process"):
         Trainer(replace(cfg, resume=False), torch.device("cuda"), world_size=2)
