@@ -10,6 +10,7 @@
 //   shuffle_prelu    shuffle_prelu_backward.
 //   batch_norm_prelu batch_norm_prelu_backward (mean and var are statistics, not differentiable).
 //   mse_per_image    mse_per_image_backward (d/db is the negation of d/da).
+// And adam_step_'s version-counter bumps (the ADInplaceOrView key), as ATen's in-place ops have them.
 // The convolutions' input gradients: oneDNN (at::convolution_backward), but for a few-output conv on
 // CPU in fp32 (the 64 -> 3 tail) in the AVX2 and AVX-512 builds, whose input gradient is the 3 -> 64
 // convolution of the gradient with the flipped, transposed weight: conv2d_prelu's few-input kernel, the
@@ -290,6 +291,23 @@ Tensor mse_per_image_autograd(const Tensor& a, const Tensor& b, double scale, bo
   return MsePerImage::apply(a, b, scale, y_channel, crop);
 }
 
+// adam_step_ changes its parameters, moments and step counts in place: like ATen's in-place ops (and
+// torch's fused Adam), it bumps their version counters, so autograd's check of saved tensors and
+// caches keyed on a tensor's version see the change. Without this a parameter updated by it kept its
+// version (the Winograd weight cache still saw the change: it also compares the values' fingerprint).
+void adam_step_inplace(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
+                       double eps, double weight_decay) {
+  static const auto handle = op<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                     double, double, double, double, double)>("fastsr::adam_step_");
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    handle.call(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay);
+  }
+  for (const at::TensorList list : {params, exp_avgs, exp_avg_sqs, steps})
+    for (const Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastsr, Autograd, m) {
@@ -299,5 +317,7 @@ TORCH_LIBRARY_IMPL(fastsr, Autograd, m) {
   m.impl("batch_norm_prelu", &batch_norm_prelu_autograd);
   m.impl("mse_per_image", &mse_per_image_autograd);
 }
+
+TORCH_LIBRARY_IMPL(fastsr, ADInplaceOrView, m) { m.impl("adam_step_", &adam_step_inplace); }
 
 }  // namespace fastsr

@@ -105,6 +105,19 @@ def test_opcheck_adam_step():
                   1e-3, 0.9, 0.99, 1e-8, 0.01))
 
 
+def test_adam_step_bumps_the_versions_of_what_it_changes():
+    """Like an ATen in-place op: the parameters, moments and step counts, not the gradients."""
+    params = [torch.randn(8, 5, 3, 3), torch.randn(19)]
+    grads = [torch.randn_like(p) for p in params]
+    moments = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    steps = [torch.tensor(0.0), torch.tensor(2.0)]
+    changed, kept = params + moments[0] + moments[1] + steps, grads
+    before = [t._version for t in changed + kept]
+    with torch.no_grad():
+        torch.ops.fastsr.adam_step_(params, grads, *moments, steps, 1e-3, 0.9, 0.99, 1e-8, 0.01)
+    assert [t._version for t in changed + kept] == [v + 1 for v in before[:len(changed)]] + before[len(changed):]
+
+
 # The autograd formulas are C++ (csrc/autograd.cpp). Their context numbers only the tensor inputs
 # that were given, so each case leaves an optional tensor out and differentiates a subset of the
 # inputs: a gradient that landed on the wrong input fails gradcheck (float64, the direct ops).
