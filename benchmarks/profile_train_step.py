@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -110,9 +112,22 @@ def _short(name: str) -> str:
     return name
 
 
+def _machine(device: str) -> str:
+    """The GPU's name, or the CPU's model, threads and the ISA caps in effect (the AVX2 approximation)."""
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "FASTSR_CPU_CAPABILITY")
+            if k in os.environ]
+    return (f"{names[0] if names else platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+            + (f" ({', '.join(caps)})" if caps else ""))
+
+
 def markdown(profiles: list[Profile], device: str, amp: str, batch: int, crop: int) -> str:
     """A summary row per backend, then each backend's top operators by host time."""
-    where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
+    where = _machine(device)
     lines = [f"# Training step profile: pretrain, batch {batch} of {crop}x{crop} HR crops, amp {amp}, {where}", "",
              f"torch {torch.__version__}; per step: wall (synchronised) and host (until the step returns) are "
              "medians without the profiler; GPU busy (the sum of kernel times), launches and operator calls (all "
