@@ -51,9 +51,20 @@ struct Geometry {
 // mod K: consecutive output rows share K - 1 of them, so a thread copies each row once.
 class PaddedRows {
  public:
-  explicit PaddedRows(const Geometry& g) : g_(g), width_((g.W + 2 * g.pad) * g.C), data_(g.K * width_, 0.f), tag_(g.K, -1) {}
+  explicit PaddedRows(const Geometry& g)
+      : g_(g), width_((g.W + 2 * g.pad) * g.C), data_(g.K * width_, 0.f), tag_(g.K, -1), rows_(g.K) {}
 
-  // Row ih of image `img` (N, H, W, C contiguous), padded: pixel iw at (iw + pad) * C.
+  // The rows output row oh of image n reads, for kh = 0..K-1 (`in` is (N, H, W, C) contiguous): pixel
+  // iw at (iw + pad) * C, null above or below the image.
+  const float* const* rows_for(const float* in, int64_t n, int64_t oh) {
+    for (int64_t kh = 0; kh < g_.K; ++kh) {
+      const int64_t ih = oh + kh - g_.pad;
+      rows_[kh] = ih >= 0 && ih < g_.H ? get(in + n * g_.H * g_.W * g_.C, n, ih) : nullptr;
+    }
+    return rows_.data();
+  }
+
+ private:
   const float* get(const float* img, int64_t n, int64_t ih) {
     const int64_t slot = ih % g_.K, tag = n * g_.H + ih;
     float* row = data_.data() + slot * width_;
@@ -64,11 +75,11 @@ class PaddedRows {
     return row;
   }
 
- private:
   const Geometry& g_;
   int64_t width_;
   std::vector<float> data_;  // the borders stay zero: copies write the middle
   std::vector<int64_t> tag_;
+  std::vector<const float*> rows_;
 };
 
 // One block of P pixels from ow0 of one output row, over the kernel rows [kh_lo, kh_hi) whose
@@ -122,22 +133,17 @@ void conv_rows(const float* in, const float* wt, const float* bias, const Geomet
   const int64_t full_end = g.W / kPixels * kPixels;
   at::parallel_for(0, N * g.H, grain_for(g.W * g.run() * CO), [&](int64_t begin, int64_t end) {
     std::vector<float> sums(g.W * CO);
-    std::vector<const float*> rows(g.K);
     PaddedRows padded(g);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.H, oh = r % g.H;
-      const float* img = in + n * g.H * g.W * g.C;
-      for (int64_t kh = 0; kh < g.K; ++kh) {
-        const int64_t ih = oh + kh - g.pad;
-        rows[kh] = ih >= 0 && ih < g.H ? padded.get(img, n, ih) : nullptr;
-      }
+      const float* const* rows = padded.rows_for(in, n, oh);
       std::fill(sums.begin(), sums.end(), 0.f);
       for (int64_t kh = 0; kh < g.K; kh += group) {
         const int64_t kh_end = std::min(g.K, kh + group);
         for (int64_t ow = 0; ow < full_end; ow += kPixels)
-          conv_block<CO, kPixels>(rows.data(), wt, g, ow, kh, kh_end, sums.data() + ow * CO);
+          conv_block<CO, kPixels>(rows, wt, g, ow, kh, kh_end, sums.data() + ow * CO);
         if (full_end < g.W)
-          conv_last_block<CO>(g.W - full_end, rows.data(), wt, g, full_end, kh, kh_end, sums.data() + full_end * CO);
+          conv_last_block<CO>(g.W - full_end, rows, wt, g, full_end, kh, kh_end, sums.data() + full_end * CO);
       }
       float* dst = out + n * out_img_stride + oh * g.W * out_pix_stride;
       for (int64_t ow = 0; ow < g.W; ++ow)
@@ -196,25 +202,38 @@ void in_rows(const float* in, const float* wt, const float* bias, const Geometry
              float* out) {
   const int64_t chunk = NV * V::size(), full_end = g.W / kInPixels * kInPixels;
   at::parallel_for(0, N * g.H, grain_for(g.W * g.run() * cout), [&](int64_t begin, int64_t end) {
-    std::vector<const float*> rows(g.K);
     PaddedRows padded(g);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / g.H, oh = r % g.H;
-      const float* img = in + n * g.H * g.W * g.C;
-      for (int64_t kh = 0; kh < g.K; ++kh) {
-        const int64_t ih = oh + kh - g.pad;
-        rows[kh] = ih >= 0 && ih < g.H ? padded.get(img, n, ih) : nullptr;
-      }
+      const float* const* rows = padded.rows_for(in, r / g.H, r % g.H);
       float* row_out = out + r * g.W * cout;
       // Channel chunks outermost: a chunk's weights (K * K * C_in * chunk floats) stay in cache over the row.
       for (int64_t co0 = 0; co0 < cout; co0 += chunk) {
         for (int64_t ow = 0; ow < full_end; ow += kInPixels)
-          in_block<kInPixels, NV>(rows.data(), wt, bias, g, cout, ow, co0, row_out);
-        if (full_end < g.W)
-          in_last_block<NV>(g.W - full_end, rows.data(), wt, bias, g, cout, full_end, co0, row_out);
+          in_block<kInPixels, NV>(rows, wt, bias, g, cout, ow, co0, row_out);
+        if (full_end < g.W) in_last_block<NV>(g.W - full_end, rows, wt, bias, g, cout, full_end, co0, row_out);
       }
     }
   });
+}
+
+// What both direct kernels read: the geometry, x as NHWC, the weight permuted to `order` and made
+// contiguous, the bias as fp32 (null without one). The tensors are kept alive with the pointers.
+struct DirectInputs {
+  Geometry g;
+  at::Tensor in_nhwc, wt_reordered, bias_fp32;
+  const float *in, *wt, *bias;
+};
+
+DirectInputs direct_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           at::IntArrayRef order) {
+  const int64_t K = weight.size(2);
+  DirectInputs d{Geometry{x.size(2), x.size(3), x.size(1), K, K / 2, weight.size(0)},
+                 x.contiguous(at::MemoryFormat::ChannelsLast), weight.permute(order).contiguous(),
+                 bias ? bias->to(at::kFloat).contiguous() : at::Tensor(), nullptr, nullptr, nullptr};
+  d.in = d.in_nhwc.const_data_ptr<float>();
+  d.wt = d.wt_reordered.const_data_ptr<float>();
+  d.bias = d.bias_fp32.defined() ? d.bias_fp32.const_data_ptr<float>() : nullptr;
+  return d;
 }
 
 }  // namespace
@@ -228,20 +247,14 @@ bool few_in_conv_applies(const at::Tensor& x, const at::Tensor& weight) {
 at::Tensor few_in_conv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(few_in_conv_applies(x, weight), "fastsr: few_in_conv does not apply to x ", x.sizes(), " ",
               x.scalar_type(), ", weight ", weight.sizes());
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), CO = weight.size(0), K = weight.size(2);
-  const Geometry g{H, W, C, K, K / 2, CO};
-  const at::Tensor in = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor wt = weight.permute({2, 3, 1, 0}).contiguous();  // (kh, kw, ci, co)
-  const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor out = at::empty({N, CO, H, W}, x.options(), at::MemoryFormat::ChannelsLast);
-  const float* ip = in.const_data_ptr<float>();
-  const float* wp = wt.const_data_ptr<float>();
-  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const DirectInputs d = direct_inputs(x, weight, bias, {2, 3, 1, 0});  // weight as (kh, kw, ci, co)
+  const Geometry& g = d.g;
+  at::Tensor out = at::empty({x.size(0), g.CO, g.H, g.W}, x.options(), at::MemoryFormat::ChannelsLast);
   float* op = out.mutable_data_ptr<float>();
-  const int64_t vectors = CO / V::size();
-  if (vectors % 4 == 0) in_rows<4>(ip, wp, bp, g, N, CO, op);
-  else if (vectors % 2 == 0) in_rows<2>(ip, wp, bp, g, N, CO, op);
-  else in_rows<1>(ip, wp, bp, g, N, CO, op);
+  const int64_t vectors = g.CO / V::size();
+  if (vectors % 4 == 0) in_rows<4>(d.in, d.wt, d.bias, g, x.size(0), g.CO, op);
+  else if (vectors % 2 == 0) in_rows<2>(d.in, d.wt, d.bias, g, x.size(0), g.CO, op);
+  else in_rows<1>(d.in, d.wt, d.bias, g, x.size(0), g.CO, op);
   return out;
 }
 
@@ -256,24 +269,18 @@ at::Tensor few_out_conv(const at::Tensor& x, const at::Tensor& weight, const std
                         at::MemoryFormat fmt) {
   TORCH_CHECK(few_out_conv_applies(x, weight), "fastsr: few_out_conv does not apply to x ", x.sizes(), " ",
               x.scalar_type(), ", weight ", weight.sizes());
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), CO = weight.size(0), K = weight.size(2);
-  const Geometry g{H, W, C, K, K / 2, CO};
-  const at::Tensor in = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor wt = weight.permute({0, 2, 3, 1}).contiguous();  // (co, kh, kw, ci)
-  at::Tensor b;
-  if (bias) b = bias->to(at::kFloat).contiguous();
+  const DirectInputs d = direct_inputs(x, weight, bias, {0, 2, 3, 1});  // weight as (co, kh, kw, ci)
+  const Geometry& g = d.g;
+  const int64_t N = x.size(0), CO = g.CO, H = g.H, W = g.W;
   at::Tensor out = at::empty({N, CO, H, W}, x.options(), fmt);
   const bool cl = is_channels_last(fmt);
   const int64_t pix = cl ? CO : 1, cs = cl ? 1 : H * W, img = CO * H * W;
-  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   float* op = out.mutable_data_ptr<float>();
-  const float* ip = in.const_data_ptr<float>();
-  const float* wp = wt.const_data_ptr<float>();
   switch (CO) {
-    case 1: conv_rows<1>(ip, wp, bp, g, N, op, pix, cs, img); break;
-    case 2: conv_rows<2>(ip, wp, bp, g, N, op, pix, cs, img); break;
-    case 3: conv_rows<3>(ip, wp, bp, g, N, op, pix, cs, img); break;
-    default: conv_rows<4>(ip, wp, bp, g, N, op, pix, cs, img); break;
+    case 1: conv_rows<1>(d.in, d.wt, d.bias, g, N, op, pix, cs, img); break;
+    case 2: conv_rows<2>(d.in, d.wt, d.bias, g, N, op, pix, cs, img); break;
+    case 3: conv_rows<3>(d.in, d.wt, d.bias, g, N, op, pix, cs, img); break;
+    default: conv_rows<4>(d.in, d.wt, d.bias, g, N, op, pix, cs, img); break;
   }
   return out;
 }
