@@ -13,8 +13,9 @@
 // And adam_step_'s version-counter bumps (the ADInplaceOrView key), as ATen's in-place ops have them.
 // The convolutions' input gradients: oneDNN (at::convolution_backward), but for a few-output conv on
 // CPU in fp32 (the 64 -> 3 tail) in the AVX2 and AVX-512 builds, whose input gradient is the 3 -> 64
-// convolution of the gradient with the flipped, transposed weight: conv2d_prelu's few-input kernel, the
-// same FMAs in the same order as oneDNN's (bit for bit on SRResNet's tail on a Zen 5, natively and under
+// convolution of the gradient with the flipped, transposed weight: conv2d_prelu's few-input kernel
+// where it applies (cpu::few_in_conv_applies: SRResNet's 9x9 tail to 64 channels), the same FMAs in the
+// same order as oneDNN's (bit for bit on SRResNet's tail on a Zen 5, natively and under
 // the AVX2 approximation), 1.2x oneDNN's speed under AVX2. Not in the portable build: without FMA its
 // sums round twice per term, and a whole SRResNet's slope gradient then left the rule.
 // The 3x3 convs' input gradient stays on oneDNN: through the Winograd kernel it was 1.3x faster at
@@ -36,6 +37,8 @@
 #include <array>
 #include <optional>
 #include <tuple>
+
+#include "cpu/conv_cpu.h"
 
 namespace fastsr {
 namespace {
@@ -111,7 +114,8 @@ std::array<Tensor, 3> conv_grads(const Tensor& grad, const Tensor& x, const Tens
   static const auto weight_grad =
       op<Tensor(const Tensor&, const Tensor&, int64_t, bool)>("fastsr::conv2d_weight_grad");
   std::array<Tensor, 3> out;
-  const bool own_x = kOwnInputGrad && need[0] && few_output(x, weight);
+  const bool own_x = kOwnInputGrad && need[0] && few_output(x, weight) &&
+                     cpu::few_in_conv_applies(grad, weight.transpose(0, 1));
   if (own_x)
     out[0] = call_conv2d_prelu(grad, weight.flip({2, 3}).transpose(0, 1), std::nullopt, std::nullopt, std::nullopt,
                                1);

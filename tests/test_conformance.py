@@ -70,7 +70,7 @@ def _served(request):
 
 
 # (n, C_in, C_out, H, W, k, shuffle, bias, slope, residual): every value of each axis of the
-# matrix (batch 1/3; C_in 3/5/17/64; C_out 3/12/17/64/68/256; 7x13 and 31x17; k 3/9; bias; slope
+# matrix (batch 1/3; C_in 3/5/17/64; C_out 3/12/17/64/68/256; 7x13 and 31x17; k 3/5/9; bias; slope
 # none/scalar/per-channel; residual; shuffle 1/2), covering the SRResNet layers. Cases marked
 # heavy are too slow for the interpreter.
 CONV_CASES = [
@@ -87,6 +87,7 @@ CONV_CASES = [
     ((3, 3, 17, 7, 13, 9, 1, False, None, False), True),          # 9x9, odd out channels, nothing fused
     ((1, 17, 3, 7, 13, 9, 1, True, "scalar", True), True),        # few-output kernel with C_in 17
     ((3, 64, 12, 7, 13, 3, 2, True, "scalar", True), True),       # shuffle 2 into 3 channels
+    ((2, 3, 64, 31, 17, 5, 1, False, "channel", True), True),     # few-input kernel, 5x5, last blocks of 2 / 5
 ]
 GRAD_CASES = [
     ((3, 5, 17, 7, 13, 3, 1, True, "channel", True), False),
@@ -94,6 +95,7 @@ GRAD_CASES = [
     ((1, 6, 16, 7, 13, 3, 2, True, "channel", True), False),
     ((2, 64, 3, 5, 7, 9, 1, False, None, False), False),
     ((1, 64, 256, 7, 13, 3, 2, False, "scalar", False), True),
+    ((1, 64, 3, 9, 17, 9, 1, True, None, False), True),            # the tail's input gradient (few-input kernel)
 ]
 
 

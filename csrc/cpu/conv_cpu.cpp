@@ -13,12 +13,13 @@
 // 8 of the 48 pixels a row and about 40% of the time). Each thread copies an input row once for
 // the K output rows that read it; rows above and below the image are skipped.
 //
-// Few inputs (1..4, output channels in whole vectors): vectorised over the output channels. Each
-// (kw, ci) term of a pixel's run is one input value, broadcast and multiplied into NV vectors of
-// output channels (weights reordered to (kh, kw, ci, co)); a block of P pixels keeps P x NV sums in
-// registers over all K * K * C_in terms, and each weight vector loaded serves P pixels. oneDNN ran the
-// head at about 100 GFLOP/s on a 2-core Zen 5 and the tail's input gradient at the paper's size at
-// 210 (AVX-512) and 150 (AVX2).
+// Few inputs (1..4, a kernel of 5x5 or more, output channels in chunks of 4 vectors): vectorised over
+// the output channels. Each (kw, ci) term of a pixel's run is one input value, broadcast and
+// multiplied into 4 vectors of output channels (weights reordered to (kh, kw, ci, co)); a block of P
+// pixels keeps P x 4 sums in registers over all K * K * C_in terms, and each weight vector loaded
+// serves P pixels. On a 2-core Zen 5 it runs the 9x9 3 -> 64 convolution 1.1x oneDNN's speed natively
+// and 1.2-1.4x under AVX2; with 3x3 kernels, or chunks of 1 or 2 vectors, oneDNN was as fast or up to
+// 2.4x faster, so those stay with oneDNN.
 #include "conv_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -154,18 +155,20 @@ void conv_rows(const float* in, const float* wt, const float* bias, const Geomet
 }
 
 constexpr int64_t kMaxIn = 4;
-// Few inputs: P * NV sums + P broadcasts + the weight vector in use: 6 x 4 + 7 of AVX-512's 32,
-// 3 x 4 + 4 of AVX2's 16.
+// Few inputs: P * kInVectors sums + P broadcasts + the weight vector in use: 6 x 4 + 7 of AVX-512's
+// 32, 3 x 4 + 4 of AVX2's 16.
 constexpr int kInPixels = V::size() >= 16 ? 6 : 3;
+constexpr int64_t kInVectors = 4;
+constexpr int64_t kInMinKernel = 5;
 
-// Output channels [co0, co0 + NV * V::size()) of P pixels from ow0, over every kernel row, plus the bias
-// (cout values, or null): stored into the output row `out` (pixels `cout` floats apart).
-template <int P, int NV>
+// Output channels [co0, co0 + kInVectors * V::size()) of P pixels from ow0, over every kernel row, plus
+// the bias (cout values, or null): stored into the output row `out` (pixels `cout` floats apart).
+template <int P>
 void in_block(const float* const* rows, const float* wt, const float* bias, const Geometry& g, int64_t cout,
               int64_t ow0, int64_t co0, float* out) {
-  V acc[P][NV];
+  V acc[P][kInVectors];
   for (int p = 0; p < P; ++p)
-    for (int v = 0; v < NV; ++v) acc[p][v] = V(0.f);
+    for (int v = 0; v < kInVectors; ++v) acc[p][v] = V(0.f);
   const int64_t run = g.run();
   for (int64_t kh = 0; kh < g.K; ++kh) {
     if (!rows[kh]) continue;
@@ -174,33 +177,32 @@ void in_block(const float* const* rows, const float* wt, const float* bias, cons
     for (int64_t t = 0; t < run; ++t) {
       V xb[P];
       for (int p = 0; p < P; ++p) xb[p] = in_register(V(x[p * g.C + t]));
-      for (int v = 0; v < NV; ++v) {
+      for (int v = 0; v < kInVectors; ++v) {
         const V wv = in_register(V::loadu(w + t * cout + v * V::size()));
         for (int p = 0; p < P; ++p) acc[p][v] = at::vec::fmadd(xb[p], wv, acc[p][v]);
       }
     }
   }
-  for (int v = 0; v < NV; ++v) {
+  for (int v = 0; v < kInVectors; ++v) {
     const V b = bias ? V::loadu(bias + co0 + v * V::size()) : V(0.f);
     for (int p = 0; p < P; ++p) (acc[p][v] + b).store(out + (ow0 + p) * cout + co0 + v * V::size());
   }
 }
 
 // The last `count` (< kInPixels) pixels of a row: the block of that size.
-template <int NV, int P = kInPixels - 1>
+template <int P = kInPixels - 1>
 void in_last_block(int64_t count, const float* const* rows, const float* wt, const float* bias, const Geometry& g,
                    int64_t cout, int64_t ow0, int64_t co0, float* out) {
   if constexpr (P >= 1) {
-    if (count == P) return in_block<P, NV>(rows, wt, bias, g, cout, ow0, co0, out);
-    in_last_block<NV, P - 1>(count, rows, wt, bias, g, cout, ow0, co0, out);
+    if (count == P) return in_block<P>(rows, wt, bias, g, cout, ow0, co0, out);
+    in_last_block<P - 1>(count, rows, wt, bias, g, cout, ow0, co0, out);
   }
 }
 
 // out: (N, H, W, cout) contiguous; wt: (kh, kw, ci, co).
-template <int NV>
 void in_rows(const float* in, const float* wt, const float* bias, const Geometry& g, int64_t N, int64_t cout,
              float* out) {
-  const int64_t chunk = NV * V::size(), full_end = g.W / kInPixels * kInPixels;
+  const int64_t chunk = kInVectors * V::size(), full_end = g.W / kInPixels * kInPixels;
   at::parallel_for(0, N * g.H, grain_for(g.W * g.run() * cout), [&](int64_t begin, int64_t end) {
     PaddedRows padded(g);
     for (int64_t r = begin; r < end; ++r) {
@@ -209,8 +211,8 @@ void in_rows(const float* in, const float* wt, const float* bias, const Geometry
       // Channel chunks outermost: a chunk's weights (K * K * C_in * chunk floats) stay in cache over the row.
       for (int64_t co0 = 0; co0 < cout; co0 += chunk) {
         for (int64_t ow = 0; ow < full_end; ow += kInPixels)
-          in_block<kInPixels, NV>(rows, wt, bias, g, cout, ow, co0, row_out);
-        if (full_end < g.W) in_last_block<NV>(g.W - full_end, rows, wt, bias, g, cout, full_end, co0, row_out);
+          in_block<kInPixels>(rows, wt, bias, g, cout, ow, co0, row_out);
+        if (full_end < g.W) in_last_block(g.W - full_end, rows, wt, bias, g, cout, full_end, co0, row_out);
       }
     }
   });
@@ -241,7 +243,8 @@ DirectInputs direct_inputs(const at::Tensor& x, const at::Tensor& weight, const 
 bool few_in_conv_applies(const at::Tensor& x, const at::Tensor& weight) {
   return x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.dim() == 4 && weight.dim() == 4 &&
          weight.size(1) >= 1 && weight.size(1) <= kMaxIn && weight.size(1) == x.size(1) &&
-         weight.size(0) % V::size() == 0 && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1;
+         weight.size(0) % (kInVectors * V::size()) == 0 && weight.size(2) == weight.size(3) &&
+         weight.size(2) % 2 == 1 && weight.size(2) >= kInMinKernel;
 }
 
 at::Tensor few_in_conv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -251,10 +254,7 @@ at::Tensor few_in_conv(const at::Tensor& x, const at::Tensor& weight, const std:
   const Geometry& g = d.g;
   at::Tensor out = at::empty({x.size(0), g.CO, g.H, g.W}, x.options(), at::MemoryFormat::ChannelsLast);
   float* op = out.mutable_data_ptr<float>();
-  const int64_t vectors = g.CO / V::size();
-  if (vectors % 4 == 0) in_rows<4>(d.in, d.wt, d.bias, g, x.size(0), g.CO, op);
-  else if (vectors % 2 == 0) in_rows<2>(d.in, d.wt, d.bias, g, x.size(0), g.CO, op);
-  else in_rows<1>(d.in, d.wt, d.bias, g, x.size(0), g.CO, op);
+  in_rows(d.in, d.wt, d.bias, g, x.size(0), g.CO, op);
   return out;
 }
 

@@ -3,7 +3,8 @@
 // tail's input gradient), where oneDNN's kernels leave most vector lanes empty.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/MemoryFormat.h>
 
 #include <optional>
 
@@ -18,7 +19,7 @@ at::Tensor few_out_conv(const at::Tensor& x, const at::Tensor& weight, const std
                         at::MemoryFormat fmt);
 
 // Whether few_in_conv serves this (x, weight) pair: fp32, 1..4 input channels, output channels in
-// whole vectors, a square odd kernel.
+// chunks of 4 vectors, a square odd kernel of 5x5 or more (where it is faster than oneDNN).
 bool few_in_conv_applies(const at::Tensor& x, const at::Tensor& weight);
 
 // conv2d(x, weight, bias, stride 1, 'same' padding) -> (N, C_out, H, W), channels_last.
