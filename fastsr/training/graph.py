@@ -10,7 +10,9 @@ learning-rate schedule, the EMA and the loss check, which read or set host value
 
 PyTorch's rules for capturing a whole network, and how they are kept here:
 * warm-up steps on a side stream before the capture (cuDNN's algorithm search, fastsr's first-use
-  validation, the optimizer's state and the allocator's pools must not be captured);
+  validation, the optimizer's state and the allocator's pools must not be captured), and the capture
+  on that same stream (libraries keep handles and workspaces per stream: a first use on a fresh
+  capture stream would create them mid-capture);
 * inputs copied into the same static tensors before every replay; losses read from a static output;
 * gradients set to None before the capture, so the captured backward allocates them in the graph's
   pool and every replay rewrites them;
@@ -47,6 +49,7 @@ class GraphedStep:
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.losses: torch.Tensor | None = None
         self.lrs: list[torch.Tensor] = []  # one device tensor per parameter group, read by the replays
+        self.stream: torch.cuda.Stream | None = None  # warm-up and capture
 
     @property
     def captured(self) -> bool:
@@ -65,8 +68,8 @@ class GraphedStep:
         return (lr.shape, hr.shape, lr.dtype, hr.dtype) == (a.shape, b.shape, a.dtype, b.dtype)
 
     def _eager(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
-        """One step outside the graph, on a side stream (PyTorch's warm-up pattern)."""
-        side = torch.cuda.Stream()
+        """One step outside the graph, on the side stream (PyTorch's warm-up pattern)."""
+        side = self._side_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             losses = self.body(lr, hr)
@@ -81,10 +84,15 @@ class GraphedStep:
                     for opt in self.optimizers for g in opt.param_groups]
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with self._capturable(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with self._capturable(), torch.cuda.graph(graph, stream=self._side_stream(), capture_error_mode="thread_local"):
             self.losses = self.body(*self.inputs)
         self.graph = graph
         return self._replay(lr, hr)
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        return self.stream
 
     def _replay(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         self.inputs[0].copy_(lr)
