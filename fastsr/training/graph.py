@@ -51,10 +51,6 @@ class GraphedStep:
         self.lrs: list[torch.Tensor] = []  # one device tensor per parameter group, read by the replays
         self.stream: torch.cuda.Stream | None = None  # warm-up and capture
 
-    @property
-    def captured(self) -> bool:
-        return self.graph is not None
-
     def __call__(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         if self.graph is not None and self._fits(lr, hr):
             return self._replay(lr, hr)
