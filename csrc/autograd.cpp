@@ -84,12 +84,14 @@ bool needs(AutogradContext* ctx, int argument) {
   return ctx->needs_input_grad(static_cast<size_t>(edge));
 }
 
-bool fp32_cpu(const Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }
-
-// A few-output conv (1-4 output channels, input channels in multiples of 16: a tail conv), fp32 CPU.
-bool few_output(const Tensor& x, const Tensor& weight) {
-  return fp32_cpu(x) && fp32_cpu(weight) && x.size(1) % 16 == 0 && weight.size(0) <= 4;
+// An fp32 CPU conv with input channels in multiples of 16: the shapes fastsr's own CPU gradients serve.
+bool fp32_cpu_16(const Tensor& x, const Tensor& weight) {
+  const auto fp32_cpu = [](const Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; };
+  return fp32_cpu(x) && fp32_cpu(weight) && x.size(1) % 16 == 0;
 }
+
+// A few-output conv (1-4 output channels: a tail conv).
+bool few_output(const Tensor& x, const Tensor& weight) { return fp32_cpu_16(x, weight) && weight.size(0) <= 4; }
 
 // Whether its input gradient is the few-input convolution (see the top of this file).
 constexpr bool kOwnInputGrad =
@@ -102,9 +104,8 @@ constexpr bool kOwnInputGrad =
 // conv2d_weight_grad's shapes (fp32 CPU): a few-output conv, or a 3x3 kernel with input and output
 // channels in multiples of 16 (Winograd).
 bool own_weight_grad(const Tensor& x, const Tensor& weight) {
-  if (few_output(x, weight)) return true;
-  return fp32_cpu(x) && fp32_cpu(weight) && x.size(1) % 16 == 0 && weight.size(-1) == 3 && weight.size(-2) == 3 &&
-         weight.size(0) % 16 == 0;
+  return few_output(x, weight) || (fp32_cpu_16(x, weight) && weight.size(-1) == 3 && weight.size(-2) == 3 &&
+                                    weight.size(0) % 16 == 0);
 }
 
 // (grad_x, grad_weight, grad_bias) of the 'same' convolution for the gradient of its output; undefined
