@@ -127,6 +127,58 @@ def _double(*shape, channels_last=False, offset=0.0):
     return fmt(t, channels_last) if t.dim() == 4 else t
 
 
+# ---------------------------------------------------------------------------------------------
+# Bitwise reproducibility: exact resume needs a kernel's result to depend on its inputs only.
+
+
+def _bn_prelu_both_ways(x, res, grad, weight, bias, slope):
+    y, mean, var = torch.ops.fastsr.batch_norm_prelu(x, weight, bias, slope, res, 1e-5)
+    back = torch.ops.fastsr.batch_norm_prelu_backward(grad, x, mean, var, weight, bias, slope, 1e-5)
+    return (y, mean, var, *back)
+
+
+@pytest.mark.parametrize("channels", [5, 8, 21])
+def test_batch_norm_prelu_channels_come_out_the_same_beside_others(channels):
+    """Each channel of an fp32 channels_last batch_norm_prelu, forward and backward, is bit for bit
+    the same alone as in front of 32 more: every channel runs through the same vector arithmetic,
+    the last partial vector masked. A scalar loop served the channels past the last full vector; GCC
+    vectorised it behind a run-time alias check, so which of two roundings a channel got depended on
+    heap addresses, and an 8-channel model did not resume training bit-identically on AVX-512."""
+    gen = torch.Generator().manual_seed(channels)
+    # 512 pixels: below every channel count's parallel grain, so both runs sum in one thread.
+    wide = [torch.randn(2, channels + 32, 16, 16, generator=gen).contiguous(memory_format=torch.channels_last)
+            for _ in range(3)]
+    per_channel = [torch.rand(channels + 32, generator=gen) + 0.5, torch.randn(channels + 32, generator=gen),
+                   torch.rand(channels + 32, generator=gen) - 0.5]
+    both = _bn_prelu_both_ways(*wide, *per_channel)
+    alone = _bn_prelu_both_ways(*(t[:, :channels].contiguous(memory_format=torch.channels_last) for t in wide),
+                                *(t[:channels] for t in per_channel))
+    for name, a, b in zip(("y", "mean", "var", "grad_x", "grad_weight", "grad_bias", "grad_slope"), alone, both,
+                          strict=True):
+        assert torch.equal(a, b[:, :channels] if a.dim() == 4 else b[:channels]), name
+
+
+def test_adam_step_updates_a_value_the_same_wherever_it_sits():
+    """adam_step_ is elementwise: each value's update is bit for bit the same in a short tensor (its
+    last, masked vector) as inside a long one. A scalar loop served the values past the last full
+    vector and rounded them differently (FMA contraction)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 100
+    state = [torch.randn(n, generator=gen), torch.randn(n, generator=gen), torch.randn(n, generator=gen) / 10,
+             torch.rand(n, generator=gen) / 100]  # param, grad, exp_avg, exp_avg_sq
+
+    def step(part: slice) -> list[torch.Tensor]:
+        p, g, m, v = (t[part].clone() for t in state)
+        torch.ops.fastsr.adam_step_([p], [g], [m], [v], [torch.tensor(3.0)], 1e-3, 0.9, 0.99, 1e-8, 0.01)
+        return [p, m, v]
+
+    whole = step(slice(0, n))
+    for start, length in [(0, 1), (3, 7), (5, 9), (16, 17), (40, 23)]:
+        for name, a, b in zip(("param", "exp_avg", "exp_avg_sq"), step(slice(start, start + length)), whole,
+                              strict=True):
+            assert torch.equal(a, b[start:start + length]), (name, start, length)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("op,inputs,differentiate", [
     ("conv2d_prelu", lambda cl: (_double(2, 3, 5, 6, channels_last=cl), _double(4, 3, 3, 3), None,

@@ -38,28 +38,26 @@ Scalars scalars_for(double step, double lr, double beta1, double beta2, double e
           float(lr / bias_correction1), float(std::sqrt(bias_correction2))};
 }
 
-inline float sqrt_of(float x) { return std::sqrt(x); }
-inline Vec sqrt_of(const Vec& x) { return x.sqrt(); }
-
-// torch.optim.Adam's single-tensor order of operations, in fp32:
+// torch.optim.Adam's single-tensor order of operations, in fp32, on Vec::size() values (n of them
+// valid in the last, masked vector of a tensor):
 //   g = grad + weight_decay * p;  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2;
 //   p -= step_size * m / (sqrt(v) / sqrt(bias_correction2) + eps).
-template <typename T>
-inline void adam_math(T& p, T g, T& m, T& v, const Scalars& s) {
-  if (s.weight_decay != 0.f) g = g + T(s.weight_decay) * p;
-  m = m + T(s.one_minus_beta1) * (g - m);
-  v = T(s.beta2) * v + T(s.one_minus_beta2) * (g * g);
-  p = p - T(s.step_size) * m / (sqrt_of(v) / T(s.bias_correction2_sqrt) + T(s.eps));
+// Every value runs through this one vector code, with the multiply-adds explicit (fmadd): a scalar
+// loop for a tensor's last values rounded them differently (FMA contraction) from the same values
+// inside a vector, and GCC may vectorise such a loop behind a run-time alias check, which makes the
+// choice depend on heap addresses (see batch_norm_prelu_cpu.cpp).
+void adam_math(float* p, const float* g, float* m, float* v, int64_t n, const Scalars& s) {
+  Vec pv = Vec::loadu(p, n), gv = Vec::loadu(g, n), mv = Vec::loadu(m, n), vv = Vec::loadu(v, n);
+  if (s.weight_decay != 0.f) gv = at::vec::fmadd(Vec(s.weight_decay), pv, gv);
+  mv = at::vec::fmadd(Vec(s.one_minus_beta1), gv - mv, mv);
+  vv = at::vec::fmadd(Vec(s.beta2), vv, Vec(s.one_minus_beta2) * (gv * gv));
+  pv = pv - Vec(s.step_size) * mv / (vv.sqrt() / Vec(s.bias_correction2_sqrt) + Vec(s.eps));
+  pv.store(p, n), mv.store(m, n), vv.store(v, n);
 }
 
 void update(float* p, const float* g, float* m, float* v, int64_t n, const Scalars& s) {
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec pv = Vec::loadu(p + i), mv = Vec::loadu(m + i), vv = Vec::loadu(v + i);
-    adam_math(pv, Vec::loadu(g + i), mv, vv, s);
-    pv.store(p + i), mv.store(m + i), vv.store(v + i);
-  }
-  for (; i < n; ++i) adam_math(p[i], g[i], m[i], v[i], s);
+  for (int64_t i = 0; i < n; i += Vec::size())
+    adam_math(p + i, g + i, m + i, v + i, std::min<int64_t>(Vec::size(), n - i), s);
 }
 
 void check_list(const at::TensorList params, const at::TensorList others, const char* name) {

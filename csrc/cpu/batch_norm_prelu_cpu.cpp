@@ -13,6 +13,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -167,31 +168,36 @@ void statistics(const T* x, const Layout& L, std::vector<double>& mean, std::vec
 
 // fp32 channels_last pixels in explicit vectors: GCC's vectorisation of the generic loops depends on
 // the ISA (with -mavx2 it left them scalar, 15x slower than this); the generic loops serve fp64 and NCHW.
+// Every channel runs through the same vector arithmetic, a pixel's last n < Vf::size() channels with
+// masked loads and stores, and the multiply-adds are explicit (fmadd). A scalar loop served those
+// channels; GCC vectorised it behind a run-time alias check against the per-channel coefficients, so
+// a channel's rounding (FMA contraction or not) depended on where the heap had put them: identical
+// calls differed in the last bit, and an 8-channel model did not resume training bit-identically on
+// AVX-512. Left to contraction, the masked and the full vectors rounded differently too.
 using Vf = at::vec::Vectorized<float>;
 
-inline Vf normalised(const float* x, const Coefs<float>& k, int64_t c) {
-  return (Vf::loadu(x + c) - Vf::loadu(k.mean.data() + c)) * Vf::loadu(k.invstd.data() + c);
+// Channels [c, c + n) of a pixel, n <= Vf::size(): the count of the vector starting at channel c.
+inline int64_t lanes(int64_t c, int64_t C) { return std::min<int64_t>(Vf::size(), C - c); }
+
+inline Vf normalised(const float* x, const Coefs<float>& k, int64_t c, int64_t n) {
+  return (Vf::loadu(x + c, n) - Vf::loadu(k.mean.data() + c, n)) * Vf::loadu(k.invstd.data() + c, n);
 }
 
-// through() for the vector of channels [c, c + Vf::size()) of one pixel.
-inline Through<Vf> through(const float* x, const float* g, const Coefs<float>& k, int64_t c) {
-  const Vf gv = Vf::loadu(g + c), xhat = normalised(x, k, c);
-  const Vf v = xhat * Vf::loadu(k.weight.data() + c) + Vf::loadu(k.bias.data() + c);
-  return {xhat, v, Vf::blendv(gv * Vf::loadu(k.slope.data() + c), gv, v > Vf(0.f))};
+// through() for the channels [c, c + n) of one pixel.
+inline Through<Vf> through(const float* x, const float* g, const Coefs<float>& k, int64_t c, int64_t n) {
+  const Vf gv = Vf::loadu(g + c, n), xhat = normalised(x, k, c, n);
+  const Vf v = at::vec::fmadd(xhat, Vf::loadu(k.weight.data() + c, n), Vf::loadu(k.bias.data() + c, n));
+  return {xhat, v, Vf::blendv(gv * Vf::loadu(k.slope.data() + c, n), gv, v > Vf(0.f))};
 }
 
 void normalise_pixel(const float* x, const float* res, float* y, const Coefs<float>& k, int64_t C) {
-  int64_t c = 0;
-  for (; c + Vf::size() <= C; c += Vf::size()) {
-    Vf v = normalised(x, k, c) * Vf::loadu(k.weight.data() + c) + Vf::loadu(k.bias.data() + c);
-    v = Vf::blendv(v * Vf::loadu(k.slope.data() + c), v, v > Vf(0.f));
-    if (res) v = v + Vf::loadu(res + c);
-    v.store(y + c);
-  }
-  for (; c < C; ++c) {
-    float v = (x[c] - k.mean[c]) * k.invstd[c] * k.weight[c] + k.bias[c];
-    v = v > 0.f ? v : v * k.slope[c];
-    y[c] = res ? v + res[c] : v;
+  for (int64_t c = 0; c < C; c += Vf::size()) {
+    const int64_t n = lanes(c, C);
+    const Vf weight = Vf::loadu(k.weight.data() + c, n), bias = Vf::loadu(k.bias.data() + c, n);
+    Vf v = at::vec::fmadd(normalised(x, k, c, n), weight, bias);
+    v = Vf::blendv(v * Vf::loadu(k.slope.data() + c, n), v, v > Vf(0.f));
+    if (res) v = v + Vf::loadu(res + c, n);
+    v.store(y + c, n);
   }
 }
 
@@ -228,18 +234,12 @@ constexpr int64_t kFlushEvery = 64;
 // with a mispredicted branch per element at the activation's kink (10x slower than this).
 void gradient_sums_pixel(const float* g, const float* x, const Coefs<float>& k, float* sg, float* sgx, float* ss,
                          int64_t C) {
-  int64_t c = 0;
-  for (; c + Vf::size() <= C; c += Vf::size()) {
-    const auto [xhat, v, gp] = through(x, g, k, c);
-    (Vf::loadu(sg + c) + gp).store(sg + c);
-    (Vf::loadu(sgx + c) + gp * xhat).store(sgx + c);
-    (Vf::loadu(ss + c) + Vf::blendv(Vf::loadu(g + c) * v, Vf(0.f), v > Vf(0.f))).store(ss + c);
-  }
-  for (; c < C; ++c) {
-    const auto [xhat, v, gp] = through(x[c], g[c], k.mean[c], k.invstd[c], k.weight[c], k.bias[c], k.slope[c]);
-    sg[c] += gp;
-    sgx[c] += gp * xhat;
-    ss[c] += v > 0.f ? 0.f : g[c] * v;
+  for (int64_t c = 0; c < C; c += Vf::size()) {
+    const int64_t n = lanes(c, C);
+    const auto [xhat, v, gp] = through(x, g, k, c, n);
+    (Vf::loadu(sg + c, n) + gp).store(sg + c, n);
+    at::vec::fmadd(gp, xhat, Vf::loadu(sgx + c, n)).store(sgx + c, n);
+    (Vf::loadu(ss + c, n) + Vf::blendv(Vf::loadu(g + c, n) * v, Vf(0.f), v > Vf(0.f))).store(ss + c, n);
   }
 }
 
@@ -287,14 +287,11 @@ std::vector<double> gradient_sums(const T* g, const T* x, const Layout& L, const
 
 void input_gradient_pixel(const float* g, const float* x, float* out, const Coefs<float>& k, const float* gain,
                           const float* mg, const float* mgx, int64_t C) {
-  int64_t c = 0;
-  for (; c + Vf::size() <= C; c += Vf::size()) {
-    const auto [xhat, v, gp] = through(x, g, k, c);
-    (Vf::loadu(gain + c) * (gp - Vf::loadu(mg + c) - xhat * Vf::loadu(mgx + c))).store(out + c);
-  }
-  for (; c < C; ++c) {
-    const auto [xhat, v, gp] = through(x[c], g[c], k.mean[c], k.invstd[c], k.weight[c], k.bias[c], k.slope[c]);
-    out[c] = gain[c] * (gp - mg[c] - xhat * mgx[c]);
+  for (int64_t c = 0; c < C; c += Vf::size()) {
+    const int64_t n = lanes(c, C);
+    const auto [xhat, v, gp] = through(x, g, k, c, n);
+    const Vf centred = at::vec::fnmadd(xhat, Vf::loadu(mgx + c, n), gp - Vf::loadu(mg + c, n));
+    (Vf::loadu(gain + c, n) * centred).store(out + c, n);
   }
 }
 
