@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import as_dtype
 from .ops import functional as ops
 
 
@@ -118,15 +119,14 @@ class ConvPReLU(nn.Module):
         return fold_batchnorm(self.conv.weight, self.conv.bias, self.bn)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        slope = None if self.slope is None else self.slope.to(x.dtype)
+        slope = as_dtype(self.slope, x.dtype)
         if self.bn is None or not self.training:
             weight, bias = self.folded_weight_bias()
-            bias = None if bias is None else bias.to(x.dtype)
-            return ops.conv2d_prelu(x, weight.to(x.dtype), bias, slope, residual, shuffle=self.shuffle)
+            return ops.conv2d_prelu(x, as_dtype(weight, x.dtype), as_dtype(bias, x.dtype), slope, residual,
+                                    shuffle=self.shuffle)
         # Training BatchNorm needs the statistics of the whole conv output before normalising: the
         # conv, then BatchNorm + PReLU + residual as one fused op (two passes each way).
-        bias = None if self.conv.bias is None else self.conv.bias.to(x.dtype)
-        y = ops.conv2d_prelu(x, self.conv.weight.to(x.dtype), bias)
+        y = ops.conv2d_prelu(x, as_dtype(self.conv.weight, x.dtype), as_dtype(self.conv.bias, x.dtype))
         if self.shuffle == 1 and fusable_batchnorm(self.bn):
             return ops.batch_norm_prelu(y, self.bn.weight, self.bn.bias, slope, residual,
                                         **batchnorm_update(self.bn))
@@ -152,8 +152,7 @@ class ConvSiLU(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         """(N, C_in, H, W) -> (N, C_out, H, W); ``skip`` (N, C_out, H, W) selects the attention."""
-        bias = None if self.conv.bias is None else self.conv.bias.to(x.dtype)
-        return ops.conv2d_silu(x, self.conv.weight.to(x.dtype), bias, skip)
+        return ops.conv2d_silu(x, as_dtype(self.conv.weight, x.dtype), as_dtype(self.conv.bias, x.dtype), skip)
 
 
 class BicubicDownscale(nn.Module):

@@ -210,9 +210,21 @@ def _invalid(name: str, device_type: str, op: str, dtype: torch.dtype, channels_
     """Load backend ``name``; why it is wrong for ``op`` here (first-use validation), or None."""
     if name not in _LOADED:  # every op call comes here: import once
         _LOADED[name] = backend_module(name)
-    from . import validate
+    return _validate().check(op, name, _LOADED[name], device_type, dtype, channels_last)
 
-    return validate.check(op, name, _LOADED[name], device_type, dtype, channels_last)
+
+def _validate() -> ModuleType:
+    """fastsr.ops.validate, imported at the first op call (it imports the reference and the probes,
+    too much for `import fastsr`) and kept: an import statement per op call cost ~0.5 us."""
+    global _validate_module
+    if _validate_module is None:
+        from . import validate
+
+        _validate_module = validate
+    return _validate_module
+
+
+_validate_module: ModuleType | None = None
 
 
 def _describe(device_type: str, dtype, channels_last: bool) -> str:

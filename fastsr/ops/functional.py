@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import acc_dtype
+from ..layout import acc_dtype, as_dtype
 from .dispatch import resolve
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -37,7 +37,7 @@ def _autocast(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Ten
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(x.device.type)
     low = (torch.float32, torch.float16, torch.bfloat16)
-    return tuple(t.to(dtype) if t is not None and t.dtype in low else t for t in (x, *tensors))
+    return tuple(as_dtype(t, dtype) if t is not None and t.dtype in low else t for t in (x, *tensors))
 
 
 def _check_devices(x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
@@ -179,11 +179,11 @@ def batch_norm_prelu(
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (channels,):
             raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
-    weight = torch.ones(channels, dtype=acc, device=x.device) if weight is None else weight.to(acc)
-    bias = torch.zeros(channels, dtype=acc, device=x.device) if bias is None else bias.to(acc)
+    weight = torch.ones(channels, dtype=acc, device=x.device) if weight is None else as_dtype(weight, acc)
+    bias = torch.zeros(channels, dtype=acc, device=x.device) if bias is None else as_dtype(bias, acc)
     if slope is not None:
         _check_slope(slope, channels)
-        slope = slope.to(x.dtype)
+        slope = as_dtype(slope, x.dtype)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     _check_dtypes(x, residual=residual)
@@ -191,9 +191,9 @@ def batch_norm_prelu(
     y, mean, var = impl.batch_norm_prelu(x, weight, bias, slope, residual, float(eps))
     with torch.no_grad():
         if running_mean is not None:
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_mean.lerp_(as_dtype(mean, running_mean.dtype), momentum)
         if running_var is not None:
-            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+            running_var.lerp_(as_dtype(var * (count / (count - 1)), running_var.dtype), momentum)
     return y
 
 
