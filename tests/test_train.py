@@ -553,6 +553,33 @@ def test_sync_batchnorm_equals_batchnorm_on_the_global_batch(tmp_path):
             assert_within_rule(f"running {key}", r[key], ref64[key], same[key], torch.float32)
 
 
+def test_the_trainer_is_freed_before_the_process_group_ends(photos, tmp_path, monkeypatch):
+    """train() frees its trainer inside the process group's block: under torchrun DDP's reducer holds
+    the group and its last works; freed only at interpreter exit, a gloo thread aborted the rank."""
+    import contextlib
+    import weakref
+
+    import fastsr.train as train_module
+
+    trainers, alive_at_exit = [], []
+    real_init, real_group = Trainer.__init__, train_module.process_group
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        trainers.append(weakref.ref(self))
+
+    @contextlib.contextmanager
+    def watched_group(device):
+        with real_group(device) as info:
+            yield info
+            alive_at_exit.extend(ref() is not None for ref in trainers)
+
+    monkeypatch.setattr(Trainer, "__init__", recording_init)
+    monkeypatch.setattr(train_module, "process_group", watched_group)
+    train(tiny(photos, tmp_path, steps=2))
+    assert alive_at_exit == [False]
+
+
 def test_ddp_two_cpu_ranks_match_single_process(photos, tmp_path, vgg_file):
     """torchrun, 2 ranks x 2 crops vs 1 process x 4 crops, GAN stage: same losses and weights within
     float-reduction noise; the ranks' weights are compared (bit-exact) at every checkpoint."""
