@@ -126,7 +126,7 @@ class _Recipe:
         DDP's reducer holds the group and its last communication works, whose tensors hold Python
         references (and the trainer is in a reference cycle, which only the collector frees). Left to
         interpreter exit, a gloo thread freed them after finalisation had begun and aborted the rank
-        ("terminate called without an active exception") in about one torchrun run in twenty."""
+        ("terminate called without an active exception") in about one torchrun run in 25."""
         self.trainer = self.loader = None
         gc.collect()
 

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -142,10 +143,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
         self.ema = EMA(self.generator, cfg.ema_decay)
         self.g_train, self.d_train, self.d_plain = self._wrap_models()
-        # The step's device work, replayed as one CUDA graph with --cuda-graph (fastsr.training.graph).
-        self._device_step = self._optimizer_steps
-        if cfg.cuda_graph:
-            self._device_step = GraphedStep(self._optimizer_steps, [self.g_opt])
+        self._device_step = self._new_device_step()
 
     # -- setup --------------------------------------------------------------------------------
     def _build_model(self) -> tuple[SRResNet, Discriminator | None]:
@@ -207,6 +205,13 @@ class Trainer:
         return g_train, d_train, d_plain
 
     # -- one step -----------------------------------------------------------------------------
+    def _new_device_step(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The step's device work: :meth:`_optimizer_steps`, replayed as one CUDA graph with
+        --cuda-graph (fastsr.training.graph)."""
+        if self.cfg.cuda_graph:
+            return GraphedStep(self._optimizer_steps, [self.g_opt])
+        return self._optimizer_steps
+
     def _autocast(self) -> torch.autocast:
         dtype = AUTOCAST_DTYPES.get(self.amp)
         # Autocast's cache of weight casts cannot live in a captured graph (fastsr.training.graph).
@@ -316,8 +321,8 @@ class Trainer:
             self.discriminator.load_state_dict(state["discriminator"])
             self.d_opt.load_state_dict(state["d_optimizer"])
             self.d_sched.load_state_dict(state["d_scheduler"])
-        if self.cfg.cuda_graph:  # a captured step would go on reading the optimizer's replaced state tensors
-            self._device_step = GraphedStep(self._optimizer_steps, [self.g_opt])
+        # A captured step would go on reading the optimizer's replaced state tensors: capture anew.
+        self._device_step = self._new_device_step()
 
     def parameter_checksum(self) -> torch.Tensor:
         """(2,) float64: sum and sum of squares of every trainable weight (G, D and G's EMA), to compare
